@@ -1,0 +1,182 @@
+"""``refusalkit`` command line. Bad input: one line on stderr, exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from .errors import UserError
+
+# Flags that map onto configuration fields (dest -> dotted config key).
+_CONFIG_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "model": ("model", {"help": "hub id, HF folder, .gguf file, or default / smollm2-135m"}),
+    "dtype": ("dtype", {"help": "auto, float32, bfloat16, float16"}),
+    "device": ("device", {"help": "auto, cpu, cuda, cuda:N"}),
+    "chat_template": ("chat_template", {"help": "Jinja chat template (file) for tokenizers without one"}),
+    "system_prompt": ("system_prompt", {"help": "system message (default: the template's own)"}),
+    "harmful": ("harmful", {"help": "harmful prompt source or file"}),
+    "harmless": ("harmless", {"help": "harmless prompt source or file"}),
+    "n_train": ("n_train", {"type": int}),
+    "n_val": ("n_val", {"type": int}),
+    "n_test": ("n_test", {"type": int}),
+    "seed": ("seed", {"type": int}),
+    "batch_size": ("batch_size", {"type": int}),
+    "selection_mode": ("selection.mode", {"choices": ["fast", "full"]}),
+    "kl_threshold": ("selection.kl_threshold", {"type": float}),
+    "induce_refusal_threshold": ("selection.induce_refusal_threshold", {"type": float}),
+    "max_new_tokens": ("validation.max_new_tokens", {"type": int}),
+    "refusal_phrases": ("validation.refusal_phrases", {"help": "a .txt file of refusal substrings for the judge"}),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="refusalkit", description="Refusal directions in chat LLMs and their compressed variants.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("extract", help="extract, select and validate the refusal direction")
+    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--variant", default="base", help="model variant under DIR/<variant>/ (default: base)")
+    e.add_argument("--config", help="YAML configuration file")
+    e.add_argument("--force", action="store_true", help="recompute stages whose outputs exist")
+    e.add_argument("--filter-train", action="store_true", default=None, help="Arditi's refusal-score filter on training prompts")
+    e.add_argument("--no-validation", action="store_true", help="skip validation by generation")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. selection.screen_keep=20")
+    for dest, (_, kw) in _CONFIG_FLAGS.items():
+        e.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **kw)
+
+    o = sub.add_parser("orthogonalize", help="save a copy of the model with the run's direction projected out of its weights")
+    o.add_argument("--run", required=True)
+    o.add_argument("--variant", default="base")
+    o.add_argument("--out", required=True, help="output folder for the orthogonalized model")
+
+    sub.add_parser("config", help="print the commented default configuration")
+    sub.add_parser("sources", help="list the named prompt sources and model short names")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {key: getattr(args, dest) for dest, (key, _) in _CONFIG_FLAGS.items() if getattr(args, dest) is not None}
+    if args.filter_train:
+        out["filter_train"] = True
+    if args.no_validation:
+        out["validation.enabled"] = False
+    for item in args.set:
+        if "=" not in item:
+            raise UserError(f"--set needs KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        import yaml
+
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _summary_table(res: dict[str, Any]) -> str:
+    d, v = res["direction"], res.get("validation")
+    lines = [
+        f"refusal direction of {d['model']} [{d['variant']}]",
+        f"  source          layer {d['layer']} of {d['n_layers']}, position {d['position']} ({d['token']!r}), norm {d['norm']:.2f}",
+        f"  ablation score  {d['ablation_score']:+.2f}   (harmful baseline {d['baseline']['harmful_score']:+.2f})",
+        f"  addition score  {d['addition_score']:+.2f}   (harmless baseline {d['baseline']['harmless_score']:+.2f})",
+        f"  KL (harmless)   {d['kl']:.3f}",
+    ]
+    if d.get("fallback"):
+        lines.append(f"  FALLBACK        {d['fallback']}")
+    if v:
+        c = v["conditions"]
+        lines += [
+            f"  validation by generation ({v['n_test']['harmful']} harmful, {v['n_test']['harmless']} harmless test prompts, {v['max_new_tokens']} tokens)",
+            f"    {'':22s}{'refusal':>9s}{'degenerate':>12s}",
+        ]
+        for name in ("harmful_baseline", "harmful_ablated", "harmless_baseline", "harmless_added"):
+            lines.append(f"    {name:22s}{c[name]['refusal_rate']:9.1%}{c[name]['degenerate_rate']:12.1%}")
+    lines.append(f"  artifacts in {res['run']}/{res['variant']}/direction/ ({res['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import run_extract
+
+    cfg = load_config(args.config, _overrides(args))
+    res = run_extract(cfg, args.run, variant=args.variant, force=args.force, progress=not args.quiet)
+    if res["direction"].get("fallback"):
+        print(f"warning: no candidate passed Arditi's filters; fallback used: {res['direction']['fallback']}", file=sys.stderr)
+    print(_summary_table(res))
+    return 0
+
+
+def _cmd_orthogonalize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import artifacts
+    from .config import load_config
+    from .orthogonalize import orthogonalize
+    from .pipeline import RunDir, Session, Progress
+
+    root = Path(args.run)
+    cfg = load_config(str(root / "config.yaml")) if (root / "config.yaml").exists() else None
+    if cfg is None:
+        raise UserError(f"{root} is not a run directory (no config.yaml); run refusalkit extract first")
+    run = RunDir(root, args.variant)
+    direction = artifacts.load_tensors(run.f("direction.safetensors"))["direction"]
+    s = Session(cfg=cfg, run=run, progress=Progress(False))
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose another --out")
+    model = orthogonalize(s.lm.model, direction)
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(str(tmp))
+        s.lm.tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"orthogonalized model written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "httpx", "huggingface_hub", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "extract":
+            return _cmd_extract(args)
+        if args.command == "orthogonalize":
+            return _cmd_orthogonalize(args)
+        if args.command == "config":
+            from .pipeline import default_config_text
+
+            print(default_config_text(), end="")
+            return 0
+        if args.command == "sources":
+            from .models import SHORT_NAMES
+            from .prompts import NAMED_SOURCES
+
+            for k, v in {**NAMED_SOURCES, **SHORT_NAMES}.items():
+                print(f"{k:18s} {v}")
+            return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished stages are kept — re-run the same command to resume", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

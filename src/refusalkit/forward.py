@@ -1,0 +1,99 @@
+"""Batched forward passes over chat-formatted prompts.
+
+Two exact speed-ups, both tested against a plain unbatched forward:
+
+* **Shared prefix.** Chat templates put the same tokens before every instruction (Qwen's
+  default system prompt is about 20 of them). The prefix is run once (under the active hooks,
+  since an intervention changes its keys and values too) and its KV cache is repeated over
+  the batch; only the suffixes are run per prompt.
+* **Last-position logits only** (``logits_to_keep=1``): the output head is applied to one
+  position instead of all, which saves about a quarter of the FLOPs on a 0.5B model.
+
+Suffixes are left-padded (padding sits between the prefix and the suffix, masked out, with
+explicit position ids), so the last ``k`` columns of every row are the same template tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterator
+
+import torch
+
+from .hooks import Hook, add_hooks
+
+
+def common_prefix_len(ids: list[list[int]], keep: int) -> int:
+    """Length of the token prefix shared by all rows, leaving at least ``keep`` tokens per row."""
+    if not ids:
+        return 0
+    first = ids[0]
+    n = min(len(r) for r in ids) - keep
+    p = 0
+    while p < n and all(r[p] == first[p] for r in ids):
+        p += 1
+    return max(p, 0)
+
+
+def _pad_left(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    for s in range(0, n, batch_size):
+        yield slice(s, min(n, s + batch_size))
+
+
+@torch.inference_mode()
+def forward_last(
+    model,
+    ids: list[list[int]],
+    *,
+    pad_id: int,
+    batch_size: int = 32,
+    hooks: tuple[list[Hook], list[Hook]] = ([], []),
+    on_batch: Callable[[slice], None] | None = None,
+    share_prefix: bool = True,
+    keep_suffix: int = 8,
+    want_logits: bool = True,
+) -> torch.Tensor | None:
+    """Run every prompt; return float32 last-position logits ``[n, vocab]`` (or None).
+
+    ``on_batch(slice)`` is called after each batch inside the hook context, so capture hooks
+    can collect activations of that batch. ``keep_suffix`` is the number of trailing tokens
+    that must stay outside the shared prefix (at least the post-instruction tokens).
+    """
+    device = model.get_input_embeddings().weight.device
+    P = common_prefix_len(ids, keep_suffix) if share_prefix else 0
+    if P < 4:
+        P = 0
+    out: list[torch.Tensor] = []
+    with add_hooks(*hooks):
+        prefix_cache = None
+        if P:
+            from transformers import DynamicCache
+
+            prefix_cache = DynamicCache(config=model.config)
+            model(input_ids=torch.tensor([ids[0][:P]], device=device), past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
+        for sl in batches(len(ids), batch_size):
+            rows = [r[P:] for r in ids[sl]]
+            x, mask = _pad_left(rows, pad_id, device)
+            pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
+            kwargs = {}
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(x.shape[0])
+                mask = torch.cat([torch.ones((x.shape[0], P), dtype=mask.dtype, device=device), mask], dim=1)
+                kwargs = {"past_key_values": cache, "use_cache": True}
+            res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kwargs)
+            if want_logits:
+                out.append(res.logits[:, -1, :].float().cpu())
+            if on_batch is not None:
+                on_batch(sl)
+    return torch.cat(out) if want_logits else None

