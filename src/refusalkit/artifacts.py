@@ -25,6 +25,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())
     except OSError as e:
         raise UserError(f"cannot write to {path.parent}: {e.strerror}; choose a writable --run directory") from e
     tmp_path = Path(tmp)
@@ -34,6 +35,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(final: Path) -> Path:
+    """A temporary sibling folder of ``final`` (same file system, so it can be renamed onto it)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

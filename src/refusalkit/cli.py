@@ -129,10 +129,8 @@ def _cmd_orthogonalize(args: argparse.Namespace) -> int:
         raise UserError(f"{out} exists and is not empty; choose another --out")
     model = orthogonalize(s.lm.model, direction)
     import shutil
-    import tempfile
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = artifacts.make_temp_dir(out)
     try:
         model.save_pretrained(str(tmp))
         s.lm.tokenizer.save_pretrained(str(tmp))

@@ -74,6 +74,10 @@ def _check_type(name: str, value: Any, typ: Any) -> Any:
     t = str(typ)
     if value is None and "None" in t:
         return None
+    if value is None:
+        raise UserError(f"setting {name} must not be empty; fix it in the config file or flag")
+    if isinstance(value, (list, dict)):
+        raise UserError(f"setting {name}={value!r} must be a single value; fix it in the config file or flag")
     try:
         if t.startswith("float") or typ is float:
             return float(value)

@@ -22,6 +22,10 @@ import torch
 
 from .hooks import Hook, add_hooks
 
+# Tokens actually run through the model by forward_last (prefix once per call + suffixes,
+# padding included); the benchmark reads it to compute achieved FLOP/s.
+STATS = {"tokens": 0, "padded_tokens": 0}
+
 
 def common_prefix_len(ids: list[list[int]], keep: int) -> int:
     """Length of the token prefix shared by all rows, leaving at least ``keep`` tokens per row."""
@@ -81,6 +85,7 @@ def forward_last(
 
             prefix_cache = DynamicCache(config=model.config)
             model(input_ids=torch.tensor([ids[0][:P]], device=device), past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
+            STATS["tokens"] += P
         for sl in batches(len(ids), batch_size):
             rows = [r[P:] for r in ids[sl]]
             x, mask = _pad_left(rows, pad_id, device)
@@ -91,6 +96,8 @@ def forward_last(
                 cache.batch_repeat_interleave(x.shape[0])
                 mask = torch.cat([torch.ones((x.shape[0], P), dtype=mask.dtype, device=device), mask], dim=1)
                 kwargs = {"past_key_values": cache, "use_cache": True}
+            STATS["tokens"] += int(mask[:, P:].sum()) if P else int(mask.sum())
+            STATS["padded_tokens"] += x.numel()
             res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kwargs)
             if want_logits:
                 out.append(res.logits[:, -1, :].float().cpu())

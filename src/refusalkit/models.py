@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .artifacts import make_temp_dir
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if out_dir.exists():
         return out_dir
     log.info("converting %s to float safetensors in %s (once)", gguf_path.name, out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = make_temp_dir(out_dir)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
@@ -209,6 +209,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _template_text(chat_template: str) -> str:
+    """A Jinja template given inline, or the text of the file it names."""
+    if "{{" in chat_template or "{%" in chat_template or "\n" in chat_template:
+        return chat_template
+    p = Path(chat_template).expanduser()
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError:
+        raise UserError(f"chat template file {chat_template} cannot be read; give a readable .jinja file or the template text") from None
+
+
 def load_model(
     spec: str = "default",
     dtype: str = "auto",
@@ -234,8 +245,7 @@ def load_model(
     except OSError as e:
         raise UserError(f"cannot load the tokenizer of {spec!r} ({str(e).splitlines()[0]}); check the name, the path or your network") from e
     if chat_template:
-        p = Path(chat_template).expanduser()
-        tok.chat_template = p.read_text(encoding="utf-8") if p.is_file() else chat_template
+        tok.chat_template = _template_text(chat_template)
     if not getattr(tok, "chat_template", None):
         raise UserError(
             f"the tokenizer of {spec!r} has no chat template; refusalkit needs a chat model. "

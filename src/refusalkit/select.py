@@ -159,14 +159,14 @@ def choose(scores: list[CandidateScore], baseline: dict[str, float], kl_threshol
     still leaves nothing, take the lowest ablation score among candidates within the KL limit,
     and failing that, among all scored ones. ``fallback='error'``: stop with an error.
     """
-    for s in scores:
-        if s.discarded is None:
-            s.discarded = apply_filters(s, kl_threshold, induce_threshold)
+    # Candidates out for structural reasons (late layer, zero vector, screened out) never come back.
+    eligible = [s for s in scores if s.discarded is None]
+    for s in eligible:
+        s.discarded = apply_filters(s, kl_threshold, induce_threshold)
     passing = [s for s in scores if s.discarded is None]
     if passing:
         return min(passing, key=lambda s: s.ablation_score), None
-    scored = [s for s in scores if not _nan(s.ablation_score) and not _nan(s.kl) and not _nan(s.addition_score)
-              and not (s.discarded or "").startswith("layer")]
+    scored = [s for s in eligible if not _nan(s.ablation_score) and not _nan(s.kl) and not _nan(s.addition_score)]
     if fallback == "error" or not scored:
         from .errors import UserError
 
@@ -183,7 +183,9 @@ def choose(scores: list[CandidateScore], baseline: dict[str, float], kl_threshol
     ]
     for group, why in tiers:
         if group:
-            return min(group, key=lambda s: s.ablation_score), why
+            best = min(group, key=lambda s: s.ablation_score)
+            best.discarded = None  # chosen by the recorded fallback
+            return best, why
     raise AssertionError("unreachable")
 
 
