@@ -28,8 +28,8 @@ class SelectionConfig:
     induce_refusal_threshold: float = _f(0.0, "Discard candidates whose addition score (refusal log-odds on harmless prompts) is below this (Arditi: 0.0).")
     prune_layer_fraction: float = _f(0.2, "Discard candidates in the last fraction of layers (Arditi: 0.2).")
     mode: str = _f("fast", "fast: screen every candidate by ablation on a few prompts, score the best in full; full: score every candidate in full.")
-    screen_prompts: int = _f(8, "Harmful validation prompts used by the fast screen.")
-    screen_keep: int = _f(12, "Candidates that pass the screen into full scoring.")
+    screen_prompts: int = _f(4, "Harmful validation prompts used by the fast screen.")
+    screen_keep: int = _f(8, "Candidates that pass the screen into full scoring.")
     fallback: str = _f("relative", "When no candidate passes: relative (explicit, recorded relaxation, see README) or error.")
     fallback_margin: float = _f(1.0, "relative fallback: addition must raise the harmless refusal score by this many log-odds over its baseline.")
 

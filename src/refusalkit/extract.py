@@ -48,11 +48,11 @@ def mean_activations(
 
     total = torch.zeros((n_pos, L + 1, lm.d_model), dtype=torch.float64)
 
-    def on_batch(sl: slice) -> None:
+    def on_batch(n_rows: int) -> None:
         for layer in range(L + 1):
             total[:, layer, :] += last[layer].double().sum(0).cpu()
         if progress is not None:
-            progress(sl.stop - sl.start)
+            progress(n_rows)
 
     pre_hooks = [(b, grab(i)) for i, b in enumerate(blocks)]
     with add_hooks(pre_hooks=pre_hooks, fwd_hooks=[(blocks[-1], grab_out)]):

@@ -62,21 +62,23 @@ def forward_last(
     pad_id: int,
     batch_size: int = 32,
     hooks: tuple[list[Hook], list[Hook]] = ([], []),
-    on_batch: Callable[[slice], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
     share_prefix: bool = True,
     keep_suffix: int = 8,
     want_logits: bool = True,
 ) -> torch.Tensor | None:
     """Run every prompt; return float32 last-position logits ``[n, vocab]`` (or None).
 
-    ``on_batch(slice)`` is called after each batch inside the hook context, so capture hooks
-    can collect activations of that batch. ``keep_suffix`` is the number of trailing tokens
+    Prompts are run longest first in batches of similar length. ``on_batch(n_rows)`` is called
+    after each batch inside the hook context, so capture hooks can collect that batch's activations. ``keep_suffix`` is the number of trailing tokens
     that must stay outside the shared prefix (at least the post-instruction tokens).
     """
     device = model.get_input_embeddings().weight.device
     P = common_prefix_len(ids, keep_suffix) if share_prefix else 0
     if P < 4:
         P = 0
+    # Longest first, so similar lengths share a batch (little padding); results are unsorted below.
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[torch.Tensor] = []
     with add_hooks(*hooks):
         prefix_cache = None
@@ -86,21 +88,25 @@ def forward_last(
             prefix_cache = DynamicCache(config=model.config)
             model(input_ids=torch.tensor([ids[0][:P]], device=device), past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
             STATS["tokens"] += P
-        for sl in batches(len(ids), batch_size):
-            rows = [r[P:] for r in ids[sl]]
+        for sl in batches(len(order), batch_size):
+            rows = [ids[i][P:] for i in order[sl]]
             x, mask = _pad_left(rows, pad_id, device)
             pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
+            STATS["tokens"] += int(mask.sum())
+            STATS["padded_tokens"] += x.numel()
             kwargs = {}
             if prefix_cache is not None:
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(x.shape[0])
                 mask = torch.cat([torch.ones((x.shape[0], P), dtype=mask.dtype, device=device), mask], dim=1)
                 kwargs = {"past_key_values": cache, "use_cache": True}
-            STATS["tokens"] += int(mask[:, P:].sum()) if P else int(mask.sum())
-            STATS["padded_tokens"] += x.numel()
             res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kwargs)
             if want_logits:
                 out.append(res.logits[:, -1, :].float().cpu())
             if on_batch is not None:
-                on_batch(sl)
-    return torch.cat(out) if want_logits else None
+                on_batch(len(rows))
+    if not want_logits:
+        return None
+    logits = torch.empty((len(ids), out[0].shape[-1]), dtype=torch.float32)
+    logits[torch.tensor(order)] = torch.cat(out)
+    return logits
