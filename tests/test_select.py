@@ -279,3 +279,30 @@ def test_select_fallback_error_on_tiny_model(llama_lm, setup):
         select_direction(llama_lm, cand, scorer, mode="full", induce_refusal_threshold=1000.0, fallback="error")
     res = select_direction(llama_lm, cand, scorer, mode="full", induce_refusal_threshold=1000.0, fallback="relative")
     assert res.fallback is not None
+
+
+def test_grouped_scoring_equals_one_candidate_at_a_time(tiny_lm, harmful_ids, harmless_ids, n_pos):
+    """Scoring k candidates in one grouped forward changes no score (vs plain hooks, unbatched)."""
+    from refusalkit.hooks import ablation_hooks, addition_hooks
+    from refusalkit.select import kl_divergence
+
+    lm = tiny_lm
+    pad = lm.tokenizer.pad_token_id
+    refusal = refusal_token_ids(lm.tokenizer, ["I'm sorry", "As an AI", "Sorry"])
+    scorer = Scorer(lm, harmful_ids[:4], harmless_ids[:4], refusal, n_pos, batch_size=5)
+    g = torch.Generator().manual_seed(7)
+    dirs = torch.randn(3, lm.d_model, generator=g) * 3
+    layers = [1, 3, 1]
+    got = scorer.full(dirs, layers)
+    screened = scorer.screen(dirs, 2)
+    for k in range(3):
+        abl_h = forward_last(lm.model, harmful_ids[:4], pad_id=pad, share_prefix=False, hooks=ablation_hooks(lm.model, dirs[k]))
+        abl_b = forward_last(lm.model, harmless_ids[:4], pad_id=pad, share_prefix=False, hooks=ablation_hooks(lm.model, dirs[k]))
+        add_b = forward_last(lm.model, harmless_ids[:4], pad_id=pad, share_prefix=False,
+                             hooks=addition_hooks(lm.model, dirs[k], layers[k]))
+        base_b = forward_last(lm.model, harmless_ids[:4], pad_id=pad, share_prefix=False)
+        want = (refusal_scores(abl_h, refusal).mean().item(), refusal_scores(add_b, refusal).mean().item(),
+                kl_divergence(base_b, abl_b).mean().item())
+        assert got[k] == pytest.approx(want, abs=1e-3)
+        assert screened[0][k] == pytest.approx(refusal_scores(abl_h[:2], refusal).mean().item(), abs=1e-3)
+        assert screened[1][k] == pytest.approx(kl_divergence(base_b[:2], abl_b[:2]).mean().item(), abs=1e-3)

@@ -28,8 +28,9 @@ class SelectionConfig:
     induce_refusal_threshold: float = _f(0.0, "Discard candidates whose addition score (refusal log-odds on harmless prompts) is below this (Arditi: 0.0).")
     prune_layer_fraction: float = _f(0.2, "Discard candidates in the last fraction of layers (Arditi: 0.2).")
     mode: str = _f("fast", "fast: screen every candidate by ablation on a few prompts, score the best in full; full: score every candidate in full.")
-    screen_prompts: int = _f(4, "Harmful validation prompts used by the fast screen.")
+    screen_prompts: int = _f(4, "Harmful (ablation score) and harmless (KL) validation prompts of each kind used by the fast screen.")
     screen_keep: int = _f(8, "Candidates that pass the screen into full scoring.")
+    screen_kl_slack: float = _f(2.0, "The screen ranks candidates with screened KL <= slack x kl_threshold first, then by ablation score.")
     fallback: str = _f("relative", "When no candidate passes: relative (explicit, recorded relaxation, see README) or error.")
     fallback_margin: float = _f(1.0, "relative fallback: addition must raise the harmless refusal score by this many log-odds over its baseline.")
 
@@ -55,7 +56,7 @@ class Config:
     n_test: int = _f(64, "Held-out test prompts of each kind (validation by generation).")
     seed: int = _f(0, "Seed of the train/validation/test split.")
     filter_train: bool = _f(False, "Arditi's filter: drop harmful train prompts with refusal score <= 0 and harmless ones with score > 0.")
-    batch_size: int = _f(32, "Prompts per forward pass.")
+    batch_size: int = _f(64, "Prompts (rows) per forward pass.")
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .hooks import Hook, add_hooks
+from .hooks import Hook, RowGroups, add_hooks
 
 # Tokens actually run through the model by forward_last (prefix once per call + suffixes,
 # padding included); the benchmark reads it to compute achieved FLOP/s.
@@ -66,6 +66,8 @@ def forward_last(
     share_prefix: bool = True,
     keep_suffix: int = 8,
     want_logits: bool = True,
+    groups: list[int] | None = None,
+    rows: RowGroups | None = None,
 ) -> torch.Tensor | None:
     """Run every prompt; return float32 last-position logits ``[n, vocab]`` (or None).
 
@@ -86,25 +88,36 @@ def forward_last(
             from transformers import DynamicCache
 
             prefix_cache = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([ids[0][:P]], device=device), past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
-            STATS["tokens"] += P
+            n_groups = max(groups) + 1 if groups is not None else 1
+            if rows is not None:
+                rows.index = torch.arange(n_groups)
+            prefix = torch.tensor([ids[0][:P]] * n_groups, device=device)
+            model(input_ids=prefix, past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
+            STATS["tokens"] += P * n_groups
+            STATS["padded_tokens"] += P * n_groups
         for sl in batches(len(order), batch_size):
-            rows = [ids[i][P:] for i in order[sl]]
-            x, mask = _pad_left(rows, pad_id, device)
+            suffixes = [ids[i][P:] for i in order[sl]]
+            x, mask = _pad_left(suffixes, pad_id, device)
             pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
             STATS["tokens"] += int(mask.sum())
             STATS["padded_tokens"] += x.numel()
             kwargs = {}
+            group_index = torch.tensor([groups[i] for i in order[sl]]) if groups is not None else None
+            if rows is not None:
+                rows.index = group_index
             if prefix_cache is not None:
                 cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(x.shape[0])
+                if group_index is not None:
+                    cache.batch_select_indices(group_index.to(device))
+                else:
+                    cache.batch_repeat_interleave(x.shape[0])
                 mask = torch.cat([torch.ones((x.shape[0], P), dtype=mask.dtype, device=device), mask], dim=1)
                 kwargs = {"past_key_values": cache, "use_cache": True}
             res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kwargs)
             if want_logits:
                 out.append(res.logits[:, -1, :].float().cpu())
             if on_batch is not None:
-                on_batch(len(rows))
+                on_batch(len(suffixes))
     if not want_logits:
         return None
     logits = torch.empty((len(ids), out[0].shape[-1]), dtype=torch.float32)

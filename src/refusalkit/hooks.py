@@ -122,3 +122,75 @@ def merge(*hook_sets: tuple[list[Hook], list[Hook]]) -> tuple[list[Hook], list[H
         pre += p
         fwd += f
     return pre, fwd
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouped hooks: several directions in one batch, one per group of rows. The batched forward
+# (forward.forward_last with ``groups=``) sets ``RowGroups.index`` (group of each row) before
+# every model call. Scoring many candidates per forward gives large matmuls on a CPU.
+# ------------------------------------------------------------------------------------------------
+
+
+class RowGroups:
+    """The group (candidate) index of every row of the batch being run; set by forward_last."""
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None
+
+    def pick(self, table: torch.Tensor) -> torch.Tensor:
+        """Rows of ``table [groups, d]`` for the current batch, as ``[batch, 1, d]``."""
+        assert self.index is not None, "RowGroups.index is set by forward_last(groups=...)"
+        return table[self.index.to(table.device)].unsqueeze(1)
+
+
+def _grouped_ablate_pre(units: _OnDevice, rows: RowGroups) -> Callable:
+    def hook(module, args, kwargs):
+        x, positional = _first(args, kwargs)
+        u = rows.pick(units(x))
+        x = x - (x * u).sum(-1, keepdim=True) * u
+        return ((x, *args[1:]), kwargs) if positional else (args, {**kwargs, "hidden_states": x})
+
+    return hook
+
+
+def _grouped_ablate_out(units: _OnDevice, rows: RowGroups) -> Callable:
+    def proj(x: torch.Tensor) -> torch.Tensor:
+        u = rows.pick(units(x))
+        return x - (x * u).sum(-1, keepdim=True) * u
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (proj(output[0]), *output[1:])
+        return proj(output)
+
+    return hook
+
+
+def grouped_ablation_hooks(model: nn.Module, directions: torch.Tensor, rows: RowGroups) -> tuple[list[Hook], list[Hook]]:
+    """Like :func:`ablation_hooks`, with direction ``directions[g]`` for the rows of group ``g``."""
+    d = directions.float()
+    units = _OnDevice(d / d.norm(dim=-1, keepdim=True))
+    blocks = decoder_layers(model)
+    pre = [(b, _grouped_ablate_pre(units, rows)) for b in blocks]
+    fwd = [(attn_module(b), _grouped_ablate_out(units, rows)) for b in blocks]
+    fwd += [(mlp_module(b), _grouped_ablate_out(units, rows)) for b in blocks]
+    return pre, fwd
+
+
+def grouped_addition_hooks(model: nn.Module, directions: torch.Tensor, layers: Sequence[int], rows: RowGroups,
+                           coeff: float = 1.0) -> tuple[list[Hook], list[Hook]]:
+    """Like :func:`addition_hooks`: group ``g`` gets ``coeff · directions[g]`` at block ``layers[g]``."""
+    blocks = decoder_layers(model)
+    pre = []
+    for j, block in enumerate(blocks):
+        mask = torch.tensor([float(layer == j) for layer in layers]).unsqueeze(-1)
+        if mask.any():
+            table = _OnDevice(directions.float() * mask * coeff)
+
+            def hook(module, args, kwargs, table=table):
+                x, positional = _first(args, kwargs)
+                x = x + rows.pick(table(x))
+                return ((x, *args[1:]), kwargs) if positional else (args, {**kwargs, "hidden_states": x})
+
+            pre.append((block, hook))
+    return pre, []

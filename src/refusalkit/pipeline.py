@@ -222,14 +222,15 @@ def stage_select(s: Session, data: dict, cands: torch.Tensor) -> dict[str, Any]:
     def progress(phase: str, k: int, total: int) -> None:
         if phase not in bars:
             bars[phase] = s.progress.bar(total, f"selection: {phase}", unit="cand")
-        bars[phase].update(1)
+        bars[phase].update(k)
 
     try:
         res = select_direction(lm, cands, scorer, kl_threshold=sc.kl_threshold,
                                induce_refusal_threshold=sc.induce_refusal_threshold,
                                prune_layer_fraction=sc.prune_layer_fraction, mode=sc.mode,
                                screen_prompts=sc.screen_prompts, screen_keep=sc.screen_keep,
-                               fallback=sc.fallback, fallback_margin=sc.fallback_margin, progress=progress)
+                               fallback=sc.fallback, fallback_margin=sc.fallback_margin,
+                               screen_kl_slack=sc.screen_kl_slack, progress=progress)
     finally:
         for b in bars.values():
             b.close()

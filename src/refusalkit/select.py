@@ -17,21 +17,25 @@ Arditi's filters: discard candidates with ``kl > 0.1``, ``addition_score < 0`` (
 refusal), or ``l ≥ int(L · (1 − 0.2))``; pick the lowest ``ablation_score``. All thresholds are
 configurable. When nothing passes, an explicit, recorded fallback is used (see :func:`choose`).
 
-Speed (``mode='fast'``, the default): every candidate is first scored by ablation on a few
-harmful validation prompts (the screen); the ``screen_keep`` lowest go on to the full scoring
-above. ``mode='full'`` scores every candidate in full. The benchmark compares the two.
+Speed (``mode='fast'``, the default): every candidate is first screened by ablation on a few
+harmful validation prompts (refusal score) and a few harmless ones (KL). Candidates whose
+screened KL is within ``screen_kl_slack`` × the KL limit come first, ordered by screened
+ablation score, and the first ``screen_keep`` go on to the full scoring above. ``mode='full'``
+scores every candidate in full. The benchmark compares the two. Candidates are scored
+``group`` at a time in one batched forward (grouped hooks), which changes no score.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from .forward import forward_last
-from .hooks import ablation_hooks, addition_hooks
+from .hooks import RowGroups, grouped_ablation_hooks, grouped_addition_hooks
 from .models import LoadedModel
 
 
@@ -67,6 +71,7 @@ class CandidateScore:
     layer: int
     norm: float
     screen_score: float | None = None  # ablation score on the screening prompts
+    screen_kl: float | None = None  # KL on the screening prompts
     ablation_score: float | None = None
     addition_score: float | None = None
     kl: float | None = None
@@ -96,18 +101,22 @@ class SelectionResult:
 
 
 class Scorer:
-    """Scores candidates on fixed validation prompts; the baseline logits are computed once."""
+    """Scores candidates on fixed validation prompts; the baseline logits are computed once.
+
+    Several candidates are scored in one batched forward (grouped hooks: each candidate's
+    direction acts on its own rows), so the matmuls stay large on a CPU.
+    """
 
     def __init__(self, lm: LoadedModel, harmful_ids: list[list[int]], harmless_ids: list[list[int]],
-                 refusal_ids: list[int], n_pos: int, batch_size: int = 32):
+                 refusal_ids: list[int], n_pos: int, batch_size: int = 64):
         self.lm, self.harmful, self.harmless = lm, harmful_ids, harmless_ids
         self.refusal_ids, self.n_pos, self.batch_size = refusal_ids, n_pos, batch_size
         self.harmless_base_logits = self._logits(harmless_ids)
         self.harmful_base_logits = self._logits(harmful_ids)
 
-    def _logits(self, ids: list[list[int]], hooks=([], [])) -> torch.Tensor:
-        return forward_last(self.lm.model, ids, pad_id=self.lm.tokenizer.pad_token_id,
-                            batch_size=self.batch_size, hooks=hooks, keep_suffix=self.n_pos)
+    def _logits(self, ids: list[list[int]], hooks=([], []), groups=None, rows=None) -> torch.Tensor:
+        return forward_last(self.lm.model, ids, pad_id=self.lm.tokenizer.pad_token_id, batch_size=self.batch_size,
+                            hooks=hooks, keep_suffix=self.n_pos, groups=groups, rows=rows)
 
     def baseline(self) -> dict[str, float]:
         return {
@@ -115,20 +124,37 @@ class Scorer:
             "harmless_score": refusal_scores(self.harmless_base_logits, self.refusal_ids).mean().item(),
         }
 
-    def screen(self, direction: torch.Tensor, n: int) -> float:
-        logits = self._logits(self.harmful[:n], ablation_hooks(self.lm.model, direction))
-        return refusal_scores(logits, self.refusal_ids).mean().item()
+    def _ablated(self, directions: torch.Tensor, harmful: list[list[int]], harmless: list[list[int]]):
+        """Per candidate: (mean refusal score on ``harmful``, mean KL on ``harmless``) under ablation."""
+        k, nh, nb = directions.shape[0], len(harmful), len(harmless)
+        rows = RowGroups()
+        per = harmful + harmless
+        logits = self._logits(per * k, grouped_ablation_hooks(self.lm.model, directions, rows),
+                              groups=[g for g in range(k) for _ in per], rows=rows)
+        logits = logits.view(k, nh + nb, -1)
+        scores = [refusal_scores(logits[g, :nh], self.refusal_ids).mean().item() for g in range(k)]
+        kls = [kl_divergence(self.harmless_base_logits[:nb], logits[g, nh:]).mean().item() for g in range(k)]
+        return scores, kls
 
-    def full(self, direction: torch.Tensor, layer: int) -> tuple[float, float, float]:
-        """``(ablation_score, addition_score, kl)``; harmful and harmless ablation share one pass."""
-        both = self._logits(self.harmful + self.harmless, ablation_hooks(self.lm.model, direction))
-        abl_harmful, abl_harmless = both[: len(self.harmful)], both[len(self.harmful):]
-        added = self._logits(self.harmless, addition_hooks(self.lm.model, direction, layer))
-        return (
-            refusal_scores(abl_harmful, self.refusal_ids).mean().item(),
-            refusal_scores(added, self.refusal_ids).mean().item(),
-            kl_divergence(self.harmless_base_logits, abl_harmless).mean().item(),
-        )
+    def screen(self, directions: torch.Tensor, n: int) -> tuple[list[float], list[float]]:
+        """Ablation score on ``n`` harmful and KL on ``n`` harmless validation prompts, per candidate."""
+        return self._ablated(directions, self.harmful[:n], self.harmless[:n])
+
+    def full(self, directions: torch.Tensor, layers: list[int]) -> list[tuple[float, float, float]]:
+        """``(ablation_score, addition_score, kl)`` per candidate ``directions [k, d]`` at ``layers``."""
+        k = directions.shape[0]
+        abl, kls = self._ablated(directions, self.harmful, self.harmless)
+        rows = RowGroups()
+        added = self._logits(self.harmless * k, grouped_addition_hooks(self.lm.model, directions, layers, rows),
+                             groups=[g for g in range(k) for _ in self.harmless], rows=rows)
+        added = added.view(k, len(self.harmless), -1)
+        add = [refusal_scores(added[g], self.refusal_ids).mean().item() for g in range(k)]
+        return list(zip(abl, add, kls))
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
 
 
 def layer_cutoff(n_layers: int, prune_layer_fraction: float) -> int:
@@ -202,6 +228,8 @@ def select_direction(
     screen_keep: int = 10,
     fallback: str = "relative",
     fallback_margin: float = 1.0,
+    screen_kl_slack: float = 2.0,
+    group: int = 8,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> SelectionResult:
     """Score the candidates ``[n_pos, L + 1, d]`` and select one (see the module docstring)."""
@@ -221,12 +249,17 @@ def select_direction(
     live = [s for s in scores if s.discarded is None]
     vec = lambda s: candidates[s.position + n_pos, s.layer]  # noqa: E731
 
+    t0 = time.perf_counter()
     if mode == "fast" and screen_keep < len(live):
-        for k, s in enumerate(live):
-            s.screen_score = scorer.screen(vec(s), screen_prompts)
+        for chunk in _chunks(live, group):
+            screened, kls = scorer.screen(torch.stack([vec(s) for s in chunk]), screen_prompts)
+            for s, sc, kl in zip(chunk, screened, kls):
+                s.screen_score, s.screen_kl = sc, kl
             if progress:
-                progress("screen", k + 1, len(live))
-        full_set = sorted(live, key=lambda s: s.screen_score)[:screen_keep]
+                progress("screen", len(chunk), len(live))
+        # Candidates whose screened KL is within slack × the KL limit first, then by ablation score.
+        rank = lambda s: (s.screen_kl > screen_kl_slack * kl_threshold, s.screen_score)  # noqa: E731
+        full_set = sorted(live, key=rank)[:screen_keep]
         for s in live:
             if s not in full_set:
                 s.discarded = f"screened out (top {screen_keep} kept)"
@@ -234,15 +267,19 @@ def select_direction(
         full_set = live
     else:
         raise ValueError(f"unknown selection mode {mode!r}")
-    for k, s in enumerate(full_set):
-        s.ablation_score, s.addition_score, s.kl = scorer.full(vec(s), s.layer)
+    t1 = time.perf_counter()
+    for chunk in _chunks(full_set, group):
+        results = scorer.full(torch.stack([vec(s) for s in chunk]), [s.layer for s in chunk])
+        for s, (abl, add, kl) in zip(chunk, results):
+            s.ablation_score, s.addition_score, s.kl = abl, add, kl
         if progress:
-            progress("score", k + 1, len(full_set))
+            progress("score", len(chunk), len(full_set))
+    timings = {"screen_seconds": round(t1 - t0, 1), "full_seconds": round(time.perf_counter() - t1, 1)}
     baseline = scorer.baseline()
     best, why = choose(scores, baseline, kl_threshold, induce_refusal_threshold, fallback, fallback_margin)
     thresholds = {"kl_threshold": kl_threshold, "induce_refusal_threshold": induce_refusal_threshold,
                   "prune_layer_fraction": prune_layer_fraction, "layer_cutoff": cutoff, "mode": mode,
                   "screen_prompts": screen_prompts, "screen_keep": screen_keep, "fallback": fallback,
-                  "fallback_margin": fallback_margin}
+                  "fallback_margin": fallback_margin, "screen_kl_slack": screen_kl_slack, **timings}
     return SelectionResult(position=best.position, layer=best.layer, scores=scores, baseline=baseline,
                            fallback=why, thresholds=thresholds, n_fully_scored=len(full_set))
