@@ -176,3 +176,14 @@ def test_orthogonalize_command_matches_hook_ablation(smol_run, tmp_path, capsys)
     a = forward_last(base.model, ids, pad_id=base.tokenizer.pad_token_id, hooks=ablation_hooks(base.model, direction))
     b = forward_last(orth.model, ids, pad_id=orth.tokenizer.pad_token_id)
     assert (a - b).abs().max().item() < 1e-3  # float32; measured ~1e-5
+
+
+def test_unreachable_hub_model_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "refusalkit.cli", "-q", "extract", "--run", str(tmp_path / "r"),
+                        "--model", "no-such-org/no-such-model"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: cannot load") and p.stderr.count("\n") == 1, p.stderr

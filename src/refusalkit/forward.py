@@ -81,7 +81,7 @@ def forward_last(
         P = 0
     # Longest first, so similar lengths share a batch (little padding); results are unsorted below.
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out: list[torch.Tensor] = []
+    logits: torch.Tensor | None = None  # filled batch by batch: no second copy at the end
     with add_hooks(*hooks):
         prefix_cache = None
         if P:
@@ -115,11 +115,11 @@ def forward_last(
                 kwargs = {"past_key_values": cache, "use_cache": True}
             res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kwargs)
             if want_logits:
-                out.append(res.logits[:, -1, :].float().cpu())
+                last = res.logits[:, -1, :]
+                if logits is None:
+                    logits = torch.empty((len(ids), last.shape[-1]), dtype=torch.float32)
+                logits[torch.tensor(order[sl])] = last.float().cpu()
+            del res
             if on_batch is not None:
                 on_batch(len(suffixes))
-    if not want_logits:
-        return None
-    logits = torch.empty((len(ids), out[0].shape[-1]), dtype=torch.float32)
-    logits[torch.tensor(order)] = torch.cat(out)
     return logits
