@@ -187,3 +187,9 @@ def test_unreachable_hub_model_one_line_exit_2(tmp_path):
                         "--model", "no-such-org/no-such-model"], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert p.stderr.startswith("error: cannot load") and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_missing_variant_model_one_line_exit_2(smol_run, capsys):
+    code, _, err = run(capsys, "extract", "--run", str(smol_run), *SMALL, "--variant", "wanda-0.5")
+    assert code == 2 and "has no model" in err and err.count("\n") == 1
+    assert not (smol_run / "wanda-0.5" / "direction").exists()
