@@ -193,3 +193,12 @@ def test_missing_variant_model_one_line_exit_2(smol_run, capsys):
     code, _, err = run(capsys, "extract", "--run", str(smol_run), *SMALL, "--variant", "wanda-0.5")
     assert code == 2 and "has no model" in err and err.count("\n") == 1
     assert not (smol_run / "wanda-0.5" / "direction").exists()
+
+
+def test_filter_that_leaves_no_prompts_one_line_exit_2(tmp_path, capsys):
+    """SmolLM2 gives no AdvBench prompt a positive refusal score, so Arditi's filter empties the set."""
+    root = tmp_path / "r"
+    code, _, err = run(capsys, "extract", "--run", str(root), *SMALL, "--filter-train")
+    assert code == 2 and "filtering left no harmful" in err and err.count("\n") == 1
+    assert not (root / "base" / "direction" / "candidates.safetensors").exists()
+    assert no_temp_files(root)
