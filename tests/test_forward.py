@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import hook_ids
-from refusalkit.forward import _pad_left, batches, common_prefix_len, forward_last
+from refusalkit.forward import pad_left, batches, common_prefix_len, forward_last
 from refusalkit.hooks import ablation_hooks, add_hooks, addition_hooks, merge
 
 
@@ -117,8 +117,8 @@ def test_common_prefix_len_leaves_keep_tokens_in_every_row():
         assert all(len(r) - p >= keep for r in ids) or p == 0
 
 
-def test_pad_left_and_batches():
-    ids, mask = _pad_left([[1, 2, 3], [4]], pad_id=0, device=torch.device("cpu"))
+def testpad_left_and_batches():
+    ids, mask = pad_left([[1, 2, 3], [4]], pad_id=0, device=torch.device("cpu"))
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert list(batches(5, 2)) == [slice(0, 2), slice(2, 4), slice(4, 5)]

@@ -101,7 +101,7 @@ def _check_type(name: str, value: Any, typ: Any) -> Any:
         raise UserError(f"setting {name}={value!r} is not a valid {t}; fix it in the config file or flag") from None
 
 
-def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+def apply_settings(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     known = {f.name: f for f in fields(obj)}
     for key, value in data.items():
         k = key.replace("-", "_")
@@ -112,7 +112,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise UserError(f"setting {prefix}{key} must be a section (a mapping)")
-            _apply(current, value, prefix=f"{prefix}{k}.")
+            apply_settings(current, value, prefix=f"{prefix}{k}.")
         else:
             setattr(obj, k, _check_type(f"{prefix}{k}", value, f.type))
 
@@ -151,7 +151,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix it") from e
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must be a mapping of settings")
-        _apply(cfg, data)
+        apply_settings(cfg, data)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -161,7 +161,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         for part in parts[:-1]:
             cur = cur.setdefault(part, {})
         cur[parts[-1]] = value
-        _apply(cfg, nested)
+        apply_settings(cfg, nested)
     return validate(cfg)
 
 

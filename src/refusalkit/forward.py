@@ -39,7 +39,7 @@ def common_prefix_len(ids: list[list[int]], keep: int) -> int:
     return max(p, 0)
 
 
-def _pad_left(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_left(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -97,7 +97,7 @@ def forward_last(
             STATS["padded_tokens"] += P * n_groups
         for sl in batches(len(order), batch_size):
             suffixes = [ids[i][P:] for i in order[sl]]
-            x, mask = _pad_left(suffixes, pad_id, device)
+            x, mask = pad_left(suffixes, pad_id, device)
             pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
             STATS["tokens"] += int(mask.sum())
             STATS["padded_tokens"] += x.numel()
@@ -108,7 +108,7 @@ def forward_last(
             if prefix_cache is not None:
                 cache = copy.deepcopy(prefix_cache)
                 if group_index is not None:
-                    cache.batch_select_indices(group_index.to(device))
+                    cache.batch_select_indices(group_index)  # a CPU index works for caches on any device
                 else:
                     cache.batch_repeat_interleave(x.shape[0])
                 mask = torch.cat([torch.ones((x.shape[0], P), dtype=mask.dtype, device=device), mask], dim=1)

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .forward import _pad_left, batches
+from .forward import batches, pad_left
 from .hooks import Hook, add_hooks
 from .models import LoadedModel
 
@@ -31,7 +31,7 @@ def generate(
     with add_hooks(*hooks):
         for sl in batches(len(order), batch_size):
             idx = order[sl]
-            x, mask = _pad_left([ids[i] for i in idx], tok.pad_token_id, lm.device)
+            x, mask = pad_left([ids[i] for i in idx], tok.pad_token_id, lm.device)
             gen = lm.model.generate(
                 input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,

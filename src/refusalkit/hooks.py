@@ -41,98 +41,18 @@ def add_hooks(pre_hooks: Sequence[Hook] = (), fwd_hooks: Sequence[Hook] = ()) ->
             h.remove()
 
 
-class _OnDevice:
-    """A direction cached per (device, dtype), so a model spread over GPUs needs no copies per call."""
-
-    def __init__(self, v: torch.Tensor):
-        self.v = v.detach()
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def __call__(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.device, like.dtype)
-        if key not in self._cache:
-            self._cache[key] = self.v.to(device=like.device, dtype=like.dtype)
-        return self._cache[key]
-
-
 def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """``x − (x·r̂) r̂`` along the last dimension (``unit`` must have norm 1)."""
-    return x - (x @ unit).unsqueeze(-1) * unit
-
-
-def _first(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
-    if args:
-        return args[0], True
-    return kwargs["hidden_states"], False
-
-
-def _ablate_input_pre_hook(unit: _OnDevice) -> Callable:
-    def hook(module, args, kwargs):
-        x, positional = _first(args, kwargs)
-        x = project_out(x, unit(x))
-        if positional:
-            return (x, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": x}
-
-    return hook
-
-
-def _ablate_output_hook(unit: _OnDevice) -> Callable:
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (project_out(output[0], unit(output[0])), *output[1:])
-        return project_out(output, unit(output))
-
-    return hook
-
-
-def _add_input_pre_hook(vector: _OnDevice, coeff: float) -> Callable:
-    def hook(module, args, kwargs):
-        x, positional = _first(args, kwargs)
-        x = x + coeff * vector(x)
-        if positional:
-            return (x, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": x}
-
-    return hook
-
-
-def ablation_hooks(model: nn.Module, direction: torch.Tensor) -> tuple[list[Hook], list[Hook]]:
-    """Hooks that ablate ``direction`` everywhere (Eq. 4): ``(pre_hooks, fwd_hooks)``."""
-    unit = _OnDevice(direction.float() / direction.float().norm())
-    blocks = decoder_layers(model)
-    pre = [(b, _ablate_input_pre_hook(unit)) for b in blocks]
-    fwd = [(attn_module(b), _ablate_output_hook(unit)) for b in blocks]
-    fwd += [(mlp_module(b), _ablate_output_hook(unit)) for b in blocks]
-    return pre, fwd
-
-
-def addition_hooks(model: nn.Module, direction: torch.Tensor, layer: int, coeff: float = 1.0) -> tuple[list[Hook], list[Hook]]:
-    """Hooks that add ``coeff · direction`` at the input of block ``layer`` (Eq. 5)."""
-    blocks = decoder_layers(model)
-    if not 0 <= layer < len(blocks):
-        raise ValueError(f"layer {layer} is outside 0..{len(blocks) - 1}")
-    return [(blocks[layer], _add_input_pre_hook(_OnDevice(direction.float()), coeff))], []
-
-
-def merge(*hook_sets: tuple[list[Hook], list[Hook]]) -> tuple[list[Hook], list[Hook]]:
-    pre: list[Hook] = []
-    fwd: list[Hook] = []
-    for p, f in hook_sets:
-        pre += p
-        fwd += f
-    return pre, fwd
-
-
-# ------------------------------------------------------------------------------------------------
-# Grouped hooks: several directions in one batch, one per group of rows. The batched forward
-# (forward.forward_last with ``groups=``) sets ``RowGroups.index`` (group of each row) before
-# every model call. Scoring many candidates per forward gives large matmuls on a CPU.
-# ------------------------------------------------------------------------------------------------
+    """``x − (x·r̂) r̂`` along the last dimension. ``unit`` (norm 1) is ``[d]``, or ``[batch, 1, d]``
+    for one direction per row."""
+    return x - (x * unit).sum(-1, keepdim=True) * unit
 
 
 class RowGroups:
-    """The group (candidate) index of every row of the batch being run; set by forward_last."""
+    """The group (candidate) index of every row of the batch being run; set by forward_last.
+
+    Grouped hooks apply direction ``g`` to the rows of group ``g``, so several candidates are
+    scored in one batched forward (large matmuls on a CPU).
+    """
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None
@@ -143,54 +63,93 @@ class RowGroups:
         return table[self.index.to(table.device)].unsqueeze(1)
 
 
-def _grouped_ablate_pre(units: _OnDevice, rows: RowGroups) -> Callable:
+def _vectors(table: torch.Tensor, rows: RowGroups | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``like -> vector(s)`` on ``like``'s device and dtype: ``table [d]``, or ``table [groups, d]``
+    picked per row through ``rows``. Copies are cached per (device, dtype), so a model spread
+    over several GPUs needs no copy per call."""
+    table = table.detach()
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def get(like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        if key not in cache:
+            cache[key] = table.to(device=like.device, dtype=like.dtype)
+        return cache[key] if rows is None else rows.pick(cache[key])
+
+    return get
+
+
+def _edit_input(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """A forward pre-hook (``with_kwargs=True``) that replaces a block's hidden-states input."""
+
     def hook(module, args, kwargs):
-        x, positional = _first(args, kwargs)
-        u = rows.pick(units(x))
-        x = x - (x * u).sum(-1, keepdim=True) * u
-        return ((x, *args[1:]), kwargs) if positional else (args, {**kwargs, "hidden_states": x})
+        if args:
+            return (edit(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
 
     return hook
 
 
-def _grouped_ablate_out(units: _OnDevice, rows: RowGroups) -> Callable:
-    def proj(x: torch.Tensor) -> torch.Tensor:
-        u = rows.pick(units(x))
-        return x - (x * u).sum(-1, keepdim=True) * u
+def _edit_output(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """A forward hook that replaces a module's output (or the first element of a tuple output)."""
 
     def hook(module, args, output):
         if isinstance(output, tuple):
-            return (proj(output[0]), *output[1:])
-        return proj(output)
+            return (edit(output[0]), *output[1:])
+        return edit(output)
 
     return hook
+
+
+def _ablation(model: nn.Module, units: Callable) -> tuple[list[Hook], list[Hook]]:
+    ablate = lambda x: project_out(x, units(x))  # noqa: E731
+    blocks = decoder_layers(model)
+    pre = [(b, _edit_input(ablate)) for b in blocks]
+    fwd = [(attn_module(b), _edit_output(ablate)) for b in blocks]
+    fwd += [(mlp_module(b), _edit_output(ablate)) for b in blocks]
+    return pre, fwd
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    v = v.float()
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def ablation_hooks(model: nn.Module, direction: torch.Tensor) -> tuple[list[Hook], list[Hook]]:
+    """Hooks that ablate ``direction`` everywhere (Eq. 4): ``(pre_hooks, fwd_hooks)``."""
+    return _ablation(model, _vectors(_unit(direction), None))
 
 
 def grouped_ablation_hooks(model: nn.Module, directions: torch.Tensor, rows: RowGroups) -> tuple[list[Hook], list[Hook]]:
     """Like :func:`ablation_hooks`, with direction ``directions[g]`` for the rows of group ``g``."""
-    d = directions.float()
-    units = _OnDevice(d / d.norm(dim=-1, keepdim=True))
+    return _ablation(model, _vectors(_unit(directions), rows))
+
+
+def addition_hooks(model: nn.Module, direction: torch.Tensor, layer: int, coeff: float = 1.0) -> tuple[list[Hook], list[Hook]]:
+    """Hooks that add ``coeff · direction`` at the input of block ``layer`` (Eq. 5)."""
     blocks = decoder_layers(model)
-    pre = [(b, _grouped_ablate_pre(units, rows)) for b in blocks]
-    fwd = [(attn_module(b), _grouped_ablate_out(units, rows)) for b in blocks]
-    fwd += [(mlp_module(b), _grouped_ablate_out(units, rows)) for b in blocks]
-    return pre, fwd
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is outside 0..{len(blocks) - 1}")
+    vec = _vectors(direction.float() * coeff, None)
+    return [(blocks[layer], _edit_input(lambda x: x + vec(x)))], []
 
 
 def grouped_addition_hooks(model: nn.Module, directions: torch.Tensor, layers: Sequence[int], rows: RowGroups,
                            coeff: float = 1.0) -> tuple[list[Hook], list[Hook]]:
     """Like :func:`addition_hooks`: group ``g`` gets ``coeff · directions[g]`` at block ``layers[g]``."""
-    blocks = decoder_layers(model)
     pre = []
-    for j, block in enumerate(blocks):
+    for j, block in enumerate(decoder_layers(model)):
         mask = torch.tensor([float(layer == j) for layer in layers]).unsqueeze(-1)
         if mask.any():
-            table = _OnDevice(directions.float() * mask * coeff)
-
-            def hook(module, args, kwargs, table=table):
-                x, positional = _first(args, kwargs)
-                x = x + rows.pick(table(x))
-                return ((x, *args[1:]), kwargs) if positional else (args, {**kwargs, "hidden_states": x})
-
-            pre.append((block, hook))
+            vec = _vectors(directions.float() * mask * coeff, rows)
+            pre.append((block, _edit_input(lambda x, vec=vec: x + vec(x))))
     return pre, []
+
+
+def merge(*hook_sets: tuple[list[Hook], list[Hook]]) -> tuple[list[Hook], list[Hook]]:
+    pre: list[Hook] = []
+    fwd: list[Hook] = []
+    for p, f in hook_sets:
+        pre += p
+        fwd += f
+    return pre, fwd

@@ -31,10 +31,11 @@ import torch
 import yaml
 
 from . import artifacts
-from .config import Config, commented_yaml
+from .config import Config, apply_settings, commented_yaml
 from .errors import UserError
 from .extract import candidate_directions, mean_activations
 from .formatting import post_instruction_ids, tokenize_instructions
+from .forward import forward_last
 from .generate import generate
 from .hooks import ablation_hooks, addition_hooks
 from .judge import RefusalJudge, summarize
@@ -131,9 +132,7 @@ def prepare(cfg: Config, root: Path, force: bool) -> dict[str, Any]:
             raise UserError(f"{cfg_path} is corrupt; delete it or re-run with --force") from None
         old_cfg = Config()
         try:
-            from .config import _apply
-
-            _apply(old_cfg, old)
+            apply_settings(old_cfg, old)
         except UserError:
             raise UserError(f"{cfg_path} holds settings this version does not know; use a new --run or --force") from None
         diff = {k for k, v in cfg.analysis_key().items() if old_cfg.analysis_key().get(k) != v}
@@ -165,8 +164,6 @@ def _filter_train(s: Session, data: dict, refusal_ids: list[int]) -> tuple[list[
     for kind, keep in (("harmful", lambda x: x > 0), ("harmless", lambda x: x <= 0)):
         prompts = data[kind]["train"]
         ids = tokenize_instructions(lm.tokenizer, prompts, c.system_prompt)
-        from .forward import forward_last
-
         scores = refusal_scores(forward_last(lm.model, ids, pad_id=lm.tokenizer.pad_token_id, batch_size=c.batch_size),
                                 refusal_ids)
         kept[kind] = [p for p, sc in zip(prompts, scores.tolist()) if keep(sc)]
