@@ -250,7 +250,7 @@ def stage_select(s: Session, data: dict, cands: torch.Tensor) -> dict[str, Any]:
 
     labels = {p: lm.tokenizer.decode([post[p]]) for p in range(-n_pos, 0)}
     plot_selection(res.to_json()["candidates"], res.baseline, lm.n_layers, res.thresholds["layer_cutoff"],
-                   (res.position, res.layer), s.run.direction_dir, labels)
+                   (res.position, res.layer), s.run.direction_dir, labels, kl_threshold=sc.kl_threshold)
     artifacts.write_json(paths[1], info)  # last: its presence marks the stage as done
     return info
 

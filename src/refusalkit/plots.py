@@ -9,7 +9,8 @@ from .artifacts import atomic_path
 
 
 def plot_selection(scores: list[dict[str, Any]], baseline: dict[str, float], n_layers: int, cutoff: int,
-                   chosen: tuple[int, int], out_dir: Path, token_labels: dict[int, str]) -> list[Path]:
+                   chosen: tuple[int, int], out_dir: Path, token_labels: dict[int, str],
+                   kl_threshold: float | None = None) -> list[Path]:
     """Write ``selection_pos{p}.png`` for every position ``p``; return the paths."""
     import matplotlib
 
@@ -33,9 +34,15 @@ def plot_selection(scores: list[dict[str, Any]], baseline: dict[str, float], n_l
         ax.set_ylabel("refusal score (log-odds)")
         ax.set_title(f"position {pos} ({token_labels.get(pos, '')!r})")
         ax.legend(fontsize=7, ncol=2)
-        pts = [(s["layer"], s["kl"]) for s in rows if s.get("kl") is not None]
-        if pts:
-            ax2.plot(*zip(*pts), "^-", color="tab:purple", markersize=4)
+        for key, label, style in (("screen_kl", "KL (screen)", "^:"), ("kl", "KL", "^-")):
+            pts = [(s["layer"], s[key]) for s in rows if s.get(key) is not None]
+            if pts:
+                ax2.plot(*zip(*pts), style, color="tab:purple", markersize=4, label=label)
+        if kl_threshold is not None:
+            ax2.axhline(kl_threshold, color="k", lw=0.8, ls="--", label=f"KL limit {kl_threshold}")
+        ax2.set_yscale("symlog", linthresh=0.01)
+        ax2.set_ylim(bottom=0)
+        ax2.legend(fontsize=7)
         ax2.set_ylabel("KL (harmless)")
         ax2.set_xlabel("layer (input of block)")
         fig.tight_layout()
