@@ -77,9 +77,11 @@ def test_extract_writes_every_artifact(smol_run):
 def test_rerun_skips_finished_stages(smol_run, capsys):
     d = smol_run / "base" / "direction"
     before = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    stages = json.loads((smol_run / "manifest.json").read_text())["stages"]
     code, out, _ = run(capsys, "extract", "--run", str(smol_run), *SMALL)
     assert code == 0 and "refusal direction" in out
     assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == before
+    assert json.loads((smol_run / "manifest.json").read_text())["stages"] == stages  # timings of the real run kept
 
 
 def test_other_settings_in_same_run_dir_refused(smol_run, capsys):

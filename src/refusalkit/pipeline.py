@@ -86,6 +86,7 @@ class Session:
     force: bool = False
     _lm: LoadedModel | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    _ran: bool = False
 
     @property
     def lm(self) -> LoadedModel:
@@ -103,14 +104,20 @@ class Session:
         return self._lm
 
     def timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+        """Run a stage; record its time in the manifest only if it computed something."""
+        self._ran = False
         t0 = time.time()
         out = fn()
-        self.manifest = update_manifest(self.run.root / "manifest.json", self.cfg.seed,
-                                        f"{self.run.variant}/{stage}", time.time() - t0, self.manifest)
+        if self._ran:
+            self.manifest = update_manifest(self.run.root / "manifest.json", self.cfg.seed,
+                                            f"{self.run.variant}/{stage}", time.time() - t0, self.manifest)
         return out
 
     def needs(self, *paths: Path) -> bool:
-        return self.force or not all(p.exists() for p in paths)
+        """True (and the stage counts as run) when ``--force`` or any output is missing."""
+        need = self.force or not all(p.exists() for p in paths)
+        self._ran = self._ran or need
+        return need
 
 
 # ------------------------------------------------------------------------------------------------
