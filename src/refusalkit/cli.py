@@ -53,6 +53,35 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--variant", default="base")
     o.add_argument("--out", required=True, help="output folder for the orthogonalized model")
 
+    c = sub.add_parser("compress", help="compress the run's base model into a named variant DIR/<variant>/",
+                       description="Prune or quantize the run's base model; the variant is saved under DIR/<variant>/model "
+                                   "with DIR/<variant>/compression.json. An existing variant is reused unless --force.")
+    c.add_argument("--run", required=True, help="run directory (its config.yaml names the base model)")
+    c.add_argument("--method", required=True,
+                   help="magnitude, wanda, sparsegpt, llm-int8, awq, rtn, or a full name: wanda-0.5, wanda-2:4, awq-w8, rtn-w4")
+    c.add_argument("--sparsity", help="pruning: a ratio in [0, 1) or N:M such as 2:4 (default 0.5)")
+    c.add_argument("--bits", type=int, help="awq / rtn: bits per weight, 2-8 (default 4)")
+    c.add_argument("--group-size", type=int, default=128, help="awq / rtn: inputs per quantization group (-1: one per row)")
+    c.add_argument("--threshold", type=float, default=6.0, help="llm-int8: outlier feature threshold")
+    c.add_argument("--backend", default="auto", choices=["auto", "bitsandbytes", "torch"], help="llm-int8 implementation")
+    c.add_argument("--damp", type=float, default=0.01, help="sparsegpt: Hessian dampening (fraction of its mean diagonal)")
+    c.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per block")
+    c.add_argument("--calibration", default=None, help="calibration data: wikitext (default), alpaca, advbench, "
+                                                        "any prompt source or .txt/.jsonl/.csv file, or text:FILE")
+    c.add_argument("--n-calibration", type=int, default=64, help="calibration samples")
+    c.add_argument("--seq-len", type=int, default=256, help="calibration tokens per sample (text: window length; instructions: cut)")
+    chat = c.add_mutually_exclusive_group()
+    chat.add_argument("--calibration-chat", dest="calibration_chat", action="store_true", default=None,
+                      help="apply the chat template to calibration samples (default for instruction sources)")
+    chat.add_argument("--no-calibration-chat", dest="calibration_chat", action="store_false",
+                      help="raw calibration text without the chat template (default for text corpora)")
+    c.add_argument("--calibration-seed", type=int, default=0)
+    c.add_argument("--calibration-batch-size", type=int, default=8, help="calibration samples per block forward")
+    c.add_argument("--name", help="variant name (default: derived from the method, e.g. wanda-0.5)")
+    c.add_argument("--force", action="store_true", help="redo an existing variant (its old analyses are discarded)")
+    for dest in ("model", "dtype", "device", "chat_template"):
+        c.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **_CONFIG_FLAGS[dest][1])
+
     sub.add_parser("config", help="print the commented default configuration")
     sub.add_parser("sources", help="list the named prompt sources and model short names")
     return p
@@ -144,6 +173,47 @@ def _cmd_orthogonalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compress.job import DEFAULT_CALIBRATION, CompressSpec, run_compress
+    from .config import load_config
+
+    spec = CompressSpec(method=args.method, sparsity=args.sparsity, bits=args.bits, group_size=args.group_size,
+                        threshold=args.threshold, backend=args.backend, damp=args.damp, blocksize=args.blocksize,
+                        calibration=args.calibration or DEFAULT_CALIBRATION, n_calibration=args.n_calibration,
+                        seq_len=args.seq_len, calibration_chat=args.calibration_chat, seed=args.calibration_seed,
+                        batch_size=args.calibration_batch_size, name=args.name)
+    root = Path(args.run)
+    existing = root / "config.yaml"
+    overrides = {k: getattr(args, k) for k in ("model", "dtype", "device", "chat_template") if getattr(args, k) is not None}
+    cfg = load_config(str(existing) if existing.exists() else None, overrides)
+    info = run_compress(cfg, root, spec, force=args.force, progress=not args.quiet)
+    if info["reused"]:
+        print(f"variant {info['variant']} exists in {root}; reused (use --force to redo it)")
+    cal = info.get("calibration")
+    lines = [
+        f"variant {info['variant']} of {info['base_model']['spec']}: {METHOD_LINE.get(info['method'], info['method'])}",
+        f"  sparsity        {info['sparsity']:.2%} of {info['n_compressed_params']:,} weights in decoder linears",
+    ]
+    if info.get("bits"):
+        lines.append(f"  bits            {info['bits']}" + (f" (group {info['parameters'].get('group_size')})" if info['method'] != 'llm-int8' else ""))
+    if cal:
+        lines.append(f"  calibration     {cal['source']}: {cal['n_samples']} samples, {cal['n_tokens']} tokens, "
+                     f"chat template {'on' if cal['chat_template'] else 'off'}")
+    lines += [
+        f"  size on disk    {info['size_on_disk_bytes'] / 2**20:.0f} MiB",
+        f"  time, peak RSS  {info['wall_seconds']:.0f} s, {info['peak_rss_bytes'] / 2**30:.2f} GiB",
+        f"  saved in        {root / info['variant']}/model (use --variant {info['variant']})",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+METHOD_LINE = {"magnitude": "magnitude pruning", "wanda": "Wanda pruning", "sparsegpt": "SparseGPT pruning",
+               "llm-int8": "LLM.int8", "awq": "AWQ quantization", "rtn": "round-to-nearest quantization"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr,
@@ -163,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_extract(args)
         if args.command == "orthogonalize":
             return _cmd_orthogonalize(args)
+        if args.command == "compress":
+            return _cmd_compress(args)
         if args.command == "config":
             from .pipeline import default_config_text
 

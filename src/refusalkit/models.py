@@ -226,6 +226,7 @@ def load_model(
     device: str = "auto",
     chat_template: str | None = None,
     path_override: str | None = None,
+    quantization_config: Any = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer for analysis (eval mode, no grad).
 
@@ -254,13 +255,25 @@ def load_model(
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    if dev == "auto":
-        kwargs["device_map"] = "auto"
+    from .compress.int8 import bnb_available, is_int8_checkpoint, load_int8_torch
+
+    int8 = is_int8_checkpoint(source)
+    quantized = int8 or quantization_config is not None
+    if dev == "auto" or quantized:
+        kwargs["device_map"] = "auto" if dev == "auto" else dev
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    backend = None
+    if int8:
+        backend = "bitsandbytes" if bnb_available() and os.environ.get("REFUSALKIT_INT8_BACKEND") != "torch" else "torch"
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if backend == "torch":
+            model = load_int8_torch(source, torch_dtype, "cpu" if dev == "auto" else dev)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load model {spec!r} ({str(e).splitlines()[0]}); check the name, the path or your network") from e
-    if dev not in ("auto",):
+    if dev not in ("auto",) and not quantized:
         model.to(dev)
     model.eval()
     model.requires_grad_(False)
@@ -271,6 +284,8 @@ def load_model(
         "load_seconds": round(time.time() - t0, 2),
         "architecture": type(model).__name__,
     }
+    if backend:
+        info["int8_backend"] = backend
     lm = LoadedModel(model=model, tokenizer=tok, spec=spec, source=source, info=info)
     info["n_layers"], info["d_model"] = lm.n_layers, lm.d_model
     return lm

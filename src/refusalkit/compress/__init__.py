@@ -1,0 +1,6 @@
+"""Compression of the run's base model into named variants (see :mod:`refusalkit.compress.job`).
+
+Pruning: magnitude, Wanda, SparseGPT (unstructured and N:M). Quantization: LLM.int8 (bitsandbytes
+or pure PyTorch), AWQ and round-to-nearest (group-wise, 2-8 bits). Calibration data: instruction
+sources (chat-formatted or not), a bundled text corpus, or a user file.
+"""
