@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default="auto", choices=["auto", "bitsandbytes", "torch"], help="llm-int8 implementation")
     c.add_argument("--damp", type=float, default=0.01, help="sparsegpt: Hessian dampening (fraction of its mean diagonal)")
     c.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per block")
-    c.add_argument("--calibration", default=None, help="calibration data: wikitext (default), alpaca, advbench, "
+    c.add_argument("--calibration", default=None, help="calibration data: wikipedia (default), alpaca, advbench, "
                                                         "any prompt source or .txt/.jsonl/.csv file, or text:FILE")
     c.add_argument("--n-calibration", type=int, default=64, help="calibration samples")
     c.add_argument("--seq-len", type=int, default=256, help="calibration tokens per sample (text: window length; instructions: cut)")

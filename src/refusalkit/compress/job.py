@@ -44,7 +44,7 @@ METHODS = {
     "rtn": "round-to-nearest group-wise asymmetric quantization (the AWQ paper's baseline)",
 }
 NEEDS_CALIBRATION = ("wanda", "sparsegpt", "awq")
-DEFAULT_CALIBRATION = "wikitext"
+DEFAULT_CALIBRATION = "wikipedia"
 
 
 @dataclass
