@@ -361,3 +361,20 @@ def test_int8_model_replaces_decoder_and_keeps_head(tokenizer, cal, one_thread):
         assert _logit_err(lm.model, ref, cal.samples) < 1e-3
         assert lm.model.config.quantization_config["llm_int8_threshold"] == 6.0
         assert len(res["per_layer"]) == 4 * 7
+
+
+def test_perplexity_matches_manual_cross_entropy(llama_lm):
+    import math
+
+    from refusalkit.perplexity import perplexity
+
+    ids = list(range(3, 3 + 50))
+    res = perplexity(llama_lm, ids, seq_len=16, batch_size=2)
+    assert res["n_windows"] == 3 and res["n_tokens"] == 3 * 15
+    with torch.no_grad():
+        nll = []
+        for w in range(3):
+            x = torch.tensor([ids[w * 16:(w + 1) * 16]])
+            logp = torch.log_softmax(llama_lm.model(x).logits[0, :-1].float(), -1)
+            nll += [-logp[i, x[0, i + 1]].item() for i in range(15)]
+    assert res["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-4)

@@ -66,9 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default="auto", choices=["auto", "bitsandbytes", "torch"], help="llm-int8 implementation")
     c.add_argument("--damp", type=float, default=0.01, help="sparsegpt: Hessian dampening (fraction of its mean diagonal)")
     c.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per block")
+    c.add_argument("--awq-search-tokens", type=int, default=2048,
+                   help="awq: calibration tokens on which the scale search measures its loss (-1: all, as the reference)")
     c.add_argument("--calibration", default=None, help="calibration data: wikipedia (default), alpaca, advbench, "
                                                         "any prompt source or .txt/.jsonl/.csv file, or text:FILE")
-    c.add_argument("--n-calibration", type=int, default=64, help="calibration samples")
+    c.add_argument("--n-calibration", type=int, default=32, help="calibration samples")
     c.add_argument("--seq-len", type=int, default=256, help="calibration tokens per sample (text: window length; instructions: cut)")
     chat = c.add_mutually_exclusive_group()
     chat.add_argument("--calibration-chat", dest="calibration_chat", action="store_true", default=None,
@@ -78,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-seed", type=int, default=0)
     c.add_argument("--calibration-batch-size", type=int, default=8, help="calibration samples per block forward")
     c.add_argument("--name", help="variant name (default: derived from the method, e.g. wanda-0.5)")
+    c.add_argument("--config", help="YAML configuration for a new run directory (an existing one keeps its config.yaml)")
     c.add_argument("--force", action="store_true", help="redo an existing variant (its old analyses are discarded)")
     for dest in ("model", "dtype", "device", "chat_template"):
         c.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **_CONFIG_FLAGS[dest][1])
@@ -183,11 +186,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                         threshold=args.threshold, backend=args.backend, damp=args.damp, blocksize=args.blocksize,
                         calibration=args.calibration or DEFAULT_CALIBRATION, n_calibration=args.n_calibration,
                         seq_len=args.seq_len, calibration_chat=args.calibration_chat, seed=args.calibration_seed,
-                        batch_size=args.calibration_batch_size, name=args.name)
+                        batch_size=args.calibration_batch_size, name=args.name,
+                        awq_search_tokens=args.awq_search_tokens)
     root = Path(args.run)
     existing = root / "config.yaml"
     overrides = {k: getattr(args, k) for k in ("model", "dtype", "device", "chat_template") if getattr(args, k) is not None}
-    cfg = load_config(str(existing) if existing.exists() else None, overrides)
+    cfg = load_config(str(existing) if existing.exists() else args.config, overrides)
     info = run_compress(cfg, root, spec, force=args.force, progress=not args.quiet)
     if info["reused"]:
         print(f"variant {info['variant']} exists in {root}; reused (use --force to redo it)")

@@ -25,7 +25,7 @@ from .. import artifacts
 from ..config import Config
 from ..errors import UserError
 from ..models import LoadedModel, decoder_layers, load_model
-from .blockwise import InputStats, advance, capture_inputs, gather, linear_layers, run_block
+from .blockwise import InputStats, advance, capture_inputs, gather, linear_layers, release_memory, run_block
 from .calibration import Calibration, build_calibration
 from .int8 import Int8Linear, bnb_available, quantization_config, replace_linears, skip_modules
 from .pruning import Sparsity, apply_mask, check_nm, magnitude_mask, parse_sparsity, sparsegpt_prune, wanda_mask
@@ -58,12 +58,13 @@ class CompressSpec:
     damp: float = 0.01
     blocksize: int = 128
     calibration: str = DEFAULT_CALIBRATION
-    n_calibration: int = 64
+    n_calibration: int = 32
     seq_len: int = 256
     calibration_chat: bool | None = None
     seed: int = 0
     batch_size: int = 8
     name: str | None = None
+    awq_search_tokens: int = 2048
 
     def __post_init__(self) -> None:
         m = self.method.strip().lower()
@@ -128,7 +129,7 @@ class CompressSpec:
         if self.method in QUANT:
             p.update(bits=self.bits, group_size=self.group_size, zero_point=True, storage="dequantized (simulated)")
         if self.method == "awq":
-            p.update(n_grid=20, max_shrink=0.5, clip=True)
+            p.update(n_grid=20, max_shrink=0.5, clip=True, clip_tokens=512, search_tokens=self.awq_search_tokens)
         if self.method == "llm-int8":
             p.update(threshold=self.threshold)
         return p
@@ -196,10 +197,14 @@ def compress_model(lm: LoadedModel, spec: CompressSpec, cal: Calibration | None,
             acc: dict[str, torch.Tensor] = {}
             if spec.method == "wanda":
                 def update(n: str, x: torch.Tensor) -> None:
-                    acc[n] = acc.get(n, 0) + (x * x).sum(0)
+                    if n not in acc:
+                        acc[n] = torch.zeros(x.shape[1], device=x.device)
+                    acc[n].add_((x * x).sum(0))
             else:
                 def update(n: str, x: torch.Tensor) -> None:
-                    acc[n] = acc.get(n, 0) + x.t() @ x
+                    if n not in acc:
+                        acc[n] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                    acc[n].addmm_(x.t(), x)
             stats = InputStats(lins, update)
             gather(layer, inputs, stats)
             for n, lin in lins.items():
@@ -215,12 +220,13 @@ def compress_model(lm: LoadedModel, spec: CompressSpec, cal: Calibration | None,
             for n, lin in lins.items():
                 rtn_linear(lin, spec.bits, spec.group_size, f"layer {i} {n}")
         elif spec.method == "awq":
-            outputs, info = awq_block(layer, inputs, spec.bits, spec.group_size)
+            outputs, info = awq_block(layer, inputs, spec.bits, spec.group_size, search_tokens=spec.awq_search_tokens)
             notes.setdefault("awq_groups", {})[str(i)] = info["groups"]
             inputs = advance(inputs, outputs)
         for n, lin in lins.items():
             per_layer[f"{i}.{n}"] = _layer_record(before[n], lin.weight)
         del before
+        release_memory()
         if progress:
             progress(1)
     return {"per_layer": per_layer, "notes": notes}

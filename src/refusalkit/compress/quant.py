@@ -223,7 +223,8 @@ def _inspect_outputs(module: nn.Module, calls: list[tuple[tuple, dict]] | None, 
 
 @torch.no_grad()
 def awq_block(block: nn.Module, inputs: BlockInputs, bits: int, group_size: int, n_grid: int = 20,
-              max_shrink: float = 0.5, clip: bool = True, n_clip_tokens: int = 512) -> tuple[list[torch.Tensor], dict]:
+              max_shrink: float = 0.5, clip: bool = True, n_clip_tokens: int = 512,
+              search_tokens: int = -1) -> tuple[list[torch.Tensor], dict]:
     """AWQ on one decoder block; returns the block's full-precision outputs (next block's inputs).
 
     Lin et al. 2023, Sec. 3.2: for each group of linears sharing an input X, search
@@ -235,6 +236,10 @@ def awq_block(block: nn.Module, inputs: BlockInputs, bits: int, group_size: int,
     linear's group-partial output error on ``n_clip_tokens`` tokens (not for query/key), and
     quantize group-wise (asymmetric, ``group_size``). Statistics come from the full-precision
     block, whose outputs feed the next block, as in the reference implementation.
+
+    ``search_tokens > 0`` measures the scale-search loss on the first calibration batches that
+    hold at least that many tokens (``mean|X|`` always uses every token); the reference uses
+    every token (``-1``), which costs ``n_grid`` forwards of each parent module.
     """
     groups, probe = find_scale_groups(block, inputs)
     parents = sorted({g.inspect for g in groups if g.inspect not in probe.linears})
@@ -243,11 +248,20 @@ def awq_block(block: nn.Module, inputs: BlockInputs, bits: int, group_size: int,
     modules, linears = trace.modules, trace.linears
     for name, lin in linears.items():
         check_group(lin.in_features, group_size, name)
+    n_search = len(inputs.hidden)
+    if search_tokens > 0:
+        seen = 0
+        for n_search, h in enumerate(inputs.hidden, start=1):
+            seen += h.shape[0] * h.shape[1]
+            if seen >= search_tokens:
+                break
     for g in groups:
-        xs = trace.x[g.linears[0]]
-        x_mean = sum(x.abs().float().sum(0) for x in xs) / sum(x.shape[0] for x in xs)
+        xs_all = trace.x[g.linears[0]]
+        x_mean = sum(x.abs().float().sum(0) for x in xs_all) / sum(x.shape[0] for x in xs_all)
+        xs = xs_all[:n_search]
+        calls = (trace.calls.get(g.inspect) or [])[:n_search]
         lin_only = g.inspect in linears
-        ref = _inspect_outputs(modules[g.inspect], trace.calls.get(g.inspect), xs, linears[g.inspect] if lin_only else None)
+        ref = _inspect_outputs(modules[g.inspect], calls, xs, linears[g.inspect] if lin_only else None)
         originals = {n: linears[n].weight.data.clone() for n in g.linears}
         best, best_err = None, float("inf")
         for i in range(n_grid):
@@ -257,7 +271,7 @@ def awq_block(block: nn.Module, inputs: BlockInputs, bits: int, group_size: int,
             for n in g.linears:
                 w = originals[n]
                 linears[n].weight.data = (quantize_groupwise(w * s.to(w.dtype), bits, group_size) / s.to(w.dtype)).to(w.dtype)
-            outs = _inspect_outputs(modules[g.inspect], trace.calls.get(g.inspect), xs, linears[g.inspect] if lin_only else None)
+            outs = _inspect_outputs(modules[g.inspect], calls, xs, linears[g.inspect] if lin_only else None)
             err = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, ref)) / sum(r.numel() for r in ref)
             g.errors.append(err)
             if err < best_err:
@@ -291,7 +305,7 @@ def awq_block(block: nn.Module, inputs: BlockInputs, bits: int, group_size: int,
         lin.weight.data = quantize_groupwise(lin.weight.data, bits, group_size)
     info = {"groups": [{"linears": g.linears, "prev": g.prev, "inspect": g.inspect, "best_ratio": g.best_ratio,
                         "loss_at_ratio_0": g.errors[0], "best_loss": min(g.errors)} for g in groups],
-            "clipped": clipped}
+            "clipped": clipped, "search_batches": n_search}
     return outputs, info
 
 
