@@ -157,3 +157,38 @@ def test_int8_checkpoints_agree_between_backends(tmp_path, tiny_dir, capsys, mon
         scale = outs["torch", "torch"].abs().max().item()
         for key, val in outs.items():
             assert (val - outs["torch", "torch"]).abs().max().item() <= 0.02 * scale, key
+
+
+@pytest.mark.parametrize("where", ["compress", "save"])
+def test_interrupt_leaves_no_variant(where, tmp_path, tiny_dir, prompts_file, capsys, monkeypatch):
+    import refusalkit.compress.job as job
+
+    if where == "compress":
+        def boom(*a, **k):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(job, "compress_model", boom)
+    else:
+        from transformers import PreTrainedModel
+
+        real = PreTrainedModel.save_pretrained
+
+        def half_save(self, path, *a, **k):
+            real(self, path, *a, **k)  # files written into the temporary folder, then interrupted
+            raise KeyboardInterrupt
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_save)
+    root = tmp_path / "run"
+    code, _, err = compress(capsys, root, tiny_dir, prompts_file, "--method", "wanda")
+    assert code == 2 and "interrupted" in err
+    assert not (root / "wanda-0.5").exists() or not any((root / "wanda-0.5").iterdir())
+    monkeypatch.undo()
+    code, _, err = compress(capsys, root, tiny_dir, prompts_file, "--method", "wanda")
+    assert code == 0, err
+    assert (root / "wanda-0.5" / "compression.json").is_file()
+    assert not [p for p in (root / "wanda-0.5").iterdir() if p.name.startswith(".")]
+
+
+def test_sources_lists_corpus_and_methods(capsys):
+    assert main(["sources"]) == 0
+    out = capsys.readouterr().out
+    for name in ("wikipedia", "magnitude", "wanda", "sparsegpt", "llm-int8", "awq", "rtn", "advbench"):
+        assert any(line.split()[0] == name for line in out.splitlines()), name

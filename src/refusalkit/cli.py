@@ -248,8 +248,15 @@ def main(argv: list[str] | None = None) -> int:
             from .models import SHORT_NAMES
             from .prompts import NAMED_SOURCES
 
+            from .compress.calibration import TEXT_CORPORA
+            from .compress.job import METHODS
+
             for k, v in {**NAMED_SOURCES, **SHORT_NAMES}.items():
                 print(f"{k:18s} {v}")
+            for k, v in TEXT_CORPORA.items():
+                print(f"{k:18s} text corpus (calibration, perplexity): {v[3]}")
+            for k, v in METHODS.items():
+                print(f"{k:18s} compression method: {v}")
             return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ import logging
 import re
 import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,7 +142,19 @@ def check_name(name: str) -> None:
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory of this process image in bytes.
+
+    Linux: ``VmHWM`` of /proc/self/status (ru_maxrss would include the RSS of a parent process
+    at fork time, e.g. a benchmark that launched ``refusalkit compress``); elsewhere ru_maxrss.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _dir_bytes(path: Path) -> int:
@@ -212,8 +225,10 @@ def compress_model(lm: LoadedModel, spec: CompressSpec, cal: Calibration | None,
                 if spec.method == "wanda":
                     apply_mask(lin, wanda_mask(lin.weight, a, spec.sparse))
                 else:
-                    lin.weight.data = sparsegpt_prune(lin.weight.data, a, spec.sparse, spec.blocksize, spec.damp,
-                                                      f"layer {i} {n}")
+                    # in place: a loaded checkpoint's weights may be memory-mapped; rebinding would
+                    # keep the mapped pages resident beside the new tensor
+                    lin.weight.data.copy_(sparsegpt_prune(lin.weight.data, a, spec.sparse, spec.blocksize, spec.damp,
+                                                          f"layer {i} {n}"))
             del acc
             inputs = advance(inputs, run_block(layer, inputs))
         elif spec.method == "rtn":

@@ -55,7 +55,7 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int, zero_point: 
 @torch.no_grad()
 def rtn_linear(linear: nn.Linear, bits: int, group_size: int, name: str = "layer") -> None:
     check_group(linear.in_features, group_size, name)
-    linear.weight.data = quantize_groupwise(linear.weight.data, bits, group_size)
+    linear.weight.data.copy_(quantize_groupwise(linear.weight.data, bits, group_size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def awq_block(block: nn.Module, inputs: BlockInputs, bits: int, group_size: int,
         calls = (trace.calls.get(g.inspect) or [])[:n_search]
         lin_only = g.inspect in linears
         ref = _inspect_outputs(modules[g.inspect], calls, xs, linears[g.inspect] if lin_only else None)
-        originals = {n: linears[n].weight.data.clone() for n in g.linears}
+        originals = {n: linears[n].weight.data for n in g.linears}  # never written during the search
         best, best_err = None, float("inf")
         for i in range(n_grid):
             ratio = i / n_grid
@@ -302,7 +302,7 @@ def awq_block(block: nn.Module, inputs: BlockInputs, bits: int, group_size: int,
             _clip_linear(lin, trace.x[n], bits, group_size, n_grid, max_shrink, n_clip_tokens)
             clipped.append(n)
     for n, lin in linears.items():
-        lin.weight.data = quantize_groupwise(lin.weight.data, bits, group_size)
+        lin.weight.data.copy_(quantize_groupwise(lin.weight.data, bits, group_size))
     info = {"groups": [{"linears": g.linears, "prev": g.prev, "inspect": g.inspect, "best_ratio": g.best_ratio,
                         "loss_at_ratio_0": g.errors[0], "best_loss": min(g.errors)} for g in groups],
             "clipped": clipped, "search_batches": n_search}
@@ -348,4 +348,4 @@ def _clip_linear(lin: nn.Linear, xs: list[torch.Tensor], bits: int, group_size: 
             bm[better] = mv[better]
         best_max[r0:r0 + rows] = bm
     wg = w.reshape(out_f, ng, g)
-    lin.weight.data = torch.clamp(wg, -best_max, best_max).reshape(out_f, in_f).to(lin.weight.dtype)
+    lin.weight.data.copy_(torch.clamp(wg, -best_max, best_max).reshape(out_f, in_f))
