@@ -85,6 +85,35 @@ def _parser() -> argparse.ArgumentParser:
     for dest in ("model", "dtype", "device", "chat_template"):
         c.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **_CONFIG_FLAGS[dest][1])
 
+    v = sub.add_parser("evaluate", help="attack success rates, over-refusal and utility of a variant",
+                       description="Safety (ASR under vanilla, decoding-based and GCG suffix attacks, judged), over-refusal "
+                                   "and (with --utility) zero-shot accuracy and perplexity of DIR/<variant>, written "
+                                   "to DIR/<variant>/eval/. Finished work is skipped; an interrupted run resumes.")
+    v.add_argument("--run", required=True, help="run directory")
+    v.add_argument("--variant", default="base", help="base or a compressed variant (default: base)")
+    v.add_argument("--attacks", help="comma-separated: vanilla, decoding, suffix (default: all three)")
+    v.add_argument("--utility", action="store_true", help="also zero-shot accuracy (lm-eval) and perplexity")
+    v.add_argument("--prompts", help="harmful prompts: advbench (default), another source or a .txt/.jsonl/.csv file")
+    v.add_argument("--n", type=int, help="harmful prompts per attack (default 100)")
+    v.add_argument("--n-harmless", type=int, help="harmless prompts for over-refusal (default 100; 0: skip)")
+    v.add_argument("--max-new-tokens", help="tokens per completion: auto (256 GPU, 64 CPU) or a number")
+    v.add_argument("--decoding-grid", help="huang, small, auto, or e.g. temperature=0.7,top_k=50")
+    v.add_argument("--suffix-mode", choices=["self", "transfer"], help="GCG: optimize on this variant or apply --suffix-source's suffixes")
+    v.add_argument("--suffix-source", help="transfer mode: the variant whose suffixes are applied (default base)")
+    v.add_argument("--gcg-steps", help="GCG steps (auto: 250 GPU, 20 CPU)")
+    v.add_argument("--gcg-prompts", help="prompts with their own GCG suffix (auto: 10 GPU, 2 CPU)")
+    v.add_argument("--judge-model", help="model-based judge: hub id or folder (HarmBench / LlamaGuard classifier or a chat model)")
+    v.add_argument("--judge-format", choices=["auto", "harmbench", "llamaguard", "chat"])
+    v.add_argument("--tasks", help="utility tasks: offline, paper, all, or a comma-separated list")
+    v.add_argument("--limit", type=int, help="items per utility task (0: all)")
+    v.add_argument("--backend", choices=["torch", "vllm"], help="generation back end (vllm: GPU machines)")
+    v.add_argument("--seed", type=int, help="seed of sampled completions and GCG")
+    v.add_argument("--config", help="YAML configuration for a new run directory (an existing one keeps its config.yaml)")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. evaluation.gcg_topk=128")
+    v.add_argument("--force", action="store_true", help="redo finished evaluations")
+    for dest in ("model", "dtype", "device", "chat_template"):
+        v.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **_CONFIG_FLAGS[dest][1])
+
     sub.add_parser("config", help="print the commented default configuration")
     sub.add_parser("sources", help="list the named prompt sources and model short names")
     return p
@@ -214,6 +243,74 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+_EVAL_FLAGS = {"attacks": "attacks", "prompts": "prompts", "n": "n_prompts", "n_harmless": "n_harmless",
+               "max_new_tokens": "max_new_tokens", "decoding_grid": "decoding_grid", "suffix_mode": "suffix_mode",
+               "suffix_source": "suffix_source", "gcg_steps": "gcg_steps", "gcg_prompts": "gcg_prompts",
+               "judge_model": "judge_model", "judge_format": "judge_format", "tasks": "utility_tasks",
+               "limit": "utility_limit", "backend": "backend", "seed": "seed"}
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from .config import load_config
+    from .evaluation.job import run_evaluate
+    from .pipeline import prepare
+
+    root = Path(args.run)
+    existing = root / "config.yaml"
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in ("model", "dtype", "device", "chat_template")
+                                 if getattr(args, k) is not None}
+    if existing.exists() and any(k in overrides for k in ("model", "chat_template")):
+        raise UserError(f"{root} already has a model (config.yaml); drop --model / --chat-template or use a new --run")
+    for dest, key in _EVAL_FLAGS.items():
+        if getattr(args, dest) is not None:
+            overrides[f"evaluation.{key}"] = getattr(args, dest)
+    for item in args.set:
+        if "=" not in item:
+            raise UserError(f"--set needs KEY=VALUE, got {item!r}")
+        k, val = item.split("=", 1)
+        overrides[k.strip()] = yaml.safe_load(val)
+    cfg = load_config(str(existing) if existing.exists() else args.config, overrides)
+    if not existing.exists():
+        prepare(cfg, root, force=False)
+    res = run_evaluate(cfg, root, args.variant, utility_eval=args.utility, force=args.force, progress=not args.quiet)
+    print(_eval_table(res))
+    return 0
+
+
+def _pct(r: dict[str, Any]) -> str:
+    lo, hi = r["ci95"]
+    return f"{r['rate']:6.1%}  [{lo:.1%}, {hi:.1%}]  ({r['k']}/{r['n']})"
+
+
+def _eval_table(res: dict[str, Any]) -> str:
+    p = res["plan"]
+    lines = [f"evaluation of {res['variant']} ({p['max_new_tokens']} new tokens; decoding grid {p['grid']}, "
+             f"{p['n_decodings']} configurations x {len(p['systems'])} system prompt settings)"]
+    for attack, s in res["asr"].items():
+        lines.append(f"  ASR {attack:9s} {_pct(s['asr'])}   judge {s['judge']}; degenerate "
+                     f"{s['judges'][s['judge']]['verdicts']['degenerate']['rate']:.1%} of completions")
+        if attack == "suffix" and "universal" in s:
+            lines.append(f"      universal   {_pct(s['universal']['asr'])}")
+        for pair, a in (s.get("agreement") or {}).items():
+            lines.append(f"      agreement {pair}: {a['agreement']:.1%}, kappa {a['kappa']:.2f}")
+    if "over_refusal" in res:
+        lines.append(f"  over-refusal  {_pct(res['over_refusal']['refusal_rate'])} of harmless prompts refused")
+    u = res.get("utility")
+    if u:
+        for name, t in u["tasks"].items():
+            lines.append(f"  {name:22s} acc {t['acc']:.3f} ± {t['acc_stderr']:.3f} (n={t['n']})")
+        if "perplexity" in u:
+            lines.append(f"  perplexity (held-out Wikipedia) {u['perplexity']['perplexity']:.2f}")
+        for name, why in (u.get("skipped") or {}).items():
+            lines.append(f"  {name}: skipped ({why})")
+    lines.append(f"  results in {res.get('out', '')}  ({res['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
 METHOD_LINE = {"magnitude": "magnitude pruning", "wanda": "Wanda pruning", "sparsegpt": "SparseGPT pruning",
                "llm-int8": "LLM.int8", "awq": "AWQ quantization", "rtn": "round-to-nearest quantization"}
 
@@ -222,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr,
                         force=True)
-    for noisy in ("transformers", "httpx", "huggingface_hub", "accelerate"):
+    for noisy in ("transformers", "httpx", "huggingface_hub", "accelerate", "bitsandbytes", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from huggingface_hub.utils import logging as hub_logging
@@ -239,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_orthogonalize(args)
         if args.command == "compress":
             return _cmd_compress(args)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args)
         if args.command == "config":
             from .pipeline import default_config_text
 

@@ -43,6 +43,33 @@ class ValidationConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    prompts: str = _f("advbench", "Harmful prompts under attack: advbench, harmbench, ... or a .txt/.jsonl/.csv file. Prompts the run used to train or select its direction are left out.")
+    n_prompts: int = _f(100, "Harmful prompts per attack (at least 100 by default: on 24 prompts one flipped verdict moves the ASR by 4 points).")
+    harmless: str = _f("alpaca", "Harmless prompts for over-refusal (those used for the direction are left out).")
+    n_harmless: int = _f(100, "Harmless prompts for the over-refusal rate.")
+    attacks: str = _f("vanilla,decoding,suffix", "Attacks to run, comma-separated: vanilla, decoding, suffix.")
+    max_new_tokens: str = _f("auto", "Tokens per completion: auto (256 on GPU, 64 on CPU) or a number.")
+    seed: int = _f(0, "Seed of sampled completions (decoding attack) and of GCG.")
+    decoding_grid: str = _f("auto", "Decoding attack grid: huang (Huang et al. 2023: 20 temperatures, 21 top-p, 9 top-k), small (7 of them), auto (huang on GPU, small on CPU), or a list such as 'temperature=0.7,top_p=0.9,top_k=50'.")
+    decoding_system_prompts: str = _f("default,none", "System prompt settings the decoding attack sweeps: default (the run's system_prompt), none (an empty system message), comma-separated.")
+    decoding_n_prompts: int = _f(0, "Harmful prompts for the decoding attack (0: n_prompts).")
+    suffix_mode: str = _f("self", "suffix attack: self (optimize GCG suffixes on the model evaluated) or transfer (apply the suffixes optimized on suffix_source).")
+    suffix_source: str = _f("base", "transfer mode: the variant whose eval/suffixes.json is applied.")
+    gcg_prompts: str = _f("auto", "Prompts that get their own GCG suffix: auto (10 on GPU, 2 on CPU) or a number.")
+    gcg_universal_prompts: str = _f("auto", "Training prompts of the universal suffix (0: none): auto (10 on GPU, 2 on CPU) or a number.")
+    gcg_steps: str = _f("auto", "GCG optimization steps: auto (250 on GPU, 20 on CPU) or a number.")
+    gcg_search_width: str = _f("auto", "GCG candidates per step: auto (512 on GPU, 64 on CPU; Zou et al.: 512) or a number.")
+    gcg_topk: int = _f(256, "GCG top-k substitutions per suffix position (Zou et al.: 256).")
+    judge_model: str | None = _f(None, "A model-based judge: hub id or folder of a HarmBench / LlamaGuard classifier, or any chat model; null: none.")
+    judge_format: str = _f("auto", "Model judge prompt format: auto, harmbench, llamaguard, chat.")
+    utility_tasks: str = _f("offline", "Zero-shot tasks: offline (the BIG-bench suite), paper (boolq, rte, hellaswag, ... when reachable), all, or a comma-separated list.")
+    utility_limit: int = _f(200, "Items per utility task (0: all).")
+    ppl_tokens: int = _f(4096, "Held-out Wikipedia tokens for perplexity.")
+    backend: str = _f("torch", "Generation back end: torch, or vllm (GPU machines, variants saved to disk).")
+
+
+@dataclass
 class Config:
     model: str = _f("default", "Hub id, local Hugging Face folder, local .gguf file, or a short name: default, smollm2-135m.")
     dtype: str = _f("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.")
@@ -59,6 +86,7 @@ class Config:
     batch_size: int = _f(64, "Prompts (rows) per forward pass.")
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,7 +94,7 @@ class Config:
     # Settings that change the analysis; a run directory refuses to mix them.
     def analysis_key(self) -> dict[str, Any]:
         d = self.to_dict()
-        for k in ("device", "batch_size"):
+        for k in ("device", "batch_size", "evaluation"):  # evaluation settings are checked per eval stage
             d.pop(k)
         return d
 
@@ -135,7 +163,48 @@ def validate(cfg: Config) -> Config:
         s.screen_prompts = cfg.n_val
     if cfg.batch_size < 1 or cfg.validation.max_new_tokens < 1:
         raise UserError("batch_size and validation.max_new_tokens must be at least 1")
+    validate_evaluation(cfg.evaluation)
     return cfg
+
+
+ATTACKS = ("vanilla", "decoding", "suffix")
+
+
+def _auto_or_count(name: str, value: str, minimum: int) -> None:
+    if value == "auto":
+        return
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"evaluation.{name} must be auto or a whole number, not {value!r}") from None
+    if n < minimum:
+        raise UserError(f"evaluation.{name} must be at least {minimum}, not {n}")
+
+
+def validate_evaluation(e: EvaluationConfig) -> EvaluationConfig:
+    attacks = [a.strip() for a in e.attacks.split(",") if a.strip()]
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or not attacks:
+        raise UserError(f"unknown attack {', '.join(unknown) or '(none given)'}; use a comma-separated list of {', '.join(ATTACKS)}")
+    if e.n_prompts < 1 or e.n_harmless < 0 or e.decoding_n_prompts < 0:
+        raise UserError("evaluation.n_prompts must be at least 1 (n_harmless and decoding_n_prompts 0 or more)")
+    for name, minimum in (("max_new_tokens", 1), ("gcg_prompts", 0), ("gcg_universal_prompts", 0), ("gcg_steps", 1),
+                          ("gcg_search_width", 1)):
+        _auto_or_count(name, str(getattr(e, name)), minimum)
+    if e.gcg_topk < 1:
+        raise UserError("evaluation.gcg_topk must be at least 1")
+    if e.suffix_mode not in ("self", "transfer"):
+        raise UserError(f"evaluation.suffix_mode must be self or transfer, not {e.suffix_mode!r}")
+    if e.judge_format not in ("auto", "harmbench", "llamaguard", "chat"):
+        raise UserError(f"evaluation.judge_format must be auto, harmbench, llamaguard or chat, not {e.judge_format!r}")
+    if e.backend not in ("torch", "vllm"):
+        raise UserError(f"evaluation.backend must be torch or vllm, not {e.backend!r}")
+    systems = [s.strip() for s in e.decoding_system_prompts.split(",") if s.strip()]
+    if not systems or any(s not in ("default", "none") for s in systems):
+        raise UserError("evaluation.decoding_system_prompts must list default and/or none, comma-separated")
+    if e.utility_limit < 0 or e.ppl_tokens < 0:
+        raise UserError("evaluation.utility_limit and evaluation.ppl_tokens must be 0 or more")
+    return e
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -1,0 +1,1 @@
+"""Evaluation of refusal: attacks, judges and the statistics reported with them."""

@@ -1,0 +1,92 @@
+"""An optional vLLM back end for the decoding attack on GPU machines (``--backend vllm``).
+
+vLLM is imported lazily, only by :func:`sample_vllm`. Each (prompt, configuration) is one
+request with its own ``SamplingParams`` and a per-request seed derived from the same stable hash
+as the torch engine (:func:`refusalkit.evaluation.sampling.row_seed`), so reruns reproduce
+their samples; vLLM's random streams differ from torch's, so the two back ends give different
+(equally distributed) samples, and the same greedy output up to numerical precision.
+
+Translation of a :class:`Decoding` (vLLM's top-p/top-k semantics are HF's):
+
+* greedy (``temperature == 0``), and ``top_p == 0`` (which keeps only the argmax; vLLM requires
+  ``top_p`` in ``(0, 1]``): ``temperature=0``, ``top_p=1``, ``top_k=-1``;
+* otherwise ``temperature``, ``top_p`` and ``top_k`` as they are, ``top_k=-1`` when off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Sequence
+
+from ..errors import UserError
+from .sampling import Decoding, row_seed
+
+MISSING = "the vLLM back end needs vllm on a GPU machine; run: pip install vllm (or use --backend torch)"
+
+
+def vllm_available() -> bool:
+    """Whether ``vllm`` can be imported (it is not imported here)."""
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def sampling_params_kwargs(d: Decoding, max_new_tokens: int, seed: int) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for one request under ``d`` (see the module
+    docstring); ``seed`` is the request's own seed."""
+    argmax_only = d.greedy or d.top_p <= 0
+    return {
+        "temperature": 0.0 if argmax_only else float(d.temperature),
+        "top_p": 1.0 if argmax_only else float(d.top_p),
+        "top_k": -1 if argmax_only or d.top_k <= 0 else int(d.top_k),
+        "max_tokens": int(max_new_tokens),
+        "seed": int(seed),
+    }
+
+
+def _import_vllm():
+    if not vllm_available():
+        raise UserError(MISSING)
+    try:
+        import vllm
+    except ImportError as e:
+        raise UserError(f"{MISSING} (import failed: {e})") from e
+    return vllm
+
+
+def sample_vllm(
+    model_path: str,
+    prompts: Sequence[str | list[int]],
+    decodings: list[Decoding],
+    *,
+    max_new_tokens: int,
+    seed: int,
+    keys: list[str] | None = None,
+    **llm_kwargs: Any,
+) -> list[list[str]]:
+    """``completions[i][j]`` for chat-formatted prompt ``i`` under ``decodings[j]``, stripped.
+
+    ``prompts`` are formatted texts (tokenized here without adding special tokens, since the
+    template already holds any BOS) or token ids. ``keys[i]`` (default ``str(i)``) names prompt
+    ``i`` in the per-request seed; ``llm_kwargs`` go to ``vllm.LLM``.
+    """
+    vllm = _import_vllm()
+    if keys is None:
+        keys = [str(i) for i in range(len(prompts))]
+    if len(keys) != len(prompts):
+        raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
+    if not prompts or not decodings:
+        return [["" for _ in decodings] for _ in prompts]
+    llm = vllm.LLM(model=model_path, **llm_kwargs)
+    tok = llm.get_tokenizer()
+    requests, params = [], []
+    for p, key in zip(prompts, keys):
+        ids = p if not isinstance(p, str) else tok(p, add_special_tokens=False)["input_ids"]
+        for d in decodings:
+            requests.append({"prompt_token_ids": list(ids)})
+            params.append(vllm.SamplingParams(**sampling_params_kwargs(d, max_new_tokens, row_seed(seed, key, d.name))))
+    outs = llm.generate(requests, params, use_tqdm=False)
+    texts = [o.outputs[0].text.strip() for o in outs]
+    n = len(decodings)
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
