@@ -132,3 +132,21 @@ def test_held_out_excludes_direction_prompts():
     assert info["excluded_direction_prompts"] == 15
     with pytest.raises(UserError, match="asked for"):
         held_out("advbench", 600, splits, "harmful")
+
+
+def test_make_plan_resolves_auto_by_machine():
+    from refusalkit.config import load_config
+    from refusalkit.evaluation.job import make_plan
+
+    cfg = load_config(overrides={"evaluation.decoding_system_prompts": "none", "system_prompt": "Be safe."})
+    cpu, gpu = make_plan(cfg.evaluation, cfg, gpu=False), make_plan(cfg.evaluation, cfg, gpu=True)
+    assert (cpu.max_new_tokens, cpu.grid, len(cpu.decodings), cpu.gcg_steps, cpu.gcg_search_width) == (64, "small", 7, 20, 64)
+    assert (gpu.max_new_tokens, gpu.grid, len(gpu.decodings), gpu.gcg_steps, gpu.gcg_search_width) == (256, "huang", 50, 250, 512)
+    assert cpu.systems == {"none": ""}
+    both = load_config(overrides={"system_prompt": "Be safe."})
+    assert make_plan(both.evaluation, both, gpu=False).systems == {"default": "Be safe.", "none": ""}
+    fixed = load_config(overrides={"evaluation.max_new_tokens": "32", "evaluation.decoding_grid": "top_k=5"})
+    plan = make_plan(fixed.evaluation, fixed, gpu=True)
+    assert plan.max_new_tokens == 32 and [d.name for d in plan.decodings] == ["top_k=5"]
+    with pytest.raises(UserError):
+        load_config(overrides={"evaluation.max_new_tokens": "lots"})

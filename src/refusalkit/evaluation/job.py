@@ -217,7 +217,8 @@ def _run_items(ctx: EvalContext, name: str, items: list[Item], settings: dict[st
                         for it in by_msg[m]:
                             if it.decoding not in decs:
                                 decs.append(it.decoding)
-                    outs = _generate(ctx, msgs, ctx.plan.systems[system], decs, keys=msgs)
+                    value = ctx.cfg.system_prompt if system == "default" else SYSTEM_NONE
+                    outs = _generate(ctx, msgs, value, decs, keys=msgs)
                     rows = []
                     for m, comps in zip(msgs, outs):
                         for it in by_msg[m]:
@@ -290,7 +291,6 @@ def attack_vanilla(ctx: EvalContext, prompts: list[str], info: dict[str, Any]) -
 
     items = [Item(p, p, p, "default", GREEDY, {}) for p in prompts]
     settings = {**_base_settings(ctx), "attack": "vanilla"}
-    ctx.plan.systems.setdefault("default", ctx.cfg.system_prompt)
     rows = _run_items(ctx, "vanilla", items, settings)
     judges, primary = _judge_names(ctx)
     return {**summarize_rows(rows, judges, primary), "prompts": info, "settings": settings}
