@@ -19,6 +19,7 @@ when it is complete with the same settings; ``force`` redoes it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -29,9 +30,9 @@ from .. import artifacts
 from ..config import Config, EvaluationConfig
 from ..errors import UserError
 from ..formatting import tokenize_instructions
-from ..judge import COMPLIANCE, DEGENERATE, REFUSAL, Verdict
+from ..judge import COMPLIANCE, DEGENERATE, REFUSAL
 from ..prompts import load_prompts, load_refusal_phrases
-from .judges import SubstringJudge, is_success
+from .judges import SubstringJudge
 from .records import RecordLog
 from .stats import agreement, rate
 
@@ -156,6 +157,14 @@ def _verdicts_json(prompts: list[str], completions: list[str], judges: list[Any]
             for i in range(len(completions))]
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> Any:
+    """The tokenizer of a saved model, loaded once per path (the vLLM path formats every chunk)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 def _generate(ctx: EvalContext, user_messages: list[str], system: str | None, decodings: list[Any],
               keys: list[str]) -> list[list[str]]:
     """Completions ``[prompt][decoding]`` of chat-formatted ``user_messages`` (seeded per key)."""
@@ -163,10 +172,8 @@ def _generate(ctx: EvalContext, user_messages: list[str], system: str | None, de
     if ctx.e.backend == "vllm":
         from .vllm_backend import sample_vllm
         from ..formatting import format_prompts
-        from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(ctx.model_path())
-        texts = format_prompts(tok, user_messages, system)
+        texts = format_prompts(_tokenizer(ctx.model_path()), user_messages, system)
         return sample_vllm(ctx.model_path(), texts, decodings, max_new_tokens=ctx.plan.max_new_tokens,
                            seed=ctx.e.seed, keys=keys)
     from .sampling import sample
@@ -538,9 +545,4 @@ def run_evaluate(cfg: Config, root: str | Path, variant: str = "base", *, utilit
     return result
 
 
-def verdict_of(row: dict[str, Any], judge: str = "substring") -> Verdict:
-    v = row["verdicts"][judge]
-    return Verdict(v["label"], v["reason"])
-
-
-__all__ = ["run_evaluate", "summarize_rows", "held_out", "make_plan", "parse_grid", "is_success"]
+__all__ = ["run_evaluate", "summarize_rows", "held_out", "make_plan", "parse_grid"]
