@@ -10,10 +10,10 @@ import torch
 
 from conftest import HARMFUL, HARMLESS, make_llama
 from refusalkit.cli import main
-from refusalkit.compress.calibration import Calibration, build_calibration
+from refusalkit.compress.calibration import build_calibration
 from refusalkit.compress.int8 import Int8Linear, bnb_available
 from refusalkit.compress.job import CompressSpec, compress_model
-from refusalkit.models import LoadedModel, load_model
+from refusalkit.models import load_model
 
 
 @pytest.fixture(scope="module")

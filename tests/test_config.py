@@ -249,3 +249,32 @@ def test_load_tensors_corrupt_raises_user_error(tmp_path, corruption):
 def test_load_tensors_missing(tmp_path):
     with pytest.raises(UserError, match="missing"):
         load_tensors(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("name", ["llama2-7b-chat.yaml", "llama3-8b-instruct.yaml"])
+def test_shipped_paper_configs_load(name):
+    from refusalkit.compress.job import CompressSpec
+    from refusalkit.evaluation.job import task_names
+    from refusalkit.evaluation.utility import resolve_tasks
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    cfg = load_config(str(path))
+    assert cfg.model.startswith("meta-llama/") and cfg.evaluation.max_new_tokens == "256"
+    assert cfg.evaluation.decoding_grid == "huang" and cfg.run.aird_alpha_scale == "1.0"
+    specs = [CompressSpec(method=v) for v in cfg.run.variants.split(",")]
+    assert {s.method for s in specs} >= {"magnitude", "wanda", "llm-int8", "awq"}
+    assert {t.name for t in resolve_tasks(task_names(cfg.evaluation.utility_tasks))} >= {"boolq", "bb_strategyqa"}
+
+
+def test_run_section_validation():
+    with pytest.raises(UserError, match="run.repair"):
+        load_config(None, {"run.repair": "sometimes"})
+    with pytest.raises(UserError, match="aird_alpha_scale"):
+        load_config(None, {"run.aird_alpha_scale": "-2"})
+    with pytest.raises(UserError, match="aird_scales"):
+        load_config(None, {"run.aird_scales": "1,x"})
+    with pytest.raises(UserError, match="unknown attack"):
+        load_config(None, {"run.attacks": "vanilla,fuzz"})
+    assert load_config(None, {"run.aird_alpha_scale": "auto"}).run.aird_alpha_scale == "auto"
+    # run settings do not change the analysis: a run directory accepts other run settings
+    assert "run" not in load_config(None, {"run.repair": "all"}).analysis_key()

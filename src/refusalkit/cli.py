@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -113,6 +114,53 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--force", action="store_true", help="redo finished evaluations")
     for dest in ("model", "dtype", "device", "chat_template"):
         v.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **_CONFIG_FLAGS[dest][1])
+
+    m = sub.add_parser("compare", help="compare a variant's refusal direction with the base model's",
+                       description="Writes DIR/compare/<variant>.json: both sources, whether the source shifted, "
+                                   "cosines (selected, at the base source, by layer, layer x layer) and the direction's "
+                                   "quality on the variant. Both directions must have been extracted.")
+    m.add_argument("--run", required=True, help="run directory")
+    m.add_argument("--variant", required=True, help="the compressed (or repaired) variant")
+    m.add_argument("--no-quality", action="store_true", help="skip scoring the base direction on the variant model")
+    m.add_argument("--force", action="store_true", help="recompute an existing comparison")
+
+    a = sub.add_parser("repair", help="AIRD: induce the base model's refusal direction in a compressed variant",
+                       description="W <- W + alpha r r^T W on the attention output (alpha 0.02) and MLP down (0.01) "
+                                   "projections at the base direction's source layer (Chhabra & Khalili 2025, Eq. 4). "
+                                   "Writes variant <variant>+aird (or +aird-sp) with repair.json.")
+    a.add_argument("--run", required=True, help="run directory")
+    a.add_argument("--variant", required=True, help="the compressed variant to repair")
+    a.add_argument("--alpha-scale", default="1.0", help="multiple of the paper's alphas, or auto (default 1.0)")
+    a.add_argument("--direction", choices=["raw", "unit"], default="raw", help="r as the raw difference in means (default) or unit-norm")
+    a.add_argument("--placement", choices=["source", "previous"], default="source",
+                   help="source: block `layer` (the paper's index, default); previous: block layer-1, whose output is the stream read")
+    a.add_argument("--keep-zeros", action="store_true", help="sparsity-preserving AIRD: no pruned zero is changed")
+    a.add_argument("--no-requantize", action="store_true", help="AWQ / RTN variants: keep the edit off the quantization grid")
+    a.add_argument("--curve", action="store_true", help="also measure the alpha curve (always with --alpha-scale auto)")
+    a.add_argument("--scales", help="alpha scales of the curve, comma-separated (default 0.25,0.5,1,2,4,8,16)")
+    a.add_argument("--search-prompts", type=int, default=32, help="harmful and harmless prompts per curve point")
+    a.add_argument("--ppl-tokens", type=int, default=2048, help="held-out Wikipedia tokens of each curve point's perplexity (0: none)")
+    a.add_argument("--target-asr", type=float, help="auto: the ASR to reach (default: the base model's on the same prompts)")
+    a.add_argument("--max-over-refusal-increase", type=float, default=0.05, help="auto: budget, absolute (default 0.05)")
+    a.add_argument("--max-degenerate-increase", type=float, default=0.05, help="auto: budget, absolute (default 0.05)")
+    a.add_argument("--max-ppl-increase", type=float, default=0.10, help="auto: perplexity budget, relative (default 0.10)")
+    a.add_argument("--max-utility-drop", type=float, help="auto: zero-shot accuracy budget (fraction); measured per point when given")
+    a.add_argument("--name", help="name of the repaired variant (default <variant>+aird, +aird-sp with --keep-zeros)")
+    a.add_argument("--force", action="store_true", help="redo an existing repair")
+
+    r = sub.add_parser("run", help="the whole study: extract, compress, compare, evaluate, repair, report",
+                       description="Takes the configured model from nothing to DIR/report.html. Every stage skips what "
+                                   "is done, so an interrupted run resumes. Settings: the `run` section of the config.")
+    r.add_argument("--config", help="YAML configuration (default: the built-in defaults, the embedded default model)")
+    r.add_argument("--run", default=None, help="run directory (default runs/<config name> or runs/default)")
+    r.add_argument("--quick", action="store_true", help="smoke profile: few prompts, two variants, vanilla attack")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. run.repair=all")
+    for dest in ("model", "dtype", "device"):
+        r.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **_CONFIG_FLAGS[dest][1])
+
+    rp = sub.add_parser("report", help="write DIR/report.md and a self-contained DIR/report.html",
+                        description="Tables, plots and the paper's findings from what the other stages wrote.")
+    rp.add_argument("--run", required=True, help="run directory")
 
     sub.add_parser("config", help="print the commented default configuration")
     sub.add_parser("sources", help="list the named prompt sources and model short names")
@@ -311,6 +359,120 @@ def _eval_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    cfg = _run_config(args.run)
+    res = run_compare(cfg, args.run, args.variant, quality=not args.no_quality, force=args.force)
+    b, v = res["base_source"], res["variant_source"]
+    q = res["quality"]
+    lines = [f"{args.variant} vs base",
+             f"  source          base L{b['layer']}/pos {b['position']}  ->  variant L{v['layer']}/pos {v['position']}"
+             f"  ({'shifted' if res['source_shifted'] else 'same'})",
+             f"  cosine          selected {res['cosine_selected']:.3f}, at the base source {res['cosine_at_base_source']:.3f}",
+             "  by layer        " + " ".join(f"{c:.2f}" for c in res["cosine_by_layer"]),
+             f"  single direction mediates refusal: {'yes' if res['single_direction'] else 'no'} "
+             f"({res['single_direction_evidence']['basis']})"]
+    if q.get("base_direction_on_variant"):
+        o = q["base_direction_on_variant"]
+        lines.append(f"  base direction on the variant: ablation {o['ablation_score']:+.2f} (baseline "
+                     f"{o['baseline']['harmful_score']:+.2f}), addition {o['addition_score']:+.2f} (baseline "
+                     f"{o['baseline']['harmless_score']:+.2f}), KL {o['kl']:.3f}")
+    lines.append(f"  written to {Path(args.run) / 'compare' / (args.variant + '.json')}")
+    print("\n".join(lines))
+    return 0
+
+
+def _run_config(run: str) -> Any:
+    from .config import load_config
+
+    path = Path(run) / "config.yaml"
+    if not path.exists():
+        raise UserError(f"{run} is not a run directory (no config.yaml); run refusalkit extract --run {run} first")
+    return load_config(str(path))
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from .repair import DEFAULT_SCALES, SearchSpec, run_repair
+
+    cfg = _run_config(args.run)
+    scales = DEFAULT_SCALES
+    if args.scales:
+        try:
+            scales = tuple(float(x) for x in args.scales.split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"--scales must be comma-separated numbers, not {args.scales!r}") from None
+    search = SearchSpec(scales=scales, n_prompts=args.search_prompts, n_harmless=args.search_prompts,
+                        ppl_tokens=args.ppl_tokens,
+                        target_asr=args.target_asr, max_over_refusal_increase=args.max_over_refusal_increase,
+                        max_degenerate_increase=args.max_degenerate_increase, max_ppl_increase=args.max_ppl_increase,
+                        max_utility_drop=args.max_utility_drop)
+    info = run_repair(cfg, args.run, args.variant, alpha_scale=args.alpha_scale, unit=args.direction == "unit",
+                      placement=args.placement, keep_zeros=args.keep_zeros, requantize=not args.no_requantize,
+                      curve=args.curve, search=search, name=args.name, force=args.force, progress=not args.quiet)
+    if info.get("reused"):
+        print(f"variant {info['variant']} exists; reused (use --force to redo it)")
+    lines = [f"{info['variant']}: AIRD on {info['source_variant']} at block {info['layer']} "
+             f"(direction layer {info['direction_layer']}, placement {info['placement']}, r {info['direction']}, "
+             f"norm {info['direction_norm']:.2f})",
+             "  alphas          " + ", ".join(f"{k} {a:.4g} (gain {info['gain'][k]:.3g})" for k, a in info["alphas"].items()),
+             f"  model sparsity  {info['model_sparsity_before']:.2%} -> {info['model_sparsity_after']:.2%}"]
+    for k, m in info["matrices"].items():
+        lines.append(f"  {k:15s} |dW| {m['delta_norm']:.4g} ({m['rel_delta']:.2%} of |W|), zeros "
+                     f"{m['sparsity_before']:.2%} -> {m['sparsity_after']:.2%}")
+    if info.get("quantization"):
+        lines.append(f"  requantized     {info['quantization']['survival']:.0%} of the edit survives")
+    c = info.get("curve")
+    if c:
+        lines.append(f"  alpha curve     target ASR {c['target_asr']:.0%} ({c['target_from']}); unrepaired ASR "
+                     f"{c['unrepaired']['asr']['rate']:.0%}")
+        for p in c["points"]:
+            lines.append(f"    x{p['alpha_scale']:<6g} ASR {p['asr']['rate']:5.0%}  over-refusal "
+                         f"{p.get('over_refusal', {}).get('rate', float('nan')):5.0%}  degenerate {p['degenerate_rate']:5.0%}"
+                         f"  ppl {p.get('perplexity', float('nan')):7.2f}" + (f"  over budget: {'; '.join(p['over_budget'])}"
+                                                                              if p["over_budget"] else ""))
+        if info["auto"]:
+            lines.append(f"  chosen          x{info['alpha_scale']:g}" +
+                         ("" if c["chosen"]["target_reached"] else " (target not reached within the budgets)"))
+    lines.append(f"  saved in        {Path(args.run) / info['variant']}/model (use --variant {info['variant']})")
+    print("\n".join(lines))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    rep = write_report(args.run)
+    print(f"report: {rep['md']}\n        {rep['html']}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import load_config
+    from .run import QUICK, run_all
+
+    overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
+    overrides.update({k: getattr(args, k) for k in ("model", "dtype", "device") if getattr(args, k) is not None})
+    for item in args.set:
+        if "=" not in item:
+            raise UserError(f"--set needs KEY=VALUE, got {item!r}")
+        k, val = item.split("=", 1)
+        overrides[k.strip()] = yaml.safe_load(val)
+    root = Path(args.run) if args.run else Path("runs") / ((Path(args.config).stem if args.config else "default")
+                                                            + ("-quick" if args.quick else ""))
+    existing = root / "config.yaml"
+    cfg = load_config(args.config or (str(existing) if existing.exists() else None), overrides)
+    res = run_all(cfg, root, progress=not args.quiet, echo=lambda m: print(m, file=sys.stderr))
+    failed = {k: v["why"] for k, v in res["state"]["stages"].items() if v["status"] == "failed"}
+    for k, why in failed.items():
+        print(f"note: {k} did not complete: {why}", file=sys.stderr)
+    rep = res["report"]
+    print(f"report: {rep['md']}\n        {rep['html']}")
+    return 0
+
+
 METHOD_LINE = {"magnitude": "magnitude pruning", "wanda": "Wanda pruning", "sparsegpt": "SparseGPT pruning",
                "llm-int8": "LLM.int8", "awq": "AWQ quantization", "rtn": "round-to-nearest quantization"}
 
@@ -338,6 +500,14 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_compress(args)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
+        if args.command == "repair":
+            return _cmd_repair(args)
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "report":
+            return _cmd_report(args)
         if args.command == "config":
             from .pipeline import default_config_text
 

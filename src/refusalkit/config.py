@@ -70,6 +70,24 @@ class EvaluationConfig:
 
 
 @dataclass
+class RunConfig:
+    variants: str = _f("magnitude-0.5,wanda-0.5,llm-int8,awq-w8", "Compressed variants `refusalkit run` makes, comma-separated full method names (see `refusalkit sources`).")
+    calibration: str = _f("wikipedia", "Calibration data of Wanda / SparseGPT / AWQ: wikipedia, alpaca, advbench, a prompt file or text:FILE.")
+    n_calibration: int = _f(32, "Calibration samples.")
+    attacks: str = _f("auto", "Attacks run on every variant: auto (vanilla,decoding,suffix on GPU; vanilla on CPU) or a comma-separated list.")
+    utility: bool = _f(True, "Also zero-shot accuracy (lm-eval) and perplexity of every variant.")
+    repair: str = _f("moved", "Variants AIRD repairs: moved (direction source shifted or cosine below moved_cosine), pruned, all, none.")
+    moved_cosine: float = _f(0.99, "A variant whose selected direction has a cosine below this with the base direction counts as moved.")
+    aird_alpha_scale: str = _f("1.0", "AIRD alphas as a multiple of the paper's (0.02 attention output, 0.01 MLP down): a number, or auto (the smallest within budgets that reaches the base model's ASR).")
+    aird_direction: str = _f("raw", "AIRD's r: raw (the difference in means, gain alpha*||r||^2) or unit (gain alpha).")
+    aird_placement: str = _f("source", "AIRD's block: source (block `layer` of the direction, the paper's index) or previous (block layer-1, whose output is the stream read).")
+    aird_sparse: bool = _f(True, "Also the sparsity-preserving AIRD (the update restricted to the non-zeros) of every pruned variant repaired.")
+    aird_curve: bool = _f(True, "Measure the alpha curve (ASR, over-refusal, degenerate rate, perplexity against alpha) of every repair.")
+    aird_scales: str = _f("0.25,0.5,1,2,4,8,16", "Alpha scales of the curve and of the automatic choice.")
+    aird_search_prompts: int = _f(32, "Harmful and harmless held-out prompts of each alpha curve point (disjoint from the evaluation's).")
+
+
+@dataclass
 class Config:
     model: str = _f("default", "Hub id, local Hugging Face folder, local .gguf file, or a short name: default, smollm2-135m.")
     dtype: str = _f("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.")
@@ -87,6 +105,7 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,7 +113,7 @@ class Config:
     # Settings that change the analysis; a run directory refuses to mix them.
     def analysis_key(self) -> dict[str, Any]:
         d = self.to_dict()
-        for k in ("device", "batch_size", "evaluation"):  # evaluation settings are checked per eval stage
+        for k in ("device", "batch_size", "evaluation", "run"):  # evaluation settings are checked per eval stage
             d.pop(k)
         return d
 
@@ -164,7 +183,42 @@ def validate(cfg: Config) -> Config:
     if cfg.batch_size < 1 or cfg.validation.max_new_tokens < 1:
         raise UserError("batch_size and validation.max_new_tokens must be at least 1")
     validate_evaluation(cfg.evaluation)
+    validate_run(cfg.run)
     return cfg
+
+
+def run_scales(r: RunConfig) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(x) for x in r.aird_scales.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"run.aird_scales must be comma-separated numbers, not {r.aird_scales!r}") from None
+    if not scales or min(scales) <= 0:
+        raise UserError("run.aird_scales must list positive numbers, e.g. 0.5,1,2,4")
+    return scales
+
+
+def validate_run(r: RunConfig) -> RunConfig:
+    if not [v for v in r.variants.split(",") if v.strip()]:
+        raise UserError("run.variants must name at least one compressed variant, e.g. wanda-0.5")
+    if r.repair not in ("moved", "pruned", "all", "none"):
+        raise UserError(f"run.repair must be moved, pruned, all or none, not {r.repair!r}")
+    if r.aird_direction not in ("raw", "unit"):
+        raise UserError(f"run.aird_direction must be raw or unit, not {r.aird_direction!r}")
+    if r.aird_placement not in ("source", "previous"):
+        raise UserError(f"run.aird_placement must be source or previous, not {r.aird_placement!r}")
+    if r.aird_alpha_scale != "auto":
+        try:
+            ok = float(r.aird_alpha_scale) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"run.aird_alpha_scale must be a positive number or auto, not {r.aird_alpha_scale!r}")
+    if r.attacks != "auto":
+        validate_evaluation(EvaluationConfig(attacks=r.attacks))
+    if not 0 < r.moved_cosine <= 1 or r.n_calibration < 1 or r.aird_search_prompts < 1:
+        raise UserError("run.moved_cosine must be in (0, 1]; run.n_calibration and run.aird_search_prompts at least 1")
+    run_scales(r)
+    return r
 
 
 ATTACKS = ("vanilla", "decoding", "suffix")

@@ -49,6 +49,10 @@ def hardware() -> dict[str, Any]:
 
 def update_manifest(path: Path, seed: int, stage: str | None = None, seconds: float | None = None,
                     existing: dict[str, Any] | None = None) -> dict[str, Any]:
+    if existing is None and path.exists():  # never drop the stages other commands recorded
+        from .artifacts import read_json
+
+        existing = read_json(path)
     m = dict(existing or {})
     m.update({"packages": {p: _version(p) for p in _PACKAGES}, "python": platform.python_version(),
               "hardware": hardware(), "seed": seed, "git_revision": _git_revision()})

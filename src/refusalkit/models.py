@@ -328,8 +328,13 @@ def mlp_module(block: nn.Module) -> nn.Module:
     return _child(block, _MLP_NAMES, "MLP module")
 
 
+def _is_linear(m: nn.Module) -> bool:
+    """``nn.Linear`` (bitsandbytes' layers subclass it) or refusalkit's own ``Int8Linear``."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Int8Linear"
+
+
 def _out_proj(module: nn.Module, d_model: int, what: str) -> nn.Linear:
-    linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear) and m.out_features == d_model}
+    linears = {name: m for name, m in module.named_modules() if _is_linear(m) and m.out_features == d_model}
     for name in _OUT_PROJ_NAMES:
         if name in linears:
             return linears[name]

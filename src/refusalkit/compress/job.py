@@ -29,7 +29,7 @@ from ..models import LoadedModel, decoder_layers, load_model
 from .blockwise import InputStats, advance, capture_inputs, gather, linear_layers, release_memory, run_block
 from .calibration import Calibration, build_calibration
 from .int8 import Int8Linear, bnb_available, quantization_config, replace_linears, skip_modules
-from .pruning import Sparsity, apply_mask, check_nm, magnitude_mask, parse_sparsity, sparsegpt_prune, wanda_mask
+from .pruning import apply_mask, check_nm, magnitude_mask, parse_sparsity, sparsegpt_prune, wanda_mask
 from .quant import awq_block, check_group, rtn_linear
 
 log = logging.getLogger(__name__)

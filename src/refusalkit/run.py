@@ -1,0 +1,154 @@
+"""``refusalkit run``: a model from nothing to a report, resumable.
+
+Stages (each one skips what is already done, so an interrupted run resumes where it stopped):
+
+1. extract, select and validate the base model's refusal direction;
+2. compress the base model into every configured variant (``run.variants``);
+3. re-extract every variant's direction; 4. compare it with the base direction;
+5. evaluate safety (ASR per attack, over-refusal) and utility of the base model and every variant;
+6. repair with AIRD the variants whose mechanism moved (``run.repair``), plain and, for pruned
+   variants, sparsity-preserving, with the α curve; 7. re-extract, compare and evaluate the
+   repaired variants (is the mechanism preserved? is the ASR lower? what did utility pay?);
+8. write ``report.md`` and ``report.html``.
+
+A stage that fails on one variant with a :class:`UserError` (for example, no α within the
+budgets) is recorded in ``DIR/run.json`` and the run goes on; anything else stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import artifacts
+from .config import Config, run_scales
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PRUNING = ("magnitude", "wanda", "sparsegpt")
+QUANTIZATION = ("llm-int8", "awq", "rtn")
+
+# A smoke run: every stage on few prompts (minutes on a laptop CPU). Intervals are wide.
+QUICK: dict[str, Any] = {
+    "n_train": 32, "n_val": 8, "n_test": 16, "validation.max_new_tokens": 32,
+    "selection.screen_keep": 4,
+    "evaluation.n_prompts": 24, "evaluation.n_harmless": 24, "evaluation.max_new_tokens": "32",
+    "evaluation.utility_tasks": "bb_strategyqa,bb_winowhy", "evaluation.utility_limit": 20,
+    "evaluation.ppl_tokens": 1024,
+    "run.variants": "magnitude-0.5,llm-int8", "run.n_calibration": 8, "run.attacks": "vanilla",
+    "run.aird_scales": "1,4,16", "run.aird_search_prompts": 8,
+}
+
+
+def attacks_for(cfg: Config, gpu: bool) -> str:
+    return cfg.run.attacks if cfg.run.attacks != "auto" else ("vanilla,decoding,suffix" if gpu else "vanilla")
+
+
+def needs_repair(policy: str, method: str | None, compare: dict[str, Any] | None, moved_cosine: float) -> bool:
+    """Whether ``run.repair`` selects a variant (``compare``: its ``compare/<V>.json``)."""
+    if policy == "none":
+        return False
+    if policy == "all":
+        return True
+    if policy == "pruned":
+        return method in PRUNING
+    if compare is None:
+        return False
+    return bool(compare["source_shifted"] or compare["cosine_selected"] < moved_cosine)
+
+
+class Runner:
+    """Runs the stages and keeps ``DIR/run.json`` (stage status, times, recorded failures)."""
+
+    def __init__(self, cfg: Config, root: Path, progress: bool, echo: Callable[[str], None]):
+        self.cfg, self.root, self.progress, self.echo = cfg, root, progress, echo
+        self.path = root / "run.json"
+        self.state: dict[str, Any] = artifacts.read_json(self.path) if self.path.exists() else {}
+        self.state.setdefault("stages", {})
+
+    def stage(self, key: str, fn: Callable[[], Any], *, tolerate: bool = False) -> Any:
+        t0 = time.time()
+        self.echo(f"[run] {key}")
+        try:
+            out = fn()
+        except UserError as e:
+            if not tolerate:
+                raise
+            self.state["stages"][key] = {"status": "failed", "why": str(e), "seconds": round(time.time() - t0, 1)}
+            self._save()
+            self.echo(f"[run] {key}: skipped ({e})")
+            return None
+        prev = self.state["stages"].get(key, {})
+        secs = round(time.time() - t0, 1)
+        self.state["stages"][key] = {"status": "done", "seconds": prev.get("seconds", secs) if secs < 1 else secs}
+        self._save()
+        return out
+
+    def _save(self) -> None:
+        artifacts.write_json(self.path, self.state)
+
+
+def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage that is not done yet; return the report's summary."""
+    import torch
+
+    from .compare import run_compare
+    from .compress.job import CompressSpec, run_compress
+    from .evaluation.job import run_evaluate
+    from .pipeline import prepare, run_extract
+    from .repair import SearchSpec, run_repair
+    from .report import write_report
+
+    root = Path(root)
+    r = cfg.run
+    specs = [CompressSpec(method=v.strip(), calibration=r.calibration, n_calibration=r.n_calibration)
+             for v in r.variants.split(",") if v.strip()]  # an unknown method fails before any work
+    gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    cfg.evaluation.attacks = attacks_for(cfg, gpu)
+    prepare(cfg, root, force=False)
+    run = Runner(cfg, root, progress, echo)
+    t0 = time.time()
+
+    def extract(v: str) -> Any:
+        return run_extract(cfg, root, variant=v, progress=progress)
+
+    def evaluate(v: str) -> Any:
+        return run_evaluate(cfg, root, v, utility_eval=r.utility, progress=progress)
+
+    run.stage("base/extract", lambda: extract("base"))
+    variants: list[str] = []
+    for spec in specs:
+        info = run.stage(f"{spec.variant}/compress", lambda s=spec: run_compress(cfg, root, s, progress=progress))
+        variants.append(info["variant"])
+    compares: dict[str, Any] = {}
+    for v in variants:
+        run.stage(f"{v}/extract", lambda v=v: extract(v))
+        compares[v] = run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
+    for v in ["base", *variants]:
+        run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
+    search = SearchSpec(scales=run_scales(r), n_prompts=r.aird_search_prompts, n_harmless=r.aird_search_prompts,
+                        ppl_tokens=min(cfg.evaluation.ppl_tokens, 2048) if cfg.evaluation.ppl_tokens >= 512 else 0)
+    repaired: list[str] = []
+    for spec, v in zip(specs, variants):
+        if not needs_repair(r.repair, spec.method, compares.get(v), r.moved_cosine):
+            continue
+        modes = [False] + ([True] if r.aird_sparse and spec.method in PRUNING else [])
+        for keep_zeros in modes:
+            name = f"{v}+aird" + ("-sp" if keep_zeros else "")
+            info = run.stage(f"{name}/repair", lambda v=v, k=keep_zeros: run_repair(
+                cfg, root, v, alpha_scale=r.aird_alpha_scale if r.aird_alpha_scale == "auto" else float(r.aird_alpha_scale),
+                unit=r.aird_direction == "unit", placement=r.aird_placement, keep_zeros=k,
+                curve=r.aird_curve and not k, search=search, progress=progress), tolerate=True)
+            if info is not None:
+                repaired.append(info["variant"])
+    for v in repaired:
+        run.stage(f"{v}/extract", lambda v=v: extract(v))
+        run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
+        run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
+    report = run.stage("report", lambda: write_report(root))
+    run.state["seconds_this_call"] = round(time.time() - t0, 1)
+    run._save()
+    return {"report": report, "variants": variants, "repaired": repaired, "state": run.state}
