@@ -471,6 +471,13 @@ def plot_alpha_curves(run: Run) -> list[Figure]:
         ax.set_xlabel("alpha scale (multiple of the paper's alphas)")
         ax.set_ylabel("rate")
         ax.axvline(v.repair["alpha_scale"], color="k", lw=0.8, ls=":", label=f"used (×{v.repair['alpha_scale']:g})")
+        if isinstance(curve, dict):  # references: the unrepaired variant's ASR and the target
+            ref = ((curve.get("unrepaired") or {}).get("asr") or {}).get("rate")
+            if ref is not None:
+                ax.axhline(ref, color="tab:blue", lw=0.8, ls="--", label=f"ASR unrepaired ({ref:.0%})")
+            if curve.get("target_asr") is not None:
+                ax.axhline(curve["target_asr"], color="tab:green", lw=0.8, ls="-.",
+                           label=f"target ASR ({curve['target_asr']:.0%})")
         ppl = [(x, p["perplexity"]) for x, p in zip(xs, points) if p.get("perplexity") is not None]
         if ppl:
             ax2 = ax.twinx()

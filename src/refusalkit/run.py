@@ -108,6 +108,12 @@ def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Calla
              for v in r.variants.split(",") if v.strip()]  # an unknown method fails before any work
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     cfg.evaluation.attacks = attacks_for(cfg, gpu)
+    if r.utility:  # fail before any work when lm-eval is missing
+        from .evaluation.job import task_names
+        from .evaluation.utility import _import_lm_eval, resolve_tasks
+
+        resolve_tasks(task_names(cfg.evaluation.utility_tasks))
+        _import_lm_eval()
     prepare(cfg, root, force=False)
     run = Runner(cfg, root, progress, echo)
     t0 = time.time()

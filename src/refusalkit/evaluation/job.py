@@ -346,12 +346,9 @@ def optimize_suffixes(ctx: EvalContext, goals: list[str], universal_goals: list[
     data: dict[str, Any] = {"settings": settings, "per_prompt": {}, "universal": None}
     if path.exists() and not ctx.force:
         old = artifacts.read_json(path)
-        same = {k: v for k, v in old.get("settings", {}).items() if k != "universal_goals"}
-        if same != {k: v for k, v in settings.items() if k != "universal_goals"}:
+        if old.get("settings") != settings:
             raise UserError(f"{path} was made with other GCG settings; use the same settings or --force to redo it")
         data = old
-        if old["settings"].get("universal_goals") != universal_goals:  # per-prompt suffixes stay valid
-            data["settings"], data["universal"] = settings, None
     todo = [g for g in goals if g not in data["per_prompt"]]
     need_universal = bool(universal_goals) and data.get("universal") is None
     if not todo and not need_universal:
