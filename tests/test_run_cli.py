@@ -142,7 +142,8 @@ def test_repair_cli_auto_and_errors(study, capsys):
     for bad, match in ((["--variant", "nope"], "does not exist"), (["--variant", "base"], "not base"),
                        (["--variant", "magnitude-0.5+aird"], "already a repaired"),
                        (["--variant", "magnitude-0.5", "--alpha-scale", "-1"], "positive"),
-                       (["--variant", "magnitude-0.5", "--name", "bad name"], "not usable")):
+                       (["--variant", "magnitude-0.5", "--name", "bad name"], "not usable"),
+                       (["--variant", "magnitude-0.5", "--alpha-scale", "3"], "other settings")):
         assert main(["-q", "repair", "--run", str(study), *bad]) == 2
         assert match in capsys.readouterr().err
     assert main(["-q", "compare", "--run", str(study), "--variant", "nope"]) == 2

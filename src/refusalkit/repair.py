@@ -303,7 +303,15 @@ def run_repair(cfg: Config, root: str | Path, variant: str, *, alpha_scale: floa
     out_dir = root / name
     rpath = out_dir / "repair.json"
     if rpath.exists() and (out_dir / "model" / "config.json").exists() and not force:
-        return {**artifacts.read_json(rpath), "reused": True}
+        old = artifacts.read_json(rpath)
+        asked = {"source_variant": variant, "direction": "unit" if unit else "raw", "placement": placement,
+                 "sparsity_preserving": keep_zeros, "auto": auto}
+        if not auto:
+            asked["alpha_scale"] = float(alpha_scale)
+        differ = sorted(k for k, v in asked.items() if old.get(k) != v)
+        if differ:
+            raise UserError(f"{name} exists with other settings ({', '.join(differ)}); give another --name or --force")
+        return {**old, "reused": True}
 
     t0 = time.time()
     base_info = artifacts.read_json(base_info_path)
