@@ -208,3 +208,8 @@ def hook_ids(model) -> dict[str, tuple[tuple, tuple]]:
     forward hooks the first time a model runs with ``output_hidden_states=True``.
     """
     return {name: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for name, m in model.named_modules()}
+
+
+def hidden_files(root) -> list:
+    """Temporary or hidden files left under ``root`` (an interrupted or failed write leaves these)."""
+    return [p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]

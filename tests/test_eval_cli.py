@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from refusalkit.cli import main
+from conftest import hidden_files
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +29,6 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 def rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
-
-def hidden_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
 
 
 @pytest.fixture(scope="module")

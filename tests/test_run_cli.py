@@ -11,6 +11,7 @@ import torch
 
 from refusalkit import artifacts
 from refusalkit.cli import main
+from conftest import hidden_files
 
 pytestmark = pytest.mark.integration
 
@@ -22,10 +23,6 @@ TINY = ["--model", "smollm2-135m", "--quick",
         "--set", "evaluation.ppl_tokens=512", "--set", "run.utility=false",
         "--set", "run.variants=magnitude-0.5", "--set", "run.repair=pruned", "--set", "run.aird_sparse=false",
         "--set", "run.aird_scales=4", "--set", "run.aird_search_prompts=3"]
-
-
-def hidden_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
 
 
 @pytest.fixture(scope="module")

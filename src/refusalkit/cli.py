@@ -173,12 +173,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["filter_train"] = True
     if args.no_validation:
         out["validation.enabled"] = False
-    for item in args.set:
+    out.update(_set_overrides(args.set))
+    return out
+
+
+def _set_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as config overrides (VALUE read as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
         if "=" not in item:
             raise UserError(f"--set needs KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        import yaml
-
         out[k.strip()] = yaml.safe_load(v)
     return out
 
@@ -219,18 +226,12 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_orthogonalize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from . import artifacts
-    from .config import load_config
     from .orthogonalize import orthogonalize
     from .pipeline import RunDir, Session, Progress
 
-    root = Path(args.run)
-    cfg = load_config(str(root / "config.yaml")) if (root / "config.yaml").exists() else None
-    if cfg is None:
-        raise UserError(f"{root} is not a run directory (no config.yaml); run refusalkit extract first")
-    run = RunDir(root, args.variant)
+    cfg = _run_config(args.run)
+    run = RunDir(Path(args.run), args.variant)
     direction = artifacts.load_tensors(run.f("direction.safetensors"))["direction"]
     s = Session(cfg=cfg, run=run, progress=Progress(False))
     out = Path(args.out)
@@ -254,8 +255,6 @@ def _cmd_orthogonalize(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .compress.job import DEFAULT_CALIBRATION, CompressSpec, run_compress
     from .config import load_config
 
@@ -299,10 +298,6 @@ _EVAL_FLAGS = {"attacks": "attacks", "prompts": "prompts", "n": "n_prompts", "n_
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import yaml
-
     from .config import load_config
     from .evaluation.job import run_evaluate
     from .pipeline import prepare
@@ -316,11 +311,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for dest, key in _EVAL_FLAGS.items():
         if getattr(args, dest) is not None:
             overrides[f"evaluation.{key}"] = getattr(args, dest)
-    for item in args.set:
-        if "=" not in item:
-            raise UserError(f"--set needs KEY=VALUE, got {item!r}")
-        k, val = item.split("=", 1)
-        overrides[k.strip()] = yaml.safe_load(val)
+    overrides.update(_set_overrides(args.set))
     cfg = load_config(str(existing) if existing.exists() else args.config, overrides)
     if not existing.exists():
         prepare(cfg, root, force=False)
@@ -448,18 +439,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import yaml
-
     from .config import load_config
     from .run import QUICK, run_all
 
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
     overrides.update({k: getattr(args, k) for k in ("model", "dtype", "device") if getattr(args, k) is not None})
-    for item in args.set:
-        if "=" not in item:
-            raise UserError(f"--set needs KEY=VALUE, got {item!r}")
-        k, val = item.split("=", 1)
-        overrides[k.strip()] = yaml.safe_load(val)
+    overrides.update(_set_overrides(args.set))
     root = Path(args.run) if args.run else Path("runs") / ((Path(args.config).stem if args.config else "default")
                                                             + ("-quick" if args.quick else ""))
     existing = root / "config.yaml"
@@ -477,6 +462,33 @@ METHOD_LINE = {"magnitude": "magnitude pruning", "wanda": "Wanda pruning", "spar
                "llm-int8": "LLM.int8", "awq": "AWQ quantization", "rtn": "round-to-nearest quantization"}
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from .pipeline import default_config_text
+
+    print(default_config_text(), end="")
+    return 0
+
+
+def _cmd_sources(args: argparse.Namespace) -> int:
+    from .compress.calibration import TEXT_CORPORA
+    from .compress.job import METHODS
+    from .models import SHORT_NAMES
+    from .prompts import NAMED_SOURCES
+
+    for k, v in {**NAMED_SOURCES, **SHORT_NAMES}.items():
+        print(f"{k:18s} {v}")
+    for k, v in TEXT_CORPORA.items():
+        print(f"{k:18s} text corpus (calibration, perplexity): {v[3]}")
+    for k, v in METHODS.items():
+        print(f"{k:18s} compression method: {v}")
+    return 0
+
+
+COMMANDS = {"extract": _cmd_extract, "orthogonalize": _cmd_orthogonalize, "compress": _cmd_compress,
+            "evaluate": _cmd_evaluate, "compare": _cmd_compare, "repair": _cmd_repair, "run": _cmd_run,
+            "report": _cmd_report, "config": _cmd_config, "sources": _cmd_sources}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr,
@@ -492,48 +504,13 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        if args.command == "extract":
-            return _cmd_extract(args)
-        if args.command == "orthogonalize":
-            return _cmd_orthogonalize(args)
-        if args.command == "compress":
-            return _cmd_compress(args)
-        if args.command == "evaluate":
-            return _cmd_evaluate(args)
-        if args.command == "compare":
-            return _cmd_compare(args)
-        if args.command == "repair":
-            return _cmd_repair(args)
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "report":
-            return _cmd_report(args)
-        if args.command == "config":
-            from .pipeline import default_config_text
-
-            print(default_config_text(), end="")
-            return 0
-        if args.command == "sources":
-            from .models import SHORT_NAMES
-            from .prompts import NAMED_SOURCES
-
-            from .compress.calibration import TEXT_CORPORA
-            from .compress.job import METHODS
-
-            for k, v in {**NAMED_SOURCES, **SHORT_NAMES}.items():
-                print(f"{k:18s} {v}")
-            for k, v in TEXT_CORPORA.items():
-                print(f"{k:18s} text corpus (calibration, perplexity): {v[3]}")
-            for k, v in METHODS.items():
-                print(f"{k:18s} compression method: {v}")
-            return 0
+        return COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; finished stages are kept — re-run the same command to resume", file=sys.stderr)
         return 2
-    return 2
 
 
 if __name__ == "__main__":

@@ -222,6 +222,10 @@ def validate_run(r: RunConfig) -> RunConfig:
 
 
 ATTACKS = ("vanilla", "decoding", "suffix")
+# Compression method families (``compress --method``): pruning, group-wise weight quantization, all quantization.
+PRUNING = ("magnitude", "wanda", "sparsegpt")
+GROUP_QUANT = ("awq", "rtn")
+QUANTIZATION = ("llm-int8", *GROUP_QUANT)
 
 
 def _auto_or_count(name: str, value: str, minimum: int) -> None:

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from . import artifacts
+from .config import ATTACKS, PRUNING, QUANTIZATION
 from .errors import UserError
-from .run import PRUNING, QUANTIZATION
 
-ATTACKS = ("vanilla", "decoding", "suffix")
 DASH = "–"
 BROKEN_PPL_FACTOR = 3.0  # perplexity above this multiple of the base model's: broken
 BROKEN_DEGENERATE = 0.5  # more than this fraction of vanilla completions degenerate: broken

@@ -23,13 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import artifacts
-from .config import Config, run_scales
+from .config import PRUNING, Config, run_scales
 from .errors import UserError
 
 log = logging.getLogger(__name__)
-
-PRUNING = ("magnitude", "wanda", "sparsegpt")
-QUANTIZATION = ("llm-int8", "awq", "rtn")
 
 # A smoke run: every stage on few prompts (minutes on a laptop CPU). Intervals are wide.
 QUICK: dict[str, Any] = {

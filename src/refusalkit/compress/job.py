@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .. import artifacts
-from ..config import Config
+from ..config import GROUP_QUANT as QUANT
+from ..config import PRUNING, Config
 from ..errors import UserError
 from ..models import LoadedModel, decoder_layers, load_model
 from .blockwise import InputStats, advance, capture_inputs, gather, linear_layers, release_memory, run_block
@@ -34,8 +35,6 @@ from .quant import awq_block, check_group, rtn_linear
 
 log = logging.getLogger(__name__)
 
-PRUNING = ("magnitude", "wanda", "sparsegpt")
-QUANT = ("awq", "rtn")
 METHODS = {
     "magnitude": "magnitude pruning (|W|, layer-wise comparison; N:M per group); no calibration",
     "wanda": "Wanda pruning (|W| * ||X||, per output row), block by block on calibration data",
