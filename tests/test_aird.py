@@ -213,3 +213,29 @@ def test_apply_error_leaves_model_unchanged(tokenizer):
         apply_aird(model, torch.randn(64), 1, alphas={"attn_out": 0.02})  # mlp_down missing: fails midway
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_block_writes_scale_by_one_plus_gain(tokenizer):
+    """AIRD multiplies what an edited projection writes along r by 1 + alpha ||r||^2 (the placement diagnostic).
+
+    Exact for one projection at a time: editing the attention output also changes the MLP's input."""
+    from conftest import HARMFUL, HARMLESS
+    from refusalkit.config import Config
+    from refusalkit.models import LoadedModel
+    from refusalkit.repair import SearchData, _predicted_gap_change, block_writes
+
+    lm = LoadedModel(model=make_qwen2(tokenizer), tokenizer=tokenizer, spec="tiny", source="memory")
+    cfg, data = Config(), SearchData(HARMFUL[:3], HARMLESS[:3], {})
+    r = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 2
+    before = block_writes(lm, cfg, r, 2, data)
+    assert set(before) == {"attn_out", "mlp_down"} and all(set(v) == {"harmful", "harmless"} for v in before.values())
+    for key in before:
+        edit = apply_aird(lm.model, r, 2, alphas={k: (PAPER_ALPHAS[k] if k == key else 0.0) for k in PAPER_ALPHAS})
+        after = block_writes(lm, cfg, r, 2, data)
+        g = edit.records[key]["gain"]
+        assert g > 1  # a visible change
+        for kind in ("harmful", "harmless"):
+            assert after[key][kind] == pytest.approx((1 + g) * before[key][kind], rel=1e-4, abs=1e-6), kind
+        gap = lambda w: w[key]["harmful"] - w[key]["harmless"]  # noqa: E731  (the other gain is 0)
+        assert gap(after) - gap(before) == pytest.approx(_predicted_gap_change(before, edit.records), rel=1e-3, abs=1e-6)
+        edit.remove()

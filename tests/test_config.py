@@ -278,3 +278,32 @@ def test_run_section_validation():
     assert load_config(None, {"run.aird_alpha_scale": "auto"}).run.aird_alpha_scale == "auto"
     # run settings do not change the analysis: a run directory accepts other run settings
     assert "run" not in load_config(None, {"run.repair": "all"}).analysis_key()
+
+
+def test_run_profiles_sit_between_defaults_and_file(tmp_path):
+    from refusalkit.run import CPU, PROFILES, QUICK, resolve_profile
+
+    f = tmp_path / "c.yaml"
+    f.write_text("n_train: 96\nevaluation:\n  n_prompts: 40\n")
+    cfg = load_config(str(f), {"evaluation.n_prompts": 30}, profile=CPU)
+    assert cfg.n_train == 96  # the file beats the profile
+    assert cfg.evaluation.n_prompts == 30  # --set beats both
+    assert cfg.n_val == CPU["n_val"] and cfg.run.variants == CPU["run.variants"]  # the profile beats the defaults
+    assert load_config(None, profile=PROFILES["full"]).to_dict() == Config().to_dict()
+    for prof in (CPU, QUICK):  # every profile key is a real, valid setting
+        cfg = load_config(None, profile=prof)
+        for key, value in prof.items():
+            section, _, name = key.rpartition(".")
+            assert getattr(getattr(cfg, section) if section else cfg, name) == value, key
+    assert resolve_profile("quick", "cuda") == "quick"
+    assert resolve_profile("auto", "cpu") == "cpu"  # an explicit CPU device never gets the GPU settings
+    expected = "full" if torch.cuda.is_available() else "cpu"
+    assert resolve_profile("auto", "auto") == expected
+
+
+def test_utility_tasks_none_means_perplexity_only():
+    from refusalkit.evaluation.job import task_names
+
+    assert task_names("none") == []
+    assert task_names("all") == ["offline", "paper"]
+    assert load_config(None, {"evaluation.utility_tasks": "none"}).evaluation.utility_tasks == "none"

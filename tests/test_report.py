@@ -262,6 +262,15 @@ def test_findings_not_measured_and_missing_inputs(tmp_path: Path) -> None:
     assert base64.b64encode(TINY_PNG).decode() in page
 
 
+def test_moved_threshold_comes_from_the_run(tmp_path: Path) -> None:
+    root = make_run(tmp_path / "run")
+    # run.moved_cosine 0.999: llm-int8 (cosine 0.998, same source) now counts as moved, so F4 has no kept variant
+    (root / "config.yaml").write_text("model: tiny-test-model\nseed: 0\nrun:\n  moved_cosine: 0.999\n")
+    md = Path(write_report(root)["md"]).read_text()
+    assert findings(md)["F4"] == "not measured" and "(moved: 2, kept: 0)" in md
+    assert "is below 0.999 (run.moved_cosine)" in md
+
+
 def test_stale_plots_are_removed(run_dir: Path) -> None:
     write_report(run_dir)
     shutil.rmtree(run_dir / "compare")
@@ -280,6 +289,8 @@ def test_cli_report(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "--run", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert str(run_dir / "report.md") in out and str(run_dir / "report.html") in out
+    # the variant table and one line per finding on stdout
+    assert "| wanda-0.5+aird |" in out and "F5 holds" in out and "F1 holds" in out
     assert main(["report", "--run", str(run_dir / "missing")]) == 2
     assert "refusalkit extract" in capsys.readouterr().err
 

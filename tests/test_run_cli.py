@@ -20,7 +20,8 @@ TINY = ["--model", "smollm2-135m", "--quick",
         "--set", "selection.screen_keep=2", "--set", "selection.screen_prompts=2",
         "--set", "selection.prune_layer_fraction=0.8",
         "--set", "evaluation.n_prompts=4", "--set", "evaluation.n_harmless=3", "--set", "evaluation.max_new_tokens=8",
-        "--set", "evaluation.ppl_tokens=512", "--set", "run.utility=false",
+        "--set", "evaluation.ppl_tokens=512", "--set", "evaluation.utility_tasks=none",
+        "--set", "run.validate_variants=false",
         "--set", "run.variants=magnitude-0.5", "--set", "run.repair=pruned", "--set", "run.aird_sparse=false",
         "--set", "run.aird_scales=4", "--set", "run.aird_search_prompts=3"]
 
@@ -48,6 +49,12 @@ def test_run_produces_every_stage(study):
     assert "| magnitude-0.5+aird |" in md and "findings" in md
     assert (study / "report.html").exists()
     assert not hidden_files(study)
+    # run.validate_variants off: only the base direction is validated by generation
+    assert (study / "base" / "direction" / "validation.json").exists()
+    assert not (study / "magnitude-0.5" / "direction" / "validation.json").exists()
+    # utility_tasks none: perplexity alone, no lm-eval task
+    util = json.loads((study / "magnitude-0.5" / "eval" / "utility.json").read_text())
+    assert util["tasks"] == {} and util["mean_acc"] is None and util["perplexity"]["perplexity"] > 1
 
 
 def test_compare_record(study):
@@ -57,6 +64,7 @@ def test_compare_record(study):
     assert -1 <= c["cosine_selected"] <= 1 and -1 <= c["cosine_at_base_source"] <= 1
     assert c["source_shifted"] == ((c["base_source"]["layer"], c["base_source"]["position"])
                                    != (c["variant_source"]["layer"], c["variant_source"]["position"]))
+    assert c["single_direction_evidence"]["basis"].startswith("refusal scores")  # not validated by generation
     q = c["quality"]["base_direction_on_variant"]
     assert q is not None and q["layer"] == c["base_source"]["layer"]
     # the base direction read on the base model's own candidates: cosine 1 at its source
@@ -92,6 +100,10 @@ def test_sparse_and_int8_repairs(study, capsys):
     assert sp["method"] == "aird-sparse" and sp["model_sparsity_after"] == sp["model_sparsity_before"]
     assert sp["matrices"]["attn_out"]["sparsity_after"] == sp["matrices"]["attn_out"]["sparsity_before"]
     assert main(["-q", "compress", "--run", str(study), "--method", "llm-int8"]) == 0
+    # a variant's direction without validation in a validated run: the run's own settings, no validation.json
+    assert main(["-q", "extract", "--run", str(study), "--variant", "llm-int8", "--no-validation"]) == 0
+    assert (study / "llm-int8" / "direction" / "direction.json").exists()
+    assert not (study / "llm-int8" / "direction" / "validation.json").exists()
     assert main(["-q", "repair", "--run", str(study), "--variant", "llm-int8", "--alpha-scale", "50"]) == 0
     i8 = artifacts.read_json(study / "llm-int8+aird" / "repair.json")
     assert i8["quantization"]["method"] == "llm-int8" and 0 < i8["quantization"]["survival"] < 1.5

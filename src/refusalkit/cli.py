@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("extract", help="extract, select and validate the refusal direction")
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--variant", default="base", help="model variant under DIR/<variant>/ (default: base)")
-    e.add_argument("--config", help="YAML configuration file")
+    e.add_argument("--config", help="YAML configuration for a new run directory (an existing one keeps its config.yaml)")
     e.add_argument("--force", action="store_true", help="recompute stages whose outputs exist")
     e.add_argument("--filter-train", action="store_true", default=None, help="Arditi's refusal-score filter on training prompts")
     e.add_argument("--no-validation", action="store_true", help="skip validation by generation")
@@ -153,7 +153,11 @@ def _parser() -> argparse.ArgumentParser:
                                    "is done, so an interrupted run resumes. Settings: the `run` section of the config.")
     r.add_argument("--config", help="YAML configuration (default: the built-in defaults, the embedded default model)")
     r.add_argument("--run", default=None, help="run directory (default runs/<config name> or runs/default)")
-    r.add_argument("--quick", action="store_true", help="smoke profile: few prompts, two variants, vanilla attack")
+    r.add_argument("--profile", choices=("auto", "full", "cpu", "quick"), default="auto",
+                   help="settings under the config file and --set: full (the configured defaults: four variants, "
+                        "paper-sized prompt counts), cpu (about 20 minutes on 2 cores for the default model), "
+                        "quick (a smoke run); auto (default): cpu without a GPU, else full")
+    r.add_argument("--quick", action="store_true", help="the same as --profile quick")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. run.repair=all")
     for dest in ("model", "dtype", "device"):
         r.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **_CONFIG_FLAGS[dest][1])
@@ -217,8 +221,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from .config import load_config
     from .pipeline import run_extract
 
-    cfg = load_config(args.config, _overrides(args))
-    res = run_extract(cfg, args.run, variant=args.variant, force=args.force, progress=not args.quiet)
+    overrides = _overrides(args)
+    existing = (Path(args.run) / "config.yaml").exists()
+    if existing and args.no_validation:  # a run directory keeps its data splits; skip this extraction's validation
+        overrides["validation.enabled"] = _run_config(args.run).validation.enabled
+    # an existing run directory keeps its settings (as evaluate, compare and repair do); flags still override
+    cfg = load_config(args.config or (str(Path(args.run) / "config.yaml") if existing else None), overrides)
+    res = run_extract(cfg, args.run, variant=args.variant, force=args.force, progress=not args.quiet,
+                      validate=not args.no_validation)
     if res["direction"].get("fallback"):
         print(f"warning: no candidate passed Arditi's filters; fallback used: {res['direction']['fallback']}", file=sys.stderr)
     print(_summary_table(res))
@@ -411,6 +421,11 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     for k, m in info["matrices"].items():
         lines.append(f"  {k:15s} |dW| {m['delta_norm']:.4g} ({m['rel_delta']:.2%} of |W|), zeros "
                      f"{m['sparsity_before']:.2%} -> {m['sparsity_after']:.2%}")
+    w = info.get("writes_along_r") or {}
+    if all(isinstance(w.get(k), dict) and "harmless" in w[k] for k in ("attn_out", "mlp_down")):
+        lines.append("  writes along r  " + ", ".join(f"{k} {w[k]['harmful']:+.3f} harmful / {w[k]['harmless']:+.3f} harmless"
+                                                      for k in ("attn_out", "mlp_down"))
+                     + f"; gap change {info['predicted_gap_change']:+.3f} (first order)")
     if info.get("quantization"):
         lines.append(f"  requantized     {info['quantization']['survival']:.0%} of the edit survives")
     c = info.get("curve")
@@ -430,31 +445,51 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_summary(rep: dict[str, Any]) -> str:
+    """The report's variant table (Markdown) and one line per finding, then the two paths."""
+    md = Path(rep["md"]).read_text(encoding="utf-8")
+    table = []
+    if "## Variants" in md:
+        for line in md.split("## Variants", 1)[1].strip().splitlines():
+            if not line.startswith("|"):
+                break
+            table.append(line)
+    lines = table + [""] if table else []
+    lines += [f"{f['id']} {f['verdict']:13s} {f['claim']}" for f in rep["findings"]]
+    lines.append(f"report: {rep['md']}\n        {rep['html']}")
+    return "\n".join(lines)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    rep = write_report(args.run)
-    print(f"report: {rep['md']}\n        {rep['html']}")
+    print(_report_summary(write_report(args.run)))
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .run import QUICK, run_all
+    from .run import PROFILES, resolve_profile, run_all
 
-    overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
-    overrides.update({k: getattr(args, k) for k in ("model", "dtype", "device") if getattr(args, k) is not None})
+    named = "quick" if args.quick else args.profile
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in ("model", "dtype", "device") if getattr(args, k) is not None}
     overrides.update(_set_overrides(args.set))
     root = Path(args.run) if args.run else Path("runs") / ((Path(args.config).stem if args.config else "default")
-                                                            + ("-quick" if args.quick else ""))
+                                                            + ("" if named == "auto" else f"-{named}"))
     existing = root / "config.yaml"
-    cfg = load_config(args.config or (str(existing) if existing.exists() else None), overrides)
-    res = run_all(cfg, root, progress=not args.quiet, echo=lambda m: print(m, file=sys.stderr))
+    if existing.exists():  # resume: the run directory's resolved settings, whatever the profile
+        profile, cfg = "as recorded", load_config(args.config or str(existing), overrides)
+    else:
+        probe = load_config(args.config, overrides)
+        profile = resolve_profile(named, probe.device)
+        cfg = load_config(args.config, overrides, profile=PROFILES[profile])
+    print(f"[run] {root}: profile {profile}" + (" (no GPU; --profile full for the paper-sized settings)"
+                                               if profile == "cpu" and named == "auto" else ""), file=sys.stderr)
+    res = run_all(cfg, root, progress=not args.quiet, echo=lambda m: print(m, file=sys.stderr), profile=profile)
     failed = {k: v["why"] for k, v in res["state"]["stages"].items() if v["status"] == "failed"}
     for k, why in failed.items():
         print(f"note: {k} did not complete: {why}", file=sys.stderr)
-    rep = res["report"]
-    print(f"report: {rep['md']}\n        {rep['html']}")
+    print(_report_summary(res["report"]))
     return 0
 
 

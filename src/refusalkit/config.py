@@ -63,7 +63,7 @@ class EvaluationConfig:
     gcg_topk: int = _f(256, "GCG top-k substitutions per suffix position (Zou et al.: 256).")
     judge_model: str | None = _f(None, "A model-based judge: hub id or folder of a HarmBench / LlamaGuard classifier, or any chat model; null: none.")
     judge_format: str = _f("auto", "Model judge prompt format: auto, harmbench, llamaguard, chat.")
-    utility_tasks: str = _f("offline", "Zero-shot tasks: offline (the BIG-bench suite), paper (boolq, rte, hellaswag, ... when reachable), all, or a comma-separated list.")
+    utility_tasks: str = _f("offline", "Zero-shot tasks: offline (the BIG-bench suite), paper (boolq, rte, hellaswag, ... when reachable), all, none (perplexity only), or a comma-separated list.")
     utility_limit: int = _f(200, "Items per utility task (0: all).")
     ppl_tokens: int = _f(4096, "Held-out Wikipedia tokens for perplexity.")
     backend: str = _f("torch", "Generation back end: torch, or vllm (GPU machines, variants saved to disk).")
@@ -85,6 +85,7 @@ class RunConfig:
     aird_curve: bool = _f(True, "Measure the alpha curve (ASR, over-refusal, degenerate rate, perplexity against alpha) of every repair.")
     aird_scales: str = _f("0.25,0.5,1,2,4,8,16", "Alpha scales of the curve and of the automatic choice.")
     aird_search_prompts: int = _f(32, "Harmful and harmless held-out prompts of each alpha curve point (disjoint from the evaluation's).")
+    validate_variants: bool = _f(True, "Validate every variant's direction by generation too (the base model's always is when validation.enabled); false: the comparison judges a variant's direction by its selection scores.")
 
 
 @dataclass
@@ -265,9 +266,11 @@ def validate_evaluation(e: EvaluationConfig) -> EvaluationConfig:
     return e
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` (dotted keys allowed)."""
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
+                profile: dict[str, Any] | None = None) -> Config:
+    """Defaults, then ``profile`` (dotted keys), then the YAML file at ``path``, then ``overrides`` (dotted keys)."""
     cfg = Config()
+    _apply_dotted(cfg, profile or {})
     if path:
         p = Path(path)
         if not p.is_file():
@@ -279,7 +282,12 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must be a mapping of settings")
         apply_settings(cfg, data)
-    for key, value in (overrides or {}).items():
+    _apply_dotted(cfg, overrides or {})
+    return validate(cfg)
+
+
+def _apply_dotted(cfg: Config, settings: dict[str, Any]) -> None:
+    for key, value in settings.items():
         if value is None:
             continue
         nested: dict[str, Any] = {}
@@ -289,7 +297,6 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             cur = cur.setdefault(part, {})
         cur[parts[-1]] = value
         apply_settings(cfg, nested)
-    return validate(cfg)
 
 
 def commented_yaml(obj: Any = None, indent: int = 0) -> str:

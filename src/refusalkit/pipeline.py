@@ -305,8 +305,12 @@ def stage_validate(s: Session, data: dict, info: dict[str, Any]) -> dict[str, An
 
 
 def run_extract(cfg: Config, root: str | Path, variant: str = "base", force: bool = False,
-                progress: bool = True) -> dict[str, Any]:
-    """Run every stage that is not done yet; return a summary dict."""
+                progress: bool = True, validate: bool = True) -> dict[str, Any]:
+    """Run every stage that is not done yet; return a summary dict.
+
+    ``validate=False`` skips validation by generation even when ``validation.enabled`` (``run``
+    uses it for variants when ``run.validate_variants`` is off); an existing validation is returned.
+    """
     root = Path(root)
     manifest = prepare(cfg, root, force)
     s = Session(cfg=cfg, run=RunDir(root, variant), progress=Progress(progress), force=force, manifest=manifest)
@@ -314,7 +318,10 @@ def run_extract(cfg: Config, root: str | Path, variant: str = "base", force: boo
     data = s.timed("data", lambda: stage_data(s))
     cands = s.timed("extract", lambda: stage_extract(s, data))
     info = s.timed("select", lambda: stage_select(s, data, cands))
-    val = s.timed("validate", lambda: stage_validate(s, data, info))
+    if validate:
+        val = s.timed("validate", lambda: stage_validate(s, data, info))
+    else:
+        val = artifacts.read_json(s.run.f("validation.json")) if s.run.f("validation.json").exists() else None
     return {"direction": info, "validation": val, "seconds": round(time.time() - t0, 1),
             "run": str(root), "variant": variant, "model_info": s._lm.info if s._lm else None}
 

@@ -202,6 +202,50 @@ def measure(lm: Any, cfg: Config, data: SearchData, spec: SearchSpec, max_new_to
     return out
 
 
+@torch.inference_mode()
+def block_writes(lm: Any, cfg: Config, direction: torch.Tensor, block: int, data: SearchData) -> dict[str, Any]:
+    """What the edited block writes along ``r̂``, before the edit (a diagnostic of the placement).
+
+    The mean of ``r̂ᵀ·out`` over the post-instruction positions of the harmful and of the harmless
+    search prompts, for the attention output and the MLP down projection of block ``block``. AIRD
+    turns each such component ``c`` into ``(1 + α‖r‖²)·c``, so ``α‖r‖²·(c_harmful − c_harmless)``
+    is the first-order change of the harmful − harmless gap along ``r̂`` at the block's output: a
+    block that writes against ``r`` (negative gap) is pushed *away* from refusal by the edit.
+    """
+    from .formatting import post_instruction_ids, tokenize_instructions
+    from .forward import forward_last
+    from .models import attn_out_proj, decoder_layers, mlp_down_proj
+
+    u = direction.detach().double() / direction.double().norm()
+    n_pos = len(post_instruction_ids(lm.tokenizer, cfg.system_prompt))
+    blk = decoder_layers(lm.model)[block]
+    mods = {"attn_out": attn_out_proj(blk, lm.d_model), "mlp_down": mlp_down_proj(blk, lm.d_model)}
+    out: dict[str, Any] = {k: {} for k in mods}
+    for kind, prompts in (("harmful", data.harmful), ("harmless", data.harmless)):
+        if not prompts:
+            continue
+        sums = {k: [0.0, 0] for k in mods}
+
+        def hook(key: str):
+            def fn(module, inputs, output):
+                y = output[:, -n_pos:, :].double()
+                sums[key][0] += float((y @ u.to(y.device)).sum())
+                sums[key][1] += y.shape[0] * y.shape[1]
+            return fn
+
+        handles = [m.register_forward_hook(hook(k)) for k, m in mods.items()]
+        try:
+            forward_last(lm.model, tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt),
+                         pad_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size, share_prefix=False,
+                         want_logits=False)
+        finally:
+            for h in handles:
+                h.remove()
+        for k, (total, n) in sums.items():
+            out[k][kind] = total / max(n, 1)
+    return out
+
+
 def within_budgets(point: dict[str, Any], ref: dict[str, Any], spec: SearchSpec) -> list[str]:
     """Why ``point`` breaks a budget relative to the unrepaired ``ref`` (empty: within budgets)."""
     why = []
@@ -247,8 +291,9 @@ def _free(obj: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def _cached_base(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    path = root / "repair" / "base.json"
+def _cached_point(root: Path, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A measured model state cached in ``DIR/repair/<name>.json`` when it was made with ``settings``."""
+    path = root / "repair" / f"{name}.json"
     if path.exists():
         old = artifacts.read_json(path)
         if old.get("settings") == settings:
@@ -256,17 +301,20 @@ def _cached_base(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _store_point(root: Path, name: str, settings: dict[str, Any], point: dict[str, Any]) -> None:
+    artifacts.write_json(root / "repair" / f"{name}.json", {"settings": settings, "point": point})
+
+
 def _base_reference(cfg: Config, root: Path, data: SearchData, spec: SearchSpec, mnt: int,
                     settings: dict[str, Any]) -> dict[str, Any]:
     """The base model measured on the search prompts (cached in ``DIR/repair/base.json``)."""
     from .pipeline import Progress, RunDir, Session
 
-    path = root / "repair" / "base.json"
     s = Session(cfg=cfg, run=RunDir(root, "base"), progress=Progress(False))
     point = measure(s.lm, cfg, data, spec, mnt)
     _free(s._lm)
     s._lm = None
-    artifacts.write_json(path, {"settings": settings, "point": point})
+    _store_point(root, "base", settings, point)
     return point
 
 
@@ -339,8 +387,9 @@ def run_repair(cfg: Config, root: str | Path, variant: str, *, alpha_scale: floa
             chosen = record_curve["chosen"]
             if chosen["scale"] is None:
                 raise UserError(f"no alpha scale kept {variant} within the budgets (curve in "
-                                f"{root / 'repair' / (variant + '.curve.json')}); loosen the budgets or give --alpha-scale")
+                                f"{curve_path(root, variant, unit, placement, keep_zeros)}); loosen the budgets or give --alpha-scale")
             alpha_scale = chosen["scale"]
+    writes = block_writes(lm, cfg, direction, block, search_prompts(cfg, root, search))
     sparsity_before = model_sparsity(lm.model)
     edit = edit_at(float(alpha_scale))
     sparsity_after = model_sparsity(lm.model)
@@ -357,6 +406,9 @@ def run_repair(cfg: Config, root: str | Path, variant: str, *, alpha_scale: floa
         "alpha_scale": float(alpha_scale), "auto": auto,
         "gain": {k: r["gain"] for k, r in recs.items()},
         "sparsity_preserving": keep_zeros, "matrices": recs,
+        "writes_along_r": {**writes, "meaning": "mean r-hat component of what the edited block's two projections write "
+                           "at the post-instruction positions of the search prompts, before the edit"},
+        "predicted_gap_change": _predicted_gap_change(writes, recs),
         "model_sparsity_before": sparsity_before, "model_sparsity_after": sparsity_after,
         "quantization": None, "compression": None if compression is None else {
             k: compression.get(k) for k in ("method", "sparsity", "bits")},
@@ -378,9 +430,23 @@ def run_repair(cfg: Config, root: str | Path, variant: str, *, alpha_scale: floa
     return info
 
 
+def _predicted_gap_change(writes: dict[str, Any], recs: dict[str, Any]) -> float | None:
+    """First-order change of the harmful − harmless gap along r̂ at the edited block's output."""
+    try:
+        return sum(recs[k]["gain"] * (w["harmful"] - w["harmless"]) for k, w in writes.items())
+    except KeyError:
+        return None  # no harmless search prompts
+
+
+def curve_path(root: Path, variant: str, unit: bool, placement: str, keep_zeros: bool) -> Path:
+    """``DIR/repair/<V>.<placement>-<raw|unit>[-sp].curve.json``: one cache per kind of edit, so
+    measuring another placement or mode keeps the points already measured."""
+    return root / "repair" / f"{variant}.{placement}-{'unit' if unit else 'raw'}{'-sp' if keep_zeros else ''}.curve.json"
+
+
 def _alpha_curve(cfg: Config, root: Path, variant: str, session: Any, edit_at: Any, scales: tuple[float, ...],
                  search: SearchSpec, unit: bool, placement: str, keep_zeros: bool, progress: bool) -> dict[str, Any]:
-    """Measure the unrepaired variant and every scale (resumable: ``DIR/repair/<V>.curve.json``)."""
+    """Measure the unrepaired variant and every scale (resumable: :func:`curve_path`)."""
     from .evaluation.job import make_plan
 
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
@@ -390,12 +456,12 @@ def _alpha_curve(cfg: Config, root: Path, variant: str, session: Any, edit_at: A
     common = {"search": {**{k: getattr(search, k) for k in measured}, "accuracy": search.max_utility_drop is not None},
               "max_new_tokens": mnt, "prompts": data.info, "system_prompt": cfg.system_prompt}
     settings = {**common, "unit": unit, "placement": placement, "keep_zeros": keep_zeros}
-    path = root / "repair" / f"{variant}.curve.json"
+    path = curve_path(root, variant, unit, placement, keep_zeros)
     state = artifacts.read_json(path) if path.exists() else {}
     if state.get("settings") != settings:
         state = {"settings": settings, "points": {}}
     if search.target_asr is None:
-        base = _cached_base(root, common)
+        base = _cached_point(root, "base", common)
         if base is None:
             session_lm = session._lm
             session._lm = None  # the base model is measured with the variant unloaded (one model in memory)
@@ -406,10 +472,13 @@ def _alpha_curve(cfg: Config, root: Path, variant: str, session: Any, edit_at: A
     else:
         base, target, target_from = None, float(search.target_asr), "given"
     lm = session.lm
+    ref = state.get("unrepaired") or _cached_point(root, f"{variant}.unrepaired", common)
+    if ref is None:  # the unrepaired variant, shared by every kind of edit
+        ref = measure(lm, cfg, data, search, mnt)
+        _store_point(root, f"{variant}.unrepaired", common, ref)
     if "unrepaired" not in state:
-        state["unrepaired"] = measure(lm, cfg, data, search, mnt)
+        state["unrepaired"] = ref
         artifacts.write_json(path, state)
-    ref = state["unrepaired"]
     bar = session.progress.bar(len(scales), f"{variant}: alpha curve", unit="alpha")
     try:
         for s in scales:

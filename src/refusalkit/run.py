@@ -39,6 +39,34 @@ QUICK: dict[str, Any] = {
     "run.aird_scales": "1,4,16", "run.aird_search_prompts": 8,
 }
 
+# The default on a machine without a GPU: the whole study on the default model in about 20 minutes
+# on 2 cores (README, "refusalkit run"). What it trades off: one pruned and one quantized variant
+# instead of four; half the training prompts and a lighter selection (16 validation prompts, a
+# 2-prompt screen, 4 candidates scored in full); 16 calibration samples; variants' directions
+# judged by their selection scores, not by generation; 32-token completions on 100 + 32 prompts;
+# perplexity instead of zero-shot accuracy (the offline suite is at chance on a 0.5B model); a
+# 2-point alpha curve (x1, x16) on 16 + 16 prompts.
+CPU: dict[str, Any] = {
+    "n_train": 64, "n_val": 16, "n_test": 32, "validation.max_new_tokens": 32,
+    "selection.screen_prompts": 2, "selection.screen_keep": 4,
+    "evaluation.n_prompts": 100, "evaluation.n_harmless": 32, "evaluation.max_new_tokens": "32",
+    "evaluation.utility_tasks": "none", "evaluation.ppl_tokens": 2048,
+    "run.variants": "wanda-0.5,llm-int8", "run.n_calibration": 16, "run.validate_variants": False,
+    "run.aird_sparse": False, "run.aird_scales": "1,16", "run.aird_search_prompts": 16,
+}
+
+# Profiles sit between the defaults and the config file: a file or --set value always wins.
+PROFILES: dict[str, dict[str, Any]] = {"full": {}, "cpu": CPU, "quick": QUICK}
+
+
+def resolve_profile(name: str, device: str) -> str:
+    """``auto``: ``cpu`` when the run will not use a GPU, else ``full`` (the configured defaults)."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "full" if torch.cuda.is_available() and device != "cpu" else "cpu"
+
 
 def attacks_for(cfg: Config, gpu: bool) -> str:
     return cfg.run.attacks if cfg.run.attacks != "auto" else ("vanilla,decoding,suffix" if gpu else "vanilla")
@@ -88,8 +116,9 @@ class Runner:
         artifacts.write_json(self.path, self.state)
 
 
-def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage that is not done yet; return the report's summary."""
+def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print,
+            profile: str | None = None) -> dict[str, Any]:
+    """Run every stage that is not done yet; return the report's summary (``profile``: recorded in run.json)."""
     import torch
 
     from .compare import run_compare
@@ -105,18 +134,21 @@ def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Calla
              for v in r.variants.split(",") if v.strip()]  # an unknown method fails before any work
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     cfg.evaluation.attacks = attacks_for(cfg, gpu)
-    if r.utility:  # fail before any work when lm-eval is missing
-        from .evaluation.job import task_names
+    from .evaluation.job import task_names
+
+    if r.utility and task_names(cfg.evaluation.utility_tasks):  # fail before any work when lm-eval is missing
         from .evaluation.utility import _import_lm_eval, resolve_tasks
 
         resolve_tasks(task_names(cfg.evaluation.utility_tasks))
         _import_lm_eval()
     prepare(cfg, root, force=False)
     run = Runner(cfg, root, progress, echo)
+    if profile and profile != "as recorded":
+        run.state["profile"] = profile
     t0 = time.time()
 
-    def extract(v: str) -> Any:
-        return run_extract(cfg, root, variant=v, progress=progress)
+    def extract(v: str, validate: bool = True) -> Any:
+        return run_extract(cfg, root, variant=v, progress=progress, validate=validate)
 
     def evaluate(v: str) -> Any:
         return run_evaluate(cfg, root, v, utility_eval=r.utility, progress=progress)
@@ -128,7 +160,7 @@ def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Calla
         variants.append(info["variant"])
     compares: dict[str, Any] = {}
     for v in variants:
-        run.stage(f"{v}/extract", lambda v=v: extract(v))
+        run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
         compares[v] = run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
     for v in ["base", *variants]:
         run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
@@ -148,7 +180,7 @@ def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Calla
             if info is not None:
                 repaired.append(info["variant"])
     for v in repaired:
-        run.stage(f"{v}/extract", lambda v=v: extract(v))
+        run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
         run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
         run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
     report = run.stage("report", lambda: write_report(root))

@@ -444,9 +444,9 @@ def over_refusal(ctx: EvalContext, prompts: list[str], info: dict[str, Any]) -> 
 
 
 def task_names(text: str) -> list[str]:
-    """``offline`` / ``paper`` / ``all`` / a comma-separated list of task names."""
+    """``offline`` / ``paper`` / ``all`` / ``none`` (perplexity only) / a comma-separated list of task names."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    return ["offline", "paper"] if names == ["all"] else names
+    return ["offline", "paper"] if names == ["all"] else [] if names == ["none"] else names
 
 
 def utility(ctx: EvalContext) -> dict[str, Any]:
@@ -455,7 +455,8 @@ def utility(ctx: EvalContext) -> dict[str, Any]:
 
     e = ctx.e
     tasks = task_names(e.utility_tasks)
-    resolve_tasks(tasks)
+    if tasks:
+        resolve_tasks(tasks)
     settings = {"tasks": tasks, "limit": e.utility_limit or None, "ppl_tokens": e.ppl_tokens}
     path = ctx.out / "utility.json"
     if path.exists() and not ctx.force:
@@ -465,7 +466,7 @@ def utility(ctx: EvalContext) -> dict[str, Any]:
     lm = ctx.get_lm()
     t0 = time.time()
     res = evaluate_utility(lm, tasks, limit=e.utility_limit or None, batch_size=min(ctx.cfg.batch_size, 16),
-                           seed=e.seed)
+                           seed=e.seed) if tasks else {"tasks": {}, "mean_acc": None, "skipped": {}}
     out = {**res, "settings": settings}
     if e.ppl_tokens:
         out["perplexity"] = perplexity_on_corpus(lm, n_tokens=e.ppl_tokens)
@@ -486,7 +487,7 @@ def run_evaluate(cfg: Config, root: str | Path, variant: str = "base", *, utilit
         raise UserError(f"variant {variant!r} does not exist in {root}; create it with refusalkit compress "
                         "or use --variant base")
     e = cfg.evaluation
-    if utility_eval:
+    if utility_eval and task_names(e.utility_tasks):
         from .utility import resolve_tasks
 
         resolve_tasks(task_names(e.utility_tasks))  # an unknown task fails before any attack runs
