@@ -330,6 +330,22 @@ def test_int8_error_bound_without_outliers():
 
 
 @pytest.mark.skipif(not bnb_available(), reason="bitsandbytes is not installed")
+@pytest.mark.parametrize("k", [64, 1536])  # float32 codes below 1040 inputs, float64 beyond
+def test_int8_matmul_paths_agree_bit_for_bit(k):
+    from refusalkit.compress.int8 import int8_matmul
+
+    g = torch.Generator().manual_seed(k)
+    cb = torch.randint(-127, 128, (48, k), generator=g, dtype=torch.int8)
+    for m in (1, 5, 33):  # decode-sized and batch-sized inputs
+        qa = torch.randint(-127, 128, (m, k), generator=g).float()
+        fast, plain = int8_matmul(qa, cb), int8_matmul(qa, cb, use_int_mm=False)
+        exact = (qa.double() @ cb.double().t()).float()  # the exact integer sum, rounded once
+        assert torch.equal(fast, exact) and torch.equal(plain, exact)
+    # an extreme row: every product at 127 * 127 (the largest sum of the layer)
+    qa = torch.full((2, k), 127.0)
+    assert torch.equal(int8_matmul(qa, torch.full((3, k), 127, dtype=torch.int8)), torch.full((2, 3), float(k * 127 * 127)))
+
+
 def test_int8_torch_agrees_with_bitsandbytes():
     import bitsandbytes as bnb
 
