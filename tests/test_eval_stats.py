@@ -150,3 +150,23 @@ def test_make_plan_resolves_auto_by_machine():
     assert plan.max_new_tokens == 32 and [d.name for d in plan.decodings] == ["top_k=5"]
     with pytest.raises(UserError):
         load_config(overrides={"evaluation.max_new_tokens": "lots"})
+
+
+def test_gcg_candidates_per_forward_by_machine_and_kept_out_of_compared_settings():
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from refusalkit.config import load_config
+    from refusalkit.evaluation.job import _gcg_config, _gcg_settings, make_plan
+
+    cfg = load_config(overrides={"evaluation.gcg_search_width": "96"})
+    on = {gpu: _gcg_config(SimpleNamespace(plan=make_plan(cfg.evaluation, cfg, gpu=gpu), e=cfg.evaluation))
+          for gpu in (False, True)}
+    assert (on[False].search_width, on[False].eval_batch_size) == (96, 64)
+    assert (on[True].search_width, on[True].eval_batch_size) == (96, 96)  # every candidate in one forward
+    # Suffixes optimized with another batch size (e.g. before this setting existed) stay valid.
+    old = {"gcg": {**asdict(on[True]), "eval_batch_size": 64}, "variant": "base"}
+    new = {"gcg": asdict(on[True]), "variant": "base"}
+    assert _gcg_settings(old) == _gcg_settings(new) and "eval_batch_size" not in _gcg_settings(new)["gcg"]
+    other = {"gcg": {**asdict(on[True]), "n_steps": 3}, "variant": "base"}
+    assert _gcg_settings(other) != _gcg_settings(new)

@@ -172,6 +172,35 @@ def test_cached_batched_losses_equal_a_full_forward(tiny_lm):
             assert ok[b, j].item() == full_ok
 
 
+def test_losses_halve_the_batch_on_out_of_memory(qwen_lm):
+    """A forward of more than 2 rows raises CUDA's out-of-memory error: the losses are still computed,
+    equal to those of batches of 2, and the halved size is kept for the next call."""
+    goals = HARMFUL[:2]
+    obj = GCGObjective(qwen_lm, goals, [default_target(g) for g in goals])
+    cands = torch.cat([obj.suffix_ids(INIT).unsqueeze(0), _random_candidates(obj, 6)])
+    ref_loss, ref_ok = obj.losses(cands, [0, 1], batch_size=2)
+    model, sizes = obj.model, []
+
+    def limited(*args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return model(*args, **kwargs)
+
+    obj.model = limited
+    loss, ok = obj.losses(cands, [0, 1], batch_size=8)
+    assert sizes[:3] == [7, 4, 2] and max(sizes[3:]) == 2
+    assert obj.max_batch == 2
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    assert torch.equal(ok, ref_ok)
+    sizes.clear()
+    obj.losses(cands, [0], batch_size=8)
+    assert max(sizes) == 2  # kept halved: no second failure
+    obj.model = lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("always"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        obj.losses(cands, [0], batch_size=8)
+
+
 def test_gradient_equals_one_hot_gradient_of_a_full_forward(tiny_lm):
     goals = HARMFUL[:2]
     obj = GCGObjective(tiny_lm, goals, [default_target(g) for g in goals])

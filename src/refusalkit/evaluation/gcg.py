@@ -67,7 +67,7 @@ class GCGConfig:
     n_replace: int = 1  # positions changed per candidate
     suffix_init: str = "! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! ! !"  # Zou's 20 "!"
     seed: int = 0
-    eval_batch_size: int = 64  # candidates per forward pass
+    eval_batch_size: int = 64  # candidates per forward pass (halved, and kept halved, on an out-of-memory error)
     allow_non_ascii: bool = False
     early_stop: bool = True  # stop when every target is the greedy continuation
     progressive: bool = True  # universal mode: add prompts one at a time once the current ones succeed (Alg. 2)
@@ -279,11 +279,6 @@ def make_segments(tokenizer: Any, goal: str, target: str, system_prompt: str | N
     return Segments(before=enc(before), after=enc(after), target=tgt, before_text=before, after_text=after)
 
 
-def _batches(n: int, size: int):
-    for s in range(0, n, size):
-        yield slice(s, min(n, s + size))
-
-
 class GCGObjective:
     """The target loss of a set of prompts as a function of the suffix ids (Eq. 2; Alg. 2 sums it).
 
@@ -306,6 +301,7 @@ class GCGObjective:
         self.segments = [make_segments(self.tokenizer, g, t, system_prompt) for g, t in zip(goals, targets)]
         self._caches: list[Any] = [None] * len(goals)
         self.embed_scale = self._embed_scale()
+        self.max_batch: int | None = None  # set when a forward ran out of memory: the size that is tried since
 
     def _embed_scale(self) -> float:
         """Scale between the embedding module and a lookup of its weights (1, or Gemma's √d)."""
@@ -395,19 +391,32 @@ class GCGObjective:
         loss = torch.empty(B, len(goals))
         success = torch.empty(B, len(goals), dtype=torch.bool)
         cands = cands.to(self.device)
+        size = max(1, min(batch_size, self.max_batch or batch_size))
         with torch.inference_mode():
             for j, g in enumerate(goals):
                 tail = self._tail(g)
                 target = torch.tensor(self.segments[g].target, device=self.device)
                 T = len(target)
-                for sl in _batches(B, max(1, batch_size)):
-                    x = cands[sl]
-                    x = torch.cat([x, tail.unsqueeze(0).expand(x.shape[0], -1)], dim=1)
-                    out = self.model(input_ids=x, logits_to_keep=T, **self._cache_for(g, x.shape[0]))
-                    lo, ok = target_loss(out.logits[:, -T:, :], target)
+                start = 0
+                while start < B:
+                    sl = slice(start, min(B, start + size))
+                    try:
+                        x = cands[sl]
+                        x = torch.cat([x, tail.unsqueeze(0).expand(x.shape[0], -1)], dim=1)
+                        out = self.model(input_ids=x, logits_to_keep=T, **self._cache_for(g, x.shape[0]))
+                        lo, ok = target_loss(out.logits[:, -T:, :], target)
+                        del out
+                    except torch.cuda.OutOfMemoryError:
+                        if size == 1:
+                            raise
+                        size = self.max_batch = size // 2
+                        log.warning("GCG: out of memory with %d candidates per forward; retrying with %d", size * 2, size)
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        continue
                     loss[sl, j] = lo.cpu()
                     success[sl, j] = ok.cpu()
-                    del out
+                    start = sl.stop
         return loss, success
 
     def gradient(self, ids: torch.Tensor, goals: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

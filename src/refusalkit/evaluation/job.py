@@ -328,8 +328,18 @@ def attack_decoding(ctx: EvalContext, prompts: list[str], info: dict[str, Any]) 
 def _gcg_config(ctx: EvalContext) -> Any:
     from .gcg import GCGConfig
 
-    return GCGConfig(n_steps=ctx.plan.gcg_steps, search_width=ctx.plan.gcg_search_width, topk=ctx.e.gcg_topk,
-                     seed=ctx.e.seed)
+    # Candidates per forward pass: all of them on a GPU (halved on an out-of-memory error), 64 on a CPU.
+    # On one H100 with the default model this took the candidate losses from 0.40 to 0.16 s per step
+    # at width 512 (benchmarks/bench_gcg.py); it changes no result beyond floating-point batch effects,
+    # so it is kept out of the compared settings (see _gcg_settings).
+    plan = ctx.plan
+    return GCGConfig(n_steps=plan.gcg_steps, search_width=plan.gcg_search_width, topk=ctx.e.gcg_topk,
+                     seed=ctx.e.seed, eval_batch_size=plan.gcg_search_width if plan.gpu else 64)
+
+
+def _gcg_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The GCG settings that decide a suffix: ``eval_batch_size`` (a speed knob) left out."""
+    return {**settings, "gcg": {k: v for k, v in settings["gcg"].items() if k != "eval_batch_size"}}
 
 
 def optimize_suffixes(ctx: EvalContext, goals: list[str], universal_goals: list[str]) -> dict[str, Any]:
@@ -340,13 +350,14 @@ def optimize_suffixes(ctx: EvalContext, goals: list[str], universal_goals: list[
     from .gcg import default_target, gcg
 
     cfg = _gcg_config(ctx)
-    settings = {"gcg": asdict(cfg), "system_prompt": ctx.cfg.system_prompt, "variant": ctx.variant,
-                "universal_goals": universal_goals}
+    settings = _gcg_settings({"gcg": asdict(cfg), "system_prompt": ctx.cfg.system_prompt, "variant": ctx.variant,
+                              "universal_goals": universal_goals})
     path = ctx.out / "suffixes.json"
-    data: dict[str, Any] = {"settings": settings, "per_prompt": {}, "universal": None}
+    data: dict[str, Any] = {"settings": settings, "eval_batch_size": cfg.eval_batch_size, "per_prompt": {},
+                            "universal": None}
     if path.exists() and not ctx.force:
         old = artifacts.read_json(path)
-        if old.get("settings") != settings:
+        if "gcg" not in old.get("settings", {}) or _gcg_settings(old["settings"]) != settings:
             raise UserError(f"{path} was made with other GCG settings; use the same settings or --force to redo it")
         data = old
     todo = [g for g in goals if g not in data["per_prompt"]]
