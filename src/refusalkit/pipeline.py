@@ -21,6 +21,7 @@ atomically, so an interrupt leaves only finished artifacts.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -76,32 +77,79 @@ class RunDir:
         return self.direction_dir / name
 
 
+class ModelOwner:
+    """The one owner of a loaded model: it loads, releases and swaps; nobody else replaces it.
+
+    Holders ask :attr:`lm` every time they need the model and never keep it across a
+    :meth:`use` or :meth:`release`: both drop the owner's reference (so the old model is freed
+    when nothing else holds it) and bump :attr:`generation`, which an :class:`~refusalkit.aird.AirdEdit`
+    or any other holder may compare to detect a stale model. One model is loaded at a time.
+    """
+
+    def __init__(self, cfg: Config, root: Path, variant: str = "base"):
+        self.cfg, self.root, self.variant = cfg, root, variant
+        self._lm: LoadedModel | None = None
+        self.generation = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._lm is not None
+
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            self._lm = self._load(self.variant)
+        return self._lm
+
+    def _load(self, variant: str) -> LoadedModel:
+        override = None
+        if variant != "base":
+            model_dir = RunDir(self.root, variant).variant_model_dir
+            if not (model_dir / "config.json").exists():
+                raise UserError(f"variant {variant!r} has no model in {model_dir}; "
+                                "create it first (refusalkit compress) or use --variant base")
+            override = str(model_dir)
+        c = self.cfg
+        log.info("loading model %s", c.model if override is None else override)
+        return load_model(c.model, dtype=c.dtype, device=c.device, chat_template=c.chat_template, path_override=override)
+
+    def release(self) -> None:
+        """Drop the loaded model (freed once no stale holder keeps it) and invalidate holders."""
+        if self._lm is not None:
+            self._lm = None
+            self.generation += 1
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def use(self, variant: str) -> LoadedModel:
+        """Swap to ``variant`` (released first, so two models are never held at once)."""
+        if variant != self.variant:
+            self.release()
+            self.variant = variant
+        return self.lm
+
+
 @dataclass
 class Session:
-    """What the stages share: the config, the run directory, the (lazily loaded) model."""
+    """What the stages share: the config, the run directory, the model's owner."""
 
     cfg: Config
     run: RunDir
     progress: Progress
     force: bool = False
-    _lm: LoadedModel | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     _ran: bool = False
+    owner: ModelOwner | None = None
+
+    def __post_init__(self) -> None:
+        if self.owner is None:
+            self.owner = ModelOwner(self.cfg, self.run.root, self.run.variant)
 
     @property
     def lm(self) -> LoadedModel:
-        if self._lm is None:
-            override = None
-            if self.run.variant != "base":
-                if not (self.run.variant_model_dir / "config.json").exists():
-                    raise UserError(f"variant {self.run.variant!r} has no model in {self.run.variant_model_dir}; "
-                                    "create it first (refusalkit compress) or use --variant base")
-                override = str(self.run.variant_model_dir)
-            c = self.cfg
-            log.info("loading model %s", c.model if override is None else override)
-            self._lm = load_model(c.model, dtype=c.dtype, device=c.device, chat_template=c.chat_template,
-                                  path_override=override)
-        return self._lm
+        """The owner's current model: ask each time, never keep it across a swap."""
+        return self.owner.lm
 
     def timed(self, stage: str, fn: Callable[[], Any]) -> Any:
         """Run a stage; record its time in the manifest only if it computed something."""
@@ -323,7 +371,7 @@ def run_extract(cfg: Config, root: str | Path, variant: str = "base", force: boo
     else:
         val = artifacts.read_json(s.run.f("validation.json")) if s.run.f("validation.json").exists() else None
     return {"direction": info, "validation": val, "seconds": round(time.time() - t0, 1),
-            "run": str(root), "variant": variant, "model_info": s._lm.info if s._lm else None}
+            "run": str(root), "variant": variant, "model_info": s.lm.info if s.owner.loaded else None}
 
 
 def default_config_text() -> str:

@@ -17,8 +17,8 @@ perplexity and accuracy stay within the user's budgets relative to the unrepaire
 
 from __future__ import annotations
 
-import gc
 import json
+import logging
 import os
 import shutil
 import time
@@ -32,6 +32,8 @@ from . import artifacts
 from .aird import PAPER_ALPHAS, AirdEdit, Requantize, apply_aird, edit_block_index
 from .config import Config
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -284,13 +286,6 @@ def repair_name(variant: str, keep_zeros: bool) -> str:
     return f"{variant}+aird" + ("-sp" if keep_zeros else "")
 
 
-def _free(obj: Any) -> None:
-    del obj
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _cached_point(root: Path, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     """A measured model state cached in ``DIR/repair/<name>.json`` when it was made with ``settings``."""
     path = root / "repair" / f"{name}.json"
@@ -305,15 +300,14 @@ def _store_point(root: Path, name: str, settings: dict[str, Any], point: dict[st
     artifacts.write_json(root / "repair" / f"{name}.json", {"settings": settings, "point": point})
 
 
-def _base_reference(cfg: Config, root: Path, data: SearchData, spec: SearchSpec, mnt: int,
+def _base_reference(owner: Any, cfg: Config, root: Path, data: SearchData, spec: SearchSpec, mnt: int,
                     settings: dict[str, Any]) -> dict[str, Any]:
-    """The base model measured on the search prompts (cached in ``DIR/repair/base.json``)."""
-    from .pipeline import Progress, RunDir, Session
+    """The base model measured on the search prompts (cached in ``DIR/repair/base.json``).
 
-    s = Session(cfg=cfg, run=RunDir(root, "base"), progress=Progress(False))
-    point = measure(s.lm, cfg, data, spec, mnt)
-    _free(s._lm)
-    s._lm = None
+    The owner swaps to the base model and back, so one model is in memory at a time."""
+    variant = owner.variant
+    point = measure(owner.use("base"), cfg, data, spec, mnt)
+    owner.use(variant)
     _store_point(root, "base", settings, point)
     return point
 
@@ -359,9 +353,13 @@ def run_repair(cfg: Config, root: str | Path, variant: str, *, alpha_scale: floa
         differ = sorted(k for k, v in asked.items() if old.get(k) != v)
         if differ:
             raise UserError(f"{name} exists with other settings ({', '.join(differ)}); give another --name or --force")
-        return {**old, "reused": True}
+        if not _stale_curve(old):
+            return {**old, "reused": True}
+        log.warning("%s was made by refusalkit 0.1.0 from an alpha curve that measured an unedited model; "
+                    "redoing it", name)
 
     t0 = time.time()
+    discard_analyses(root, name)  # the analyses of a replaced repaired variant no longer apply
     base_info = artifacts.read_json(base_info_path)
     direction = artifacts.load_tensors(root / "base" / "direction" / "direction.safetensors")["direction"]
     comp_path = vdir / "compression.json"
@@ -372,11 +370,11 @@ def run_repair(cfg: Config, root: str | Path, variant: str, *, alpha_scale: floa
     if unit and tuple(search.scales) == DEFAULT_SCALES:  # same gains as the raw grid
         scales = tuple(round(s * norm ** 2, 4) for s in DEFAULT_SCALES)
     session = Session(cfg=cfg, run=RunDir(root, variant), progress=Progress(progress))
-    lm = session.lm
-    block = edit_block_index(int(base_info["layer"]), placement, lm.n_layers)
+    block = edit_block_index(int(base_info["layer"]), placement, session.lm.n_layers)
 
     def edit_at(scale: float) -> AirdEdit:
-        return apply_aird(lm.model, direction, block, alphas={k: a * scale for k, a in PAPER_ALPHAS.items()},
+        """Edit the model the owner holds now (never a model held from before a swap)."""
+        return apply_aird(session.lm.model, direction, block, alphas={k: a * scale for k, a in PAPER_ALPHAS.items()},
                           unit=unit, keep_zeros=keep_zeros, requantize=requant)
 
     record_curve = None
@@ -389,10 +387,10 @@ def run_repair(cfg: Config, root: str | Path, variant: str, *, alpha_scale: floa
                 raise UserError(f"no alpha scale kept {variant} within the budgets (curve in "
                                 f"{curve_path(root, variant, unit, placement, keep_zeros)}); loosen the budgets or give --alpha-scale")
             alpha_scale = chosen["scale"]
-    writes = block_writes(lm, cfg, direction, block, search_prompts(cfg, root, search))
-    sparsity_before = model_sparsity(lm.model)
+    writes = block_writes(session.lm, cfg, direction, block, search_prompts(cfg, root, search))
+    sparsity_before = model_sparsity(session.lm.model)
     edit = edit_at(float(alpha_scale))
-    sparsity_after = model_sparsity(lm.model)
+    sparsity_after = model_sparsity(session.lm.model)
     write_edited_checkpoint(session.run.variant_model_dir, out_dir / "model", checkpoint_tensors(edit))
     recs = edit.records
     info: dict[str, Any] = {
@@ -422,12 +420,29 @@ def run_repair(cfg: Config, root: str | Path, variant: str, *, alpha_scale: floa
             "survival": sum(q["survival"] for q in quant) / len(quant),
             "per_matrix": {k: r["quantization"] for k, r in recs.items() if "quantization" in r}}
     edit.remove()
+    session.owner.release()
     artifacts.write_json(rpath, info)
     from .manifest import update_manifest
 
     update_manifest(root / "manifest.json", cfg.seed, f"{name}/repair", info["seconds"])
     info["reused"] = False
     return info
+
+
+def _stale_curve(info: dict[str, Any]) -> bool:
+    """A repair whose α curve was measured by refusalkit 0.1.0 (on an unedited model: the bug fixed
+    in 0.2.0); its figures, and an automatic α chosen from them, are not to be reused."""
+    c = info.get("curve")
+    return bool(c) and c.get("measures") != "edited model"
+
+
+def discard_analyses(root: Path, variant: str) -> None:
+    """Remove what was computed on a variant's model (direction, evaluation, comparison) when the
+    model is replaced; the next stages recompute it."""
+    for stale in (root / variant / "direction", root / variant / "eval"):
+        if stale.exists():
+            shutil.rmtree(stale)
+    (root / "compare" / f"{variant}.json").unlink(missing_ok=True)
 
 
 def _predicted_gap_change(writes: dict[str, Any], recs: dict[str, Any]) -> float | None:
@@ -455,7 +470,8 @@ def _alpha_curve(cfg: Config, root: Path, variant: str, session: Any, edit_at: A
     measured = ("n_prompts", "n_harmless", "ppl_tokens", "utility_limit")  # what a point's figures depend on
     common = {"search": {**{k: getattr(search, k) for k in measured}, "accuracy": search.max_utility_drop is not None},
               "max_new_tokens": mnt, "prompts": data.info, "system_prompt": cfg.system_prompt}
-    settings = {**common, "unit": unit, "placement": placement, "keep_zeros": keep_zeros}
+    # "measures": curves cached by refusalkit 0.1.0 measured an unedited model; they lack this key and are redone
+    settings = {**common, "unit": unit, "placement": placement, "keep_zeros": keep_zeros, "measures": "edited model"}
     path = curve_path(root, variant, unit, placement, keep_zeros)
     state = artifacts.read_json(path) if path.exists() else {}
     if state.get("settings") != settings:
@@ -463,18 +479,14 @@ def _alpha_curve(cfg: Config, root: Path, variant: str, session: Any, edit_at: A
     if search.target_asr is None:
         base = _cached_point(root, "base", common)
         if base is None:
-            session_lm = session._lm
-            session._lm = None  # the base model is measured with the variant unloaded (one model in memory)
-            _free(session_lm)
-            base = _base_reference(cfg, root, data, search, mnt, common)
+            base = _base_reference(session.owner, cfg, root, data, search, mnt, common)
         target = base["asr"]["rate"]
         target_from = "base model on the search prompts"
     else:
         base, target, target_from = None, float(search.target_asr), "given"
-    lm = session.lm
     ref = state.get("unrepaired") or _cached_point(root, f"{variant}.unrepaired", common)
     if ref is None:  # the unrepaired variant, shared by every kind of edit
-        ref = measure(lm, cfg, data, search, mnt)
+        ref = measure(session.lm, cfg, data, search, mnt)
         _store_point(root, f"{variant}.unrepaired", common, ref)
     if "unrepaired" not in state:
         state["unrepaired"] = ref
@@ -486,7 +498,7 @@ def _alpha_curve(cfg: Config, root: Path, variant: str, session: Any, edit_at: A
             if key not in state["points"]:
                 edit = edit_at(float(s))
                 try:
-                    point = measure(lm, cfg, data, search, mnt)
+                    point = measure(session.lm, cfg, data, search, mnt)
                 finally:
                     edit.remove()
                 point["alphas"] = {k: r["alpha"] for k, r in edit.records.items()}
@@ -503,7 +515,7 @@ def _alpha_curve(cfg: Config, root: Path, variant: str, session: Any, edit_at: A
         p["over_budget"] = within_budgets(p, ref, search)
         curve.append(p)
     chosen = choose_scale(curve, ref, target, search)
-    return {"points": curve, "unrepaired": ref, "base": base, "target_asr": target, "target_from": target_from,
+    return {"points": curve, "measures": "edited model", "unrepaired": ref, "base": base, "target_asr": target, "target_from": target_from,
             "chosen": chosen, "budgets": {k: getattr(search, k) for k in (
                 "max_over_refusal_increase", "max_degenerate_increase", "max_ppl_increase", "max_utility_drop",
                 "asr_tolerance")},

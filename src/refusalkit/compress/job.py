@@ -338,9 +338,9 @@ def run_compress(cfg: Config, root: str | Path, spec: CompressSpec, force: bool 
                 bar.close()
     compress_seconds = time.time() - t0
     _save_model(lm, mdir)
-    stale = vdir / "direction"
-    if stale.exists():  # analyses of the replaced model no longer apply
-        shutil.rmtree(stale)
+    from ..repair import discard_analyses
+
+    discard_analyses(root, name)  # analyses of the replaced model no longer apply
     per_layer = result["per_layer"]
     total = sum(r["numel"] for r in per_layer.values())
     zeros = sum(r["sparsity"] * r["numel"] for r in per_layer.values())
