@@ -34,12 +34,12 @@ DEFAULT_METHODS = ["magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "wanda-2:4", "
 
 
 def evaluate(model: str, path: str | None, ppl_ids: list[int], prompts: list[str], max_new_tokens: int) -> dict:
-    from refusalkit.formatting import tokenize_instructions
-    from refusalkit.generate import generate
-    from refusalkit.judge import RefusalJudge, summarize
-    from refusalkit.models import load_model
-    from refusalkit.perplexity import perplexity
-    from refusalkit.prompts import load_refusal_phrases
+    from refusalkit.models.chat import tokenize_instructions
+    from refusalkit.direction.generate import generate
+    from refusalkit.data.refusal import SubstringJudge, summarize
+    from refusalkit.models.loading import load_model
+    from refusalkit.evaluation.perplexity import perplexity
+    from refusalkit.data.prompts import load_refusal_phrases
 
     lm = load_model(model, dtype="auto", device="auto", path_override=path)
     t = time.time()
@@ -47,7 +47,7 @@ def evaluate(model: str, path: str | None, ppl_ids: list[int], prompts: list[str
     t_ppl = time.time() - t
     t = time.time()
     outs = generate(lm, tokenize_instructions(lm.tokenizer, prompts), max_new_tokens=max_new_tokens, batch_size=32)
-    verdicts = RefusalJudge(load_refusal_phrases()).judge_many(outs)
+    verdicts = SubstringJudge(load_refusal_phrases()).judge_many(prompts, outs)
     s = summarize(verdicts)
     res = {"perplexity": ppl["perplexity"], "ppl_tokens": ppl["n_tokens"], "ppl_seconds": round(t_ppl, 1),
            "refusal_rate": s["refusal_rate"], "degenerate_rate": s["degenerate_rate"],
@@ -71,9 +71,9 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from refusalkit.compress.calibration import corpus_ids
-    from refusalkit.models import resolve_model
-    from refusalkit.prompts import load_prompts
+    from refusalkit.data.corpus import corpus_ids
+    from refusalkit.models.loading import resolve_model
+    from refusalkit.data.prompts import load_prompts
 
     root = Path(args.run)
     tok = AutoTokenizer.from_pretrained(resolve_model(args.model))

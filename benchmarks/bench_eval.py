@@ -45,12 +45,12 @@ def main() -> int:
     import torch
 
     from refusalkit.evaluation.gcg import GCGConfig, default_target, gcg
-    from refusalkit.evaluation.job import SYSTEM_NONE
+    from refusalkit.evaluation.plan import SYSTEM_NONE
     from refusalkit.evaluation.sampling import GREEDY, sample, small_grid
-    from refusalkit.formatting import tokenize_instructions
-    from refusalkit.generate import generate
-    from refusalkit.models import load_model
-    from refusalkit.prompts import load_prompts
+    from refusalkit.models.chat import tokenize_instructions
+    from refusalkit.models.generation import batches, default_stop_ids, pad_left
+    from refusalkit.models.loading import load_model
+    from refusalkit.data.prompts import load_prompts
 
     lm = load_model(args.model)
     tok = lm.tokenizer
@@ -64,6 +64,23 @@ def main() -> int:
     dt = time.time() - t
     n_tok = _tokens(tok, ours)
     rows.append(("refusalkit sampler, batched", len(ids), n_tok, dt))
+
+    stop = set(default_stop_ids(lm))
+
+    def generate(lm, rows, max_new_tokens, batch_size):
+        """Hugging Face ``generate(do_sample=False)`` on left-padded batches (refusalkit's own greedy
+        path is the sampler above), each completion cut after its first stop token."""
+        out = []
+        for sl in batches(len(rows), batch_size):
+            x, mask = pad_left(rows[sl], tok.pad_token_id, lm.device)
+            with torch.inference_mode():
+                gen = lm.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None,
+                                        top_k=None)
+            for row in gen[:, x.shape[1]:].tolist():
+                row = row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))]
+                out.append(tok.decode(row, skip_special_tokens=True).strip())
+        return out
 
     t = time.time()
     hf = generate(lm, ids, max_new_tokens=T, batch_size=args.batch_size)

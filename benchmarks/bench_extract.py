@@ -50,11 +50,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from refusalkit import load_config, load_model
-    from refusalkit.extract import candidate_directions, mean_activations
-    from refusalkit.formatting import post_instruction_ids, tokenize_instructions
-    from refusalkit.forward import STATS
-    from refusalkit.prompts import load_prompts, refusal_first_phrases, split_prompts
-    from refusalkit.select import Scorer, refusal_token_ids, select_direction
+    from refusalkit.direction.extract import candidate_directions, mean_activations
+    from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
+    from refusalkit.direction.forward import STATS
+    from refusalkit.data.prompts import load_prompts, refusal_first_phrases, split_prompts
+    from refusalkit.direction.select import Scorer, refusal_token_ids, select_direction
 
     cfg = load_config(overrides={"model": args.model, "n_train": args.n_train, "n_val": args.n_val})
     peak = matmul_peak()

@@ -41,8 +41,8 @@ def main() -> int:
     import torch
 
     from refusalkit.evaluation import gcg as G
-    from refusalkit.models import LoadedModel, load_model, resolve_device, resolve_dtype
-    from refusalkit.prompts import load_prompts
+    from refusalkit.models.loading import LoadedModel, load_model, resolve_device, resolve_dtype
+    from refusalkit.data.prompts import load_prompts
 
     if args.random_weights:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -78,8 +78,10 @@ def main() -> int:
     G.GCGObjective.gradient = timed("gradient", G.GCGObjective.gradient)
     G.GCGObjective.consistent = timed("retokenization filter", G.GCGObjective.consistent)
     G.GCGObjective.losses = timed("candidate losses", G.GCGObjective.losses)
-    G.sample_candidates = timed("sampling", G.sample_candidates)
-    G.top_k_substitutions = timed("sampling", G.top_k_substitutions)
+    from refusalkit.evaluation.gcg import attack as GA  # the optimization loop looks these up in its own module
+
+    GA.sample_candidates = timed("sampling", GA.sample_candidates)
+    GA.top_k_substitutions = timed("sampling", GA.top_k_substitutions)
 
     goals = load_prompts("advbench")[-args.goals:]
     targets = [G.default_target(g) for g in goals]

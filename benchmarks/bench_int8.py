@@ -27,12 +27,12 @@ def main() -> int:
     os.environ["REFUSALKIT_INT8_BACKEND"] = "torch"
     import torch
 
-    from refusalkit.compress import int8 as int8_mod
+    from refusalkit.models import int8 as int8_mod
     from refusalkit.evaluation.sampling import GREEDY, sample
-    from refusalkit.formatting import tokenize_instructions
-    from refusalkit.forward import forward_last
-    from refusalkit.models import load_model
-    from refusalkit.prompts import load_prompts
+    from refusalkit.models.chat import tokenize_instructions
+    from refusalkit.direction.forward import forward_last
+    from refusalkit.models.loading import load_model
+    from refusalkit.data.prompts import load_prompts
 
     lm = load_model("default", dtype="float32", device="cpu", path_override=os.path.join(args.variant_dir, "model"))
     n_int8 = sum(isinstance(m, int8_mod.Int8Linear) for m in lm.model.modules())

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from refusalkit.models import LoadedModel  # noqa: E402
+from refusalkit.models.loading import LoadedModel
 
 VOCAB = 300  # model vocab; the tokenizer is trained to exactly this many tokens or fewer
 HIDDEN = 64
@@ -171,21 +171,21 @@ def tiny_lm(request, llama_lm, qwen_lm) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def harmful_ids(tokenizer) -> list[list[int]]:
-    from refusalkit.formatting import tokenize_instructions
+    from refusalkit.models.chat import tokenize_instructions
 
     return tokenize_instructions(tokenizer, HARMFUL)
 
 
 @pytest.fixture(scope="session")
 def harmless_ids(tokenizer) -> list[list[int]]:
-    from refusalkit.formatting import tokenize_instructions
+    from refusalkit.models.chat import tokenize_instructions
 
     return tokenize_instructions(tokenizer, HARMLESS)
 
 
 @pytest.fixture(scope="session")
 def n_pos(tokenizer) -> int:
-    from refusalkit.formatting import post_instruction_ids
+    from refusalkit.models.chat import post_instruction_ids
 
     return len(post_instruction_ids(tokenizer))
 

@@ -10,13 +10,17 @@ import torch
 from torch import nn
 
 from conftest import make_llama, make_qwen2
-from refusalkit.aird import PAPER_ALPHAS, Requantize, aird_delta, apply_aird, edit_block_index, survival
-from refusalkit.compress.int8 import Int8Linear, replace_linears
+from refusalkit.repair.aird import PAPER_ALPHAS, Requantize, aird_delta, apply_aird, edit_block_index, survival
+from refusalkit.models.int8 import Int8Linear
+from refusalkit.models.int8 import replace_linears
 from refusalkit.compress.pruning import Sparsity, magnitude_mask, apply_mask
 from refusalkit.compress.quant import quantize_groupwise
-from refusalkit.errors import UserError
-from refusalkit.models import attn_out_proj, decoder_layers, mlp_down_proj
-from refusalkit.repair import SearchSpec, checkpoint_tensors, choose_scale, within_budgets, write_edited_checkpoint
+from refusalkit.core.errors import UserError
+from refusalkit.models.structure import attn_out_proj, decoder_layers, mlp_down_proj
+from refusalkit.core.config import RepairConfig
+from refusalkit.core.settings import load_config
+from refusalkit.repair.search import choose_scale, within_budgets
+from refusalkit.repair.checkpoint import checkpoint_tensors, write_edited_checkpoint
 
 
 def _w(seed=0, shape=(16, 24)):
@@ -186,7 +190,7 @@ def _pt(scale, asr, orr=0.05, deg=0.0, ppl=20.0):
 
 
 def test_choose_scale_smallest_within_budgets():
-    spec = SearchSpec()
+    spec = RepairConfig()
     ref = _pt(0, 0.5)
     curve = [_pt(0.5, 0.45), _pt(1, 0.3), _pt(2, 0.2), _pt(4, 0.1, orr=0.5), _pt(8, 0.0, deg=0.9)]
     for p in curve:
@@ -198,12 +202,16 @@ def test_choose_scale_smallest_within_budgets():
     assert "perplexity" in within_budgets(_pt(1, 0.1, ppl=30.0), ref, spec)[0]
 
 
-def test_search_spec_errors():
-    with pytest.raises(UserError):
-        SearchSpec(scales=(0.0, 1.0))
-    with pytest.raises(UserError):
-        SearchSpec(ppl_tokens=100)
-    assert SearchSpec(scales=(4, 1, 1)).scales == (1.0, 4.0)
+def test_repair_settings_errors():
+    with pytest.raises(UserError, match="repair.scales"):
+        load_config(None, {"repair.scales": "0,1"})
+    with pytest.raises(UserError, match="repair.ppl_tokens"):
+        load_config(None, {"repair.ppl_tokens": 100})
+    with pytest.raises(UserError, match="repair.alpha_scale"):
+        load_config(None, {"repair.alpha_scale": "-2"})
+    with pytest.raises(UserError, match="repair.placement"):
+        load_config(None, {"repair.placement": "middle"})
+    assert load_config(None, {"repair.scales": "4,1,1"}).repair.scales == [1.0, 4.0]
 
 
 def test_apply_error_leaves_model_unchanged(tokenizer):
@@ -220,9 +228,10 @@ def test_block_writes_scale_by_one_plus_gain(tokenizer):
 
     Exact for one projection at a time: editing the attention output also changes the MLP's input."""
     from conftest import HARMFUL, HARMLESS
-    from refusalkit.config import Config
-    from refusalkit.models import LoadedModel
-    from refusalkit.repair import SearchData, _predicted_gap_change, block_writes
+    from refusalkit.core.config import Config
+    from refusalkit.models.loading import LoadedModel
+    from refusalkit.repair.search import SearchData, block_writes
+    from refusalkit.repair.job import _predicted_gap_change
 
     lm = LoadedModel(model=make_qwen2(tokenizer), tokenizer=tokenizer, spec="tiny", source="memory")
     cfg, data = Config(), SearchData(HARMFUL[:3], HARMLESS[:3], {})

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import HARMFUL, HARMLESS, POST_INSTRUCTION
-from refusalkit.compress.calibration import HELD_OUT_EVERY, build_calibration, corpus_documents, corpus_ids, corpus_part
-from refusalkit.errors import UserError
+from refusalkit.compress.calibration import build_calibration
+from refusalkit.data.corpus import HELD_OUT_EVERY
+from refusalkit.data.corpus import corpus_documents, corpus_ids, corpus_part
+from refusalkit.core.errors import UserError
 
 
 def test_wikipedia_corpus_is_real_text():

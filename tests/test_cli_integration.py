@@ -127,7 +127,7 @@ def test_run_dir_that_is_a_file(tmp_path, capsys):
 
 
 def test_model_without_chat_template_refused(tmp_path, capsys):
-    from refusalkit.models import resolve_model
+    from refusalkit.models.loading import resolve_model
 
     src = Path(resolve_model("smollm2-135m"))
     dst = tmp_path / "nochat"
@@ -147,7 +147,7 @@ def test_model_without_chat_template_refused(tmp_path, capsys):
 
 
 def test_interrupt_leaves_finished_artifacts_only(tmp_path, capsys, monkeypatch):
-    import refusalkit.pipeline as pl
+    import refusalkit.direction.job as pl
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -166,7 +166,7 @@ def test_interrupt_leaves_finished_artifacts_only(tmp_path, capsys, monkeypatch)
 
 def test_orthogonalize_command_matches_hook_ablation(smol_run, tmp_path, capsys):
     from refusalkit import ablation_hooks, load_model, tokenize_instructions
-    from refusalkit.forward import forward_last
+    from refusalkit.direction.forward import forward_last
 
     out = tmp_path / "ortho"
     code, _, _ = run(capsys, "orthogonalize", "--run", str(smol_run), "--out", str(out))

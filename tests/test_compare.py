@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from refusalkit import artifacts
-from refusalkit.compare import compare_directions, cosine, cosine_matrix, run_compare, single_direction
-from refusalkit.config import Config
-from refusalkit.errors import UserError
+from refusalkit.core import artifacts
+from refusalkit.direction.compare import compare_directions, cosine, cosine_matrix, run_compare, single_direction
+from refusalkit.core.config import Config
+from refusalkit.core.errors import UserError
 
 N_POS, L, D = 3, 4, 8  # candidates [positions, L + 1, d]
 

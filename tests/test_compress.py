@@ -9,14 +9,15 @@ from torch import nn
 from conftest import HARMFUL, HARMLESS, make_llama, make_qwen2
 from refusalkit.compress.blockwise import capture_inputs, linear_layers
 from refusalkit.compress.calibration import Calibration
-from refusalkit.compress.int8 import Int8Linear, bnb_available
-from refusalkit.compress.job import CompressSpec, compress_model, int8_model
-from refusalkit.compress.pruning import (
-    Sparsity, layer_mask, magnitude_mask, nm_mask, parse_sparsity, row_mask, sparsegpt_prune, wanda_mask,
-)
-from refusalkit.compress.quant import find_scale_groups, quantize_groupwise
-from refusalkit.errors import UserError
-from refusalkit.models import LoadedModel, decoder_layers
+from refusalkit.models.int8 import Int8Linear, bnb_available
+from refusalkit.compress.int8 import int8_model
+from refusalkit.compress.job import CompressSpec, compress_model
+from refusalkit.compress.pruning import Sparsity, layer_mask, magnitude_mask, nm_mask, parse_sparsity, row_mask, sparsegpt_prune, wanda_mask
+from refusalkit.compress.awq import find_scale_groups
+from refusalkit.compress.quant import quantize_groupwise
+from refusalkit.core.errors import UserError
+from refusalkit.models.loading import LoadedModel
+from refusalkit.models.structure import decoder_layers
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +333,7 @@ def test_int8_error_bound_without_outliers():
 @pytest.mark.skipif(not bnb_available(), reason="bitsandbytes is not installed")
 @pytest.mark.parametrize("k", [64, 1536])  # float32 codes below 1040 inputs, float64 beyond
 def test_int8_matmul_paths_agree_bit_for_bit(k):
-    from refusalkit.compress.int8 import int8_matmul
+    from refusalkit.models.int8 import int8_matmul
 
     g = torch.Generator().manual_seed(k)
     cb = torch.randint(-127, 128, (48, k), generator=g, dtype=torch.int8)
@@ -382,7 +383,7 @@ def test_int8_model_replaces_decoder_and_keeps_head(tokenizer, cal, one_thread):
 def test_perplexity_matches_manual_cross_entropy(llama_lm):
     import math
 
-    from refusalkit.perplexity import perplexity
+    from refusalkit.evaluation.perplexity import perplexity
 
     ids = list(range(3, 3 + 50))
     res = perplexity(llama_lm, ids, seq_len=16, batch_size=2)

@@ -11,9 +11,9 @@ import torch
 from conftest import HARMFUL, HARMLESS, make_llama
 from refusalkit.cli import main
 from refusalkit.compress.calibration import build_calibration
-from refusalkit.compress.int8 import Int8Linear, bnb_available
+from refusalkit.models.int8 import Int8Linear, bnb_available
 from refusalkit.compress.job import CompressSpec, compress_model
-from refusalkit.models import load_model
+from refusalkit.models.loading import load_model
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_interrupt_leaves_no_variant(where, tmp_path, tiny_dir, prompts_file, ca
         monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_save)
     root = tmp_path / "run"
     code, _, err = compress(capsys, root, tiny_dir, prompts_file, "--method", "wanda")
-    assert code == 2 and "interrupted" in err
+    assert code == 130 and "interrupted" in err
     assert not (root / "wanda-0.5").exists() or not any((root / "wanda-0.5").iterdir())
     monkeypatch.undo()
     code, _, err = compress(capsys, root, tiny_dir, prompts_file, "--method", "wanda")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from refusalkit.cli import main
-from refusalkit.models import load_model
+from refusalkit.models.loading import load_model
 
 pytestmark = pytest.mark.integration
 

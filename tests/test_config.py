@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 
-from refusalkit.artifacts import atomic_path, load_tensors, read_json, save_tensors, write_json, write_jsonl, write_text
-from refusalkit.config import Config, commented_yaml, load_config
-from refusalkit.errors import UserError
+from refusalkit.core.artifacts import atomic_path, load_tensors, read_json, save_tensors, write_json, write_jsonl, write_text
+from refusalkit.core.config import Config
+from refusalkit.core.settings import commented_yaml, load_config
+from refusalkit.core.errors import UserError
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -260,8 +261,8 @@ def test_shipped_paper_configs_load(name):
     path = Path(__file__).resolve().parents[1] / "configs" / name
     cfg = load_config(str(path))
     assert cfg.model.startswith("meta-llama/") and cfg.evaluation.max_new_tokens == "256"
-    assert cfg.evaluation.decoding_grid == "huang" and cfg.run.aird_alpha_scale == "1.0"
-    specs = [CompressSpec(method=v) for v in cfg.run.variants.split(",")]
+    assert cfg.evaluation.decoding_grid == "huang" and cfg.repair.alpha_scale == "1.0"
+    specs = [CompressSpec(method=v) for v in cfg.run.variants]
     assert {s.method for s in specs} >= {"magnitude", "wanda", "llm-int8", "awq"}
     assert {t.name for t in resolve_tasks(task_names(cfg.evaluation.utility_tasks))} >= {"boolq", "bb_strategyqa"}
 
@@ -269,19 +270,19 @@ def test_shipped_paper_configs_load(name):
 def test_run_section_validation():
     with pytest.raises(UserError, match="run.repair"):
         load_config(None, {"run.repair": "sometimes"})
-    with pytest.raises(UserError, match="aird_alpha_scale"):
-        load_config(None, {"run.aird_alpha_scale": "-2"})
-    with pytest.raises(UserError, match="aird_scales"):
-        load_config(None, {"run.aird_scales": "1,x"})
+    with pytest.raises(UserError, match="repair.alpha_scale"):
+        load_config(None, {"repair.alpha_scale": "-2"})
+    with pytest.raises(UserError, match="repair.scales"):
+        load_config(None, {"repair.scales": "1,x"})
     with pytest.raises(UserError, match="unknown attack"):
         load_config(None, {"run.attacks": "vanilla,fuzz"})
-    assert load_config(None, {"run.aird_alpha_scale": "auto"}).run.aird_alpha_scale == "auto"
+    assert load_config(None, {"repair.alpha_scale": "auto"}).repair.alpha_scale == "auto"
     # run settings do not change the analysis: a run directory accepts other run settings
     assert "run" not in load_config(None, {"run.repair": "all"}).analysis_key()
 
 
 def test_run_profiles_sit_between_defaults_and_file(tmp_path):
-    from refusalkit.run import CPU, PROFILES, QUICK, resolve_profile
+    from refusalkit.study.run import CPU, PROFILES, QUICK, resolve_profile
 
     f = tmp_path / "c.yaml"
     f.write_text("n_train: 96\nevaluation:\n  n_prompts: 40\n")
@@ -307,3 +308,38 @@ def test_utility_tasks_none_means_perplexity_only():
     assert task_names("none") == []
     assert task_names("all") == ["offline", "paper"]
     assert load_config(None, {"evaluation.utility_tasks": "none"}).evaluation.utility_tasks == "none"
+
+
+def test_settings_renamed_in_0_2_0_still_load(tmp_path):
+    """A config.yaml of refusalkit 0.1.0 keeps AIRD and calibration settings in its run section."""
+    path = _yaml(tmp_path, "run:\n  aird_scales: '1,16'\n  aird_search_prompts: 16\n  aird_alpha_scale: auto\n"
+                           "  aird_placement: previous\n  aird_direction: unit\n  n_calibration: 16\n"
+                           "  calibration: alpaca\n  variants: wanda-0.5,llm-int8\n")
+    cfg = load_config(path)
+    assert cfg.repair.scales == [1.0, 16.0] and cfg.repair.search_prompts == 16 and cfg.repair.alpha_scale == "auto"
+    assert cfg.repair.placement == "previous" and cfg.repair.direction == "unit"
+    assert cfg.compress.n_calibration == 16 and cfg.compress.calibration == "alpaca"
+    assert cfg.run.variants == ["wanda-0.5", "llm-int8"]
+    assert load_config(None, {"run.aird_scales": "2,4"}).repair.scales == [2.0, 4.0]  # --set with an old key
+
+
+def test_fixed_choices_are_checked_where_every_setting_passes():
+    for key, value in (("selection.mode", "slow"), ("evaluation.backend", "tgi"), ("dtype", "int4"),
+                       ("compress.backend", "cuda"), ("repair.direction", "both")):
+        with pytest.raises(UserError, match=key.split(".")[-1]):
+            load_config(None, {key: value})
+
+
+def test_every_section_is_printed_and_every_flag_has_help():
+    from refusalkit.cli.parser import build_parser, config_fields
+
+    text = commented_yaml()
+    for section in ("selection:", "validation:", "evaluation:", "compress:", "repair:", "run:"):
+        assert "\n" + section in text
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subs.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings)
+    exposed = {d for d, f, _ in config_fields() if f.metadata.get("commands")}
+    assert {"compress.calibration", "repair.scales", "evaluation.n_prompts", "selection.mode"} <= exposed

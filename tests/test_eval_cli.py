@@ -98,13 +98,13 @@ def test_rerun_skips_finished_work(evaluated, smol_run, capsys):
 def test_resume_keeps_completed_prompts(smol_run, tmp_path, capsys, monkeypatch):
     import shutil
 
-    import refusalkit.evaluation.job as job
+    from refusalkit.evaluation import runner
 
     root = tmp_path / "r"  # a second run directory with the same model and splits, no evaluation yet
     (root / "data").mkdir(parents=True)
     shutil.copy(smol_run / "config.yaml", root / "config.yaml")
     shutil.copy(smol_run / "data" / "splits.json", root / "data" / "splits.json")
-    real = job._generate
+    real = runner._generate
     seen: list[list[str]] = []
     state = {"interrupt": True}
 
@@ -115,11 +115,11 @@ def test_resume_keeps_completed_prompts(smol_run, tmp_path, capsys, monkeypatch)
             raise KeyboardInterrupt
         return real(ctx, messages, system, decodings, keys)
 
-    monkeypatch.setattr(job, "_generate", flaky)
+    monkeypatch.setattr(runner, "_generate", flaky)
     args = ["evaluate", "--run", str(root), "--attacks", "vanilla", "--n", "6", "--n-harmless", "0",
             "--max-new-tokens", "6", "--set", "batch_size=1"]
     code, _, err = run(capsys, *args)
-    assert code == 2
+    assert code == 130  # interrupted: 128 + SIGINT
     kept = rows(root / "base" / "eval" / ".vanilla.partial.jsonl")[1:]
     assert len(kept) == len(seen[0])
     seen.clear()

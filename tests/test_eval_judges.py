@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from refusalkit.errors import UserError
-from refusalkit.evaluation.judges import ModelJudge, SubstringJudge, detect_format, load_model_judge
+from refusalkit.core.errors import UserError
+from refusalkit.data.refusal import SubstringJudge
+from refusalkit.evaluation.judges import ModelJudge, detect_format, load_model_judge
 
 
 def test_detect_format(tokenizer):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from refusalkit.errors import UserError
+from refusalkit.core.errors import UserError
 from refusalkit.evaluation.records import RecordLog
 from refusalkit.evaluation.stats import agreement, rate, wilson_interval
 
@@ -54,7 +54,7 @@ def test_agreement_and_kappa():
 
 
 def test_summarize_rows_any_config_breaks_a_prompt():
-    from refusalkit.evaluation.job import summarize_rows
+    from refusalkit.evaluation.stats import summarize_rows
 
     def row(prompt, label, label2=None):
         v = {"substring": {"label": label, "reason": ""}}
@@ -109,7 +109,7 @@ def test_record_log_refuses_other_settings(tmp_path):
 
 
 def test_parse_grid():
-    from refusalkit.evaluation.job import parse_grid
+    from refusalkit.evaluation.plan import parse_grid
 
     name, decs = parse_grid("temperature=0.7,top_p=0.9,top_k=50")
     assert name == "custom" and [d.name for d in decs] == ["temperature=0.7", "top_p=0.9", "top_k=50"]
@@ -121,8 +121,8 @@ def test_parse_grid():
 
 
 def test_held_out_excludes_direction_prompts():
-    from refusalkit.evaluation.job import held_out
-    from refusalkit.prompts import load_prompts
+    from refusalkit.data.prompts import load_prompts
+    from refusalkit.evaluation.plan import held_out
 
     adv = load_prompts("advbench")
     splits = {"harmful": {"source": "advbench", "train": adv[:10], "val": adv[20:25], "test": adv[30:40]}}
@@ -135,8 +135,8 @@ def test_held_out_excludes_direction_prompts():
 
 
 def test_make_plan_resolves_auto_by_machine():
-    from refusalkit.config import load_config
-    from refusalkit.evaluation.job import make_plan
+    from refusalkit.core.settings import load_config
+    from refusalkit.evaluation.plan import make_plan
 
     cfg = load_config(overrides={"evaluation.decoding_system_prompts": "none", "system_prompt": "Be safe."})
     cpu, gpu = make_plan(cfg.evaluation, cfg, gpu=False), make_plan(cfg.evaluation, cfg, gpu=True)
@@ -154,19 +154,38 @@ def test_make_plan_resolves_auto_by_machine():
 
 def test_gcg_candidates_per_forward_by_machine_and_kept_out_of_compared_settings():
     from dataclasses import asdict
-    from types import SimpleNamespace
 
-    from refusalkit.config import load_config
-    from refusalkit.evaluation.job import _gcg_config, _gcg_settings, make_plan
+    from refusalkit.core.settings import load_config
+    from refusalkit.evaluation.attacks import gcg_config, gcg_settings
+    from refusalkit.evaluation.plan import make_plan
 
     cfg = load_config(overrides={"evaluation.gcg_search_width": "96"})
-    on = {gpu: _gcg_config(SimpleNamespace(plan=make_plan(cfg.evaluation, cfg, gpu=gpu), e=cfg.evaluation))
-          for gpu in (False, True)}
+    on = {gpu: gcg_config(make_plan(cfg.evaluation, cfg, gpu=gpu), cfg.evaluation) for gpu in (False, True)}
     assert (on[False].search_width, on[False].eval_batch_size) == (96, 64)
     assert (on[True].search_width, on[True].eval_batch_size) == (96, 96)  # every candidate in one forward
     # Suffixes optimized with another batch size (e.g. before this setting existed) stay valid.
     old = {"gcg": {**asdict(on[True]), "eval_batch_size": 64}, "variant": "base"}
     new = {"gcg": asdict(on[True]), "variant": "base"}
-    assert _gcg_settings(old) == _gcg_settings(new) and "eval_batch_size" not in _gcg_settings(new)["gcg"]
+    assert gcg_settings(old) == gcg_settings(new) and "eval_batch_size" not in gcg_settings(new)["gcg"]
     other = {"gcg": {**asdict(on[True]), "n_steps": 3}, "variant": "base"}
-    assert _gcg_settings(other) != _gcg_settings(new)
+    assert gcg_settings(other) != gcg_settings(new)
+
+
+def test_chunks_cover_every_item_once_grouped_by_system_and_message():
+    from refusalkit.evaluation.runner import Item, _chunks
+    from refusalkit.evaluation.sampling import GREEDY, temperature_config
+
+    hot = temperature_config(0.7)
+    items = [Item(f"{s}|{d.name}|{p}", p, p, s, d, {}) for p in "abcde" for s in ("default", "none")
+             for d in (GREEDY, hot)]
+    items.append(Item("default|greedy|f", "f", "f", "default", GREEDY, {}))
+    chunks = _chunks(items, batch_size=5)
+    seen = [it.key for c in chunks for its in c.by_message.values() for it in its]
+    assert sorted(seen) == sorted(it.key for it in items) and len(seen) == len(items)
+    for c in chunks:
+        assert {it.system for its in c.by_message.values() for it in its} == {c.system}
+        assert len(c.by_message) <= 5 // 2  # two decodings per message: two messages per chunk
+        assert c.decodings == [d for d in (GREEDY, hot) if any(it.decoding == d for its in c.by_message.values()
+                                                                 for it in its)]
+    assert [c.system for c in chunks] == ["default"] * 3 + ["none"] * 3
+    assert _chunks([], batch_size=4) == []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusalkit.extract import candidate_directions, mean_activations
-from refusalkit.models import decoder_layers
+from refusalkit.direction.extract import candidate_directions, mean_activations
+from refusalkit.models.structure import decoder_layers
 
 
 def _direct_means(model, ids: list[list[int]], n_pos: int) -> torch.Tensor:

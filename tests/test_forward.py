@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from refusalkit.direction.forward import common_prefix_len, forward_last
+from refusalkit.direction.hooks import ablation_hooks, add_hooks, addition_hooks, merge
+from refusalkit.models.generation import batches, pad_left
+
 from conftest import hook_ids
-from refusalkit.forward import pad_left, batches, common_prefix_len, forward_last
-from refusalkit.hooks import ablation_hooks, add_hooks, addition_hooks, merge
 
 
 def _reference(model, ids, hooks=([], [])) -> torch.Tensor:
@@ -112,12 +114,12 @@ def test_common_prefix_len(ids, keep, expected):
 
 def test_common_prefix_len_leaves_keep_tokens_in_every_row():
     ids = [[5] * 10 + [1, 2], [5] * 10 + [3], [5] * 10 + [4, 4, 4, 4]]
-    for keep in range(0, 12):
+    for keep in range(12):
         p = common_prefix_len(ids, keep)
         assert all(len(r) - p >= keep for r in ids) or p == 0
 
 
-def testpad_left_and_batches():
+def test_pad_left_and_batches():
     ids, mask = pad_left([[1, 2, 3], [4]], pad_id=0, device=torch.device("cpu"))
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
@@ -148,7 +150,7 @@ def _greedy_reference(lm, ids, n, hooks=([], [])):
 
 @pytest.mark.parametrize("hooked", [False, True])
 def test_generate_batched_equals_one_at_a_time(tiny_lm, prompts, rand_dir, hooked):
-    from refusalkit.generate import generate
+    from refusalkit.direction.generate import generate
 
     before = hook_ids(tiny_lm.model)
     hooks = ablation_hooks(tiny_lm.model, rand_dir(seed=30)) if hooked else ([], [])
@@ -162,7 +164,7 @@ def test_generate_batched_equals_one_at_a_time(tiny_lm, prompts, rand_dir, hooke
 
 
 def test_generate_keeps_input_order_and_reports_progress(llama_lm, prompts):
-    from refusalkit.generate import generate
+    from refusalkit.direction.generate import generate
 
     seen: list[int] = []
     order = list(reversed(prompts))

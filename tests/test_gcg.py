@@ -10,18 +10,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HARMFUL, hook_ids
-from refusalkit.errors import UserError
+from refusalkit.core.errors import UserError
+from refusalkit.direction.hooks import ablation_hooks
 from refusalkit.evaluation.gcg import (
-    SEPARATOR, GCGConfig, GCGObjective, GCGResult, allowed_tokens, attack_prompt, consistent_rows, default_target,
-    gcg, make_segments, sample_candidates, split_template, target_loss, top_k_substitutions, unique_candidates,
+    SEPARATOR,
+    GCGConfig,
+    GCGObjective,
+    GCGResult,
+    allowed_tokens,
+    attack_prompt,
+    consistent_rows,
+    default_target,
+    gcg,
+    make_segments,
+    sample_candidates,
+    split_template,
+    target_loss,
+    top_k_substitutions,
+    unique_candidates,
 )
-from refusalkit.formatting import format_prompts
-from refusalkit.hooks import ablation_hooks
-from refusalkit.models import LoadedModel
+from refusalkit.models.chat import format_prompts
+from refusalkit.models.loading import LoadedModel
+
+from conftest import HARMFUL, hook_ids
 
 INIT = GCGConfig().suffix_init
-FAST = dict(n_steps=6, search_width=48, topk=32, eval_batch_size=16)
+FAST = {"n_steps": 6, "search_width": 48, "topk": 32, "eval_batch_size": 16}
 
 
 def _encode(tok, text: str) -> list[int]:
@@ -128,7 +142,7 @@ def test_unique_candidates_and_consistent_rows():
 def test_target_loss():
     logits = torch.randn(3, 4, 10)
     target = torch.tensor([1, 2, 3, 4])
-    loss, ok = target_loss(logits, target)
+    loss, _ok = target_loss(logits, target)
     for b in range(3):
         assert loss[b] == pytest.approx(float(F.cross_entropy(logits[b], target)), abs=1e-6)
     logits[1].fill_(0.0)
@@ -211,7 +225,7 @@ def test_gradient_equals_one_hot_gradient_of_a_full_forward(tiny_lm):
     one_hot = F.one_hot(ids, W.shape[0]).float().requires_grad_(True)
     total = 0.0
     for j, seg in enumerate(obj.segments):
-        emb = lambda t: W[torch.tensor(t, dtype=torch.long)]  # noqa: E731
+        emb = lambda t: W[torch.tensor(t, dtype=torch.long)]
         x = torch.cat([emb(seg.before), one_hot @ W, emb(seg.after + seg.target)]).unsqueeze(0)
         logits = tiny_lm.model(inputs_embeds=x).logits[0]
         T = len(seg.target)
@@ -333,7 +347,7 @@ def test_gcg_under_hooks_leaves_the_model_unchanged(tokenizer, qwen_lm, rand_dir
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert hook_ids(model) == hooks_before
     # The cached loss under hooks is the full forward's under the same hooks.
-    from refusalkit.hooks import add_hooks
+    from refusalkit.direction.hooks import add_hooks
 
     model.eval()
     seg = make_segments(tokenizer, goal, default_target(goal))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from refusalkit.direction.hooks import ablation_hooks, add_hooks, addition_hooks, merge, project_out
+from refusalkit.models.structure import attn_module, decoder_layers, mlp_module
+
 from conftest import hook_ids
-from refusalkit.hooks import ablation_hooks, add_hooks, addition_hooks, merge, project_out
-from refusalkit.models import attn_module, decoder_layers, mlp_module
 
 
 def _run_capturing(model, ids, hooks=([], []), capture_first=False):
@@ -176,8 +177,8 @@ def test_addition_changes_only_block_input_of_layer(tiny_lm, harmless_ids, rand_
     v = rand_dir(seed=11, scale=0.5)
     base = _run_capturing(model, harmless_ids[1])
     added = _run_capturing(model, harmless_ids[1], addition_hooks(model, v, layer=layer, coeff=coeff))
-    for l in range(layer):
-        assert torch.equal(added[l], base[l]), f"block {l} < {layer} changed"
+    for i in range(layer):
+        assert torch.equal(added[i], base[i]), f"block {i} < {layer} changed"
     diff = added[layer] - base[layer]
     assert torch.allclose(diff, (coeff * v).expand_as(diff), atol=1e-5)
     # Later blocks do see a changed stream.

@@ -9,19 +9,10 @@ import pytest
 import torch
 
 from conftest import CHATML_TEMPLATE, HARMLESS, POST_INSTRUCTION, make_llama
-from refusalkit.errors import UserError
-from refusalkit.formatting import format_prompts, messages, post_instruction_ids, tokenize_instructions
-from refusalkit.models import (
-    attn_module,
-    attn_out_proj,
-    decoder_layers,
-    load_model,
-    mlp_down_proj,
-    mlp_module,
-    resolve_device,
-    resolve_dtype,
-    resolve_model,
-)
+from refusalkit.core.errors import UserError
+from refusalkit.models.chat import format_prompts, messages, post_instruction_ids, tokenize_instructions
+from refusalkit.models.structure import attn_module, attn_out_proj, decoder_layers, mlp_down_proj, mlp_module
+from refusalkit.models.loading import load_model, resolve_device, resolve_dtype, resolve_model
 
 # ----------------------------------------------------------------------------------------------
 # Structure

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import make_llama, make_qwen2
-from refusalkit.hooks import ablation_hooks, add_hooks
-from refusalkit.models import attn_out_proj, decoder_layers, mlp_down_proj
-from refusalkit.orthogonalize import orthogonalize
+from refusalkit.direction.hooks import ablation_hooks, add_hooks
+from refusalkit.models.structure import attn_out_proj, decoder_layers, mlp_down_proj
+from refusalkit.direction.orthogonalize import orthogonalize
 
 
 def _logits(model, ids_list, hooks=([], [])):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from refusalkit.plots import plot_selection
+from refusalkit.direction.plots import plot_selection
 
 
 def test_one_png_per_position(tmp_path):

@@ -8,16 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from refusalkit import prompts as P
-from refusalkit.errors import UserError
-from refusalkit.prompts import (
-    NAMED_SOURCES,
-    Split,
-    load_prompts,
-    load_refusal_phrases,
-    refusal_first_phrases,
-    split_prompts,
-)
+from refusalkit.data import prompts as P
+from refusalkit.core.errors import UserError
+from refusalkit.data.prompts import NAMED_SOURCES, Split, load_prompts, load_refusal_phrases, refusal_first_phrases, split_prompts
 
 needs_forge = pytest.mark.skipif(importlib.util.find_spec("ollama_forge") is None,
                                  reason="ollama-forge not installed")

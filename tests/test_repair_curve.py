@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import HARMFUL, HARMLESS, make_llama
-from refusalkit import artifacts
-from refusalkit.config import load_config
+from refusalkit.core import artifacts
+from refusalkit.core.settings import load_config
+from refusalkit.repair import job, search
 
 
 @pytest.fixture()
@@ -45,23 +46,21 @@ def tiny_run(tmp_path, tokenizer) -> tuple[Path, object]:
 
 
 def test_curve_measures_the_edited_model(tiny_run, monkeypatch, one_thread):
-    from refusalkit import repair
-
     root, cfg = tiny_run
-
     stored = load_file(str(root / "v" / "model" / "model.safetensors"))["model.layers.2.self_attn.o_proj.weight"]
     seen: list[tuple[bool, float]] = []
-    real_measure = repair.measure
+    real_measure = search.measure
 
     def spy(lm, *args, **kwargs):
         w = lm.model.model.layers[2].self_attn.o_proj.weight
         seen.append((torch.equal(w, stored), float((w - stored).abs().max())))
         return real_measure(lm, *args, **kwargs)
 
-    monkeypatch.setattr(repair, "measure", spy)
-    search = repair.SearchSpec(scales=(1.0, 200.0), n_prompts=2, n_harmless=2, max_new_tokens=4, ppl_tokens=512)
+    monkeypatch.setattr(search, "measure", spy)
+    settings = job.with_settings(cfg.repair, scales=[1.0, 200.0], search_prompts=2, max_new_tokens=4, ppl_tokens=512,
+                                 curve=True)
     with one_thread():
-        info = repair.run_repair(cfg, root, "v", alpha_scale=1.0, curve=True, search=search, progress=False)
+        info = job.run_repair(cfg, root, "v", repair=settings, progress=False)
     curve = info["curve"]
     # calls: base (its own weights differ from nothing: same checkpoint here), unrepaired, x1, x200
     assert len(seen) == 4

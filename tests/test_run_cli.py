@@ -4,12 +4,11 @@ every stage's artifacts, AIRD on a pruned and an int8 variant, resume, bad input
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from refusalkit import artifacts
+from refusalkit.core import artifacts
 from refusalkit.cli import main
 from conftest import hidden_files
 

@@ -1,26 +1,61 @@
-"""evaluation/sampling.py: the batched sampler of the decoding attack, its filters, and the vLLM
-translation (vLLM itself is not installed here)."""
+"""The decode loop (models/generation.py), its filters and sampler (models/sampler.py), the
+decoding attack's entry and grids (evaluation/sampling.py), and the vLLM translation (vLLM itself
+is not installed here). Greedy rows are checked token for token against Hugging Face
+``generate(do_sample=False)``, the implementation refusalkit's ``generate`` had before."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import HARMFUL, HARMLESS, hook_ids
-from refusalkit.errors import UserError
+from refusalkit.core.errors import UserError
+from refusalkit.direction.generate import generate
+from refusalkit.direction.hooks import add_hooks, addition_hooks
 from refusalkit.evaluation import vllm_backend
-from refusalkit.evaluation.sampling import (
-    GREEDY, Decoding, apply_temperature, blocked_inverse_cdf, default_stop_ids, huang_grid, plan_batches, row_seed,
-    sample, sample_from_logits, sample_ids, sample_rows, small_grid, top_k_filter, top_p_filter, warp,
+from refusalkit.evaluation.sampling import huang_grid, sample, sample_ids, small_grid
+from refusalkit.models import generation
+from refusalkit.models.generation import default_stop_ids, pad_left, plan_batches
+from refusalkit.models.sampler import (
+    GREEDY,
+    Decoding,
+    apply_temperature,
+    blocked_inverse_cdf,
+    row_seed,
+    sample_from_logits,
+    sample_rows,
+    top_k_filter,
+    top_p_filter,
+    warp,
 )
-from refusalkit.generate import generate
-from refusalkit.hooks import addition_hooks
+
+from conftest import HARMFUL, HARMLESS, hook_ids
 
 N_NEW = 6
 TOP_K1 = Decoding("top_k=1", top_k=1)
 TOP_P0 = Decoding("top_p=0", top_p=0.0)
 MIXED = [Decoding("temperature=1", temperature=1.0), GREEDY, Decoding("top_p=0.9", top_p=0.9), TOP_K1,
          Decoding("top_k=50", top_k=50), TOP_P0, Decoding("temperature=0.5", temperature=0.5)]
+
+
+def hf_greedy_ids(lm, ids: list[list[int]], n: int, hooks=([], [])) -> list[list[int]]:
+    """Hugging Face ``generate(do_sample=False)`` on one left-padded batch (the former ``generate``):
+    each row's new tokens up to and including its first stop token."""
+    tok = lm.tokenizer
+    x, mask = pad_left(ids, tok.pad_token_id, lm.device)
+    with torch.inference_mode(), add_hooks(*hooks):
+        gen = lm.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+    stop = set(default_stop_ids(lm))
+    out = []
+    for row in gen[:, x.shape[1]:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+        out.append(row[:cut])
+    return out
+
+
+def hf_greedy(lm, ids: list[list[int]], n: int, hooks=([], [])) -> list[str]:
+    tok = lm.tokenizer
+    return [tok.decode(r, skip_special_tokens=True).strip() for r in hf_greedy_ids(lm, ids, n, hooks)]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +65,7 @@ def texts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer, texts) -> list[list[int]]:
-    from refusalkit.formatting import tokenize_instructions
+    from refusalkit.models.chat import tokenize_instructions
 
     ids = tokenize_instructions(tokenizer, texts)
     assert len({len(r) for r in ids}) >= 3, "the prompts must differ in length (left padding is exercised)"
@@ -215,8 +250,18 @@ def test_default_stop_ids_reads_int_or_list(llama_lm):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_greedy_is_token_identical_to_hf_generate(tiny_lm, prompts):
+    """The one greedy path (``generate`` and the GREEDY rows of ``sample``) gives Hugging Face's
+    tokens: what refusalkit's ``generate`` returned when it called ``model.generate``."""
+    ref_ids = hf_greedy_ids(tiny_lm, prompts, N_NEW)
+    assert [r[0] for r in sample_ids(tiny_lm, prompts, [GREEDY], max_new_tokens=N_NEW)] == ref_ids
+    for batch_size in (1, 3, 32):
+        assert generate(tiny_lm, prompts, max_new_tokens=N_NEW, batch_size=batch_size) == \
+            hf_greedy(tiny_lm, prompts, N_NEW)
+
+
 def test_greedy_rows_equal_hf_generate(tiny_lm, prompts):
-    ref = generate(tiny_lm, prompts, max_new_tokens=N_NEW)
+    ref = hf_greedy(tiny_lm, prompts, N_NEW)
     assert any(ref)
     # configs are chunked (batch_size 3 < 7 configs) and mixed with sampled rows
     out = sample(tiny_lm, prompts, MIXED, max_new_tokens=N_NEW, batch_size=3)
@@ -252,6 +297,7 @@ def test_hooks_apply_to_every_step_and_are_removed(tiny_lm, prompts, rand_dir):
     plain = sample(tiny_lm, prompts, [GREEDY], max_new_tokens=N_NEW)
     steered = sample(tiny_lm, prompts, [GREEDY], max_new_tokens=N_NEW, hooks=hooks)
     assert steered != plain
+    assert [r[0] for r in steered] == hf_greedy(tiny_lm, prompts, N_NEW, hooks)
     assert [r[0] for r in steered] == generate(tiny_lm, prompts, max_new_tokens=N_NEW, hooks=hooks)
     assert hook_ids(tiny_lm.model) == before
 
@@ -273,9 +319,9 @@ def test_rows_stop_at_a_stop_token_and_the_rest_go_on(llama_lm, prompts):
 @pytest.mark.parametrize("compact_share", [1e-9, 2.0])  # drop finished rows at once / never
 def test_greedy_equals_generate_when_rows_stop_at_different_steps(tokenizer, llama_lm, prompts, monkeypatch,
                                                                   compact_share):
+    from refusalkit.models.loading import LoadedModel
+
     from conftest import make_llama
-    from refusalkit.evaluation import sampling
-    from refusalkit.models import LoadedModel
 
     free = [r[0] for r in sample_ids(llama_lm, prompts, [GREEDY], max_new_tokens=N_NEW, stop_ids=[])]
 
@@ -286,8 +332,9 @@ def test_greedy_equals_generate_when_rows_stop_at_different_steps(tokenizer, lla
     # the same weights, with a token that greedy decoding emits at different steps as the model's EOS
     lm = LoadedModel(model=make_llama(tokenizer, eos_token_id=stop), tokenizer=tokenizer, spec="t", source="m")
     assert stop in default_stop_ids(lm)
-    monkeypatch.setattr(sampling, "COMPACT_SHARE", compact_share)
-    ref = generate(lm, prompts, max_new_tokens=N_NEW)
+    monkeypatch.setattr(generation, "COMPACT_SHARE", compact_share)
+    ref = hf_greedy(lm, prompts, N_NEW)
+    assert generate(lm, prompts, max_new_tokens=N_NEW) == ref
     out = sample(lm, prompts, MIXED, max_new_tokens=N_NEW, stop_ids=[stop])
     for j in (MIXED.index(GREEDY), MIXED.index(TOP_K1)):
         assert [row[j] for row in out] == ref

@@ -9,20 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refusalkit.errors import UserError
-from refusalkit.extract import candidate_directions, mean_activations
-from refusalkit.forward import forward_last
-from refusalkit.select import (
-    CandidateScore,
-    Scorer,
-    apply_filters,
-    choose,
-    kl_divergence,
-    layer_cutoff,
-    refusal_scores,
-    refusal_token_ids,
-    select_direction,
-)
+from refusalkit.core.errors import UserError
+from refusalkit.direction.extract import candidate_directions, mean_activations
+from refusalkit.direction.forward import forward_last
+from refusalkit.direction.select import CandidateScore, Scorer, apply_filters, choose, kl_divergence, layer_cutoff, refusal_scores, refusal_token_ids, select_direction
 
 # ----------------------------------------------------------------------------------------------
 # Scores
@@ -283,8 +273,8 @@ def test_select_fallback_error_on_tiny_model(llama_lm, setup):
 
 def test_grouped_scoring_equals_one_candidate_at_a_time(tiny_lm, harmful_ids, harmless_ids, n_pos):
     """Scoring k candidates in one grouped forward changes no score (vs plain hooks, unbatched)."""
-    from refusalkit.hooks import ablation_hooks, addition_hooks
-    from refusalkit.select import kl_divergence
+    from refusalkit.direction.hooks import ablation_hooks, addition_hooks
+    from refusalkit.direction.select import kl_divergence
 
     lm = tiny_lm
     pad = lm.tokenizer.pad_token_id

@@ -1,4 +1,5 @@
-"""Zero-shot utility evaluation (refusalkit.evaluation.utility) through lm-evaluation-harness.
+"""Zero-shot utility evaluation (refusalkit.evaluation.utility) through lm-evaluation-harness, the
+BIG-bench tasks it runs offline (refusalkit.evaluation.bigbench) and held-out perplexity.
 
 The end-to-end tests run lm-eval on the tiny random Llama with a hand-made BIG-bench-format
 task and check its accuracy against choice log-likelihoods computed here by hand.
@@ -16,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusalkit.errors import UserError
+from refusalkit.core.errors import UserError
+from refusalkit.evaluation import bigbench as B
 from refusalkit.evaluation import utility as U
+from refusalkit.evaluation.perplexity import perplexity_on_corpus
 
 pytest.importorskip("lm_eval")
 
@@ -55,7 +58,7 @@ def task_file(tmp_path: Path) -> Path:
 
 
 def test_convert_gold_choices_and_prompt(task_file):
-    rows = U.convert_bigbench_task(task_file, seed=0)
+    rows = B.convert_bigbench_task(task_file, seed=0)
     assert len(rows) == 6 and sorted(r["id"] for r in rows) == [0, 1, 2, 3, 4, 5]
     by_id = {r["id"]: r for r in rows}
     assert by_id[1]["choices"] == ["three", "four", "five"] and by_id[1]["gold"] == 1
@@ -64,14 +67,14 @@ def test_convert_gold_choices_and_prompt(task_file):
     for r in rows:
         assert r["choices"][r["gold"]] == [c for c, v in TASK["examples"][r["id"]]["target_scores"].items() if v == 1][0]
     # the order is seeded: the same every time for one seed, another for another seed
-    assert [r["id"] for r in U.convert_bigbench_task(task_file, seed=0)] == [r["id"] for r in rows]
-    orders = {tuple(r["id"] for r in U.convert_bigbench_task(task_file, seed=s)) for s in range(6)}
+    assert [r["id"] for r in B.convert_bigbench_task(task_file, seed=0)] == [r["id"] for r in rows]
+    orders = {tuple(r["id"] for r in B.convert_bigbench_task(task_file, seed=s)) for s in range(6)}
     assert len(orders) > 1
 
 
 def test_convert_defaults_and_appended_choices():
     data = {"examples": [{"input": "Pick one.", "target_scores": {"b": 0, "a": 1, "c": 0}}]}
-    (row,) = U.convert_bigbench_task(data, seed=3)
+    (row,) = B.convert_bigbench_task(data, seed=3)
     # BIG-bench defaults: "\nQ: " / "\nA: ", choices appended as "\n  choice: X" in a seeded order
     assert row["question"].startswith("\nQ: Pick one.\n  choice: ") and row["question"].endswith("\nA: ")
     assert sorted(row["question"].split("\n  choice: ")[1:])[:2] == ["a", "b"]
@@ -80,19 +83,19 @@ def test_convert_defaults_and_appended_choices():
 
 def test_convert_rejects_subtask_folders_and_junk(tmp_path):
     with pytest.raises(UserError, match="subtask"):
-        U.convert_bigbench_task({"name": "x", "subtasks": ["a", "b"]})
+        B.convert_bigbench_task({"name": "x", "subtasks": ["a", "b"]})
     with pytest.raises(UserError, match="single correct"):
-        U.convert_bigbench_task({"examples": [{"input": "q", "target_scores": {"a": 0, "b": 0}}]})
+        B.convert_bigbench_task({"examples": [{"input": "q", "target_scores": {"a": 0, "b": 0}}]})
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(UserError, match="cannot read"):
-        U.convert_bigbench_task(bad)
+        B.convert_bigbench_task(bad)
 
 
 def test_local_yaml_task(tmp_path, task_file):
     import yaml
 
-    path = U.write_local_task("bb_tiny", U.convert_bigbench_task(task_file), tmp_path)
+    path = B.write_local_task("bb_tiny", B.convert_bigbench_task(task_file), tmp_path)
     cfg = yaml.safe_load(path.read_text())
     assert cfg["task"] == "bb_tiny" and cfg["dataset_path"] == "json" and cfg["output_type"] == "multiple_choice"
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "bb_tiny.jsonl")
@@ -148,8 +151,8 @@ def _sdist(path: Path, tasks: dict[str, dict]) -> Path:
 
 def test_task_file_from_cache_and_download(tmp_path, monkeypatch):
     monkeypatch.setenv("REFUSALKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(U, "_installed_task_file", lambda task: None)
-    suite = {bb: TASK for bb, _ in U.OFFLINE_SUITE.values()}
+    monkeypatch.setattr(B, "_installed_task_file", lambda task: None)
+    suite = {bb: TASK for bb, _ in B.OFFLINE_SUITE.values()}
     calls = []
 
     def fake_run(cmd, **kw):
@@ -158,30 +161,30 @@ def test_task_file_from_cache_and_download(tmp_path, monkeypatch):
         _sdist(dest / "bigbench-1.0.0.tar.gz", suite)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(U.subprocess, "run", fake_run)
+    monkeypatch.setattr(B.subprocess, "run", fake_run)
     first = next(iter(suite))
-    path = U.bigbench_task_file(first)
+    path = B.bigbench_task_file(first)
     assert path == tmp_path / "cache" / "bigbench" / first / "task.json"
-    assert len(calls) == 1 and "download" in calls[0] and U.BIGBENCH_REQUIREMENT in calls[0]
+    assert len(calls) == 1 and "download" in calls[0] and B.BIGBENCH_REQUIREMENT in calls[0]
     # every suite task was extracted in the one pass; nothing else and no archive left behind
     for bb in suite:
-        assert U.bigbench_task_file(bb).is_file()
+        assert B.bigbench_task_file(bb).is_file()
     assert len(calls) == 1
     left = sorted(p.relative_to(tmp_path / "cache" / "bigbench").as_posix() for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert left == sorted(f"{bb}/task.json" for bb in suite)
     with pytest.raises(UserError, match="no task"):
-        U.bigbench_task_file("not_a_task")
+        B.bigbench_task_file("not_a_task")
     with pytest.raises(UserError, match="not a BIG-bench task name"):
-        U.bigbench_task_file("../etc")
+        B.bigbench_task_file("../etc")
 
 
 def test_download_failure_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setenv("REFUSALKIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(U, "_installed_task_file", lambda task: None)
-    monkeypatch.setattr(U.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(B, "_installed_task_file", lambda task: None)
+    monkeypatch.setattr(B.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "WARNING: retrying\nERROR: Could not find a version that satisfies the requirement bigbench==1.0.0\n"))
     with pytest.raises(UserError, match="cannot download bigbench==1.0.0 .*Could not find a version"):
-        U.bigbench_task_file("social_iqa")
+        B.bigbench_task_file("social_iqa")
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,7 +222,7 @@ def _manual(lm, rows):
 @pytest.fixture(scope="module")
 def rk_tiny(one_thread, tokenizer):
     """A tiny Llama whose output differs enough between choices (scaled-up logits)."""
-    from refusalkit.models import LoadedModel
+    from refusalkit.models.loading import LoadedModel
 
     from conftest import make_llama
 
@@ -235,11 +238,11 @@ def test_end_to_end_matches_manual_loglikelihoods(rk_tiny, task_file, one_thread
         t0 = time.time()
         res = U.evaluate_utility(lm, [str(task_file)], batch_size=4, seed=0)
         took = time.time() - t0
-        rows = U.convert_bigbench_task(task_file, seed=0)
+        rows = B.convert_bigbench_task(task_file, seed=0)
         acc, acc_norm, lls = _manual(lm, rows)
         # per-item, per-choice log-likelihoods as lm-eval computed them
         with __import__("tempfile").TemporaryDirectory() as tmp:
-            U.write_local_task("bb_tiny_task", rows, Path(tmp))
+            B.write_local_task("bb_tiny_task", rows, Path(tmp))
             from lm_eval.tasks import TaskManager
 
             raw = U._run_lm_eval(lm, ["bb_tiny_task"], TaskManager(include_path=tmp, include_defaults=False),
@@ -267,14 +270,14 @@ def test_end_to_end_matches_manual_loglikelihoods(rk_tiny, task_file, one_thread
 def test_limit_takes_the_first_items_of_the_seeded_order(rk_tiny, task_file, one_thread):
     with one_thread():
         res = U.evaluate_utility(rk_tiny, [str(task_file)], limit=4, batch_size=8, seed=1)
-        rows = U.convert_bigbench_task(task_file, seed=1)[:4]
+        rows = B.convert_bigbench_task(task_file, seed=1)[:4]
         acc, _, _ = _manual(rk_tiny, rows)
     r = res["tasks"]["bb_tiny_task"]
     assert r["n"] == 4 and r["acc"] == pytest.approx(acc)
 
 
 def test_output_head_is_never_retied(tokenizer, task_file, one_thread):
-    from refusalkit.models import LoadedModel
+    from refusalkit.models.loading import LoadedModel
 
     from conftest import make_llama
 
@@ -318,8 +321,8 @@ def test_paper_task_path_with_stand_in_builtin_tasks(llama_lm, task_file, tmp_pa
     """The paper-task branch, with two stand-ins for lm-eval's built-in tasks: one whose data
     loads (it is run and reported as lm-eval:<task>), one whose data is missing (skipped)."""
     extra = tmp_path / "builtin"
-    U.write_local_task("fake_paper", U.convert_bigbench_task(task_file), extra)
-    broken = U.write_local_task("fake_broken", U.convert_bigbench_task(task_file), extra)
+    B.write_local_task("fake_paper", B.convert_bigbench_task(task_file), extra)
+    broken = B.write_local_task("fake_broken", B.convert_bigbench_task(task_file), extra)
     (extra / "fake_broken.jsonl").unlink()
     assert broken.is_file()
     real = U._import_lm_eval
@@ -347,10 +350,10 @@ def test_paper_task_path_with_stand_in_builtin_tasks(llama_lm, task_file, tmp_pa
 
 def test_perplexity_on_corpus(llama_lm, one_thread):
     with one_thread():
-        out = U.perplexity_on_corpus(llama_lm, n_tokens=256, seq_len=64)
+        out = perplexity_on_corpus(llama_lm, n_tokens=256, seq_len=64)
     assert out["corpus"].startswith("wikipedia") and out["n_windows"] == 4 and out["perplexity"] > 1
     with pytest.raises(UserError, match="n_tokens"):
-        U.perplexity_on_corpus(llama_lm, n_tokens=10, seq_len=64)
+        perplexity_on_corpus(llama_lm, n_tokens=10, seq_len=64)
 
 
 # ------------------------------------------------------------------------------------------
@@ -360,11 +363,11 @@ def test_perplexity_on_corpus(llama_lm, one_thread):
 
 @pytest.mark.integration
 def test_smollm2_bigbench_task():
-    from refusalkit.models import load_model
+    from refusalkit.models.loading import load_model
 
     lm = load_model("smollm2-135m")
     res = U.evaluate_utility(lm, ["bb_social_iqa"], limit=20, batch_size=8)
     r = res["tasks"]["bb_social_iqa"]
     assert r["n"] == 20 and r["source"] == "bigbench:social_iqa"
     assert 0.0 <= r["acc"] <= 1.0 and r["acc_stderr"] > 0
-    assert U.bigbench_task_file("social_iqa").is_file()
+    assert B.bigbench_task_file("social_iqa").is_file()

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from conftest import _train_tokenizer, make_llama  # noqa: E402
-from refusalkit.cli import main  # noqa: E402
+from refusalkit.cli import main
 
 SETTINGS = ["n_train=8", "n_val=4", "n_test=3", "validation.max_new_tokens=4", "selection.screen_keep=2",
             "selection.screen_prompts=2", "selection.prune_layer_fraction=0.5", "evaluation.n_prompts=4",

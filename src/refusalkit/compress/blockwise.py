@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..models import decoder_layers
+from refusalkit.models.structure import decoder_layers
 
 
 class _Stop(Exception):
@@ -72,7 +72,7 @@ def capture_inputs(model: nn.Module, samples: list[list[int]], batch_size: int =
 
     def grab(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value", "use_cache")}
         store.hidden.append(hidden.detach())
         store.kwargs.append(kw)
         raise _Stop

@@ -1,127 +1,19 @@
-"""LLM.int8 (Dettmers et al. 2022): vector-wise int8 matmul with 16-bit outlier features.
-
-Weights are stored row-wise (vector-wise) absmax int8: ``CB = round(127 W / SCB)``, ``SCB`` the
-absmax of every output row. At run time (Eq. 5-6 of the paper) the input's outlier feature
-dimensions ``O = {j : max_t |X_tj| >= threshold}`` are multiplied in 16-bit, the rest is
-quantized per token (row-wise absmax) and multiplied in int8:
-
-    Y = X[:, O] W[:, O]^T + (1 / (127^2)) * (c_X c_W^T) o (Q(X[:, ~O]) Q(W[:, ~O])^T)
-
-The checkpoint uses the layout of ``transformers``' bitsandbytes 8-bit serialization (``weight``
-int8, ``SCB`` float32, ``quantization_config`` in ``config.json``), so ``transformers`` with
-bitsandbytes loads it; without bitsandbytes refusalkit runs it with :class:`Int8Linear`. As in
-bitsandbytes' int8 inference, the weight columns of outlier features are the dequantized int8
-weights (the paper keeps them in 16-bit; see the README).
-"""
+"""The LLM.int8 compression method (Dettmers et al. 2022): every decoder linear becomes row-wise
+absmax int8 with 16-bit outlier features (the storage and its matmul: :mod:`refusalkit.models.int8`),
+through bitsandbytes when it works, else refusalkit's pure-PyTorch layers."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import UserError
-
-
-def bnb_available() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing or broken native library
-        return False
-    return True
-
-
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vector-wise absmax int8 of a weight matrix: (CB int8 [out, in], SCB float32 [out])."""
-    scb = w.detach().float().abs().amax(dim=1)
-    cb = torch.round(w.detach().float() * (127.0 / scb.clamp(min=1e-12)).unsqueeze(1)).to(torch.int8)
-    return cb, scb
-
-
-def int8_matmul(qa: torch.Tensor, cb: torch.Tensor, use_int_mm: bool = True) -> torch.Tensor:
-    """``qa @ cb.T`` summed exactly, as float32: ``qa`` holds integers in [-127, 127] (any float dtype),
-    ``cb`` is int8 ``[out, in]``.
-
-    On a CPU, ``torch._int_mm`` multiplies in int8 with int32 accumulation (VNNI where the CPU has
-    it; 2-4× faster than converting the weight to float on every call). Elsewhere, or when it is
-    unavailable, the codes are multiplied in float32 (exact while ``in * 127² < 2^24``) or
-    float64. Either way the result is the exact integer sum rounded once to float32, so both
-    paths give identical outputs (tested).
-    """
-    if use_int_mm and qa.device.type == "cpu" and hasattr(torch, "_int_mm") and qa.shape[0] > 0:
-        try:
-            return torch._int_mm(qa.to(torch.int8), cb.t()).float()
-        except RuntimeError:  # a shape or build without int8 matmul support
-            pass
-    acc = torch.float32 if qa.shape[1] * 127 * 127 < 2 ** 24 else torch.float64
-    return (qa.to(acc) @ cb.to(acc).t()).float()
-
-
-class Int8Linear(nn.Module):
-    """A pure-PyTorch LLM.int8 linear layer (same state-dict layout as bitsandbytes' Linear8bitLt)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
-                 dtype: torch.dtype = torch.float32, device: Any = None):
-        super().__init__()
-        self.in_features, self.out_features, self.threshold = in_features, out_features, threshold
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("SCB", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("weight_format", torch.tensor(0, dtype=torch.uint8, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-
-    @classmethod
-    def from_linear(cls, lin: nn.Linear, threshold: float = 6.0) -> "Int8Linear":
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, threshold, lin.weight.dtype, lin.weight.device)
-        m.weight, m.SCB = quantize_rows(lin.weight)
-        if lin.bias is not None:
-            m.bias.data.copy_(lin.bias.data)
-        return m
-
-    def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * (self.SCB / 127.0).unsqueeze(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        a = x.reshape(-1, shape[-1]).float()
-        cols = torch.zeros(a.shape[1], dtype=torch.bool, device=a.device)
-        if self.threshold > 0:
-            cols = (a.abs() >= self.threshold).any(dim=0)
-        rest = a.masked_fill(cols.unsqueeze(0), 0.0)
-        cx = rest.abs().amax(dim=1).clamp(min=1e-12)  # per-token absmax over non-outlier features
-        qa = torch.round(rest * (127.0 / cx).unsqueeze(1))
-        y = int8_matmul(qa, self.weight) * (cx.unsqueeze(1) * self.SCB.unsqueeze(0)) / (127.0 * 127.0)
-        if cols.any():  # outlier features: the dequantized int8 weights of those columns only
-            y = y + a[:, cols] @ (self.weight[:, cols].float() * (self.SCB / 127.0).unsqueeze(1)).t()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"
-
-
-def skip_modules(model: nn.Module) -> list[str]:
-    """Modules left in 16-bit: the output head (as transformers does for bitsandbytes)."""
-    head = model.get_output_embeddings()
-    return [n for n, m in model.named_modules() if m is head] or ["lm_head"]
-
-
-def replace_linears(model: nn.Module, threshold: float, skip: list[str], from_weights: bool = True) -> int:
-    """Swap every ``nn.Linear`` (except ``skip``) for :class:`Int8Linear`; returns how many."""
-    count = 0
-    for name, mod in list(model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and not any(full == s or full.endswith("." + s) for s in skip):
-                new = Int8Linear.from_linear(child, threshold) if from_weights else Int8Linear(
-                    child.in_features, child.out_features, child.bias is not None, threshold,
-                    child.weight.dtype, child.weight.device)
-                setattr(mod, child_name, new)
-                count += 1
-    return count
+from refusalkit.compress.blockwise import linear_layers
+from refusalkit.compress.methods import Method, register
+from refusalkit.core.errors import UserError
+from refusalkit.models.int8 import Int8Linear, bnb_available, replace_linears, skip_modules
+from refusalkit.models.structure import decoder_layers
 
 
 def quantization_config(threshold: float, skip: list[str]) -> dict[str, Any]:
@@ -131,45 +23,78 @@ def quantization_config(threshold: float, skip: list[str]) -> dict[str, Any]:
             "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False}
 
 
-def is_int8_checkpoint(path: str | Path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError):
-        return False
-    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_8bit"))
+def layer_record(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """Sparsity and relative error of one compressed matrix (``compression.json``'s ``per_layer``)."""
+    b, a = before.float(), after.float()
+    return {"sparsity": (a == 0).float().mean().item(), "rel_error": ((a - b).norm() / b.norm().clamp(min=1e-12)).item(),
+            "numel": a.numel()}
 
 
-def load_int8_torch(path: str | Path, dtype: torch.dtype, device: str) -> nn.Module:
-    """Load an LLM.int8 checkpoint with :class:`Int8Linear` layers (no bitsandbytes needed)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+def int8_backend(spec: Any) -> str:
+    if spec.backend == "auto":
+        return "bitsandbytes" if bnb_available() else "torch"
+    if spec.backend == "bitsandbytes" and not bnb_available():
+        raise UserError("the bitsandbytes backend needs bitsandbytes; run: pip install bitsandbytes (or use --backend torch)")
+    return spec.backend
 
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    q = getattr(config, "quantization_config", None) or {}
-    q = q if isinstance(q, dict) else q.to_dict()
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    replace_linears(model, float(q.get("llm_int8_threshold", 6.0)), list(q.get("llm_int8_skip_modules") or ["lm_head"]),
-                    from_weights=False)
-    state: dict[str, torch.Tensor] = {}
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path} has no .safetensors weights; re-create the variant with --force")
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, _unexpected = model.load_state_dict(state, strict=False)
-    head = [n for n, _ in model.named_parameters() if n.startswith("lm_head")]
-    if [m for m in missing if m not in head] or (set(head) & set(missing) and not getattr(config, "tie_word_embeddings", False)):
-        raise UserError(f"{path} is missing weights ({', '.join(missing[:3])} ...); re-create the variant with --force")
-    if set(head) & set(missing):
-        model.tie_weights()
-    model.to(device)
-    for m in model.modules():
-        if isinstance(m, Int8Linear) and m.bias is not None:
-            m.bias.data = m.bias.data.to(dtype)
-    return model
+
+@torch.no_grad()
+def int8_model(lm: Any, spec: Any) -> dict[str, Any]:
+    """Pure-PyTorch LLM.int8: every linear except the head becomes :class:`Int8Linear`."""
+    model = lm.model
+    skip = skip_modules(model)
+    per_layer = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for n, lin in linear_layers(layer).items():
+            cb_scb = Int8Linear.from_linear(lin, spec.threshold)
+            per_layer[f"{i}.{n}"] = layer_record(lin.weight, cb_scb.dequantized().to(lin.weight.dtype))
+    replace_linears(model, spec.threshold, skip)
+    model.config.quantization_config = quantization_config(spec.threshold, skip)
+    return {"per_layer": per_layer, "notes": {"skip_modules": skip}}
+
+
+def int8_records(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per-layer records of a bitsandbytes-quantized model (weights int8 + SCB)."""
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for n, m in layer.named_modules():
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dtype == torch.int8:
+                out[f"{i}.{n}"] = {"sparsity": (w == 0).float().mean().item(), "numel": w.numel()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+# ------------------------------------------------------------------------------------------------
+
+
+def compress_whole_model(spec: Any, load: Any) -> tuple[Any, dict[str, Any], str]:
+    """LLM.int8 of the base model: bitsandbytes quantizes it as it loads, or refusalkit's layers replace
+    every decoder linear after a float load."""
+    backend = int8_backend(spec)
+    if backend == "bitsandbytes":
+        from transformers import BitsAndBytesConfig
+
+        lm = load(quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=spec.threshold))
+        return lm, {"per_layer": int8_records(lm.model), "notes": {"skip_modules": skip_modules(lm.model)}}, backend
+    lm = load()
+    return lm, int8_model(lm, spec), backend
+
+
+def _configure(spec: Any) -> None:
+    if spec.bits not in (None, 8):
+        raise UserError("llm-int8 is 8-bit; drop --bits or use awq / rtn for other widths")
+    spec.bits = 8
+    if spec.sparsity is not None:
+        raise UserError("--sparsity applies to pruning, not to llm-int8")
+    if spec.threshold < 0:
+        raise UserError("--threshold must be 0 or more (0 turns the outlier decomposition off)")
+    if spec.backend not in ("auto", "bitsandbytes", "torch"):
+        raise UserError(f"unknown int8 backend {spec.backend!r}; use auto, bitsandbytes or torch")
+
+
+register(Method("llm-int8", "quantization", False,
+                "LLM.int8: vector-wise int8 with 16-bit outlier features (threshold 6.0)", "LLM.int8",
+                aliases=("int8",), configure=_configure, variant_name=lambda spec: "llm-int8",
+                parameters=lambda spec: {"threshold": spec.threshold}, whole_model=compress_whole_model, rank=3))

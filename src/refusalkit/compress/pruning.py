@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..errors import UserError
+from refusalkit.compress.methods import BlockStep, Method, register
+from refusalkit.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -162,3 +164,75 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sp: Sparsity, b
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return W.to(weight.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pruning methods, registered (see refusalkit.compress.methods)
+# ------------------------------------------------------------------------------------------------
+
+COMPARISON = {"magnitude": "layer", "wanda": "row", "sparsegpt": "block (adaptive)"}
+
+
+def _configure(spec: Any) -> None:
+    spec.sparsity = "0.5" if spec.sparsity is None else str(spec.sparsity)
+    spec.sparse = parse_sparsity(spec.sparsity)
+    if spec.bits is not None:
+        raise UserError(f"--bits applies to quantization, not to {spec.method}")
+
+
+def _parameters(spec: Any) -> dict[str, Any]:
+    p: dict[str, Any] = {"sparsity": spec.sparse.to_json(), "comparison": COMPARISON[spec.method]
+                         if not spec.sparse.structured else f"{spec.sparse.n}:{spec.sparse.m} groups"}
+    if spec.method == "sparsegpt":
+        p.update(damp=spec.damp, blocksize=spec.blocksize)
+    return p
+
+
+def _magnitude_block(step: BlockStep) -> Any:
+    for lin in step.linears.values():
+        apply_mask(lin, magnitude_mask(lin.weight, step.spec.sparse))
+    return step.inputs
+
+
+def _calibrated_block(step: BlockStep) -> Any:
+    """Wanda (Eq. 1 of Sun et al.: |W| * ||X||, per output row) or SparseGPT (the OBS update on the
+    Hessian X^T X), from the block's calibration inputs; returns the pruned block's outputs."""
+    from refusalkit.compress.blockwise import InputStats, advance, gather, run_block
+
+    spec, acc = step.spec, {}
+    wanda = spec.method == "wanda"
+
+    def update(n: str, x: torch.Tensor) -> None:
+        if n not in acc:
+            acc[n] = torch.zeros(x.shape[1], device=x.device) if wanda else \
+                torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        if wanda:
+            acc[n].add_((x * x).sum(0))
+        else:
+            acc[n].addmm_(x.t(), x)
+
+    stats = InputStats(step.linears, update)
+    gather(step.block, step.inputs, stats)
+    for n, lin in step.linears.items():
+        a = acc[stats.owner[n]]
+        if wanda:
+            apply_mask(lin, wanda_mask(lin.weight, a, spec.sparse))
+        else:  # in place: a loaded checkpoint's weights may be memory-mapped; rebinding would keep them resident
+            lin.weight.data.copy_(sparsegpt_prune(lin.weight.data, a, spec.sparse, spec.blocksize, spec.damp,
+                                                  f"layer {step.index} {n}"))
+    acc.clear()
+    return advance(step.inputs, run_block(step.block, step.inputs))
+
+
+for _rank, (_name, _calibrated, _description, _title) in enumerate((
+    ("magnitude", False, "magnitude pruning (|W|, layer-wise comparison; N:M per group); no calibration",
+     "magnitude pruning"),
+    ("wanda", True, "Wanda pruning (|W| * ||X||, per output row), block by block on calibration data", "Wanda pruning"),
+    ("sparsegpt", True, "SparseGPT pruning (OBS with weight updates), block by block on calibration data",
+     "SparseGPT pruning"),
+)):
+    register(Method(
+        _name, "pruning", _calibrated, _description, _title, full_name=f"{_name}-(?P<sparsity>.+)",
+        configure=_configure, variant_name=lambda spec: f"{spec.method}-{spec.sparse.label()}", parameters=_parameters,
+        check_linear=lambda spec, lin, where: check_nm(spec.sparse, lin.in_features, where),
+        compress_block=_calibrated_block if _calibrated else _magnitude_block, rank=_rank))

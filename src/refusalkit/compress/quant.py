@@ -8,14 +8,13 @@ bits, the group size and the size the packed integer format would take.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .blockwise import BlockInputs, _to, module_device
+from refusalkit.compress.methods import BlockStep, Method, register
+from refusalkit.core.errors import UserError
 
 
 def check_group(in_features: int, group_size: int, name: str) -> int:
@@ -59,293 +58,41 @@ def rtn_linear(linear: nn.Linear, bits: int, group_size: int, name: str = "layer
 
 
 # ------------------------------------------------------------------------------------------------
-# AWQ
+# The group-wise quantization methods, registered (see refusalkit.compress.methods)
 # ------------------------------------------------------------------------------------------------
 
-_NO_CLIP = ("q_proj", "k_proj", "query", "key", "wq", "wk", "q", "k")
-_V_NAMES = ("v_proj", "value", "wv", "v")
-_O_NAMES = ("o_proj", "out_proj", "dense", "wo", "o")
+
+def configure_group_quant(spec: Any) -> None:
+    spec.bits = 4 if spec.bits is None else int(spec.bits)
+    if not 2 <= spec.bits <= 8:
+        raise UserError(f"{spec.method} supports 2 to 8 bits, not {spec.bits}")
+    if spec.sparsity is not None:
+        raise UserError(f"--sparsity applies to pruning, not to {spec.method}")
 
 
-@dataclass
-class ScaleGroup:
-    """Linears sharing one input; ``prev`` produces that input and absorbs 1/s; ``inspect`` measures the loss."""
-
-    linears: list[str]
-    prev: str
-    inspect: str  # a module name (a parent like the attention or the MLP, or the single linear)
-    best_ratio: float = 0.0
-    scales: torch.Tensor | None = None
-    errors: list[float] = field(default_factory=list)
+def group_quant_parameters(spec: Any) -> dict[str, Any]:
+    p = {"bits": spec.bits, "group_size": spec.group_size, "zero_point": True, "storage": "dequantized (simulated)"}
+    if spec.method == "awq":
+        p.update(n_grid=20, max_shrink=0.5, clip=True, clip_tokens=512, search_tokens=spec.awq_search_tokens)
+    return p
 
 
-class _Trace:
-    """One forward of a block that records what AWQ needs: every linear's inputs, which module
-    produced them, and the inputs / outputs of candidate parent modules."""
-
-    def __init__(self, block: nn.Module):
-        self.block = block
-        self.modules = dict(block.named_modules())
-        self.linears = {n: m for n, m in self.modules.items() if isinstance(m, nn.Linear)}
-        self.x: dict[str, list[torch.Tensor]] = {n: [] for n in self.linears}
-        self.producer: dict[str, str | None] = {}
-        self.out_of: dict[str, Any] = {}
-        self.in_of: dict[str, Any] = {}
-        self.calls: dict[str, list[tuple[tuple, dict]]] = {}
-        self.outs: dict[str, list[torch.Tensor]] = {}
-
-    def run(self, inputs: BlockInputs, parents: list[str]) -> list[torch.Tensor]:
-        handles = []
-        first = [True]
-
-        def rec(name: str):
-            def fn(mod: nn.Module, inp: tuple, out: Any) -> None:
-                if first[0]:
-                    self.out_of[name] = out
-                    self.in_of[name] = inp[0] if inp else None
-                if name in self.linears:
-                    self.x[name].append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
-            return fn
-
-        def pre(name: str):
-            def fn(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                self.calls.setdefault(name, []).append((args, dict(kwargs)))
-            return fn
-
-        def post(name: str):
-            def fn(mod: nn.Module, inp: tuple, out: Any) -> None:
-                o = out[0] if isinstance(out, (tuple, list)) else out
-                self.outs.setdefault(name, []).append(o.detach())
-            return fn
-
-        for n, m in self.modules.items():
-            if n:
-                handles.append(m.register_forward_hook(rec(n)))
-        for n in parents:
-            handles.append(self.modules[n].register_forward_pre_hook(pre(n), with_kwargs=True))
-            handles.append(self.modules[n].register_forward_hook(post(n)))
-        dev = module_device(self.block)
-        outs = []
-        try:
-            for h, kw in zip(inputs.hidden, inputs.kwargs):
-                out = self.block(h.to(dev), **_to(kw, dev))
-                outs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
-                if first[0]:
-                    self._resolve()
-                    self.out_of.clear()
-                    self.in_of.clear()
-                first[0] = False
-        finally:
-            for hd in handles:
-                hd.remove()
-        return outs
-
-    def _resolve(self) -> None:
-        for ln in self.linears:
-            x = self.in_of.get(ln)
-            self.producer[ln] = next((n for n, o in self.out_of.items() if o is x and n != ln), None)
-        self.act_input_producer = {
-            n: next((p for p, o in self.out_of.items() if o is self.in_of.get(n)), None)
-            for n, m in self.modules.items() if n and not list(m.children()) and not isinstance(m, nn.Linear)
-            and not list(m.parameters(recurse=False))
-        }
+def group_quant_method(name: str, needs_calibration: bool, block: Any, description: str, title: str,
+                       rank: int = 100) -> Method:
+    """A group-wise quantization method: ``<name>-w<bits>`` full names, 2-8 bits, group size checked."""
+    return Method(
+        name, "quantization", needs_calibration, description, title, full_name=f"{name}-w(?P<bits>\\d+)",
+        configure=configure_group_quant, parameters=group_quant_parameters,
+        variant_name=lambda spec: f"{spec.method}-w{spec.bits}" + ("" if spec.group_size == 128 else f"-g{spec.group_size}"),
+        check_linear=lambda spec, lin, where: check_group(lin.in_features, spec.group_size, where),
+        compress_block=block, rank=rank)
 
 
-def _common_parent(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
-    common = []
-    for segs in zip(*parts):
-        if len(set(segs)) != 1:
-            break
-        common.append(segs[0])
-    return ".".join(common[: min(len(p) for p in parts) - 1]) if len(names) == 1 else ".".join(common)
+def _rtn_block(step: BlockStep) -> Any:
+    for n, lin in step.linears.items():
+        rtn_linear(lin, step.spec.bits, step.spec.group_size, f"layer {step.index} {n}")
+    return step.inputs
 
 
-def _leaf(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
-def find_scale_groups(block: nn.Module, inputs: BlockInputs) -> tuple[list[ScaleGroup], _Trace]:
-    """The AWQ scaling groups of a block, found by tracing one batch (not from names of models):
-
-    * linears fed by a normalization layer (q/k/v after the input norm; gate/up after the
-      post-attention norm): the norm absorbs 1/s; the loss is measured on their common parent;
-    * a linear fed by the element-wise product of two MLP branches (down): the non-activated
-      branch (up) absorbs 1/s on its output rows;
-    * the attention output projection, when its input has the value projection's width: the
-      value projection absorbs 1/s (skipped under grouped-query attention, as in AWQ).
-    """
-    probe = _Trace(block)
-    probe.run(BlockInputs(inputs.hidden[:1], inputs.kwargs[:1]), parents=[])
-    modules = probe.modules
-    groups: list[ScaleGroup] = []
-    by_input: dict[str, list[str]] = {}
-    for ln, prod in probe.producer.items():
-        if prod is not None and not isinstance(modules[prod], nn.Linear):
-            by_input.setdefault(prod, []).append(ln)
-    for prod, lns in by_input.items():
-        norm = modules[prod]
-        w = getattr(norm, "weight", None)
-        if isinstance(w, torch.Tensor) and w.ndim == 1 and w.numel() == probe.linears[lns[0]].in_features:
-            parent = _common_parent(lns) if len(lns) > 1 else lns[0]
-            groups.append(ScaleGroup(lns, prod, parent))
-    grouped = {ln for g in groups for ln in g.linears}
-    # down <- up: the MLP linear whose input no module produced, with an up branch of the same width
-    for ln, lin in probe.linears.items():
-        if ln in grouped or probe.producer.get(ln) is not None:
-            continue
-        parent = ln.rsplit(".", 1)[0] if "." in ln else ""
-        siblings = [s for s, m in probe.linears.items() if s != ln and s.rsplit(".", 1)[0] == parent
-                    and m.out_features == lin.in_features]
-        activated = {p for p in probe.act_input_producer.values() if p}
-        ups = [s for s in siblings if s not in activated]
-        if len(siblings) == 2 and len(ups) == 1:
-            groups.append(ScaleGroup([ln], ups[0], ln))
-            continue
-        if _leaf(ln) in _O_NAMES:
-            vs = [s for s in siblings if _leaf(s) in _V_NAMES]
-            if len(vs) == 1:
-                groups.append(ScaleGroup([ln], vs[0], ln))
-    return groups, probe
-
-
-@torch.no_grad()
-def _inspect_outputs(module: nn.Module, calls: list[tuple[tuple, dict]] | None, xs: list[torch.Tensor] | None,
-                     linear: nn.Linear | None) -> list[torch.Tensor]:
-    if linear is not None:
-        return [nn.functional.linear(x, linear.weight, linear.bias) for x in xs]
-    outs = []
-    for args, kw in calls:
-        o = module(*args, **kw)
-        outs.append(o[0] if isinstance(o, (tuple, list)) else o)
-    return outs
-
-
-@torch.no_grad()
-def awq_block(block: nn.Module, inputs: BlockInputs, bits: int, group_size: int, n_grid: int = 20,
-              max_shrink: float = 0.5, clip: bool = True, n_clip_tokens: int = 512,
-              search_tokens: int = -1) -> tuple[list[torch.Tensor], dict]:
-    """AWQ on one decoder block; returns the block's full-precision outputs (next block's inputs).
-
-    Lin et al. 2023, Sec. 3.2: for each group of linears sharing an input X, search
-    ``s = mean|X|^alpha`` (alpha on a grid of ``n_grid`` in [0, 1), normalized by
-    sqrt(max s * min s)) minimizing ``|| f(Q(W diag(s)) diag(s)^-1 X) - f(W X) ||^2`` (Eq. 4-5)
-    with the output ``f`` of the group's parent module; scale the weights by ``s`` and fold
-    ``1/s`` into the producing module. Then, as in the reference implementation, search a
-    per-group clipping range (shrinking the max by up to ``max_shrink``) minimizing each
-    linear's group-partial output error on ``n_clip_tokens`` tokens (not for query/key), and
-    quantize group-wise (asymmetric, ``group_size``). Statistics come from the full-precision
-    block, whose outputs feed the next block, as in the reference implementation.
-
-    ``search_tokens > 0`` measures the scale-search loss on the first calibration batches that
-    hold at least that many tokens (``mean|X|`` always uses every token); the reference uses
-    every token (``-1``), which costs ``n_grid`` forwards of each parent module.
-    """
-    groups, probe = find_scale_groups(block, inputs)
-    parents = sorted({g.inspect for g in groups if g.inspect not in probe.linears})
-    trace = _Trace(block)
-    outputs = trace.run(inputs, parents)
-    modules, linears = trace.modules, trace.linears
-    for name, lin in linears.items():
-        check_group(lin.in_features, group_size, name)
-    n_search = len(inputs.hidden)
-    if search_tokens > 0:
-        seen = 0
-        for n_search, h in enumerate(inputs.hidden, start=1):
-            seen += h.shape[0] * h.shape[1]
-            if seen >= search_tokens:
-                break
-    for g in groups:
-        xs_all = trace.x[g.linears[0]]
-        x_mean = sum(x.abs().float().sum(0) for x in xs_all) / sum(x.shape[0] for x in xs_all)
-        xs = xs_all[:n_search]
-        calls = (trace.calls.get(g.inspect) or [])[:n_search]
-        lin_only = g.inspect in linears
-        ref = _inspect_outputs(modules[g.inspect], calls, xs, linears[g.inspect] if lin_only else None)
-        originals = {n: linears[n].weight.data for n in g.linears}  # never written during the search
-        best, best_err = None, float("inf")
-        for i in range(n_grid):
-            ratio = i / n_grid
-            s = x_mean.pow(ratio).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            for n in g.linears:
-                w = originals[n]
-                linears[n].weight.data = (quantize_groupwise(w * s.to(w.dtype), bits, group_size) / s.to(w.dtype)).to(w.dtype)
-            outs = _inspect_outputs(modules[g.inspect], calls, xs, linears[g.inspect] if lin_only else None)
-            err = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, ref)) / sum(r.numel() for r in ref)
-            g.errors.append(err)
-            if err < best_err:
-                best, best_err, g.best_ratio = s.clone(), err, ratio
-        for n in g.linears:
-            linears[n].weight.data = originals[n]
-        g.scales = best
-    # apply every scale (function-preserving in full precision) and divide the recorded inputs
-    for g in groups:
-        s = g.scales
-        prev = modules[g.prev]
-        if isinstance(prev, nn.Linear):
-            prev.weight.data.div_(s.to(prev.weight.dtype).unsqueeze(1))
-            if prev.bias is not None:
-                prev.bias.data.div_(s.to(prev.bias.dtype))
-        else:
-            prev.weight.data.div_(s.to(prev.weight.dtype))
-            if getattr(prev, "bias", None) is not None:
-                prev.bias.data.div_(s.to(prev.bias.dtype))
-        for n in g.linears:
-            linears[n].weight.data.mul_(s.to(linears[n].weight.dtype).unsqueeze(0))
-            trace.x[n] = [x / s.to(x.dtype) for x in trace.x[n]]
-    clipped = []
-    if clip:
-        for n, lin in linears.items():
-            if _leaf(n) in _NO_CLIP:
-                continue
-            _clip_linear(lin, trace.x[n], bits, group_size, n_grid, max_shrink, n_clip_tokens)
-            clipped.append(n)
-    for n, lin in linears.items():
-        lin.weight.data.copy_(quantize_groupwise(lin.weight.data, bits, group_size))
-    info = {"groups": [{"linears": g.linears, "prev": g.prev, "inspect": g.inspect, "best_ratio": g.best_ratio,
-                        "loss_at_ratio_0": g.errors[0], "best_loss": min(g.errors)} for g in groups],
-            "clipped": clipped, "search_batches": n_search}
-    return outputs, info
-
-
-def _sample_rows(xs: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Every k-th token over all batches (k = total // n), at most ``n`` of them, as float32."""
-    total = sum(x.shape[0] for x in xs)
-    step = max(1, total // n)
-    picked, offset = [], 0
-    for x in xs:
-        start = (-offset) % step
-        picked.append(x[start::step].float())
-        offset += x.shape[0]
-    return torch.cat(picked)[:n]
-
-
-@torch.no_grad()
-def _clip_linear(lin: nn.Linear, xs: list[torch.Tensor], bits: int, group_size: int, n_grid: int,
-                 max_shrink: float, n_tokens: int) -> None:
-    """AWQ's clipping search: per (row, group), the max |w| shrink that minimizes the group-partial output error."""
-    x = _sample_rows(xs, n_tokens)
-    w = lin.weight.data.float()
-    out_f, in_f = w.shape
-    g = in_f if group_size <= 0 else group_size
-    ng = in_f // g
-    xg = x.reshape(-1, ng, g).transpose(0, 1)  # [ng, T, g]
-    rows = max(1, (1 << 25) // max(1, x.shape[0] * ng))
-    best_max = torch.empty(out_f, ng, 1, device=w.device)
-    for r0 in range(0, out_f, rows):
-        wr = w[r0:r0 + rows].reshape(-1, ng, g)  # [R, ng, g]
-        org_max = wr.abs().amax(dim=-1, keepdim=True)
-        org_out = torch.einsum("ntg,rng->rtn", xg, wr)
-        best_err = torch.full((wr.shape[0], ng), float("inf"), device=w.device)
-        bm = org_max.clone()
-        for i in range(int(max_shrink * n_grid)):
-            mv = org_max * (1 - i / n_grid)
-            q = quantize_groupwise(torch.clamp(wr, -mv, mv).reshape(wr.shape[0], -1), bits, g).reshape(wr.shape)
-            err = (torch.einsum("ntg,rng->rtn", xg, q) - org_out).pow(2).mean(dim=1)
-            better = err < best_err
-            best_err[better] = err[better]
-            bm[better] = mv[better]
-        best_max[r0:r0 + rows] = bm
-    wg = w.reshape(out_f, ng, g)
-    lin.weight.data.copy_(torch.clamp(wg, -best_max, best_max).reshape(out_f, in_f))
+register(group_quant_method("rtn", False, _rtn_block, "round-to-nearest group-wise asymmetric quantization (the AWQ "
+                            "paper's baseline)", "round-to-nearest quantization", rank=5))

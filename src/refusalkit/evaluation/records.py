@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from .. import artifacts
-from ..errors import UserError
+from refusalkit.core import artifacts
+from refusalkit.core.errors import UserError
 
 SETTINGS_KEY = "_settings"
 
@@ -57,8 +58,9 @@ class RecordLog:
             rows, good = _read_lines(self.partial)
             if rows and rows[0].get(SETTINGS_KEY) is not None:
                 if rows[0][SETTINGS_KEY] != self.settings:
-                    raise UserError(f"an interrupted {name} evaluation with other settings is in {self.partial.parent}; "
-                                    "re-run with the same settings to resume it, or add --force to discard it")
+                    raise UserError(f"an interrupted {name} evaluation with other settings is in "
+                                    f"{self.partial.parent}; re-run with the same settings to resume it, "
+                                    "or add --force to discard it")
                 self.rows = {r["key"]: r for r in rows[1:]}
             if good != self.partial.stat().st_size:
                 with open(self.partial, "r+b") as f:
@@ -88,10 +90,8 @@ class RecordLog:
         with open(self.partial, "a", encoding="utf-8") as f:
             if new_file:
                 f.write(json.dumps({SETTINGS_KEY: self.settings}) + "\n")
-                for r in carried:
-                    f.write(json.dumps(r, default=str) + "\n")
-            for r in rows:
-                f.write(json.dumps(r, default=str) + "\n")
+                f.writelines(json.dumps(r, default=str) + "\n" for r in carried)
+            f.writelines(json.dumps(r, default=str) + "\n" for r in rows)
             f.flush()
             os.fsync(f.fileno())
         for r in rows:

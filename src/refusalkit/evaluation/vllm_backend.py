@@ -2,7 +2,7 @@
 
 vLLM is imported lazily, only by :func:`sample_vllm`. Each (prompt, configuration) is one
 request with its own ``SamplingParams`` and a per-request seed derived from the same stable hash
-as the torch engine (:func:`refusalkit.evaluation.sampling.row_seed`), so reruns reproduce
+as the torch engine (:func:`refusalkit.models.sampler.row_seed`), so reruns reproduce
 their samples; vLLM's random streams differ from torch's, so the two back ends give different
 (equally distributed) samples, and the same greedy output up to numerical precision.
 
@@ -16,10 +16,11 @@ Translation of a :class:`Decoding` (vLLM's top-p/top-k semantics are HF's):
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from ..errors import UserError
-from .sampling import Decoding, row_seed
+from refusalkit.core.errors import UserError
+from refusalkit.models.sampler import Decoding, row_seed
 
 MISSING = "the vLLM back end needs vllm on a GPU machine; run: pip install vllm (or use --backend torch)"
 

@@ -1,0 +1,5 @@
+import sys
+
+from refusalkit.cli.app import main
+
+sys.exit(main())

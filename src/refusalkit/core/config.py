@@ -1,0 +1,295 @@
+"""The typed configuration. Precedence: defaults < config file (``--config``) < command-line flags.
+
+Every field carries a description; ``refusalkit config`` prints the commented default file
+(the same text as ``configs/default.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+from refusalkit.core.errors import UserError
+
+
+def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, flag: str | None = None,
+       commands: tuple[str, ...] = ()) -> Any:
+    """A setting: its default, its one description, optional fixed ``choices`` (validated in
+    :func:`apply_settings`), and the ``commands`` that expose it as ``flag`` (default: ``--<name>``)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "commands": commands}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+EXTRACT = ("extract",)
+MODEL_COMMANDS = ("extract", "compress", "evaluate", "run")  # commands that may create a run for a model
+
+
+@dataclass
+class SelectionConfig:
+    kl_threshold: float = _f(0.1, "Discard candidates whose ablation changes harmless next-token distributions by more KL than this (Arditi: 0.1).", commands=EXTRACT)
+    induce_refusal_threshold: float = _f(0.0, "Discard candidates whose addition score (refusal log-odds on harmless prompts) is below this (Arditi: 0.0).", commands=EXTRACT)
+    prune_layer_fraction: float = _f(0.2, "Discard candidates in the last fraction of layers (Arditi: 0.2).")
+    mode: str = _f("fast", "fast: screen every candidate by ablation on a few prompts, score the best in full; full: score every candidate in full.", choices=("fast", "full"), flag="--selection-mode", commands=EXTRACT)
+    screen_prompts: int = _f(4, "Harmful (ablation score) and harmless (KL) validation prompts of each kind used by the fast screen.")
+    screen_keep: int = _f(8, "Candidates that pass the screen into full scoring.")
+    screen_kl_slack: float = _f(2.0, "The screen ranks candidates with screened KL <= slack x kl_threshold first, then by ablation score.")
+    fallback: str = _f("relative", "When no candidate passes: relative (explicit, recorded relaxation, see README) or error.", choices=("relative", "error"))
+    fallback_margin: float = _f(1.0, "relative fallback: addition must raise the harmless refusal score by this many log-odds over its baseline.")
+
+
+@dataclass
+class ValidationConfig:
+    enabled: bool = _f(True, "Measure refusal rates by generation on the held-out test prompts.")
+    max_new_tokens: int = _f(48, "Tokens generated per completion (greedy).", commands=EXTRACT)
+    refusal_phrases: str | None = _f(None, "A .txt file of refusal substrings for the judge (default: refusalkit's documented list).", commands=EXTRACT)
+
+
+EVALUATE = ("evaluate",)
+
+
+@dataclass
+class EvaluationConfig:
+    prompts: str = _f("advbench", "Harmful prompts under attack: advbench, harmbench, ... or a .txt/.jsonl/.csv file. Prompts the run used to train or select its direction are left out.", commands=EVALUATE)
+    n_prompts: int = _f(100, "Harmful prompts per attack (at least 100 by default: on 24 prompts one flipped verdict moves the ASR by 4 points).", flag="--n", commands=EVALUATE)
+    harmless: str = _f("alpaca", "Harmless prompts for over-refusal (those used for the direction are left out).")
+    n_harmless: int = _f(100, "Harmless prompts for the over-refusal rate (0: skip it).", commands=EVALUATE)
+    attacks: str = _f("vanilla,decoding,suffix", "Attacks to run, comma-separated: vanilla, decoding, suffix.", commands=EVALUATE)
+    max_new_tokens: str = _f("auto", "Tokens per completion: auto (256 on GPU, 64 on CPU) or a number.", commands=EVALUATE)
+    seed: int = _f(0, "Seed of sampled completions (decoding attack) and of GCG.", commands=EVALUATE)
+    decoding_grid: str = _f("auto", "Decoding attack grid: huang (Huang et al. 2023: 20 temperatures, 21 top-p, 9 top-k), small (7 of them), auto (huang on GPU, small on CPU), or a list such as 'temperature=0.7,top_p=0.9,top_k=50'.", commands=EVALUATE)
+    decoding_system_prompts: str = _f("default,none", "System prompt settings the decoding attack sweeps: default (the run's system_prompt), none (an empty system message), comma-separated.")
+    decoding_n_prompts: int = _f(0, "Harmful prompts for the decoding attack (0: n_prompts).")
+    suffix_mode: str = _f("self", "suffix attack: self (optimize GCG suffixes on the model evaluated) or transfer (apply the suffixes optimized on suffix_source).", choices=("self", "transfer"), commands=EVALUATE)
+    suffix_source: str = _f("base", "transfer mode: the variant whose eval/suffixes.json is applied.", commands=EVALUATE)
+    gcg_prompts: str = _f("auto", "Prompts that get their own GCG suffix: auto (10 on GPU, 2 on CPU) or a number.", commands=EVALUATE)
+    gcg_universal_prompts: str = _f("auto", "Training prompts of the universal suffix (0: none): auto (10 on GPU, 2 on CPU) or a number.")
+    gcg_steps: str = _f("auto", "GCG optimization steps: auto (250 on GPU, 20 on CPU) or a number.", commands=EVALUATE)
+    gcg_search_width: str = _f("auto", "GCG candidates per step: auto (512 on GPU, 64 on CPU; Zou et al.: 512) or a number.")
+    gcg_topk: int = _f(256, "GCG top-k substitutions per suffix position (Zou et al.: 256).")
+    judge_model: str | None = _f(None, "A model-based judge: hub id or folder of a HarmBench / LlamaGuard classifier, or any chat model; null: none.", commands=EVALUATE)
+    judge_format: str = _f("auto", "Model judge prompt format: auto, harmbench, llamaguard, chat.", choices=("auto", "harmbench", "llamaguard", "chat"), commands=EVALUATE)
+    utility_tasks: str = _f("offline", "Zero-shot tasks: offline (the BIG-bench suite), paper (boolq, rte, hellaswag, ... when reachable), all, none (perplexity only), or a comma-separated list.", flag="--tasks", commands=EVALUATE)
+    utility_limit: int = _f(200, "Items per utility task (0: all).", flag="--limit", commands=EVALUATE)
+    ppl_tokens: int = _f(4096, "Held-out Wikipedia tokens for perplexity.")
+    backend: str = _f("torch", "Generation back end: torch, or vllm (GPU machines, variants saved to disk).", choices=("torch", "vllm"), commands=EVALUATE)
+
+
+COMPRESS = ("compress",)
+
+
+@dataclass
+class CompressConfig:
+    """How variants are made (``refusalkit compress``, and every variant of ``refusalkit run``)."""
+
+    group_size: int = _f(128, "awq / rtn: inputs per quantization group (-1: one group per row).", commands=COMPRESS)
+    threshold: float = _f(6.0, "llm-int8: outlier feature threshold (0: no outlier decomposition).", commands=COMPRESS)
+    backend: str = _f("auto", "llm-int8 implementation: auto (bitsandbytes when it works, else refusalkit's PyTorch layers), bitsandbytes, torch.", choices=("auto", "bitsandbytes", "torch"), commands=COMPRESS)
+    damp: float = _f(0.01, "sparsegpt: Hessian dampening (fraction of its mean diagonal).", commands=COMPRESS)
+    blocksize: int = _f(128, "sparsegpt: columns per block.", commands=COMPRESS)
+    awq_search_tokens: int = _f(2048, "awq: calibration tokens on which the scale search measures its loss (-1: all, as the reference).", commands=COMPRESS)
+    calibration: str = _f("wikipedia", "Calibration data of Wanda / SparseGPT / AWQ: wikipedia, alpaca, advbench, any prompt source or .txt/.jsonl/.csv file, or text:FILE.", commands=COMPRESS)
+    n_calibration: int = _f(32, "Calibration samples.", commands=COMPRESS)
+    seq_len: int = _f(256, "Calibration tokens per sample (text: window length; instructions: cut).", commands=COMPRESS)
+    calibration_chat: bool | None = _f(None, "Apply the chat template to calibration samples (null: yes for instruction sources, no for text corpora).", commands=COMPRESS)
+    calibration_seed: int = _f(0, "Seed of the calibration sample.", commands=COMPRESS)
+    calibration_batch_size: int = _f(8, "Calibration samples per block forward.", commands=COMPRESS)
+
+
+REPAIR = ("repair",)
+
+
+@dataclass
+class RepairConfig:
+    """AIRD (``refusalkit repair``, and every repair of ``refusalkit run``); budgets are relative to the unrepaired variant."""
+
+    alpha_scale: str = _f("1.0", "AIRD alphas as a multiple of the paper's (0.02 attention output, 0.01 MLP down): a number, or auto (the smallest within budgets that reaches the base model's ASR).", commands=REPAIR)
+    direction: str = _f("raw", "AIRD's r: raw (the difference in means, gain alpha*||r||^2) or unit (gain alpha).", choices=("raw", "unit"), commands=REPAIR)
+    placement: str = _f("source", "AIRD's block: source (block `layer` of the direction, the paper's index) or previous (block layer-1, whose output is the stream read).", choices=("source", "previous"), commands=REPAIR)
+    keep_zeros: bool = _f(False, "Sparsity-preserving AIRD: no pruned zero is changed.", commands=REPAIR)
+    requantize: bool = _f(True, "AWQ / RTN variants: put the edit back on the quantization grid.", commands=REPAIR)
+    curve: bool = _f(False, "Also measure the alpha curve (ASR, over-refusal, degenerate rate, perplexity against alpha); always with alpha_scale auto.", commands=REPAIR)
+    scales: list[float] = _f([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0], "Alpha scales of the curve and of the automatic choice.", commands=REPAIR)
+    search_prompts: int = _f(32, "Harmful and harmless held-out prompts of each curve point (disjoint from the evaluation's).", commands=REPAIR)
+    ppl_tokens: int = _f(2048, "Held-out Wikipedia tokens of each curve point's perplexity (0: none; at most evaluation.ppl_tokens in refusalkit run).", commands=REPAIR)
+    target_asr: float | None = _f(None, "auto: the ASR to reach (null: the base model's on the same prompts).", commands=REPAIR)
+    asr_tolerance: float = _f(0.0, "auto: a scale reaches the target when its ASR is at most target + this.")
+    max_over_refusal_increase: float = _f(0.05, "auto: over-refusal budget, absolute.", commands=REPAIR)
+    max_degenerate_increase: float = _f(0.05, "auto: degenerate-completion budget, absolute.", commands=REPAIR)
+    max_ppl_increase: float = _f(0.10, "auto: perplexity budget, relative.", commands=REPAIR)
+    max_utility_drop: float | None = _f(None, "auto: zero-shot accuracy budget (fraction); measured per point when given.", commands=REPAIR)
+    utility_limit: int = _f(50, "Items per utility task when max_utility_drop is measured.")
+    max_new_tokens: int = _f(0, "Tokens per completion of a curve point (0: the evaluation's).")
+
+
+@dataclass
+class RunConfig:
+    variants: list[str] = _f(["magnitude-0.5", "wanda-0.5", "llm-int8", "awq-w8"], "Compressed variants `refusalkit run` makes: full method names (see `refusalkit sources`).")
+    attacks: str = _f("auto", "Attacks run on every variant: auto (vanilla,decoding,suffix on GPU; vanilla on CPU) or a comma-separated list.")
+    utility: bool = _f(True, "Also zero-shot accuracy (lm-eval) and perplexity of every variant.")
+    repair: str = _f("moved", "Variants AIRD repairs: moved (direction source shifted or cosine below moved_cosine), pruned, all, none.", choices=("moved", "pruned", "all", "none"))
+    moved_cosine: float = _f(0.99, "A variant whose selected direction has a cosine below this with the base direction counts as moved.")
+    aird_sparse: bool = _f(True, "Also the sparsity-preserving AIRD (the update restricted to the non-zeros) of every pruned variant repaired.")
+    aird_curve: bool = _f(True, "Measure the alpha curve of every plain repair (repair.curve applies to refusalkit repair).")
+    validate_variants: bool = _f(True, "Validate every variant's direction by generation too (the base model's always is when validation.enabled); false: the comparison judges a variant's direction by its selection scores.")
+
+
+@dataclass
+class Config:
+    model: str = _f("default", "Hub id, local Hugging Face folder, local .gguf file, or a short name: default, smollm2-135m.", commands=MODEL_COMMANDS)
+    dtype: str = _f("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.", choices=("auto", "float32", "bfloat16", "float16"), commands=MODEL_COMMANDS)
+    device: str = _f("auto", "auto (device_map='auto' over all GPUs, else CPU), cpu, cuda or cuda:N.", commands=MODEL_COMMANDS)
+    chat_template: str | None = _f(None, "A Jinja chat template (file or string) for a tokenizer that has none.", commands=("extract", "compress", "evaluate"))
+    system_prompt: str | None = _f(None, "null: the chat template's own default (Qwen injects one); a string: this system message.", commands=EXTRACT)
+    harmful: str = _f("advbench", "Harmful prompts: advbench, harmbench, harmful-all, harmful-curated, or a .txt/.jsonl/.csv file.", commands=EXTRACT)
+    harmless: str = _f("alpaca", "Harmless prompts: alpaca, alpaca-curated, or a .txt/.jsonl/.csv file.", commands=EXTRACT)
+    n_train: int = _f(128, "Training prompts of each kind (difference in means).", commands=EXTRACT)
+    n_val: int = _f(32, "Validation prompts of each kind (direction selection).", commands=EXTRACT)
+    n_test: int = _f(64, "Held-out test prompts of each kind (validation by generation).", commands=EXTRACT)
+    seed: int = _f(0, "Seed of the train/validation/test split.", commands=EXTRACT)
+    filter_train: bool = _f(False, "Arditi's filter: drop harmful train prompts with refusal score <= 0 and harmless ones with score > 0.", commands=EXTRACT)
+    batch_size: int = _f(64, "Prompts (rows) per forward pass.", commands=EXTRACT)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # Settings that change the analysis; a run directory refuses to mix them.
+    def analysis_key(self) -> dict[str, Any]:
+        d = self.to_dict()
+        # evaluation settings are checked per evaluation stage; compress and repair settings are recorded
+        # in each variant's compression.json / repair.json
+        for k in ("device", "batch_size", "evaluation", "compress", "repair", "run"):
+            d.pop(k)
+        return d
+
+
+
+
+
+
+
+
+
+
+
+
+def validate(cfg: Config) -> Config:
+    """Checks across settings (single-field choices are checked as each value is set)."""
+    s = cfg.selection
+    if not 0.0 <= s.prune_layer_fraction < 1.0:
+        raise UserError("selection.prune_layer_fraction must be in [0, 1)")
+    if s.screen_prompts < 1 or s.screen_keep < 1:
+        raise UserError("selection.screen_prompts and selection.screen_keep must be at least 1")
+    if cfg.n_train < 1 or cfg.n_val < 1:
+        raise UserError("n_train and n_val must be at least 1")
+    if cfg.n_test < 1 and cfg.validation.enabled:
+        raise UserError("n_test must be at least 1 when validation is enabled")
+    if s.screen_prompts > cfg.n_val:
+        s.screen_prompts = cfg.n_val
+    if cfg.batch_size < 1 or cfg.validation.max_new_tokens < 1:
+        raise UserError("batch_size and validation.max_new_tokens must be at least 1")
+    validate_evaluation(cfg.evaluation)
+    validate_compress(cfg.compress)
+    validate_repair(cfg.repair)
+    validate_run(cfg.run)
+    return cfg
+
+
+def validate_compress(c: CompressConfig) -> CompressConfig:
+    if not 0 < c.damp < 10:
+        raise UserError("compress.damp must be in (0, 10); SparseGPT uses 0.01 of the mean Hessian diagonal")
+    if c.blocksize < 1 or c.calibration_batch_size < 1 or c.seq_len < 1:
+        raise UserError("compress.blocksize, calibration_batch_size and seq_len must be at least 1")
+    if c.threshold < 0:
+        raise UserError("compress.threshold must be 0 or more (0 turns the outlier decomposition off)")
+    if c.n_calibration < 1:
+        raise UserError(f"too few calibration samples ({c.n_calibration}); use compress.n_calibration 1 or more")
+    return c
+
+
+def alpha_scale(value: str) -> float | str:
+    """``repair.alpha_scale`` read: ``"auto"`` or a positive float."""
+    if value == "auto":
+        return value
+    try:
+        x = float(value)
+    except ValueError:
+        x = 0.0
+    if x <= 0:
+        raise UserError(f"repair.alpha_scale must be a positive number or auto, not {value!r}")
+    return x
+
+
+def validate_repair(r: RepairConfig) -> RepairConfig:
+    alpha_scale(r.alpha_scale)
+    r.scales = sorted({float(x) for x in r.scales})
+    if not r.scales or r.scales[0] <= 0:
+        raise UserError("repair.scales must list positive numbers, e.g. 0.5,1,2,4")
+    if r.search_prompts < 1 or r.ppl_tokens < 0 or r.max_new_tokens < 0:
+        raise UserError("repair.search_prompts must be at least 1 (ppl_tokens and max_new_tokens 0 or more)")
+    if r.ppl_tokens and r.ppl_tokens < 512:
+        raise UserError("repair.ppl_tokens must be at least 512 (or 0 to skip the perplexity)")
+    return r
+
+
+def validate_run(r: RunConfig) -> RunConfig:
+    if not r.variants:
+        raise UserError("run.variants must name at least one compressed variant, e.g. wanda-0.5")
+    if r.attacks != "auto":
+        validate_evaluation(EvaluationConfig(attacks=r.attacks))
+    if not 0 < r.moved_cosine <= 1:
+        raise UserError("run.moved_cosine must be in (0, 1]")
+    return r
+
+
+ATTACKS = ("vanilla", "decoding", "suffix")
+
+
+def _auto_or_count(name: str, value: str, minimum: int) -> None:
+    if value == "auto":
+        return
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"evaluation.{name} must be auto or a whole number, not {value!r}") from None
+    if n < minimum:
+        raise UserError(f"evaluation.{name} must be at least {minimum}, not {n}")
+
+
+def validate_evaluation(e: EvaluationConfig) -> EvaluationConfig:
+    attacks = [a.strip() for a in e.attacks.split(",") if a.strip()]
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or not attacks:
+        raise UserError(f"unknown attack {', '.join(unknown) or '(none given)'}; use a comma-separated list of {', '.join(ATTACKS)}")
+    if e.n_prompts < 1 or e.n_harmless < 0 or e.decoding_n_prompts < 0:
+        raise UserError("evaluation.n_prompts must be at least 1 (n_harmless and decoding_n_prompts 0 or more)")
+    for name, minimum in (("max_new_tokens", 1), ("gcg_prompts", 0), ("gcg_universal_prompts", 0), ("gcg_steps", 1),
+                          ("gcg_search_width", 1)):
+        _auto_or_count(name, str(getattr(e, name)), minimum)
+    if e.gcg_topk < 1:
+        raise UserError("evaluation.gcg_topk must be at least 1")
+    systems = [s.strip() for s in e.decoding_system_prompts.split(",") if s.strip()]
+    if not systems or any(s not in ("default", "none") for s in systems):
+        raise UserError("evaluation.decoding_system_prompts must list default and/or none, comma-separated")
+    if e.utility_limit < 0 or e.ppl_tokens < 0:
+        raise UserError("evaluation.utility_limit and evaluation.ppl_tokens must be 0 or more")
+    return e
+
+
+
+
+
+
+
+
+
+

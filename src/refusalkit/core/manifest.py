@@ -1,0 +1,63 @@
+"""The run manifest: package versions, hardware, seed, git revision and stage timings."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusalkit.core.artifacts import write_json
+
+_PACKAGES = ("refusalkit", "torch", "transformers", "accelerate", "safetensors", "gguf", "numpy")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hardware() -> dict[str, Any]:
+    hw: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        import psutil
+
+        hw["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw
+
+
+def update_manifest(path: Path, seed: int, stage: str | None = None, seconds: float | None = None,
+                    existing: dict[str, Any] | None = None) -> dict[str, Any]:
+    if existing is None and path.exists():  # never drop the stages other commands recorded
+        from refusalkit.core.artifacts import read_json
+
+        existing = read_json(path)
+    m = dict(existing or {})
+    m.update({"packages": {p: _version(p) for p in _PACKAGES}, "python": platform.python_version(),
+              "hardware": hardware(), "seed": seed, "git_revision": _git_revision()})
+    m.setdefault("stages", {})
+    if stage is not None:
+        m["stages"][stage] = {"seconds": round(seconds or 0.0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(path, m)
+    return m

@@ -1,0 +1,170 @@
+"""Reading settings: a value checked against its field (types, lists, fixed choices), YAML files
+layered over the defaults, settings renamed since 0.1.0, and the commented default file."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from refusalkit.core.config import Config, validate
+from refusalkit.core.errors import UserError
+
+
+# Settings renamed in 0.2.0: a run directory written by 0.1.0 still loads (dotted old -> dotted new).
+LEGACY_KEYS = {
+    "run.calibration": "compress.calibration", "run.n_calibration": "compress.n_calibration",
+    "run.aird_alpha_scale": "repair.alpha_scale", "run.aird_direction": "repair.direction",
+    "run.aird_placement": "repair.placement", "run.aird_scales": "repair.scales",
+    "run.aird_search_prompts": "repair.search_prompts",
+}
+
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a nested mapping) with the keys of :data:`LEGACY_KEYS` moved to their new places."""
+    run = data.get("run")
+    if not isinstance(run, dict):
+        return data
+    data = {**data, "run": dict(run)}
+    for old, new in LEGACY_KEYS.items():
+        key = old.split(".", 1)[1]
+        if key in data["run"]:
+            section, name = new.split(".")
+            data[section] = {**(data.get(section) or {}), name: data["run"].pop(key)}
+    return data
+
+
+
+def _scalar(name: str, value: Any, t: str) -> Any:
+    if isinstance(value, (list, dict)):
+        raise UserError(f"setting {name}={value!r} must be a single value; fix it in the config file or flag")
+    try:
+        if t.startswith("float"):
+            return float(value)
+        if t.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if t.startswith("bool"):
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"setting {name}={value!r} is not a valid {t}; fix it in the config file or flag") from None
+
+
+
+def _check_type(name: str, value: Any, typ: Any, choices: tuple[Any, ...] | None = None) -> Any:
+    """``value`` as the field's type (a comma string is read as a list for list fields); fixed
+    ``choices`` are enforced here, the one place every setting passes through."""
+    t = str(typ)
+    if value is None and "None" in t:
+        return None
+    if value is None:
+        raise UserError(f"setting {name} must not be empty; fix it in the config file or flag")
+    if t.startswith("list["):
+        items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise UserError(f"setting {name}={value!r} must be a list (or a comma-separated string)")
+        out = [_scalar(name, x, t[5:-1]) for x in items]
+    else:
+        out = _scalar(name, value, t)
+    if choices is not None:
+        bad = [x for x in (out if isinstance(out, list) else [out]) if x not in choices]
+        if bad:
+            raise UserError(f"{name} must be one of {', '.join(map(str, choices))}, not {bad[0]!r}")
+    return out
+
+
+
+def apply_settings(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    if not prefix:
+        data = _migrate(data)
+    known = {f.name: f for f in fields(obj)}
+    for key, value in data.items():
+        k = key.replace("-", "_")
+        if k not in known:
+            raise UserError(f"unknown setting {prefix}{key!r}; see `refusalkit config` for the valid ones")
+        f = known[k]
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"setting {prefix}{key} must be a section (a mapping)")
+            apply_settings(current, value, prefix=f"{prefix}{k}.")
+        else:
+            setattr(obj, k, _check_type(f"{prefix}{k}", value, f.type, f.metadata.get("choices")))
+
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML configuration file as a mapping (a missing, unreadable or non-mapping file is a UserError)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist; give an existing YAML file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix it") from e
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of settings")
+    return data
+
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                profile: dict[str, Any] | None = None, files: list[str | Path] | None = None) -> Config:
+    """Defaults < ``profile`` (dotted keys) < the YAML ``files`` in order (``path`` first) < ``overrides``
+    (dotted keys; ``None`` values are ignored)."""
+    cfg = Config()
+    _apply_dotted(cfg, profile or {})
+    for f in ([path] if path else []) + list(files or []):
+        apply_settings(cfg, read_config_file(f))
+    _apply_dotted(cfg, overrides or {})
+    return validate(cfg)
+
+
+
+def _apply_dotted(cfg: Config, settings: dict[str, Any]) -> None:
+    for key, value in settings.items():
+        if value is None:
+            continue
+        nested: dict[str, Any] = {}
+        cur = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = value
+        apply_settings(cfg, nested)
+
+
+
+def commented_yaml(obj: Any = None, indent: int = 0) -> str:
+    """The default configuration as YAML, each field preceded by its description."""
+    obj = obj if obj is not None else Config()
+    lines = [] if indent else ["# refusalkit configuration (defaults). Precedence: defaults < the run directory's config.yaml "
+                               "< --config FILE < command-line flags and --set.", ""]
+    pad = "  " * indent
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            lines.append(commented_yaml(value, indent + 1))
+            continue
+        lines.append(f"{pad}# {f.metadata.get('help', '')}")
+        dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
+        lines.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
+    return "\n".join(lines)
+
+
+
+def default_config_text() -> str:
+    """What ``refusalkit config`` prints and ``configs/default.yaml`` holds."""
+    return commented_yaml() + "\n"
+

@@ -1,0 +1,1 @@
+"""Prompt sources and splits, text corpora, refusal phrases and the refusal judge."""

@@ -1,0 +1,113 @@
+"""Batched forward passes over chat-formatted prompts.
+
+Two exact speed-ups, both tested against a plain unbatched forward:
+
+* **Shared prefix.** Chat templates put the same tokens before every instruction (Qwen's
+  default system prompt is about 20 of them). The prefix is run once (under the active hooks,
+  since an intervention changes its keys and values too) and its KV cache is repeated over
+  the batch; only the suffixes are run per prompt.
+* **Last-position logits only** (``logits_to_keep=1``): the output head is applied to one
+  position instead of all, which saves about a quarter of the FLOPs on a 0.5B model.
+
+Suffixes are left-padded (padding sits between the prefix and the suffix, masked out, with
+explicit position ids), so the last ``k`` columns of every row are the same template tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+
+from refusalkit.direction.hooks import Hook, RowGroups, add_hooks
+from refusalkit.models.generation import batches, pad_left
+from refusalkit.models.kv_cache import cache_keyword, cache_kwargs, new_cache
+
+# Tokens actually run through the model by forward_last (prefix once per call + suffixes,
+# padding included); the benchmark reads it to compute achieved FLOP/s.
+STATS = {"tokens": 0, "padded_tokens": 0}
+
+
+def common_prefix_len(ids: list[list[int]], keep: int) -> int:
+    """Length of the token prefix shared by all rows, leaving at least ``keep`` tokens per row."""
+    if not ids:
+        return 0
+    first = ids[0]
+    n = min(len(r) for r in ids) - keep
+    p = 0
+    while p < n and all(r[p] == first[p] for r in ids):
+        p += 1
+    return max(p, 0)
+
+
+@torch.inference_mode()
+def forward_last(
+    model,
+    ids: list[list[int]],
+    *,
+    pad_id: int,
+    batch_size: int = 32,
+    hooks: tuple[list[Hook], list[Hook]] = ([], []),
+    on_batch: Callable[[int], None] | None = None,
+    share_prefix: bool = True,
+    keep_suffix: int = 8,
+    want_logits: bool = True,
+    groups: list[int] | None = None,
+    rows: RowGroups | None = None,
+) -> torch.Tensor | None:
+    """Run every prompt; return float32 last-position logits ``[n, vocab]`` (or None).
+
+    Prompts are run longest first in batches of similar length. ``on_batch(n_rows)`` is called
+    after each batch inside the hook context, so capture hooks can collect that batch's
+    activations. ``keep_suffix`` is the number of trailing tokens that must stay outside the
+    shared prefix (at least the post-instruction tokens). Cached forwards pass the KV cache under
+    the keyword the installed transformers expects (:mod:`refusalkit.models.kv_cache`).
+    """
+    device = model.get_input_embeddings().weight.device
+    P = common_prefix_len(ids, keep_suffix) if share_prefix else 0
+    if P < 4:
+        P = 0
+    # Longest first, so similar lengths share a batch (little padding); results are unsorted below.
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    logits: torch.Tensor | None = None  # filled batch by batch: no second copy at the end
+    with add_hooks(*hooks):
+        prefix_cache = None
+        keyword = cache_keyword(model)
+        if P:
+            prefix_cache = new_cache(model)
+            n_groups = max(groups) + 1 if groups is not None else 1
+            if rows is not None:
+                rows.index = torch.arange(n_groups)
+            prefix = torch.tensor([ids[0][:P]] * n_groups, device=device)
+            model(input_ids=prefix, logits_to_keep=1, **cache_kwargs(prefix_cache, keyword))
+            STATS["tokens"] += P * n_groups
+            STATS["padded_tokens"] += P * n_groups
+        for sl in batches(len(order), batch_size):
+            suffixes = [ids[i][P:] for i in order[sl]]
+            x, mask = pad_left(suffixes, pad_id, device)
+            pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
+            STATS["tokens"] += int(mask.sum())
+            STATS["padded_tokens"] += x.numel()
+            kwargs = {}
+            group_index = torch.tensor([groups[i] for i in order[sl]]) if groups is not None else None
+            if rows is not None:
+                rows.index = group_index
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                if group_index is not None:
+                    cache.batch_select_indices(group_index)  # a CPU index works for caches on any device
+                else:
+                    cache.batch_repeat_interleave(x.shape[0])
+                mask = torch.cat([torch.ones((x.shape[0], P), dtype=mask.dtype, device=device), mask], dim=1)
+                kwargs = cache_kwargs(cache, keyword)
+            res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kwargs)
+            if want_logits:
+                last = res.logits[:, -1, :]
+                if logits is None:
+                    logits = torch.empty((len(ids), last.shape[-1]), dtype=torch.float32)
+                logits[torch.tensor(order[sl])] = last.float().cpu()
+            del res
+            if on_batch is not None:
+                on_batch(len(suffixes))
+    return logits

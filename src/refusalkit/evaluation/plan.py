@@ -1,0 +1,112 @@
+"""What an evaluation runs: its settings with every ``auto`` resolved for the machine (:class:`Plan`)
+and the held-out prompts it runs on (:func:`held_out`). No model, no disk writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from refusalkit.core.config import Config, EvaluationConfig
+from refusalkit.core.errors import UserError
+from refusalkit.data.prompts import load_prompts
+
+if TYPE_CHECKING:
+    from refusalkit.evaluation.sampling import Decoding
+
+SYSTEM_NONE = ""  # "none": an empty system message (templates that inject a default system prompt otherwise)
+
+
+@dataclass
+class Plan:
+    """Evaluation settings with every ``auto`` resolved (recorded with the results)."""
+
+    max_new_tokens: int
+    grid: str
+    decodings: list[Decoding]
+    systems: dict[str, str | None]
+    gcg_prompts: int
+    gcg_universal_prompts: int
+    gcg_steps: int
+    gcg_search_width: int
+    gpu: bool
+
+
+def _auto(value: str, gpu_value: int, cpu_value: int, gpu: bool) -> int:
+    """``value`` as an int; ``auto`` is ``gpu_value`` on a GPU, else ``cpu_value``."""
+    return (gpu_value if gpu else cpu_value) if str(value) == "auto" else int(value)
+
+
+def _decoding(item: str) -> Decoding:
+    """One ``temperature=X`` / ``top_p=X`` / ``top_k=N`` grid entry, named as in
+    :func:`~refusalkit.evaluation.sampling.huang_grid`."""
+    from refusalkit.evaluation.sampling import (
+        temperature_config,
+        top_k_config,
+        top_p_config,
+    )
+
+    key, _, value = item.partition("=")
+    try:
+        if key == "temperature":
+            d = temperature_config(float(value))
+        elif key == "top_p":
+            d = top_p_config(float(value))
+        elif key == "top_k":
+            d = top_k_config(int(value))
+        else:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"decoding grid entry {item!r} is not temperature=X, top_p=X or top_k=N; "
+                        "use huang, small, auto or such a comma-separated list") from None
+    if d.temperature < 0 or not 0 <= d.top_p <= 1 or d.top_k < 0:
+        raise UserError(f"decoding grid entry {item!r} is out of range (temperature >= 0, top_p in [0, 1], top_k >= 0)")
+    return d
+
+
+def parse_grid(text: str) -> tuple[str, list[Decoding]]:
+    """``huang`` / ``small`` or a list such as ``temperature=0.7,top_p=0.9,top_k=50`` (one config each):
+    the grid's name (``huang``, ``small`` or ``custom``) and its decodings."""
+    from refusalkit.evaluation.sampling import huang_grid, small_grid
+
+    if text == "huang":
+        return "huang", huang_grid()
+    if text == "small":
+        return "small", small_grid()
+    out = [_decoding(item) for item in (t.strip() for t in text.split(",")) if item]
+    if not out:
+        raise UserError("the decoding grid is empty; "
+                        "use huang, small, auto or a list of temperature=/top_p=/top_k= entries")
+    return "custom", out
+
+
+def make_plan(e: EvaluationConfig, cfg: Config, gpu: bool) -> Plan:
+    """The evaluation settings of ``e`` with ``auto`` resolved: on a GPU 256 new tokens, the
+    Huang et al. grid and GCG with 250 steps of width 512 on 10 prompts (and a universal suffix
+    over 10); on a CPU 64 tokens, the small grid and GCG with 20 steps of width 64 on 2 prompts
+    (universal: over 2). ``systems`` maps ``default`` to the configured system prompt and
+    ``none`` to :data:`SYSTEM_NONE`."""
+    grid_name = e.decoding_grid if e.decoding_grid != "auto" else ("huang" if gpu else "small")
+    grid_name, decodings = parse_grid(grid_name)
+    systems = {}
+    for s in [s.strip() for s in e.decoding_system_prompts.split(",") if s.strip()]:
+        systems[s] = cfg.system_prompt if s == "default" else SYSTEM_NONE
+    return Plan(max_new_tokens=_auto(e.max_new_tokens, 256, 64, gpu), grid=grid_name, decodings=decodings,
+                systems=systems, gcg_prompts=_auto(e.gcg_prompts, 10, 2, gpu),
+                gcg_universal_prompts=_auto(e.gcg_universal_prompts, 10, 2, gpu),
+                gcg_steps=_auto(e.gcg_steps, 250, 20, gpu), gcg_search_width=_auto(e.gcg_search_width, 512, 64, gpu),
+                gpu=gpu)
+
+
+def held_out(source: str, n: int, splits: dict[str, Any] | None, kind: str) -> tuple[list[str], dict[str, Any]]:
+    """The first ``n`` prompts of ``source`` (in source order) that the run did not use to train or
+    select its direction (``splits[kind]``'s train and val prompts, when it comes from ``source``),
+    and a description of them. Raises :class:`UserError` when fewer than ``n`` are left."""
+    prompts = load_prompts(source)
+    used: set[str] = set()
+    if splits and splits.get(kind, {}).get("source") == source:
+        used = set(splits[kind]["train"]) | set(splits[kind]["val"])
+    kept = [p for p in prompts if p not in used]
+    if n > len(kept):
+        raise UserError(f"{source} has {len(kept)} prompts left after the {len(used)} used for the direction, "
+                        f"but {n} were asked for; lower the number or give a larger prompt source")
+    return kept[:n], {"source": source, "n": n, "excluded_direction_prompts": len(used), "order": "source order"}

@@ -1,0 +1,192 @@
+"""Batched generation: refusalkit's one decode loop, for greedy and sampled decodings alike.
+
+Every completion refusalkit generates goes through :func:`generate_ids`: the extract job's
+greedy validation (:func:`refusalkit.direction.generate.generate`), the attacks and the AIRD
+search (:func:`refusalkit.evaluation.sampling.sample`). Hooks are the callers' business (they
+wrap the call in ``add_hooks``), so this module needs no intervention code.
+
+The loop is its own (not ``model.generate``) so that the expensive part is shared:
+
+* Prompts of a batch are left-padded (explicit ``position_ids``) and **prefilled once**; the
+  prompt's KV cache (a transformers ``DynamicCache``) is then repeated over the configurations
+  (``batch_repeat_interleave``), so rows ``(prompt p, config c)`` sit at ``p * C + c`` and the
+  prompt forward is never repeated per configuration.
+* Every step computes only the last position's logits (``logits_to_keep=1``), in float32, and
+  picks each row's token with :func:`refusalkit.models.sampler.next_tokens` (argmax for greedy
+  rows; per-row seeded exact sampling for the others, independent of batching).
+* Rows stop at any stop id (the stop token is kept, so decoding with ``skip_special_tokens``
+  matches HF ``generate``). Finished rows are fed the pad token and their outputs ignored; once a
+  quarter of a batch has finished, those rows are dropped from it (cache included), and the
+  batch ends when every row has.
+
+Greedy rows are token-identical to HF ``generate(do_sample=False)`` (tested on the tiny models),
+and the loop is a little faster than it on the same batches (README, ``benchmarks/bench_eval.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from refusalkit.models.kv_cache import cache_keyword, cache_kwargs, new_cache
+from refusalkit.models.loading import LoadedModel
+from refusalkit.models.sampler import Decoding, RowParams, next_tokens, row_uniforms
+
+# Compact the decode batch (drop finished rows) once at least this share of its rows has finished.
+COMPACT_SHARE = 0.25
+
+
+def pad_left(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention mask)``, both ``[len(rows), longest]`` long tensors on ``device``, every
+    row right-aligned (padding on the left, mask 0 there)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    """Slices ``[0, batch_size), [batch_size, 2 batch_size), …`` covering ``range(n)``."""
+    for s in range(0, n, batch_size):
+        yield slice(s, min(n, s + batch_size))
+
+
+def default_stop_ids(lm: LoadedModel) -> list[int]:
+    """``tokenizer.eos_token_id`` plus ``model.generation_config.eos_token_id`` (an int or a list)."""
+    ids: list[int] = []
+    for v in (getattr(lm.tokenizer, "eos_token_id", None),
+              getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)):
+        for i in (v if isinstance(v, (list, tuple)) else [v]):
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def plan_batches(n_prompts: int, n_configs: int, batch_size: int) -> tuple[int, list[slice]]:
+    """``(prompts per batch, config chunks)``: configurations are split into the fewest equal-ish
+    chunks of at most ``batch_size``; prompts fill the rest, so a decode batch has at most
+    ``max(batch_size, 1)`` rows (prompts × configs of one chunk)."""
+    batch_size = max(1, batch_size)
+    n_chunks = max(1, math.ceil(n_configs / batch_size))
+    per = math.ceil(n_configs / n_chunks) if n_configs else 1
+    chunks = [slice(s, min(n_configs, s + per)) for s in range(0, n_configs, per)]
+    return max(1, min(n_prompts, batch_size // per)), chunks
+
+
+def _prefill(model: Any, rows: list[list[int]], pad_id: int, device: torch.device):
+    """One forward over the left-padded prompts: ``(cache, mask [P, L], last positions [P, 1],
+    last-position float32 logits [P, V])``."""
+    x, mask = pad_left(rows, pad_id, device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = new_cache(model)
+    res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                **cache_kwargs(cache, cache_keyword(model)))
+    return cache, mask, pos[:, -1:], res.logits[:, -1, :].float()
+
+
+def _decode(model: Any, cache: Any, mask: torch.Tensor, pos: torch.Tensor, logits: torch.Tensor, params: RowParams,
+            uniforms: torch.Tensor, *, max_new_tokens: int, pad_id: int, stop: torch.Tensor) -> list[list[int]]:
+    """Decode ``R`` rows whose prompts are in ``cache`` (``mask [R, L]``, ``pos [R, 1]``, first-step
+    ``logits [R, V]``, ``uniforms [R, max_new_tokens]``). Returns each row's new tokens, up to
+    and including its stop token."""
+    n = logits.shape[0]
+    keyword = cache_keyword(model)
+    out: list[list[int]] = [[] for _ in range(n)]
+    alive = torch.arange(n)  # original row of each batch row
+    done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    for t in range(max_new_tokens):
+        tok = next_tokens(logits, params, uniforms[alive, t])
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        for r, v, finished in zip(alive.tolist(), tok.tolist(), done.tolist()):
+            if not finished:
+                out[r].append(v)
+        done = done | torch.isin(tok, stop)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        if int(done.sum()) >= COMPACT_SHARE * len(alive):
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            mask, pos, tok, params, done = mask[keep], pos[keep], tok[keep], params.select(keep), done[keep]
+            alive = alive[keep.cpu()]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        pos = pos + 1
+        res = model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                    **cache_kwargs(cache, keyword))
+        logits = res.logits[:, -1, :].float()
+    return out
+
+
+def _row_keys(ids: list[list[int]], keys: list[str] | None) -> list[str]:
+    """``keys``, or ``str(i)`` for prompt ``i``; one per prompt."""
+    if keys is None:
+        keys = [str(i) for i in range(len(ids))]
+    if len(keys) != len(ids):
+        raise ValueError(f"{len(keys)} keys for {len(ids)} prompts")
+    return keys
+
+
+@torch.inference_mode()
+def generate_ids(
+    lm: LoadedModel,
+    ids: list[list[int]],
+    decodings: Sequence[Decoding],
+    *,
+    max_new_tokens: int,
+    seed: int = 0,
+    keys: list[str] | None = None,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+    stop_ids: list[int] | None = None,
+) -> list[list[list[int]]]:
+    """New token ids ``[prompt i][decoding j]`` of the token-id prompts ``ids`` under ``decodings``,
+    each up to and including its stop token (at most ``max_new_tokens``).
+
+    ``keys[i]`` (default ``str(i)``) names prompt ``i`` in the per-row seed (pass stable keys for
+    runs that resume). ``batch_size`` bounds the rows (prompts × configs) of one decode batch;
+    prompts of similar length share a batch. ``progress(n)`` gets the rows finished by each
+    batch. ``stop_ids`` defaults to :func:`default_stop_ids`. Runs under whatever hooks the
+    caller has registered.
+    """
+    keys = _row_keys(ids, keys)
+    if not ids or not decodings or max_new_tokens <= 0:
+        return [[[] for _ in decodings] for _ in ids]
+    if any(len(r) == 0 for r in ids):
+        raise ValueError("every prompt needs at least one token")
+    model, device = lm.model, lm.device
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else default_stop_ids(lm)[0]
+    stop = torch.tensor(stop_ids if stop_ids is not None else default_stop_ids(lm), dtype=torch.long, device=device)
+    per_batch, chunks = plan_batches(len(ids), len(decodings), batch_size)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
+    out: list[list[list[int]]] = [[[] for _ in decodings] for _ in ids]
+    for s in range(0, len(order), per_batch):
+        idx = order[s:s + per_batch]
+        cache, mask, pos, logits = _prefill(model, [ids[i] for i in idx], pad_id, device)
+        for n_chunk, chunk in enumerate(chunks):
+            decs = decodings[chunk]
+            c = len(decs)
+            # the last chunk takes the prefill cache itself; earlier ones a copy
+            rep = cache if n_chunk == len(chunks) - 1 else copy.deepcopy(cache)
+            rep.batch_repeat_interleave(c)
+            params = RowParams.of([d for _ in idx for d in decs], device)
+            uniforms = torch.stack([row_uniforms(seed, keys[i], d.name, max_new_tokens) for i in idx for d in decs])
+            rows = _decode(model, rep, mask.repeat_interleave(c, 0), pos.repeat_interleave(c, 0),
+                           logits.repeat_interleave(c, 0), params, uniforms,
+                           max_new_tokens=max_new_tokens, pad_id=pad_id, stop=stop)
+            for r, new in enumerate(rows):
+                out[idx[r // c]][chunk.start + r % c] = new
+            del rep
+            if progress is not None:
+                progress(len(rows))
+    return out
+
+
+def decode_completions(tokenizer: Any, rows: list[list[list[int]]]) -> list[list[str]]:
+    """Texts of :func:`generate_ids`' output: ``decode(skip_special_tokens=True)``, stripped."""
+    return [[tokenizer.decode(t, skip_special_tokens=True).strip() for t in row] for row in rows]

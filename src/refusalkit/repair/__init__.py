@@ -1,0 +1,1 @@
+"""AIRD repair: the edit (Eq. 4), the α search and budgets, the edited checkpoint, the ``repair`` job."""

@@ -1,0 +1,207 @@
+"""The ``repair`` job: AIRD on a compressed variant → a new variant ``DIR/<V>+aird/``.
+
+``DIR/<V>+aird/model/`` is the variant's checkpoint with the two edited matrices replaced (every
+other file hard-linked or copied, so a 70B checkpoint costs two rewritten shards at most), and
+``DIR/<V>+aird/repair.json`` records the layer, the alphas, raw or unit ``r`` and the effective
+gain ``α‖r‖²``, each matrix's sparsity before and after, the norm of the change, what survived
+requantization, and (``alpha_scale="auto"`` or ``curve=True``) the α curve. ``repair.json`` is
+written last; its presence marks a finished repair.
+
+Automatic α (beyond the paper): the paper's alphas times a grid of scales; at every scale the
+edited model is measured on held-out prompts that the evaluation does not use — vanilla ASR,
+over-refusal, degenerate rate, perplexity (and, on request, zero-shot accuracy) — then the edit
+is removed bit for bit. The chosen scale is the smallest one whose ASR reaches the target (the
+base model's ASR on the same prompts, or ``target_asr``) while over-refusal, degenerate rate,
+perplexity and accuracy stay within the user's budgets relative to the unrepaired variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+
+from refusalkit.core import artifacts
+from refusalkit.core.config import Config, RepairConfig, alpha_scale
+from refusalkit.core.errors import UserError
+from refusalkit.core.layout import RunLayout
+from refusalkit.core.manifest import update_manifest
+from refusalkit.core.progress import Progress
+from refusalkit.models.session import Session
+from refusalkit.repair.aird import PAPER_ALPHAS, AirdEdit, Requantize, apply_aird, edit_block_index
+from refusalkit.repair.checkpoint import checkpoint_tensors, model_sparsity, write_edited_checkpoint
+from refusalkit.repair.search import alpha_curve, block_writes, curve_context, search_prompts
+
+log = logging.getLogger(__name__)
+
+
+def repair_name(variant: str, keep_zeros: bool) -> str:
+    return f"{variant}+aird" + ("-sp" if keep_zeros else "")
+
+
+def _check_variant(layout: RunLayout, variant: str) -> None:
+    if variant == "base":
+        raise UserError("AIRD repairs a compressed variant; give --variant NAME (not base)")
+    if not layout.has_model(variant):
+        raise UserError(f"variant {variant!r} does not exist in {layout.root}; create it with refusalkit compress")
+    if layout.repair_info(variant).exists():
+        raise UserError(f"{variant} is already a repaired variant; repair its source variant instead")
+    if not layout.direction("base", "direction.json").exists():
+        raise UserError(f"{layout.root} has no base refusal direction; run refusalkit extract --run {layout.root} first")
+
+
+def _stale_curve(info: dict[str, Any]) -> bool:
+    """A repair whose α curve was measured by refusalkit 0.1.0 (on an unedited model: the bug fixed
+    in 0.2.0); its figures, and an automatic α chosen from them, are not to be reused."""
+    c = info.get("curve")
+    return bool(c) and c.get("measures") != "edited model"
+
+
+def _reusable(layout: RunLayout, name: str, variant: str, r: RepairConfig) -> dict[str, Any] | None:
+    """The finished repair ``name`` when it was made with the same settings (else an error, or
+    None when it must be redone)."""
+    if not (layout.repair_info(name).exists() and layout.has_model(name)):
+        return None
+    old = artifacts.read_json(layout.repair_info(name))
+    scale = alpha_scale(r.alpha_scale)
+    asked = {"source_variant": variant, "direction": r.direction, "placement": r.placement,
+             "sparsity_preserving": r.keep_zeros, "auto": scale == "auto"}
+    if scale != "auto":
+        asked["alpha_scale"] = scale
+    differ = sorted(k for k, v in asked.items() if old.get(k) != v)
+    if differ:
+        raise UserError(f"{name} exists with other settings ({', '.join(differ)}); give another --name or --force")
+    if _stale_curve(old):
+        log.warning("%s was made by refusalkit 0.1.0 from an alpha curve that measured an unedited model; "
+                    "redoing it", name)
+        return None
+    return {**old, "reused": True}
+
+
+def _curve_scales(r: RepairConfig, unit: bool, norm: float) -> list[float]:
+    """The curve's scales; with a unit ``r`` the default grid is rescaled to the raw grid's gains."""
+    if unit and r.scales == RepairConfig().scales:
+        return [round(s * norm ** 2, 4) for s in r.scales]
+    return list(r.scales)
+
+
+def _choose_alpha(s: Session, r: RepairConfig, edit_at: Any, norm: float) -> tuple[float, dict[str, Any] | None]:
+    """The α scale to apply, and the curve when one is measured (always with ``auto``)."""
+    scale = alpha_scale(r.alpha_scale)
+    if scale != "auto" and not r.curve:
+        return float(scale), None
+    unit = r.direction == "unit"
+    ctx = curve_context(s.cfg, s.layout, s.variant, s, r)
+    curve = alpha_curve(ctx, edit_at, _curve_scales(r, unit, norm), unit, r.keep_zeros)
+    if scale != "auto":
+        return float(scale), curve
+    if curve["chosen"]["scale"] is None:
+        path = s.layout.curve(s.variant, unit, r.placement, r.keep_zeros)
+        raise UserError(f"no alpha scale kept {s.variant} within the budgets (curve in {path}); "
+                        "loosen the budgets or give --alpha-scale")
+    return float(curve["chosen"]["scale"]), curve
+
+
+def run_repair(cfg: Config, root: str | Path, variant: str, *, repair: RepairConfig | None = None,
+               name: str | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Repair ``variant`` with AIRD as ``repair`` says (default: the config's ``repair`` section);
+    return the contents of the new variant's ``repair.json``."""
+    from refusalkit.compress.job import check_name
+
+    r = repair or cfg.repair
+    layout = RunLayout(root)
+    _check_variant(layout, variant)
+    name = name or repair_name(variant, r.keep_zeros)
+    check_name(name)
+    if not force:
+        old = _reusable(layout, name, variant, r)
+        if old is not None:
+            return old
+    t0 = time.time()
+    layout.discard_analyses(name)  # the analyses of a replaced repaired variant no longer apply
+    session = Session(cfg=cfg, layout=layout, variant=variant, progress=Progress(progress))
+    try:
+        info = _repair(session, r, name)
+    finally:
+        session.owner.release()
+    info["seconds"] = round(time.time() - t0, 1)
+    artifacts.write_json(layout.repair_info(name), info)
+    update_manifest(layout.manifest, cfg.seed, f"{name}/repair", info["seconds"])
+    info["reused"] = False
+    return info
+
+
+def _repair(s: Session, r: RepairConfig, name: str) -> dict[str, Any]:
+    """Choose α, apply the edit to the owner's model, write the edited checkpoint; the record."""
+    layout, unit = s.layout, r.direction == "unit"
+    base_info = artifacts.read_json(layout.direction("base", "direction.json"))
+    direction = artifacts.load_tensors(layout.direction("base", "direction.safetensors"))["direction"]
+    compression = artifacts.read_json(layout.compression(s.variant)) if layout.compression(s.variant).exists() else None
+    requant = Requantize.from_compression(compression) if r.requantize else None
+    norm = float(direction.float().norm())
+    block = edit_block_index(int(base_info["layer"]), r.placement, s.lm.n_layers)
+
+    def edit_at(scale: float) -> AirdEdit:
+        """Edit the model the owner holds now (never a model held from before a swap)."""
+        return apply_aird(s.lm.model, direction, block, alphas={k: a * scale for k, a in PAPER_ALPHAS.items()},
+                          unit=unit, keep_zeros=r.keep_zeros, requantize=requant)
+
+    scale, curve = _choose_alpha(s, r, edit_at, norm)
+    writes = block_writes(s.lm, s.cfg, direction, block, search_prompts(s.cfg, layout, r))
+    sparsity_before = model_sparsity(s.lm.model)
+    edit = edit_at(scale)
+    try:
+        sparsity_after = model_sparsity(s.lm.model)
+        write_edited_checkpoint(layout.model(s.variant), layout.model(name), checkpoint_tensors(edit))
+    finally:
+        edit.remove()
+    info = _record(name, s.variant, r, base_info, block, norm, scale, edit, requant, compression)
+    info.update(curve=curve, model_sparsity_before=sparsity_before, model_sparsity_after=sparsity_after,
+                writes_along_r={**writes, "meaning": "mean r-hat component of what the edited block's two projections "
+                                "write at the post-instruction positions of the search prompts, before the edit"},
+                predicted_gap_change=_predicted_gap_change(writes, edit.records))
+    return info
+
+
+def _record(name: str, variant: str, r: RepairConfig, base_info: dict[str, Any], block: int, norm: float,
+            scale: float, edit: AirdEdit, requant: Requantize | None, compression: dict[str, Any] | None
+            ) -> dict[str, Any]:
+    """``repair.json``'s description of the edit (the job adds the curve, sparsity and diagnostics)."""
+    recs = edit.records
+    info: dict[str, Any] = {
+        "variant": name, "source_variant": variant, "method": "aird-sparse" if r.keep_zeros else "aird",
+        "layer": block, "direction_layer": int(base_info["layer"]), "direction_position": int(base_info["position"]),
+        "placement": r.placement,
+        "placement_meaning": ("block `direction_layer` (the paper's layer index read literally)" if r.placement == "source"
+                              else "block `direction_layer` - 1, whose output is the stream the direction was read from"),
+        "direction": r.direction, "direction_norm": norm,
+        "alphas": {k: x["alpha"] for k, x in recs.items()}, "paper_alphas": dict(PAPER_ALPHAS),
+        "alpha_scale": float(scale), "auto": alpha_scale(r.alpha_scale) == "auto",
+        "gain": {k: x["gain"] for k, x in recs.items()},
+        "sparsity_preserving": r.keep_zeros, "matrices": recs,
+        "quantization": None, "compression": None if compression is None else {
+            k: compression.get(k) for k in ("method", "sparsity", "bits")},
+    }
+    quant = [x["quantization"] for x in recs.values() if "quantization" in x]
+    if quant:
+        info["quantization"] = {
+            **(requant.describe() if requant else {"method": "llm-int8", "requantized_with": "row-wise absmax int8"}),
+            "survival": sum(q["survival"] for q in quant) / len(quant),
+            "per_matrix": {k: x["quantization"] for k, x in recs.items() if "quantization" in x}}
+    return info
+
+
+def _predicted_gap_change(writes: dict[str, Any], recs: dict[str, Any]) -> float | None:
+    """First-order change of the harmful − harmless gap along r̂ at the edited block's output."""
+    try:
+        return sum(recs[k]["gain"] * (w["harmful"] - w["harmless"]) for k, w in writes.items())
+    except KeyError:
+        return None  # no harmless search prompts
+
+
+def with_settings(r: RepairConfig, **changes: Any) -> RepairConfig:
+    """A copy of ``r`` with ``changes`` (the whole study's per-variant settings)."""
+    return dataclasses.replace(r, **changes)

@@ -1,0 +1,270 @@
+"""The α curve and the automatic α: held-out search prompts, measuring one model state, budgets and
+the choice of a scale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from refusalkit.core import artifacts
+from refusalkit.core.config import Config, RepairConfig
+from refusalkit.core.layout import RunLayout
+
+
+@dataclass
+class SearchData:
+    harmful: list[str]
+    harmless: list[str]
+    info: dict[str, Any]
+
+
+
+def search_prompts(cfg: Config, layout: RunLayout, spec: RepairConfig) -> SearchData:
+    """Held-out prompts for the α search, disjoint from the direction's and the evaluation's: the
+    ``spec.search_prompts`` harmful and harmless prompts that follow the evaluation's in source order."""
+    from refusalkit.evaluation.plan import held_out
+
+    e, n = cfg.evaluation, spec.search_prompts
+    splits = artifacts.read_json(layout.splits) if layout.splits.exists() else None
+    harmful, _ = held_out(e.prompts, e.n_prompts + n, splits, "harmful")
+    harmless, _ = held_out(e.harmless, e.n_harmless + n, splits, "harmless")
+    return SearchData(harmful[e.n_prompts:], harmless[e.n_harmless:], {
+        "harmful": {"source": e.prompts, "n": n, "skipped_evaluation_prompts": e.n_prompts},
+        "harmless": {"source": e.harmless, "n": n, "skipped_evaluation_prompts": e.n_harmless}})
+
+
+def measure(lm: Any, cfg: Config, data: SearchData, spec: RepairConfig, max_new_tokens: int) -> dict[str, Any]:
+    """Vanilla ASR, degenerate rate, over-refusal, perplexity (and accuracy) of the model as it is."""
+    from refusalkit.data.refusal import SubstringJudge
+    from refusalkit.evaluation.sampling import GREEDY, sample
+    from refusalkit.evaluation.stats import rate
+    from refusalkit.models.chat import tokenize_instructions
+    from refusalkit.data.refusal import COMPLIANCE, DEGENERATE, REFUSAL
+    from refusalkit.data.prompts import load_refusal_phrases
+
+    judge = SubstringJudge(load_refusal_phrases(cfg.validation.refusal_phrases))
+    out: dict[str, Any] = {}
+    comps = [c[0] for c in sample(lm, tokenize_instructions(lm.tokenizer, data.harmful, cfg.system_prompt), [GREEDY],
+                                  max_new_tokens=max_new_tokens, batch_size=cfg.batch_size)]
+    labels = [v.label for v in judge.judge_many(data.harmful, comps)]
+    out["asr"] = rate(labels.count(COMPLIANCE), len(labels))
+    out["degenerate_rate"] = labels.count(DEGENERATE) / len(labels)
+    out["examples"] = comps[:3]
+    if data.harmless:
+        comps = [c[0] for c in sample(lm, tokenize_instructions(lm.tokenizer, data.harmless, cfg.system_prompt), [GREEDY],
+                                      max_new_tokens=max_new_tokens, batch_size=cfg.batch_size)]
+        hl = [v.label for v in judge.judge_many(data.harmless, comps)]
+        out["over_refusal"] = rate(hl.count(REFUSAL), len(hl))
+    if spec.ppl_tokens:
+        from refusalkit.evaluation.perplexity import perplexity_on_corpus
+
+        out["perplexity"] = perplexity_on_corpus(lm, n_tokens=spec.ppl_tokens)["perplexity"]
+    if spec.max_utility_drop is not None:
+        from refusalkit.evaluation.utility import evaluate_utility
+
+        out["mean_acc"] = evaluate_utility(lm, ["offline"], limit=spec.utility_limit,
+                                           batch_size=min(cfg.batch_size, 16))["mean_acc"]
+    return out
+
+
+
+@torch.inference_mode()
+def block_writes(lm: Any, cfg: Config, direction: torch.Tensor, block: int, data: SearchData) -> dict[str, Any]:
+    """What the edited block writes along ``r̂``, before the edit (a diagnostic of the placement).
+
+    The mean of ``r̂ᵀ·out`` over the post-instruction positions of the harmful and of the harmless
+    search prompts, for the attention output and the MLP down projection of block ``block``. AIRD
+    turns each such component ``c`` into ``(1 + α‖r‖²)·c``, so ``α‖r‖²·(c_harmful − c_harmless)``
+    is the first-order change of the harmful − harmless gap along ``r̂`` at the block's output: a
+    block that writes against ``r`` (negative gap) is pushed *away* from refusal by the edit.
+    """
+    from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
+    from refusalkit.direction.forward import forward_last
+    from refusalkit.models.structure import attn_out_proj, decoder_layers, mlp_down_proj
+
+    u = direction.detach().double() / direction.double().norm()
+    n_pos = len(post_instruction_ids(lm.tokenizer, cfg.system_prompt))
+    blk = decoder_layers(lm.model)[block]
+    mods = {"attn_out": attn_out_proj(blk, lm.d_model), "mlp_down": mlp_down_proj(blk, lm.d_model)}
+    out: dict[str, Any] = {k: {} for k in mods}
+    for kind, prompts in (("harmful", data.harmful), ("harmless", data.harmless)):
+        if not prompts:
+            continue
+        sums = {k: [0.0, 0] for k in mods}
+
+        def hook(key: str):
+            def fn(module, inputs, output):
+                y = output[:, -n_pos:, :].double()
+                sums[key][0] += float((y @ u.to(y.device)).sum())
+                sums[key][1] += y.shape[0] * y.shape[1]
+            return fn
+
+        handles = [m.register_forward_hook(hook(k)) for k, m in mods.items()]
+        try:
+            forward_last(lm.model, tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt),
+                         pad_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size, share_prefix=False,
+                         want_logits=False)
+        finally:
+            for h in handles:
+                h.remove()
+        for k, (total, n) in sums.items():
+            out[k][kind] = total / max(n, 1)
+    return out
+
+
+
+def within_budgets(point: dict[str, Any], ref: dict[str, Any], spec: RepairConfig) -> list[str]:
+    """Why ``point`` breaks a budget relative to the unrepaired ``ref`` (empty: within budgets)."""
+    why = []
+    if "over_refusal" in point and point["over_refusal"]["rate"] > ref["over_refusal"]["rate"] + spec.max_over_refusal_increase:
+        why.append(f"over-refusal {point['over_refusal']['rate']:.0%} > {ref['over_refusal']['rate']:.0%} + "
+                   f"{spec.max_over_refusal_increase:.0%}")
+    if point["degenerate_rate"] > ref["degenerate_rate"] + spec.max_degenerate_increase:
+        why.append(f"degenerate {point['degenerate_rate']:.0%} > {ref['degenerate_rate']:.0%} + "
+                   f"{spec.max_degenerate_increase:.0%}")
+    if "perplexity" in point and point["perplexity"] > ref["perplexity"] * (1 + spec.max_ppl_increase):
+        why.append(f"perplexity {point['perplexity']:.1f} > {ref['perplexity']:.1f} x {1 + spec.max_ppl_increase:.2f}")
+    if spec.max_utility_drop is not None and point["mean_acc"] < ref["mean_acc"] - spec.max_utility_drop:
+        why.append(f"accuracy {point['mean_acc']:.3f} < {ref['mean_acc']:.3f} - {spec.max_utility_drop}")
+    return why
+
+
+
+def choose_scale(curve: list[dict[str, Any]], ref: dict[str, Any], target: float, spec: RepairConfig) -> dict[str, Any]:
+    """The smallest scale within budgets whose ASR reaches ``target``; else the feasible scale with
+    the lowest ASR (``target_reached`` false); ``scale`` None when no scale is within budgets."""
+    feasible = [p for p in curve if not p["over_budget"]]
+    reached = [p for p in feasible if p["asr"]["rate"] <= target + spec.asr_tolerance]
+    if reached:
+        return {"scale": min(p["alpha_scale"] for p in reached), "target_reached": True}
+    if feasible:
+        best = min(feasible, key=lambda p: (p["asr"]["rate"], p["alpha_scale"]))
+        return {"scale": best["alpha_scale"], "target_reached": False}
+    return {"scale": None, "target_reached": False}
+
+
+
+def _cached_point(layout: RunLayout, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A measured model state cached in ``DIR/repair/<name>.json`` when it was made with ``settings``."""
+    path = layout.search_point(name)
+    if path.exists():
+        old = artifacts.read_json(path)
+        if old.get("settings") == settings:
+            return old["point"]
+    return None
+
+
+def _store_point(layout: RunLayout, name: str, settings: dict[str, Any], point: dict[str, Any]) -> None:
+    artifacts.write_json(layout.search_point(name), {"settings": settings, "point": point})
+
+
+@dataclass
+class CurveContext:
+    """What every point of one α curve shares."""
+
+    cfg: Config
+    layout: RunLayout
+    variant: str
+    session: Any  # the job's Session: its owner holds the model measured
+    spec: RepairConfig
+    data: SearchData
+    max_new_tokens: int
+
+    def measure(self) -> dict[str, Any]:
+        """The model the owner holds now, as it is (edited or not)."""
+        return measure(self.session.lm, self.cfg, self.data, self.spec, self.max_new_tokens)
+
+    def settings(self) -> dict[str, Any]:
+        """What a measured point's figures depend on (the key of the caches in ``DIR/repair/``)."""
+        s = self.spec
+        search = {"n_prompts": s.search_prompts, "n_harmless": s.search_prompts, "ppl_tokens": s.ppl_tokens,
+                  "utility_limit": s.utility_limit, "accuracy": s.max_utility_drop is not None}
+        return {"search": search, "max_new_tokens": self.max_new_tokens, "prompts": self.data.info,
+                "system_prompt": self.cfg.system_prompt}
+
+
+def curve_context(cfg: Config, layout: RunLayout, variant: str, session: Any, spec: RepairConfig) -> CurveContext:
+    from refusalkit.evaluation.plan import make_plan
+
+    gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    mnt = spec.max_new_tokens or make_plan(cfg.evaluation, cfg, gpu).max_new_tokens
+    return CurveContext(cfg, layout, variant, session, spec, search_prompts(cfg, layout, spec), mnt)
+
+
+def _target(ctx: CurveContext) -> tuple[dict[str, Any] | None, float, str]:
+    """The ASR to reach: given, or the base model's on the search prompts (measured once, cached,
+    with the owner swapped to the base model and back: one model in memory at a time)."""
+    if ctx.spec.target_asr is not None:
+        return None, float(ctx.spec.target_asr), "given"
+    base = _cached_point(ctx.layout, "base", ctx.settings())
+    if base is None:
+        owner = ctx.session.owner
+        owner.use("base")
+        base = ctx.measure()
+        owner.use(ctx.variant)
+        _store_point(ctx.layout, "base", ctx.settings(), base)
+    return base, base["asr"]["rate"], "base model on the search prompts"
+
+
+def _unrepaired(ctx: CurveContext, state: dict[str, Any]) -> dict[str, Any]:
+    """The unrepaired variant, shared by every kind of edit (cached in ``repair/<V>.unrepaired.json``)."""
+    name = f"{ctx.variant}.unrepaired"
+    ref = state.get("unrepaired") or _cached_point(ctx.layout, name, ctx.settings())
+    if ref is None:
+        ref = ctx.measure()
+        _store_point(ctx.layout, name, ctx.settings(), ref)
+    return ref
+
+
+def _measure_points(ctx: CurveContext, state: dict[str, Any], path: Any, edit_at: Callable[[float], Any],
+                    scales: list[float]) -> None:
+    """Every scale not yet in ``state``: edit the owner's model, measure it, remove the edit exactly."""
+    bar = ctx.session.progress.bar(len(scales), f"{ctx.variant}: alpha curve", unit="alpha")
+    try:
+        for s in scales:
+            key = repr(float(s))
+            if key not in state["points"]:
+                edit = edit_at(float(s))
+                try:
+                    point = ctx.measure()
+                finally:
+                    edit.remove()
+                point["alphas"] = {k: r["alpha"] for k, r in edit.records.items()}
+                point["gain"] = {k: r["gain"] for k, r in edit.records.items()}
+                state["points"][key] = point
+                artifacts.write_json(path, state)
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+BUDGETS = ("max_over_refusal_increase", "max_degenerate_increase", "max_ppl_increase", "max_utility_drop",
+           "asr_tolerance")
+
+
+def alpha_curve(ctx: CurveContext, edit_at: Callable[[float], Any], scales: list[float], unit: bool,
+                keep_zeros: bool) -> dict[str, Any]:
+    """Measure the base model (the target), the unrepaired variant and every scale; resumable
+    (:meth:`RunLayout.curve`). ``edit_at(scale)`` edits the model the owner holds now."""
+    # "measures": curves cached by refusalkit 0.1.0 measured an unedited model; they lack this key and are redone
+    settings = {**ctx.settings(), "unit": unit, "placement": ctx.spec.placement, "keep_zeros": keep_zeros,
+                "measures": "edited model"}
+    path = ctx.layout.curve(ctx.variant, unit, ctx.spec.placement, keep_zeros)
+    state = artifacts.read_json(path) if path.exists() else {}
+    if state.get("settings") != settings:
+        state = {"settings": settings, "points": {}}
+    base, target, target_from = _target(ctx)
+    ref = _unrepaired(ctx, state)
+    if "unrepaired" not in state:
+        state["unrepaired"] = ref
+        artifacts.write_json(path, state)
+    _measure_points(ctx, state, path, edit_at, scales)
+    curve = [{**state["points"][repr(float(s))], "alpha_scale": float(s)} for s in scales]
+    for p in curve:
+        p["over_budget"] = within_budgets(p, ref, ctx.spec)
+    return {"points": curve, "measures": "edited model", "unrepaired": ref, "base": base, "target_asr": target,
+            "target_from": target_from, "chosen": choose_scale(curve, ref, target, ctx.spec),
+            "budgets": {k: getattr(ctx.spec, k) for k in BUDGETS}, "prompts": ctx.data.info,
+            "max_new_tokens": ctx.max_new_tokens}

@@ -1,0 +1,1 @@
+"""The whole study (``refusalkit run``) and its report."""

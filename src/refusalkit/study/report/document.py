@@ -1,0 +1,100 @@
+"""The report's content in order (:func:`build_report`): title, tables, plots, findings and methods notes.
+
+Pure apart from reading the extract stage's selection plots when the run has no candidate scores
+(:func:`~refusalkit.study.report.figures.plot_selection_scores`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from refusalkit.compress.methods import PRUNING, QUANTIZATION
+from refusalkit.core.config import ATTACKS
+from refusalkit.study.report.blocks import (
+    DASH,
+    Block,
+    Bullets,
+    Finding,
+    Findings,
+    Heading,
+    Paragraph,
+)
+from refusalkit.study.report.figures import (
+    plot_alpha_curves,
+    plot_cosine_by_layer,
+    plot_repair_asr,
+    plot_selection_scores,
+)
+from refusalkit.study.report.findings import FINDINGS
+from refusalkit.study.report.load import BROKEN_DEGENERATE, BROKEN_PPL_FACTOR, Run
+from refusalkit.study.report.tables import repairs_table, variants_table
+
+
+def attack_note(attack: str, rec: dict[str, Any] | None) -> str:
+    """``vanilla: judge substring, 100 prompts, 100 completions; max_new_tokens 64, seed 0``."""
+    if rec is None:
+        return f"{attack}: not run"
+    settings = rec.get("settings") or {}
+    extra = ", ".join(f"{k} {settings[k]}" for k in ("max_new_tokens", "seed", "grid", "mode") if k in settings)
+    return (f"{attack}: judge {rec.get('judge', DASH)}, {rec.get('n_prompts', DASH)} prompts, "
+            f"{rec.get('n_completions', DASH)} completions" + (f"; {extra}" if extra else ""))
+
+
+def evaluation_notes(run: Run) -> list[str]:
+    """Judges, prompt counts and settings, each from the first variant that has the record."""
+    notes = [attack_note(a, next((v.asr[a] for v in run.variants if a in v.asr), None)) for a in ATTACKS]
+    ref = next((v.over_refusal for v in run.variants if v.over_refusal), None)
+    if ref:
+        notes.append(f"over-refusal: judge {ref.get('judge', DASH)}, {(ref.get('refusal_rate') or {}).get('n', DASH)} "
+                     f"harmless prompts ({(ref.get('prompts') or {}).get('source', DASH)})")
+    util = next((v.utility for v in run.variants if v.utility), None)
+    if util:
+        tasks = ", ".join(f"{k} (n {t.get('n', DASH)})" for k, t in (util.get("tasks") or {}).items())
+        notes.append(f"utility: mean zero-shot accuracy over {tasks or 'no task'}")
+        corpus = (util.get("perplexity") or {}).get("corpus")
+        if corpus:
+            notes.append(f"perplexity: {corpus}")
+    return notes
+
+
+def methods_notes(run: Run) -> list[str]:
+    """How the run was evaluated (:func:`evaluation_notes`), then the report's rules."""
+    return [*evaluation_notes(run),
+            "Intervals are 95% Wilson score intervals, in percent.",
+            (f"BROKEN: perplexity above {BROKEN_PPL_FACTOR:g}× the base model's or more than "
+             f"{BROKEN_DEGENERATE:.0%} of vanilla completions degenerate (primary judge)."),
+            (f"A direction counts as moved when its source shifted or its cosine with the base direction is below "
+             f"{run.moved_cosine:g} (run.moved_cosine); pruning: {', '.join(PRUNING)}; quantization: "
+             f"{', '.join(QUANTIZATION)}.")]
+
+
+def broken_paragraph(run: Run) -> Paragraph:
+    """Which variants are BROKEN, what BROKEN means, and what a dash means."""
+    broken = [v.name for v in run.variants if run.broken(v)]
+    return Paragraph(
+        (f"BROKEN: {', '.join(broken)}. " if broken else "No variant is BROKEN. ")
+        + f"A variant is BROKEN when its perplexity exceeds {BROKEN_PPL_FACTOR:g}× the base model's or more than "
+        f"{BROKEN_DEGENERATE:.0%} of its vanilla completions are degenerate; its ASR cells are then marked with an "
+        f"asterisk: they measure a damaged model, not an unsafe one. {DASH} : not measured.")
+
+
+def build_report(run: Run, generated: str) -> tuple[list[Block], list[Finding]]:
+    """The report's blocks, in order, and its findings (``generated``: the time shown under the title)."""
+    blocks: list[Block] = [
+        Heading(f"Refusal directions under compression: {run.model}", 1),
+        Bullets([f"model: {run.model}", f"run directory: {run.root.resolve()}", f"generated: {generated}"]),
+        Heading("Variants"),
+        variants_table(run),
+        broken_paragraph(run),
+    ]
+    repairs = repairs_table(run)
+    if repairs is not None:
+        blocks += [Heading("Repairs (AIRD)"), repairs]
+    figures = [f for f in (plot_cosine_by_layer(run), *plot_selection_scores(run), plot_repair_asr(run),
+                           *plot_alpha_curves(run)) if f is not None]
+    if figures:
+        blocks += [Heading("Plots"), *figures]
+    findings = [check(run) for check in FINDINGS]
+    blocks += [Heading("The paper's findings on this run"), Findings(findings),
+               Heading("Methods"), Bullets(methods_notes(run))]
+    return blocks, findings

@@ -1,0 +1,133 @@
+"""The report's tables: one row per variant (:func:`variants_table`) and one per repair (:func:`repairs_table`).
+
+Pure functions of a :class:`~refusalkit.study.report.load.Run`; every cell is a final string,
+``DASH`` when not measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from refusalkit.core.config import ATTACKS
+from refusalkit.study.report.blocks import DASH, Table
+from refusalkit.study.report.load import Run, Variant
+
+VARIANT_HEADERS = ["variant", "method", "sparsity / bits", "direction source", "cos selected", "cos at base source",
+                   "source shifted", *(f"ASR {a}" for a in ATTACKS), "degenerate", "over-refusal", "perplexity",
+                   "mean acc", "status"]
+REPAIR_HEADERS = ["variant", "source", "method", "placement", "r", "alpha scale", "gains", "model sparsity",
+                  "quantization survival", "vanilla ASR", "over-refusal", "mean acc"]
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def pct_cell(x: float | None, digits: int = 0) -> str:
+    """``41%``: a fraction in percent."""
+    return DASH if x is None else f"{100 * x:.{digits}f}%"
+
+
+def rate_cell(r: dict[str, Any] | None, flag: str = "") -> str:
+    """``27% [19–36]``: a rate with its 95% interval (``flag`` follows the rate)."""
+    if not r or r.get("rate") is None:
+        return DASH
+    lo, hi = r.get("ci95") or (None, None)
+    ci = "" if lo is None else f" [{100 * lo:.0f}–{100 * hi:.0f}]"
+    return f"{100 * r['rate']:.0f}%{flag}{ci}"
+
+
+def num_cell(x: float | None, fmt: str = ".3f") -> str:
+    """A number in format ``fmt``."""
+    return DASH if x is None else format(x, fmt)
+
+
+def ppl_cell(x: float | None) -> str:
+    """A perplexity: two decimals below 1000, none above."""
+    return DASH if x is None else (f"{x:.2f}" if x < 1000 else f"{x:.0f}")
+
+
+def yes_no_cell(x: bool | None) -> str:
+    """yes, no, or ``DASH``."""
+    return DASH if x is None else ("yes" if x else "no")
+
+
+def before_after_cell(before: str, after: str) -> str:
+    """``before → after`` (``DASH`` when neither was measured)."""
+    return DASH if before == after == DASH else f"{before} → {after}"
+
+
+def source_cell(v: Variant) -> str:
+    """``L10 / pos -1``: where the variant's direction was selected."""
+    d = v.direction
+    return DASH if d is None else f"L{d['layer']} / pos {d['position']}"
+
+
+def size_cell(run: Run, v: Variant) -> str:
+    """Bits of a quantized model, else its fraction of zero weights."""
+    comp = v.compression
+    if v.repair is not None:
+        src = run.source_of(v)
+        comp = v.repair.get("compression") or (src.compression if src else None)
+        if not (comp or {}).get("bits") and v.repair.get("model_sparsity_after") is not None:
+            return f"{v.repair['model_sparsity_after']:.1%} zeros"
+    if not comp:
+        return DASH
+    if comp.get("bits"):
+        return f"{comp['bits']} bit"
+    return DASH if comp.get("sparsity") is None else f"{comp['sparsity']:.1%} zeros"
+
+
+def status_cell(v: Variant, why: str | None) -> str:
+    """``BROKEN (why)``, ``ok``, or ``DASH`` when neither perplexity nor degeneracy was measured."""
+    if why:
+        return f"BROKEN ({why})"
+    return DASH if v.perplexity is None and v.degenerate_rate is None else "ok"
+
+
+def over_refusal_cell(v: Variant | None) -> str:
+    """The harmless prompts' refusal rate with its interval."""
+    return rate_cell((v.over_refusal or {}).get("refusal_rate") if v else None)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def variant_row(run: Run, v: Variant, why: str | None) -> list[str]:
+    """One row of :func:`variants_table`; ``why`` (BROKEN) flags the ASR cells with an asterisk."""
+    flag = "*" if why else ""
+    return [v.name, v.method or ("none" if v.kind == "base" else DASH), size_cell(run, v), source_cell(v),
+            num_cell(v.cosine_selected), num_cell(v.cosine_at_base_source), yes_no_cell(v.shifted),
+            *(rate_cell(v.attack(a), flag) for a in ATTACKS), pct_cell(v.degenerate_rate), over_refusal_cell(v),
+            ppl_cell(v.perplexity), pct_cell(v.mean_acc, 1), status_cell(v, why)]
+
+
+def variants_table(run: Run) -> Table:
+    """One row per variant: compression, direction, cosines, safety, utility and status (BROKEN rows marked)."""
+    rows, marked = [], []
+    for v in run.variants:
+        why = run.broken(v)
+        marked.append(why is not None)
+        rows.append(variant_row(run, v, why))
+    return Table(list(VARIANT_HEADERS), rows, marked)
+
+
+def repair_row(run: Run, v: Variant) -> list[str]:
+    """One row of :func:`repairs_table`: the edit, then before (its source) → after."""
+    r, src = v.repair, run.source_of(v)
+    gain = r.get("gain") or {}
+    quant = r.get("quantization") or {}
+    sp_before, sp_after = r.get("model_sparsity_before"), r.get("model_sparsity_after")
+    return [
+        v.name, r.get("source_variant") or DASH, r.get("method") or DASH, r.get("placement") or DASH,
+        r.get("direction") or DASH, num_cell(r.get("alpha_scale"), "g"),
+        ", ".join(f"{k} {g:.3g}" for k, g in gain.items()) or DASH,
+        before_after_cell(pct_cell(sp_before, 1), pct_cell(sp_after, 1)), pct_cell(quant.get("survival")),
+        before_after_cell(rate_cell(src.attack("vanilla") if src else None), rate_cell(v.attack("vanilla"))),
+        before_after_cell(over_refusal_cell(src), over_refusal_cell(v)),
+        before_after_cell(pct_cell(src.mean_acc if src else None, 1), pct_cell(v.mean_acc, 1))]
+
+
+def repairs_table(run: Run) -> Table | None:
+    """One row per repaired variant, before (its source) → after; ``None`` when nothing was repaired."""
+    rows = [repair_row(run, v) for v in run.variants if v.kind == "repaired"]
+    return Table(list(REPAIR_HEADERS), rows) if rows else None

@@ -1,0 +1,208 @@
+"""``refusalkit run``: a model from nothing to a report, resumable.
+
+Stages (each one skips what is already done, so an interrupted run resumes where it stopped):
+
+1. extract, select and validate the base model's refusal direction;
+2. compress the base model into every configured variant (``run.variants``);
+3. re-extract every variant's direction; 4. compare it with the base direction;
+5. evaluate safety (ASR per attack, over-refusal) and utility of the base model and every variant;
+6. repair with AIRD the variants whose mechanism moved (``run.repair``), plain and, for pruned
+   variants, sparsity-preserving, with the α curve; 7. re-extract, compare and evaluate the
+   repaired variants (is the mechanism preserved? is the ASR lower? what did utility pay?);
+8. write ``report.md`` and ``report.html``.
+
+A stage that fails on one variant with a :class:`UserError` (for example, no α within the
+budgets) is recorded in ``DIR/run.json`` and the run goes on; anything else stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from refusalkit.core import artifacts
+from refusalkit.compress.methods import PRUNING
+from refusalkit.core.config import Config
+from refusalkit.core.errors import UserError
+from refusalkit.core.layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+# A smoke run: every stage on few prompts (minutes on a laptop CPU). Intervals are wide.
+QUICK: dict[str, Any] = {
+    "n_train": 32, "n_val": 8, "n_test": 16, "validation.max_new_tokens": 32,
+    "selection.screen_keep": 4,
+    "evaluation.n_prompts": 24, "evaluation.n_harmless": 24, "evaluation.max_new_tokens": "32",
+    "evaluation.utility_tasks": "bb_strategyqa,bb_winowhy", "evaluation.utility_limit": 20,
+    "evaluation.ppl_tokens": 1024,
+    "run.variants": ["magnitude-0.5", "llm-int8"], "compress.n_calibration": 8, "run.attacks": "vanilla",
+    "repair.scales": [1.0, 4.0, 16.0], "repair.search_prompts": 8,
+}
+
+# The default on a machine without a GPU: the whole study on the default model in about 20 minutes
+# on 2 cores (README, "refusalkit run"). What it trades off: one pruned and one quantized variant
+# instead of four; half the training prompts and a lighter selection (16 validation prompts, a
+# 2-prompt screen, 4 candidates scored in full); 16 calibration samples; variants' directions
+# judged by their selection scores, not by generation; 32-token completions on 100 + 32 prompts;
+# perplexity instead of zero-shot accuracy (the offline suite is at chance on a 0.5B model); a
+# 2-point alpha curve (x1, x16) on 16 + 16 prompts.
+CPU: dict[str, Any] = {
+    "n_train": 64, "n_val": 16, "n_test": 32, "validation.max_new_tokens": 32,
+    "selection.screen_prompts": 2, "selection.screen_keep": 4,
+    "evaluation.n_prompts": 100, "evaluation.n_harmless": 32, "evaluation.max_new_tokens": "32",
+    "evaluation.utility_tasks": "none", "evaluation.ppl_tokens": 2048,
+    "run.variants": ["wanda-0.5", "llm-int8"], "compress.n_calibration": 16, "run.validate_variants": False,
+    "run.aird_sparse": False, "repair.scales": [1.0, 16.0], "repair.search_prompts": 16,
+}
+
+# Profiles sit between the defaults and the config file: a file or --set value always wins.
+PROFILES: dict[str, dict[str, Any]] = {"full": {}, "cpu": CPU, "quick": QUICK}
+
+
+def resolve_profile(name: str, device: str) -> str:
+    """``auto``: ``cpu`` when the run will not use a GPU, else ``full`` (the configured defaults)."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "full" if torch.cuda.is_available() and device != "cpu" else "cpu"
+
+
+def attacks_for(cfg: Config, gpu: bool) -> str:
+    return cfg.run.attacks if cfg.run.attacks != "auto" else ("vanilla,decoding,suffix" if gpu else "vanilla")
+
+
+def needs_repair(policy: str, method: str | None, compare: dict[str, Any] | None, moved_cosine: float) -> bool:
+    """Whether ``run.repair`` selects a variant (``compare``: its ``compare/<V>.json``)."""
+    if policy == "none":
+        return False
+    if policy == "all":
+        return True
+    if policy == "pruned":
+        return method in PRUNING
+    if compare is None:
+        return False
+    return bool(compare["source_shifted"] or compare["cosine_selected"] < moved_cosine)
+
+
+class Runner:
+    """Runs the stages and keeps ``DIR/run.json`` (stage status, times, recorded failures)."""
+
+    def __init__(self, cfg: Config, root: Path, progress: bool, echo: Callable[[str], None]):
+        self.cfg, self.root, self.progress, self.echo = cfg, root, progress, echo
+        self.path = RunLayout(root).run_state
+        self.state: dict[str, Any] = artifacts.read_json(self.path) if self.path.exists() else {}
+        self.state.setdefault("stages", {})
+
+    def stage(self, key: str, fn: Callable[[], Any], *, tolerate: bool = False) -> Any:
+        t0 = time.time()
+        self.echo(f"[run] {key}")
+        try:
+            out = fn()
+        except UserError as e:
+            if not tolerate:
+                raise
+            self.state["stages"][key] = {"status": "failed", "why": str(e), "seconds": round(time.time() - t0, 1)}
+            self._save()
+            self.echo(f"[run] {key}: skipped ({e})")
+            return None
+        prev = self.state["stages"].get(key, {})
+        secs = round(time.time() - t0, 1)
+        self.state["stages"][key] = {"status": "done", "seconds": prev.get("seconds", secs) if secs < 1 else secs}
+        self._save()
+        return out
+
+    def _save(self) -> None:
+        artifacts.write_json(self.path, self.state)
+
+
+def _preflight(cfg: Config) -> list[Any]:
+    """What can fail before any work does: unknown methods, unknown tasks, lm-eval missing. The
+    variants' compression specs; ``evaluation.attacks`` is set from ``run.attacks``."""
+    import torch
+
+    from refusalkit.compress.job import CompressSpec
+    from refusalkit.evaluation.job import task_names
+
+    specs = [CompressSpec.from_config(v, cfg.compress) for v in cfg.run.variants]
+    cfg.evaluation.attacks = attacks_for(cfg, torch.cuda.is_available() and cfg.device != "cpu")
+    if cfg.run.utility and task_names(cfg.evaluation.utility_tasks):
+        from refusalkit.evaluation.utility import _import_lm_eval, resolve_tasks
+
+        resolve_tasks(task_names(cfg.evaluation.utility_tasks))
+        _import_lm_eval()
+    return specs
+
+
+def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print,
+            profile: str | None = None) -> dict[str, Any]:
+    """Run every stage that is not done yet; return the report's summary (``profile``: recorded in run.json)."""
+    from refusalkit.direction.compare import run_compare
+    from refusalkit.compress.job import run_compress
+    from refusalkit.evaluation.job import run_evaluate
+    from refusalkit.core.layout import prepare
+    from refusalkit.direction.job import run_extract
+    from refusalkit.study.report import write_report
+
+    root = Path(root)
+    r = cfg.run
+    specs = _preflight(cfg)
+    prepare(cfg, root, force=False)
+    run = Runner(cfg, root, progress, echo)
+    if profile and profile != "as recorded":
+        run.state["profile"] = profile
+    t0 = time.time()
+
+    def extract(v: str, validate: bool = True) -> Any:
+        return run_extract(cfg, root, variant=v, progress=progress, validate=validate)
+
+    def evaluate(v: str) -> Any:
+        return run_evaluate(cfg, root, v, utility_eval=r.utility, progress=progress)
+
+    run.stage("base/extract", lambda: extract("base"))
+    variants: list[str] = []
+    for spec in specs:
+        info = run.stage(f"{spec.variant}/compress", lambda s=spec: run_compress(cfg, root, s, progress=progress))
+        variants.append(info["variant"])
+    compares: dict[str, Any] = {}
+    for v in variants:
+        run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
+        compares[v] = run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
+    for v in ["base", *variants]:
+        run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
+    repaired = [name for spec, v in zip(specs, variants) for name in _repair_variant(run, cfg, root, spec, v,
+                                                                                      compares.get(v), progress)]
+    for v in repaired:
+        run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
+        run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
+        run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
+    report = run.stage("report", lambda: write_report(root))
+    run.state["failed"] = sorted(k for k, v in run.state["stages"].items() if v["status"] == "failed")
+    run.state["seconds_this_call"] = round(time.time() - t0, 1)
+    run._save()
+    return {"report": report, "variants": variants, "repaired": repaired, "state": run.state}
+
+
+def _repair_variant(run: Runner, cfg: Config, root: Path, spec: Any, variant: str, compare: dict[str, Any] | None,
+                    progress: bool) -> list[str]:
+    """AIRD on ``variant`` when ``run.repair`` selects it: plain (with the α curve when
+    ``run.aird_curve``) and, for pruned variants with ``run.aird_sparse``, sparsity-preserving.
+    The names of the repaired variants made."""
+    from refusalkit.repair.job import repair_name, run_repair, with_settings
+
+    r = cfg.run
+    if not needs_repair(r.repair, spec.method, compare, r.moved_cosine):
+        return []
+    e = cfg.evaluation
+    ppl = min(cfg.repair.ppl_tokens, e.ppl_tokens) if e.ppl_tokens >= 512 else 0
+    made = []
+    for keep_zeros in [False] + ([True] if r.aird_sparse and spec.method in PRUNING else []):
+        settings = with_settings(cfg.repair, keep_zeros=keep_zeros, curve=r.aird_curve and not keep_zeros,
+                                 ppl_tokens=ppl)
+        info = run.stage(f"{repair_name(variant, keep_zeros)}/repair", lambda s=settings: run_repair(
+            cfg, root, variant, repair=s, progress=progress), tolerate=True)
+        if info is not None:
+            made.append(info["variant"])
+    return made
