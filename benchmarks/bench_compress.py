@@ -34,12 +34,12 @@ DEFAULT_METHODS = ["magnitude-0.5", "wanda-0.5", "sparsegpt-0.5", "wanda-2:4", "
 
 
 def evaluate(model: str, path: str | None, ppl_ids: list[int], prompts: list[str], max_new_tokens: int) -> dict:
-    from refusalkit.models.chat import tokenize_instructions
-    from refusalkit.direction.generate import generate
-    from refusalkit.data.refusal import SubstringJudge, summarize
-    from refusalkit.models.loading import load_model
-    from refusalkit.evaluation.perplexity import perplexity
     from refusalkit.data.prompts import load_refusal_phrases
+    from refusalkit.data.refusal import SubstringJudge, summarize
+    from refusalkit.direction.generate import generate
+    from refusalkit.evaluation.perplexity import perplexity
+    from refusalkit.models.chat import tokenize_instructions
+    from refusalkit.models.loading import load_model
 
     lm = load_model(model, dtype="auto", device="auto", path_override=path)
     t = time.time()
@@ -49,9 +49,15 @@ def evaluate(model: str, path: str | None, ppl_ids: list[int], prompts: list[str
     outs = generate(lm, tokenize_instructions(lm.tokenizer, prompts), max_new_tokens=max_new_tokens, batch_size=32)
     verdicts = SubstringJudge(load_refusal_phrases()).judge_many(prompts, outs)
     s = summarize(verdicts)
-    res = {"perplexity": ppl["perplexity"], "ppl_tokens": ppl["n_tokens"], "ppl_seconds": round(t_ppl, 1),
-           "refusal_rate": s["refusal_rate"], "degenerate_rate": s["degenerate_rate"],
-           "gen_seconds": round(time.time() - t, 1), "example": outs[0][:120]}
+    res = {
+        "perplexity": ppl["perplexity"],
+        "ppl_tokens": ppl["n_tokens"],
+        "ppl_seconds": round(t_ppl, 1),
+        "refusal_rate": s["refusal_rate"],
+        "degenerate_rate": s["degenerate_rate"],
+        "gen_seconds": round(time.time() - t, 1),
+        "example": outs[0][:120],
+    }
     del lm
     gc.collect()
     return res
@@ -72,8 +78,8 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from refusalkit.data.corpus import corpus_ids
-    from refusalkit.models.loading import resolve_model
     from refusalkit.data.prompts import load_prompts
+    from refusalkit.models.loading import resolve_model
 
     root = Path(args.run)
     tok = AutoTokenizer.from_pretrained(resolve_model(args.model))
@@ -83,8 +89,19 @@ def main() -> int:
     print(f"base: {rows[0]}", file=sys.stderr, flush=True)
     for m in args.methods:
         t = time.time()
-        cmd = [sys.executable, "-m", "refusalkit.cli", "-q", "compress", "--run", str(root), "--method", m,
-               "--model", args.model]
+        cmd = [
+            sys.executable,
+            "-m",
+            "refusalkit.cli",
+            "-q",
+            "compress",
+            "--run",
+            str(root),
+            "--method",
+            m,
+            "--model",
+            args.model,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{m}: compress failed: {proc.stderr.strip()}", file=sys.stderr)
@@ -92,17 +109,28 @@ def main() -> int:
         name = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("variant "))
         info = json.loads((root / name / "compression.json").read_text())
         ev = evaluate(args.model, str(root / name / "model"), ppl_ids, prompts, args.max_new_tokens)
-        row = {"method": name, "wall_seconds": info["wall_seconds"], "peak_rss_gb": info["peak_rss_bytes"] / 2**30,
-               "sparsity": info["sparsity"], "bits": info.get("bits"), "size_mib": info["size_on_disk_bytes"] / 2**20,
-               "calibration_tokens": (info.get("calibration") or {}).get("n_tokens"), **ev}
+        row = {
+            "method": name,
+            "wall_seconds": info["wall_seconds"],
+            "peak_rss_gb": info["peak_rss_bytes"] / 2**30,
+            "sparsity": info["sparsity"],
+            "bits": info.get("bits"),
+            "size_mib": info["size_on_disk_bytes"] / 2**20,
+            "calibration_tokens": (info.get("calibration") or {}).get("n_tokens"),
+            **ev,
+        }
         rows.append(row)
         print(f"{name}: {row} ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
 
     cpu = platform.processor() or platform.machine()
-    print(f"\nmodel {args.model}; {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; perplexity on {rows[0]['ppl_tokens']} held-out Wikipedia tokens; "
-          f"refusal on {len(prompts)} AdvBench prompts, greedy, {args.max_new_tokens} tokens")
-    print(f"| {'variant':20s} | time s | peak RSS GB | sparsity | bits | size MiB | perplexity | refusal | degenerate |")
+    print(
+        f"\nmodel {args.model}; {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; perplexity on {rows[0]['ppl_tokens']} held-out Wikipedia tokens; "
+        f"refusal on {len(prompts)} AdvBench prompts, greedy, {args.max_new_tokens} tokens"
+    )
+    print(
+        f"| {'variant':20s} | time s | peak RSS GB | sparsity | bits | size MiB | perplexity | refusal | degenerate |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "–"
@@ -110,8 +138,10 @@ def main() -> int:
         sp = f"{r['sparsity']:.1%}" if "sparsity" in r else "–"
         bits = str(r.get("bits") or "–")
         size = f"{r['size_mib']:.0f}" if "size_mib" in r else "–"
-        print(f"| {r['method']:20s} | {t} | {rss} | {sp} | {bits} | {size} | {r['perplexity']:.2f} | "
-              f"{r['refusal_rate']:.1%} | {r['degenerate_rate']:.1%} |")
+        print(
+            f"| {r['method']:20s} | {t} | {rss} | {sp} | {bits} | {size} | {r['perplexity']:.2f} | "
+            f"{r['refusal_rate']:.1%} | {r['degenerate_rate']:.1%} |"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -37,24 +37,26 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--gcg-steps", type=int, default=3, help="GCG steps timed (the cost is per step)")
-    ap.add_argument("--gcg-planned-steps", type=int, default=20, help="steps of the CPU default, for the per-prompt cost")
+    ap.add_argument(
+        "--gcg-planned-steps", type=int, default=20, help="steps of the CPU default, for the per-prompt cost"
+    )
     ap.add_argument("--gcg-search-width", type=int, default=64)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
 
+    from refusalkit.data.prompts import load_prompts
     from refusalkit.evaluation.gcg import GCGConfig, default_target, gcg
     from refusalkit.evaluation.plan import SYSTEM_NONE
     from refusalkit.evaluation.sampling import GREEDY, sample, small_grid
     from refusalkit.models.chat import tokenize_instructions
     from refusalkit.models.generation import batches, default_stop_ids, pad_left
     from refusalkit.models.loading import load_model
-    from refusalkit.data.prompts import load_prompts
 
     lm = load_model(args.model)
     tok = lm.tokenizer
-    prompts = load_prompts("advbench")[-args.n:]  # the end of AdvBench: never in a default run's training split order
+    prompts = load_prompts("advbench")[-args.n :]  # the end of AdvBench: never in a default run's training split order
     ids = tokenize_instructions(tok, prompts)
     T = args.max_new_tokens
     rows = []
@@ -74,10 +76,17 @@ def main() -> int:
         for sl in batches(len(rows), batch_size):
             x, mask = pad_left(rows[sl], tok.pad_token_id, lm.device)
             with torch.inference_mode():
-                gen = lm.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                        do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None,
-                                        top_k=None)
-            for row in gen[:, x.shape[1]:].tolist():
+                gen = lm.model.generate(
+                    input_ids=x,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
+            for row in gen[:, x.shape[1] :].tolist():
                 row = row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))]
                 out.append(tok.decode(row, skip_special_tokens=True).strip())
         return out
@@ -100,11 +109,14 @@ def main() -> int:
     t = time.time()
     n_dec_tok = 0
     for system in (None, SYSTEM_NONE):
-        outs = sample(lm, tokenize_instructions(tok, dp, system), decs, max_new_tokens=T, batch_size=args.batch_size,
-                      keys=dp)
+        outs = sample(
+            lm, tokenize_instructions(tok, dp, system), decs, max_new_tokens=T, batch_size=args.batch_size, keys=dp
+        )
         n_dec_tok += _tokens(tok, [c for row in outs for c in row])
     dec_dt = time.time() - t
-    rows.append((f"decoding attack ({len(decs)} configs x 2 system settings)", len(dp) * len(decs) * 2, n_dec_tok, dec_dt))
+    rows.append(
+        (f"decoding attack ({len(decs)} configs x 2 system settings)", len(dp) * len(decs) * 2, n_dec_tok, dec_dt)
+    )
 
     cfg = GCGConfig(n_steps=args.gcg_steps, search_width=args.gcg_search_width, topk=256, early_stop=False)
     goal = prompts[0]
@@ -114,22 +126,28 @@ def main() -> int:
     per_step = gcg_dt / max(res.n_steps, 1)
 
     cpu = platform.processor() or platform.machine()
-    print(f"\nmodel {args.model} ({lm.info['dtype']}); {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; AdvBench prompts, {T} new tokens at most, batch {args.batch_size} rows")
+    print(
+        f"\nmodel {args.model} ({lm.info['dtype']}); {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; AdvBench prompts, {T} new tokens at most, batch {args.batch_size} rows"
+    )
     print("| path | completions | new tokens | seconds | new tokens/s |")
     print("|---|---|---|---|---|")
     for name, n, ntok, dt in rows:
         print(f"| {name} | {n} | {ntok} | {dt:.1f} | {ntok / dt:.1f} |")
-    print(f"\nidentical greedy completions: sampler vs HF batched {same}/{len(ours)}, "
-          f"sampler vs one-at-a-time {same_single}/{k}")
+    print(
+        f"\nidentical greedy completions: sampler vs HF batched {same}/{len(ours)}, "
+        f"sampler vs one-at-a-time {same_single}/{k}"
+    )
     vanilla = rows[0][3] / rows[0][1]
     print("\n| attack | cost per prompt |")
     print("|---|---|")
     print(f"| vanilla (1 greedy completion, batched) | {vanilla:.2f} s |")
     print(f"| decoding ({len(decs)} x 2 completions, shared prompt cache) | {dec_dt / len(dp):.1f} s |")
-    print(f"| GCG ({args.gcg_search_width} candidates/step) | {per_step:.1f} s per step; "
-          f"{per_step * args.gcg_planned_steps:.0f} s for {args.gcg_planned_steps} steps (loss {res.losses[0]:.2f} -> {res.best_loss:.2f} "
-          f"in {res.n_steps} steps) |")
+    print(
+        f"| GCG ({args.gcg_search_width} candidates/step) | {per_step:.1f} s per step; "
+        f"{per_step * args.gcg_planned_steps:.0f} s for {args.gcg_planned_steps} steps (loss {res.losses[0]:.2f} -> {res.best_loss:.2f} "
+        f"in {res.n_steps} steps) |"
+    )
     return 0
 
 

@@ -50,11 +50,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from refusalkit import load_config, load_model
-    from refusalkit.direction.extract import candidate_directions, mean_activations
-    from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
-    from refusalkit.direction.forward import STATS
     from refusalkit.data.prompts import load_prompts, refusal_first_phrases, split_prompts
+    from refusalkit.direction.extract import candidate_directions, mean_activations
+    from refusalkit.direction.forward import STATS
     from refusalkit.direction.select import Scorer, refusal_token_ids, select_direction
+    from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
 
     cfg = load_config(overrides={"model": args.model, "n_train": args.n_train, "n_val": args.n_val})
     peak = matmul_peak()
@@ -64,15 +64,23 @@ def main() -> int:
     n_embed = lm.model.get_input_embeddings().weight.numel()
     out_emb = lm.model.get_output_embeddings()
     n_head = out_emb.weight.numel() if out_emb is not None else 0
-    n_body = sum(p.numel() for p in lm.model.parameters()) - n_embed - (n_head if out_emb.weight is not lm.model.get_input_embeddings().weight else 0)
+    n_body = (
+        sum(p.numel() for p in lm.model.parameters())
+        - n_embed
+        - (n_head if out_emb.weight is not lm.model.get_input_embeddings().weight else 0)
+    )
     model_gb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**30
 
-    splits = {k: split_prompts(load_prompts(src), cfg.n_train, cfg.n_val, 0, cfg.seed)
-              for k, src in (("harmful", cfg.harmful), ("harmless", cfg.harmless))}
+    splits = {
+        k: split_prompts(load_prompts(src), cfg.n_train, cfg.n_val, 0, cfg.seed)
+        for k, src in (("harmful", cfg.harmful), ("harmless", cfg.harmless))
+    }
     post = post_instruction_ids(lm.tokenizer)
     t1 = time.perf_counter()
     STATS["tokens"] = STATS["padded_tokens"] = 0
-    means = {k: mean_activations(lm, tokenize_instructions(lm.tokenizer, s.train), len(post)) for k, s in splits.items()}
+    means = {
+        k: mean_activations(lm, tokenize_instructions(lm.tokenizer, s.train), len(post)) for k, s in splits.items()
+    }
     t_extract = time.perf_counter() - t1
     tokens, padded = STATS["tokens"], STATS["padded_tokens"]
     cands = candidate_directions(means["harmful"], means["harmless"])
@@ -82,7 +90,9 @@ def main() -> int:
     sc = cfg.selection
     t2 = time.perf_counter()
     scorer = Scorer(lm, val["harmful"], val["harmless"], rids, len(post))
-    fast = select_direction(lm, cands, scorer, mode="fast", screen_prompts=sc.screen_prompts, screen_keep=sc.screen_keep)
+    fast = select_direction(
+        lm, cands, scorer, mode="fast", screen_prompts=sc.screen_prompts, screen_keep=sc.screen_keep
+    )
     t_select = time.perf_counter() - t2
 
     # Achieved throughput: the extraction passes, 2·N_body FLOPs per processed token (+ the output
@@ -92,18 +102,29 @@ def main() -> int:
         ("model", f"{args.model} ({lm.info['architecture']}, {lm.n_layers} layers, d={lm.d_model}, float32)"),
         ("model load", f"{t_load:.1f} s"),
         ("extraction", f"{t_extract:.1f} s for {2 * cfg.n_train} prompts"),
-        ("selection (fast)", f"{t_select:.1f} s -> layer {fast.layer}, position {fast.position}"
-                             f"{' (fallback)' if fast.fallback else ''}; {fast.n_fully_scored} fully scored"),
+        (
+            "selection (fast)",
+            f"{t_select:.1f} s -> layer {fast.layer}, position {fast.position}"
+            f"{' (fallback)' if fast.fallback else ''}; {fast.n_fully_scored} fully scored",
+        ),
         ("extract + select", f"{t_extract + t_select:.1f} s (goal <= 300 s)"),
         ("activation passes", f"{tokens / t_extract:.0f} tokens/s ({padded / t_extract:.0f} incl. padding)"),
         ("achieved", f"{gflops:.0f} GFLOP/s = {gflops / peak:.0%} of matmul peak {peak:.0f} GFLOP/s (goal >= 50%)"),
-        ("peak RSS", f"{peak_rss_gb():.2f} GB vs float model {model_gb:.2f} GB = {peak_rss_gb() / model_gb:.2f}x (goal <= 1.5x)"),
+        (
+            "peak RSS",
+            f"{peak_rss_gb():.2f} GB vs float model {model_gb:.2f} GB = {peak_rss_gb() / model_gb:.2f}x (goal <= 1.5x)",
+        ),
     ]
     if args.compare_full:
         t3 = time.perf_counter()
         full = select_direction(lm, cands, scorer, mode="full")
-        rows.append(("selection (full)", f"{time.perf_counter() - t3:.1f} s -> layer {full.layer}, position {full.position}; "
-                                         f"same choice as fast: {(full.layer, full.position) == (fast.layer, fast.position)}"))
+        rows.append(
+            (
+                "selection (full)",
+                f"{time.perf_counter() - t3:.1f} s -> layer {full.layer}, position {full.position}; "
+                f"same choice as fast: {(full.layer, full.position) == (fast.layer, fast.position)}",
+            )
+        )
     rows.append(("peak (end of run)", f"{matmul_peak():.0f} GFLOP/s"))
     if args.out:
         import json

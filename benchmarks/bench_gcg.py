@@ -40,9 +40,9 @@ def main() -> int:
 
     import torch
 
+    from refusalkit.data.prompts import load_prompts
     from refusalkit.evaluation import gcg as G
     from refusalkit.models.loading import LoadedModel, load_model, resolve_device, resolve_dtype
-    from refusalkit.data.prompts import load_prompts
 
     if args.random_weights:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -72,6 +72,7 @@ def main() -> int:
             sync()
             times[name] += time.perf_counter() - t
             return out
+
         return wrapper
 
     # Time the phases of every step by wrapping the objective's methods and the sampler.
@@ -83,29 +84,53 @@ def main() -> int:
     GA.sample_candidates = timed("sampling", GA.sample_candidates)
     GA.top_k_substitutions = timed("sampling", GA.top_k_substitutions)
 
-    goals = load_prompts("advbench")[-args.goals:]
+    goals = load_prompts("advbench")[-args.goals :]
     targets = [G.default_target(g) for g in goals]
     n_params = sum(p.numel() for p in lm.model.parameters())
-    print(f"model {lm.spec} ({n_params / 1e6:.0f}M parameters, {next(lm.model.parameters()).dtype}) on {lm.device}"
-          + (f" ({torch.cuda.get_device_name()})" if cuda else f" ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads)"))
+    print(
+        f"model {lm.spec} ({n_params / 1e6:.0f}M parameters, {next(lm.model.parameters()).dtype}) on {lm.device}"
+        + (
+            f" ({torch.cuda.get_device_name()})"
+            if cuda
+            else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        )
+    )
     print(f"GCG: {args.steps} steps, search width {args.search_width}, top-k 256, {len(goals)} goal(s), no early stop")
-    print(f"{'eval batch':>10} {'s/step':>8}  " + "  ".join(f"{k:>22}" for k in
-                                                           ("gradient", "sampling", "retokenization filter", "candidate losses")))
+    print(
+        f"{'eval batch':>10} {'s/step':>8}  "
+        + "  ".join(f"{k:>22}" for k in ("gradient", "sampling", "retokenization filter", "candidate losses"))
+    )
     for bs in [int(x) for x in args.eval_batch_sizes.split(",")]:
-        cfg = G.GCGConfig(n_steps=args.steps, search_width=args.search_width, eval_batch_size=bs, early_stop=False,
-                          progressive=False)
-        G.gcg(lm, goals, targets, G.GCGConfig(n_steps=1, search_width=min(64, args.search_width), eval_batch_size=bs,
-                                              early_stop=False, progressive=False))  # warm-up
+        cfg = G.GCGConfig(
+            n_steps=args.steps, search_width=args.search_width, eval_batch_size=bs, early_stop=False, progressive=False
+        )
+        G.gcg(
+            lm,
+            goals,
+            targets,
+            G.GCGConfig(
+                n_steps=1,
+                search_width=min(64, args.search_width),
+                eval_batch_size=bs,
+                early_stop=False,
+                progressive=False,
+            ),
+        )  # warm-up
         times.clear()
         sync()
         t0 = time.perf_counter()
         res = G.gcg(lm, goals, targets, cfg)
         sync()
         per = (time.perf_counter() - t0) / max(1, res.n_steps)
-        cols = [times[k] / max(1, res.n_steps) for k in ("gradient", "sampling", "retokenization filter", "candidate losses")]
-        print(f"{bs:>10} {per:>8.3f}  " + "  ".join(f"{c:>20.3f} s" for c in cols)
-              + f"   (loss {res.initial_loss:.2f} -> {res.best_loss:.2f})")
+        cols = [
+            times[k] / max(1, res.n_steps)
+            for k in ("gradient", "sampling", "retokenization filter", "candidate losses")
+        ]
+        print(
+            f"{bs:>10} {per:>8.3f}  "
+            + "  ".join(f"{c:>20.3f} s" for c in cols)
+            + f"   (loss {res.initial_loss:.2f} -> {res.best_loss:.2f})"
+        )
     if cuda:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return 0

@@ -27,12 +27,12 @@ def main() -> int:
     os.environ["REFUSALKIT_INT8_BACKEND"] = "torch"
     import torch
 
-    from refusalkit.models import int8 as int8_mod
-    from refusalkit.evaluation.sampling import GREEDY, sample
-    from refusalkit.models.chat import tokenize_instructions
-    from refusalkit.direction.forward import forward_last
-    from refusalkit.models.loading import load_model
     from refusalkit.data.prompts import load_prompts
+    from refusalkit.direction.forward import forward_last
+    from refusalkit.evaluation.sampling import GREEDY, sample
+    from refusalkit.models import int8 as int8_mod
+    from refusalkit.models.chat import tokenize_instructions
+    from refusalkit.models.loading import load_model
 
     lm = load_model("default", dtype="float32", device="cpu", path_override=os.path.join(args.variant_dir, "model"))
     n_int8 = sum(isinstance(m, int8_mod.Int8Linear) for m in lm.model.modules())
@@ -56,16 +56,20 @@ def main() -> int:
             int8_mod.int8_matmul = plain
         return t_fwd, t_gen, logits, outs
 
-    print(f"{n_int8} Int8Linear layers, {args.n} prompts, {args.max_new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{n_int8} Int8Linear layers, {args.n} prompts, {args.max_new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads"
+    )
     res = {name: measure(flag) for name, flag in (("float codes", False), ("torch._int_mm", True))}
     new_tokens = args.n * args.max_new_tokens
     print(f"{'path':16s}{'forward s':>11s}{'generate s':>12s}{'new tok/s':>11s}")
     for name, (t_fwd, t_gen, _, _) in res.items():
         print(f"{name:16s}{t_fwd:11.2f}{t_gen:12.2f}{new_tokens / t_gen:11.1f}")
     (f0, g0, l0, o0), (f1, g1, l1, o1) = res["float codes"], res["torch._int_mm"]
-    print(f"speed-up: forward {f0 / f1:.2f}x, generation {g0 / g1:.2f}x; identical logits: {torch.equal(l0, l1)}, "
-          f"identical completions: {o0 == o1}")
+    print(
+        f"speed-up: forward {f0 / f1:.2f}x, generation {g0 / g1:.2f}x; identical logits: {torch.equal(l0, l1)}, "
+        f"identical completions: {o0 == o1}"
+    )
     return 0
 
 

@@ -47,13 +47,17 @@ HARMLESS = [
     "Explain why the sky is blue.",
 ]
 
-_CORPUS = HARMFUL + HARMLESS + [
-    "You are a helpful assistant.",
-    "system user assistant",
-    "I'm sorry, I cannot help with that.",
-    "Sure, here is how to do it.",
-    "As an AI language model I must decline.",
-]
+_CORPUS = (
+    HARMFUL
+    + HARMLESS
+    + [
+        "You are a helpful assistant.",
+        "system user assistant",
+        "I'm sorry, I cannot help with that.",
+        "Sure, here is how to do it.",
+        "As an AI language model I must decline.",
+    ]
+)
 
 
 def _train_tokenizer():
@@ -120,9 +124,15 @@ def _one_torch_thread(request):
 
 def _common(tokenizer) -> dict:
     return dict(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=N_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
 

@@ -7,15 +7,22 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from refusalkit.cli.commands import compare, compress, evaluate, extract, info, orthogonalize, repair, report, run
 from refusalkit.cli.parser import build_parser
 from refusalkit.core.errors import UserError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "extract": extract.run, "orthogonalize": orthogonalize.run, "compress": compress.run, "evaluate": evaluate.run,
-    "compare": compare.run, "repair": repair.run, "run": run.run, "report": report.run, "config": info.config,
+    "extract": extract.run,
+    "orthogonalize": orthogonalize.run,
+    "compress": compress.run,
+    "evaluate": evaluate.run,
+    "compare": compare.run,
+    "repair": repair.run,
+    "run": run.run,
+    "report": report.run,
+    "config": info.config,
     "sources": info.sources,
 }
 EXIT_BAD_INPUT = 2
@@ -23,8 +30,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _quiet_libraries(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr,
-                        force=True)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
+    )
     for noisy in ("transformers", "httpx", "huggingface_hub", "accelerate", "bitsandbytes", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

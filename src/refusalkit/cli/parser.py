@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import fields
-from typing import Any, Iterator
+from typing import Any
 
 from refusalkit import __version__
 from refusalkit.core.config import Config
@@ -51,7 +52,7 @@ def add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The configuration fields set by flags (dotted keys), then ``--set KEY=VALUE`` items."""
-    out = {k[len(CONFIG_DEST):]: v for k, v in vars(args).items() if k.startswith(CONFIG_DEST) and v is not None}
+    out = {k[len(CONFIG_DEST) :]: v for k, v in vars(args).items() if k.startswith(CONFIG_DEST) and v is not None}
     out.update(set_overrides(getattr(args, "set", None) or []))
     return out
 
@@ -74,45 +75,79 @@ def set_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _common(p: argparse.ArgumentParser, *, variant: str | None = "base", config: bool = True, force: str | None = None,
-            set_example: str | None = None) -> None:
+def _common(
+    p: argparse.ArgumentParser,
+    *,
+    variant: str | None = "base",
+    config: bool = True,
+    force: str | None = None,
+    set_example: str | None = None,
+) -> None:
     p.add_argument("--run", required=True, help="run directory")
     if variant is not None:
-        p.add_argument("--variant", default=variant, required=variant == "", help="model variant under DIR/<variant>/"
-                       + (f" (default: {variant})" if variant else ""))
+        p.add_argument(
+            "--variant",
+            default=variant,
+            required=variant == "",
+            help="model variant under DIR/<variant>/" + (f" (default: {variant})" if variant else ""),
+        )
     if config:
-        p.add_argument("--config", help="YAML configuration layered over the run directory's config.yaml "
-                                        "(precedence: defaults < config.yaml < --config < flags and --set)")
+        p.add_argument(
+            "--config",
+            help="YAML configuration layered over the run directory's config.yaml "
+            "(precedence: defaults < config.yaml < --config < flags and --set)",
+        )
     if force:
         p.add_argument("--force", action="store_true", help=force)
     if set_example:
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help=f"any setting (see `refusalkit config`), e.g. {set_example}")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"any setting (see `refusalkit config`), e.g. {set_example}",
+        )
 
 
 def _extract(sub: Any) -> None:
-    e = sub.add_parser("extract", help="extract, select and validate the refusal direction",
-                       description="Creates the run directory if needed; writes DIR/<variant>/direction/.")
+    e = sub.add_parser(
+        "extract",
+        help="extract, select and validate the refusal direction",
+        description="Creates the run directory if needed; writes DIR/<variant>/direction/.",
+    )
     _common(e, force="recompute stages whose outputs exist", set_example="selection.screen_keep=20")
     e.add_argument("--no-validation", action="store_true", help="skip validation by generation in this extraction")
     add_config_flags(e, "extract")
 
 
 def _orthogonalize(sub: Any) -> None:
-    o = sub.add_parser("orthogonalize", help="save a copy of the model with the run's direction projected out of its weights")
+    o = sub.add_parser(
+        "orthogonalize", help="save a copy of the model with the run's direction projected out of its weights"
+    )
     _common(o)
     o.add_argument("--out", required=True, help="output folder for the orthogonalized model (new or empty)")
 
 
 def _compress(sub: Any) -> None:
-    c = sub.add_parser("compress", help="compress the run's base model into a named variant DIR/<variant>/",
-                       description="Prune or quantize the run's base model; the variant is saved under DIR/<variant>/model "
-                                   "with DIR/<variant>/compression.json. An existing variant is reused unless --force. "
-                                   "A new run directory is created only when --model or --config is given.")
-    _common(c, variant=None, force="redo an existing variant (its old analyses are discarded)",
-            set_example="compress.n_calibration=64")
-    c.add_argument("--method", required=True, help="magnitude, wanda, sparsegpt, llm-int8, awq, rtn, or a full name: "
-                                                   "wanda-0.5, wanda-2:4, awq-w8, rtn-w4 (see `refusalkit sources`)")
+    c = sub.add_parser(
+        "compress",
+        help="compress the run's base model into a named variant DIR/<variant>/",
+        description="Prune or quantize the run's base model; the variant is saved under DIR/<variant>/model "
+        "with DIR/<variant>/compression.json. An existing variant is reused unless --force. "
+        "A new run directory is created only when --model or --config is given.",
+    )
+    _common(
+        c,
+        variant=None,
+        force="redo an existing variant (its old analyses are discarded)",
+        set_example="compress.n_calibration=64",
+    )
+    c.add_argument(
+        "--method",
+        required=True,
+        help="magnitude, wanda, sparsegpt, llm-int8, awq, rtn, or a full name: "
+        "wanda-0.5, wanda-2:4, awq-w8, rtn-w4 (see `refusalkit sources`)",
+    )
     c.add_argument("--sparsity", help="pruning: a ratio in [0, 1) or N:M such as 2:4 (default 0.5)")
     c.add_argument("--bits", type=int, help="awq / rtn: bits per weight, 2-8 (default 4)")
     c.add_argument("--name", help="variant name (default: derived from the method, e.g. wanda-0.5)")
@@ -120,60 +155,82 @@ def _compress(sub: Any) -> None:
 
 
 def _evaluate(sub: Any) -> None:
-    v = sub.add_parser("evaluate", help="attack success rates, over-refusal and utility of a variant",
-                       description="Safety (ASR under vanilla, decoding-based and GCG suffix attacks, judged), over-refusal "
-                                   "and (with --utility) zero-shot accuracy and perplexity of DIR/<variant>, written "
-                                   "to DIR/<variant>/eval/. Finished work is skipped; an interrupted run resumes. "
-                                   "A new run directory is created only when --model or --config is given.")
+    v = sub.add_parser(
+        "evaluate",
+        help="attack success rates, over-refusal and utility of a variant",
+        description="Safety (ASR under vanilla, decoding-based and GCG suffix attacks, judged), over-refusal "
+        "and (with --utility) zero-shot accuracy and perplexity of DIR/<variant>, written "
+        "to DIR/<variant>/eval/. Finished work is skipped; an interrupted run resumes. "
+        "A new run directory is created only when --model or --config is given.",
+    )
     _common(v, force="redo finished evaluations", set_example="evaluation.gcg_topk=128")
     v.add_argument("--utility", action="store_true", help="also zero-shot accuracy (lm-eval) and perplexity")
     add_config_flags(v, "evaluate")
 
 
 def _compare(sub: Any) -> None:
-    m = sub.add_parser("compare", help="compare a variant's refusal direction with the base model's",
-                       description="Writes DIR/compare/<variant>.json: both sources, whether the source shifted, "
-                                   "cosines (selected, at the base source, by layer, layer x layer) and the direction's "
-                                   "quality on the variant. Both directions must have been extracted.")
+    m = sub.add_parser(
+        "compare",
+        help="compare a variant's refusal direction with the base model's",
+        description="Writes DIR/compare/<variant>.json: both sources, whether the source shifted, "
+        "cosines (selected, at the base source, by layer, layer x layer) and the direction's "
+        "quality on the variant. Both directions must have been extracted.",
+    )
     _common(m, variant="", force="recompute an existing comparison")
     m.add_argument("--no-quality", action="store_true", help="skip scoring the base direction on the variant model")
 
 
 def _repair(sub: Any) -> None:
-    a = sub.add_parser("repair", help="AIRD: induce the base model's refusal direction in a compressed variant",
-                       description="W <- W + alpha r r^T W on the attention output (alpha 0.02) and MLP down (0.01) "
-                                   "projections at the base direction's source layer (Chhabra & Khalili 2025, Eq. 4). "
-                                   "Writes variant <variant>+aird (or +aird-sp) with repair.json.")
+    a = sub.add_parser(
+        "repair",
+        help="AIRD: induce the base model's refusal direction in a compressed variant",
+        description="W <- W + alpha r r^T W on the attention output (alpha 0.02) and MLP down (0.01) "
+        "projections at the base direction's source layer (Chhabra & Khalili 2025, Eq. 4). "
+        "Writes variant <variant>+aird (or +aird-sp) with repair.json.",
+    )
     _common(a, variant="", force="redo an existing repair", set_example="repair.asr_tolerance=0.02")
     a.add_argument("--name", help="name of the repaired variant (default <variant>+aird, +aird-sp with --keep-zeros)")
     add_config_flags(a, "repair")
 
 
 def _run(sub: Any) -> None:
-    r = sub.add_parser("run", help="the whole study: extract, compress, compare, evaluate, repair, report",
-                       description="Takes the configured model from nothing to DIR/report.html. Every stage skips what "
-                                   "is done, so an interrupted run resumes. Exits 1 when a stage failed (listed).")
+    r = sub.add_parser(
+        "run",
+        help="the whole study: extract, compress, compare, evaluate, repair, report",
+        description="Takes the configured model from nothing to DIR/report.html. Every stage skips what "
+        "is done, so an interrupted run resumes. Exits 1 when a stage failed (listed).",
+    )
     r.add_argument("--config", help="YAML configuration (default: the built-in defaults, the embedded default model)")
     r.add_argument("--run", default=None, help="run directory (default runs/<config name> or runs/default)")
-    r.add_argument("--profile", choices=("auto", "full", "cpu", "quick"), default="auto",
-                   help="settings under the config file and --set: full (the configured defaults: four variants, "
-                        "paper-sized prompt counts), cpu (about 20 minutes on 2 cores for the default model), "
-                        "quick (a smoke run); auto (default): cpu without a GPU, else full")
+    r.add_argument(
+        "--profile",
+        choices=("auto", "full", "cpu", "quick"),
+        default="auto",
+        help="settings under the config file and --set: full (the configured defaults: four variants, "
+        "paper-sized prompt counts), cpu (about 20 minutes on 2 cores for the default model), "
+        "quick (a smoke run); auto (default): cpu without a GPU, else full",
+    )
     r.add_argument("--quick", action="store_true", help="the same as --profile quick")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. run.repair=all")
     add_config_flags(r, "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refusalkit", description="Refusal directions in chat LLMs and their compressed "
-                                                               "variants. Bad input exits 2, an interrupt 130.")
+    p = argparse.ArgumentParser(
+        prog="refusalkit",
+        description="Refusal directions in chat LLMs and their compressed "
+        "variants. Bad input exits 2, an interrupt 130.",
+    )
     p.add_argument("--version", action="version", version=f"refusalkit {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_extract, _orthogonalize, _compress, _evaluate, _compare, _repair, _run):
         add(sub)
-    rp = sub.add_parser("report", help="write DIR/report.md and a self-contained DIR/report.html",
-                        description="Tables, plots and the paper's findings from what the other stages wrote.")
+    rp = sub.add_parser(
+        "report",
+        help="write DIR/report.md and a self-contained DIR/report.html",
+        description="Tables, plots and the paper's findings from what the other stages wrote.",
+    )
     rp.add_argument("--run", required=True, help="run directory")
     sub.add_parser("config", help="print the commented default configuration (every section)")
     sub.add_parser("sources", help="list the named prompt sources, model short names and compression methods")

@@ -15,9 +15,9 @@ from typing import Any
 
 from refusalkit.cli.parser import config_overrides
 from refusalkit.core.config import Config
-from refusalkit.core.settings import load_config
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout, check_same_analysis
+from refusalkit.core.settings import load_config
 
 
 def asked_to_create(args: argparse.Namespace) -> bool:
@@ -29,12 +29,14 @@ def require_run(layout: RunLayout) -> None:
     """A one-line error when ``layout`` is not a run directory (nothing is created)."""
     if not layout.config.exists():
         what = "does not exist" if not layout.root.exists() else "is not a run directory (no config.yaml)"
-        raise UserError(f"{layout.root} {what}; check the path, or start a run there with "
-                        f"refusalkit extract --run {layout.root}")
+        raise UserError(
+            f"{layout.root} {what}; check the path, or start a run there with refusalkit extract --run {layout.root}"
+        )
 
 
-def command_config(args: argparse.Namespace, *, may_create: bool = False, check: bool = True,
-                   overrides: dict[str, Any] | None = None) -> tuple[Config, RunLayout]:
+def command_config(
+    args: argparse.Namespace, *, may_create: bool = False, check: bool = True, overrides: dict[str, Any] | None = None
+) -> tuple[Config, RunLayout]:
     """The command's configuration and its run directory's layout."""
     layout = RunLayout(args.run)
     exists = layout.config.exists()

@@ -13,7 +13,6 @@ from refusalkit.compress.blockwise import BlockInputs, _to, module_device
 from refusalkit.compress.methods import BlockStep, register
 from refusalkit.compress.quant import check_group, group_quant_method, quantize_groupwise
 
-
 _NO_CLIP = ("q_proj", "k_proj", "query", "key", "wq", "wk", "q", "k")
 _V_NAMES = ("v_proj", "value", "wv", "v")
 _O_NAMES = ("o_proj", "out_proj", "dense", "wo", "o")
@@ -57,17 +56,20 @@ class _Trace:
                     self.in_of[name] = inp[0] if inp else None
                 if name in self.linears:
                     self.x[name].append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
+
             return fn
 
         def pre(name: str):
             def fn(mod: nn.Module, args: tuple, kwargs: dict) -> None:
                 self.calls.setdefault(name, []).append((args, dict(kwargs)))
+
             return fn
 
         def post(name: str):
             def fn(mod: nn.Module, inp: tuple, out: Any) -> None:
                 o = out[0] if isinstance(out, (tuple, list)) else out
                 self.outs.setdefault(name, []).append(o.detach())
+
             return fn
 
         for n, m in self.modules.items():
@@ -98,8 +100,8 @@ class _Trace:
             self.producer[ln] = next((n for n, o in self.out_of.items() if o is x and n != ln), None)
         self.act_input_producer = {
             n: next((p for p, o in self.out_of.items() if o is self.in_of.get(n)), None)
-            for n, m in self.modules.items() if n and not list(m.children()) and not isinstance(m, nn.Linear)
-            and not list(m.parameters(recurse=False))
+            for n, m in self.modules.items()
+            if n and not list(m.children()) and not isinstance(m, nn.Linear) and not list(m.parameters(recurse=False))
         }
 
 
@@ -147,8 +149,11 @@ def find_scale_groups(block: nn.Module, inputs: BlockInputs) -> tuple[list[Scale
         if ln in grouped or probe.producer.get(ln) is not None:
             continue
         parent = ln.rsplit(".", 1)[0] if "." in ln else ""
-        siblings = [s for s, m in probe.linears.items() if s != ln and s.rsplit(".", 1)[0] == parent
-                    and m.out_features == lin.in_features]
+        siblings = [
+            s
+            for s, m in probe.linears.items()
+            if s != ln and s.rsplit(".", 1)[0] == parent and m.out_features == lin.in_features
+        ]
         activated = {p for p in probe.act_input_producer.values() if p}
         ups = [s for s in siblings if s not in activated]
         if len(siblings) == 2 and len(ups) == 1:
@@ -162,8 +167,9 @@ def find_scale_groups(block: nn.Module, inputs: BlockInputs) -> tuple[list[Scale
 
 
 @torch.no_grad()
-def _inspect_outputs(module: nn.Module, calls: list[tuple[tuple, dict]] | None, xs: list[torch.Tensor] | None,
-                     linear: nn.Linear | None) -> list[torch.Tensor]:
+def _inspect_outputs(
+    module: nn.Module, calls: list[tuple[tuple, dict]] | None, xs: list[torch.Tensor] | None, linear: nn.Linear | None
+) -> list[torch.Tensor]:
     if linear is not None:
         return [nn.functional.linear(x, linear.weight, linear.bias) for x in xs]
     outs = []
@@ -174,9 +180,17 @@ def _inspect_outputs(module: nn.Module, calls: list[tuple[tuple, dict]] | None, 
 
 
 @torch.no_grad()
-def awq_block(block: nn.Module, inputs: BlockInputs, bits: int, group_size: int, n_grid: int = 20,
-              max_shrink: float = 0.5, clip: bool = True, n_clip_tokens: int = 512,
-              search_tokens: int = -1) -> tuple[list[torch.Tensor], dict]:
+def awq_block(
+    block: nn.Module,
+    inputs: BlockInputs,
+    bits: int,
+    group_size: int,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    clip: bool = True,
+    n_clip_tokens: int = 512,
+    search_tokens: int = -1,
+) -> tuple[list[torch.Tensor], dict]:
     """AWQ on one decoder block; returns the block's full-precision outputs (next block's inputs).
 
     Lin et al. 2023, Sec. 3.2: for each group of linears sharing an input X, search
@@ -211,24 +225,35 @@ def awq_block(block: nn.Module, inputs: BlockInputs, bits: int, group_size: int,
                 continue
             _clip_linear(lin, trace.x[n], bits, group_size, n_grid, max_shrink, n_clip_tokens)
             clipped.append(n)
-    for n, lin in trace.linears.items():
+    for lin in trace.linears.values():
         lin.weight.data.copy_(quantize_groupwise(lin.weight.data, bits, group_size))
-    info = {"groups": [{"linears": g.linears, "prev": g.prev, "inspect": g.inspect, "best_ratio": g.best_ratio,
-                        "loss_at_ratio_0": g.errors[0], "best_loss": min(g.errors)} for g in groups],
-            "clipped": clipped, "search_batches": n_search}
+    info = {
+        "groups": [
+            {
+                "linears": g.linears,
+                "prev": g.prev,
+                "inspect": g.inspect,
+                "best_ratio": g.best_ratio,
+                "loss_at_ratio_0": g.errors[0],
+                "best_loss": min(g.errors),
+            }
+            for g in groups
+        ],
+        "clipped": clipped,
+        "search_batches": n_search,
+    }
     return outputs, info
 
 
 def _search_batches(inputs: BlockInputs, search_tokens: int) -> int:
     """The calibration batches the scale search measures its loss on (all when ``search_tokens <= 0``)."""
-    n_search = len(inputs.hidden)
     if search_tokens > 0:
         seen = 0
-        for n_search, h in enumerate(inputs.hidden, start=1):
+        for i, h in enumerate(inputs.hidden, start=1):
             seen += h.shape[0] * h.shape[1]
             if seen >= search_tokens:
-                break
-    return n_search
+                return i
+    return len(inputs.hidden)
 
 
 def _search_scale(g: ScaleGroup, trace: _Trace, n_search: int, bits: int, group_size: int, n_grid: int) -> None:
@@ -249,7 +274,9 @@ def _search_scale(g: ScaleGroup, trace: _Trace, n_search: int, bits: int, group_
         s = s / (s.max() * s.min()).sqrt()
         for n in g.linears:
             w = originals[n]
-            linears[n].weight.data = (quantize_groupwise(w * s.to(w.dtype), bits, group_size) / s.to(w.dtype)).to(w.dtype)
+            linears[n].weight.data = (quantize_groupwise(w * s.to(w.dtype), bits, group_size) / s.to(w.dtype)).to(
+                w.dtype
+            )
         outs = _inspect_outputs(modules[g.inspect], calls, xs, lin_only)
         err = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, ref)) / sum(r.numel() for r in ref)
         g.errors.append(err)
@@ -290,8 +317,9 @@ def _sample_rows(xs: list[torch.Tensor], n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _clip_linear(lin: nn.Linear, xs: list[torch.Tensor], bits: int, group_size: int, n_grid: int,
-                 max_shrink: float, n_tokens: int) -> None:
+def _clip_linear(
+    lin: nn.Linear, xs: list[torch.Tensor], bits: int, group_size: int, n_grid: int, max_shrink: float, n_tokens: int
+) -> None:
     """AWQ's clipping search: per (row, group), the max |w| shrink that minimizes the group-partial output error."""
     x = _sample_rows(xs, n_tokens)
     w = lin.weight.data.float()
@@ -302,7 +330,7 @@ def _clip_linear(lin: nn.Linear, xs: list[torch.Tensor], bits: int, group_size: 
     rows = max(1, (1 << 25) // max(1, x.shape[0] * ng))
     best_max = torch.empty(out_f, ng, 1, device=w.device)
     for r0 in range(0, out_f, rows):
-        wr = w[r0:r0 + rows].reshape(-1, ng, g)  # [R, ng, g]
+        wr = w[r0 : r0 + rows].reshape(-1, ng, g)  # [R, ng, g]
         org_max = wr.abs().amax(dim=-1, keepdim=True)
         org_out = torch.einsum("ntg,rng->rtn", xg, wr)
         best_err = torch.full((wr.shape[0], ng), float("inf"), device=w.device)
@@ -314,11 +342,9 @@ def _clip_linear(lin: nn.Linear, xs: list[torch.Tensor], bits: int, group_size: 
             better = err < best_err
             best_err[better] = err[better]
             bm[better] = mv[better]
-        best_max[r0:r0 + rows] = bm
+        best_max[r0 : r0 + rows] = bm
     wg = w.reshape(out_f, ng, g)
     lin.weight.data.copy_(torch.clamp(wg, -best_max, best_max).reshape(out_f, in_f))
-
-
 
 
 def _awq_step(step: BlockStep) -> Any:
@@ -330,5 +356,13 @@ def _awq_step(step: BlockStep) -> Any:
     return advance(step.inputs, outputs)
 
 
-register(group_quant_method("awq", True, _awq_step, "AWQ: activation-aware scales + clipping, group-wise asymmetric "
-                            "quantization (default 4 bits, group 128)", "AWQ quantization", rank=4))
+register(
+    group_quant_method(
+        "awq",
+        True,
+        _awq_step,
+        "AWQ: activation-aware scales + clipping, group-wise asymmetric quantization (default 4 bits, group 128)",
+        "AWQ quantization",
+        rank=4,
+    )
+)

@@ -9,8 +9,9 @@ model; with ``device_map='auto'`` each block runs on its own device.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ def _batches(samples: list[list[int]], batch_size: int) -> list[list[list[int]]]
     out = []
     for n in sorted(by_len):
         group = by_len[n]
-        out += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+        out += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return out
 
 
@@ -129,6 +130,7 @@ class InputStats:
             self._seen.append((x, name))  # keeps x alive for the batch: identity checks stay valid
             if self.owner[name] == name:
                 self.update(name, x.detach().reshape(-1, x.shape[-1]).float())
+
         return fn
 
     def hooks(self) -> Iterator[Any]:

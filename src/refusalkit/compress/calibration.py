@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from refusalkit.core.errors import UserError
-from refusalkit.models.chat import encode, format_prompts
-from refusalkit.data.prompts import NAMED_SOURCES, load_prompts
 from refusalkit.data.corpus import TEXT_CORPORA, corpus_part, is_text_source
-
-
+from refusalkit.data.prompts import NAMED_SOURCES, load_prompts
+from refusalkit.models.chat import encode, format_prompts
 
 
 @dataclass
@@ -40,18 +38,6 @@ class Calibration:
         return sum(len(s) for s in self.samples)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _window(tokenizer: Any, text: str, seq_len: int, rng: random.Random) -> list[int] | None:
     """``seq_len`` tokens starting at a random place of ``text`` (the first, maybe partial, token dropped)."""
     span = seq_len * 8
@@ -61,9 +47,9 @@ def _window(tokenizer: Any, text: str, seq_len: int, rng: random.Random) -> list
             if len(ids) <= seq_len:
                 return None
             o = rng.randrange(0, len(ids) - seq_len)
-            return ids[o:o + seq_len]
+            return ids[o : o + seq_len]
         o = rng.randrange(0, len(text) - span)
-        ids = tokenizer(text[o:o + span], add_special_tokens=False)["input_ids"][1:]
+        ids = tokenizer(text[o : o + span], add_special_tokens=False)["input_ids"][1:]
         if len(ids) >= seq_len:
             return ids[:seq_len]
         span *= 2
@@ -74,8 +60,15 @@ def sources_help() -> str:
     return ", ".join(names) + ", a .txt/.jsonl/.csv instruction file, or text:FILE"
 
 
-def build_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int, seed: int = 0,
-                      chat_template: bool | None = None, system_prompt: str | None = None) -> Calibration:
+def build_calibration(
+    tokenizer: Any,
+    source: str,
+    n_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    chat_template: bool | None = None,
+    system_prompt: str | None = None,
+) -> Calibration:
     """Draw the calibration samples (token ids). ``chat_template=None``: on for instructions, off for text."""
     if n_samples < 1:
         raise UserError(f"too few calibration samples ({n_samples}); use --n-calibration 1 or more")
@@ -88,8 +81,10 @@ def build_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int,
         part = corpus_part(source)
         windows = [_window(tokenizer, part, seq_len, rng) for _ in range(n_samples)]
         if any(w is None for w in windows):
-            raise UserError(f"calibration text {source} has fewer tokens than --seq-len {seq_len}; "
-                            "use a shorter --seq-len or a longer text")
+            raise UserError(
+                f"calibration text {source} has fewer tokens than --seq-len {seq_len}; "
+                "use a shorter --seq-len or a longer text"
+            )
         if chat:
             # Windows of text wrapped as user instructions; the template adds its own tokens.
             texts = [tokenizer.decode(w) for w in windows]
@@ -100,8 +95,10 @@ def build_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int,
     else:
         prompts = load_prompts(source)
         if len(prompts) < n_samples:
-            raise UserError(f"too few calibration samples: {source} has {len(prompts)} prompts, "
-                            f"{n_samples} asked for; lower --n-calibration or give more prompts")
+            raise UserError(
+                f"too few calibration samples: {source} has {len(prompts)} prompts, "
+                f"{n_samples} asked for; lower --n-calibration or give more prompts"
+            )
         chosen = rng.sample(prompts, n_samples)
         if chat:
             samples = encode(tokenizer, format_prompts(tokenizer, chosen, system_prompt))
@@ -114,9 +111,15 @@ def build_calibration(tokenizer: Any, source: str, n_samples: int, seq_len: int,
         raise UserError(f"calibration source {source} gave no tokens; use another --calibration")
     cal = Calibration(samples)
     cal.info = {
-        "source": source, "kind": "text" if text else "instructions", "n_samples": len(samples),
-        "seq_len": seq_len, "n_tokens": cal.n_tokens, "chat_template": chat, "seed": seed,
-        "pool_size": pool, "pool_unit": "characters" if text else "prompts",
+        "source": source,
+        "kind": "text" if text else "instructions",
+        "n_samples": len(samples),
+        "seq_len": seq_len,
+        "n_tokens": cal.n_tokens,
+        "chat_template": chat,
+        "seed": seed,
+        "pool_size": pool,
+        "pool_unit": "characters" if text else "prompts",
         "system_prompt": system_prompt if chat else None,
     }
     return cal

@@ -18,23 +18,34 @@ from refusalkit.models.structure import decoder_layers
 
 def quantization_config(threshold: float, skip: list[str]) -> dict[str, Any]:
     """The ``quantization_config`` transformers writes for a bitsandbytes 8-bit model."""
-    return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
-            "llm_int8_threshold": threshold, "llm_int8_skip_modules": skip,
-            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False}
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_8bit": True,
+        "load_in_4bit": False,
+        "llm_int8_threshold": threshold,
+        "llm_int8_skip_modules": skip,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+    }
 
 
 def layer_record(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
     """Sparsity and relative error of one compressed matrix (``compression.json``'s ``per_layer``)."""
     b, a = before.float(), after.float()
-    return {"sparsity": (a == 0).float().mean().item(), "rel_error": ((a - b).norm() / b.norm().clamp(min=1e-12)).item(),
-            "numel": a.numel()}
+    return {
+        "sparsity": (a == 0).float().mean().item(),
+        "rel_error": ((a - b).norm() / b.norm().clamp(min=1e-12)).item(),
+        "numel": a.numel(),
+    }
 
 
 def int8_backend(spec: Any) -> str:
     if spec.backend == "auto":
         return "bitsandbytes" if bnb_available() else "torch"
     if spec.backend == "bitsandbytes" and not bnb_available():
-        raise UserError("the bitsandbytes backend needs bitsandbytes; run: pip install bitsandbytes (or use --backend torch)")
+        raise UserError(
+            "the bitsandbytes backend needs bitsandbytes; run: pip install bitsandbytes (or use --backend torch)"
+        )
     return spec.backend
 
 
@@ -94,7 +105,18 @@ def _configure(spec: Any) -> None:
         raise UserError(f"unknown int8 backend {spec.backend!r}; use auto, bitsandbytes or torch")
 
 
-register(Method("llm-int8", "quantization", False,
-                "LLM.int8: vector-wise int8 with 16-bit outlier features (threshold 6.0)", "LLM.int8",
-                aliases=("int8",), configure=_configure, variant_name=lambda spec: "llm-int8",
-                parameters=lambda spec: {"threshold": spec.threshold}, whole_model=compress_whole_model, rank=3))
+register(
+    Method(
+        "llm-int8",
+        "quantization",
+        False,
+        "LLM.int8: vector-wise int8 with 16-bit outlier features (threshold 6.0)",
+        "LLM.int8",
+        aliases=("int8",),
+        configure=_configure,
+        variant_name=lambda spec: "llm-int8",
+        parameters=lambda spec: {"threshold": spec.threshold},
+        whole_model=compress_whole_model,
+        rank=3,
+    )
+)

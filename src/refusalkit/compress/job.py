@@ -15,16 +15,19 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from refusalkit.core import artifacts
+from refusalkit.compress.blockwise import capture_inputs, linear_layers, release_memory
+from refusalkit.compress.calibration import Calibration, build_calibration
 from refusalkit.compress.int8 import layer_record
 from refusalkit.compress.methods import METHODS, BlockStep, Method, parse_method
+from refusalkit.core import artifacts
 from refusalkit.core.config import CompressConfig, Config
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout, prepare
@@ -32,8 +35,6 @@ from refusalkit.core.manifest import update_manifest
 from refusalkit.core.progress import Progress
 from refusalkit.models.loading import LoadedModel, load_model
 from refusalkit.models.structure import decoder_layers
-from refusalkit.compress.blockwise import capture_inputs, linear_layers, release_memory
-from refusalkit.compress.calibration import Calibration, build_calibration
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,34 @@ class CompressSpec:
         return METHODS[self.method]
 
     @classmethod
-    def from_config(cls, method: str, c: CompressConfig, *, sparsity: str | None = None, bits: int | None = None,
-                    name: str | None = None) -> CompressSpec:
+    def from_config(
+        cls,
+        method: str,
+        c: CompressConfig,
+        *,
+        sparsity: str | None = None,
+        bits: int | None = None,
+        name: str | None = None,
+    ) -> CompressSpec:
         """The spec of ``method`` with the how-to settings of the config's ``compress`` section."""
-        return cls(method=method, sparsity=sparsity, bits=bits, group_size=c.group_size, threshold=c.threshold,
-                   backend=c.backend, damp=c.damp, blocksize=c.blocksize, calibration=c.calibration,
-                   n_calibration=c.n_calibration, seq_len=c.seq_len, calibration_chat=c.calibration_chat,
-                   seed=c.calibration_seed, batch_size=c.calibration_batch_size, name=name,
-                   awq_search_tokens=c.awq_search_tokens)
+        return cls(
+            method=method,
+            sparsity=sparsity,
+            bits=bits,
+            group_size=c.group_size,
+            threshold=c.threshold,
+            backend=c.backend,
+            damp=c.damp,
+            blocksize=c.blocksize,
+            calibration=c.calibration,
+            n_calibration=c.n_calibration,
+            seq_len=c.seq_len,
+            calibration_chat=c.calibration_chat,
+            seed=c.calibration_seed,
+            batch_size=c.calibration_batch_size,
+            name=name,
+            awq_search_tokens=c.awq_search_tokens,
+        )
 
     @property
     def variant(self) -> str:
@@ -98,7 +119,9 @@ class CompressSpec:
 
 def check_name(name: str) -> None:
     if name in ("base", "data", "") or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:+-]*", name):
-        raise UserError(f"variant name {name!r} is not usable; use letters, digits and . _ : + - (not 'base' or 'data')")
+        raise UserError(
+            f"variant name {name!r} is not usable; use letters, digits and . _ : + - (not 'base' or 'data')"
+        )
 
 
 def _peak_rss() -> int:
@@ -134,8 +157,9 @@ def _check_shapes(model: nn.Module, spec: CompressSpec) -> None:
 
 
 @torch.no_grad()
-def compress_model(lm: LoadedModel, spec: CompressSpec, cal: Calibration | None,
-                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def compress_model(
+    lm: LoadedModel, spec: CompressSpec, cal: Calibration | None, progress: Callable[[int], None] | None = None
+) -> dict[str, Any]:
     """Compress ``lm.model`` in place, block by block, with the method's ``compress_block``; return
     ``per_layer`` records and method notes."""
     method = spec.registered
@@ -177,8 +201,9 @@ def _save_model(lm: LoadedModel, model_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _compressed_model(cfg: Config, spec: CompressSpec, progress: bool) -> tuple[LoadedModel, dict[str, Any],
-                                                                                Calibration | None, str | None]:
+def _compressed_model(
+    cfg: Config, spec: CompressSpec, progress: bool
+) -> tuple[LoadedModel, dict[str, Any], Calibration | None, str | None]:
     """The base model compressed in memory: (model, per-layer records and notes, calibration, backend)."""
     method = spec.registered
 
@@ -191,8 +216,15 @@ def _compressed_model(cfg: Config, spec: CompressSpec, progress: bool) -> tuple[
     lm = load()
     cal = None
     if method.needs_calibration:
-        cal = build_calibration(lm.tokenizer, spec.calibration, spec.n_calibration, spec.seq_len, spec.seed,
-                                spec.calibration_chat, cfg.system_prompt)
+        cal = build_calibration(
+            lm.tokenizer,
+            spec.calibration,
+            spec.n_calibration,
+            spec.seq_len,
+            spec.seed,
+            spec.calibration_chat,
+            cfg.system_prompt,
+        )
     bar = Progress(progress).bar(lm.n_layers, f"{spec.variant}: blocks", unit="block")
     try:
         return lm, compress_model(lm, spec, cal, bar.update), cal, None
@@ -200,8 +232,9 @@ def _compressed_model(cfg: Config, spec: CompressSpec, progress: bool) -> tuple[
         bar.close()
 
 
-def run_compress(cfg: Config, root: str | Path, spec: CompressSpec, force: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
+def run_compress(
+    cfg: Config, root: str | Path, spec: CompressSpec, force: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Create (or reuse) the variant; return the contents of its ``compression.json``."""
     layout = RunLayout(root)
     name = spec.variant
@@ -222,22 +255,34 @@ def run_compress(cfg: Config, root: str | Path, spec: CompressSpec, force: bool 
     return info
 
 
-def _record(cfg: Config, spec: CompressSpec, lm: LoadedModel, result: dict[str, Any], cal: Calibration | None,
-            backend: str | None, model_dir: Path) -> dict[str, Any]:
+def _record(
+    cfg: Config,
+    spec: CompressSpec,
+    lm: LoadedModel,
+    result: dict[str, Any],
+    cal: Calibration | None,
+    backend: str | None,
+    model_dir: Path,
+) -> dict[str, Any]:
     """``compression.json``: method, parameters, calibration, measured sparsity, size, memory."""
     per_layer = result["per_layer"]
     total = sum(r["numel"] for r in per_layer.values())
     zeros = sum(r["sparsity"] * r["numel"] for r in per_layer.values())
     info: dict[str, Any] = {
-        "variant": spec.variant, "method": spec.method, "parameters": spec.parameters(),
-        "backend": backend, "bits": spec.bits,
+        "variant": spec.variant,
+        "method": spec.method,
+        "parameters": spec.parameters(),
+        "backend": backend,
+        "bits": spec.bits,
         "calibration": None if cal is None else cal.info,
-        "sparsity": zeros / max(total, 1), "n_compressed_params": total,
+        "sparsity": zeros / max(total, 1),
+        "n_compressed_params": total,
         "base_model": {"spec": cfg.model, "source": lm.source, "dtype": lm.info["dtype"], "device": lm.info["device"]},
         "size_on_disk_bytes": _dir_bytes(model_dir),
         "peak_rss_bytes": _peak_rss(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "per_layer": per_layer, **result["notes"],
+        "per_layer": per_layer,
+        **result["notes"],
         "spec": {k: v for k, v in asdict(spec).items()},
     }
     if "group_size" in info["parameters"]:  # group-wise quantization: the size a packed checkpoint would have

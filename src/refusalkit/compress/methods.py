@@ -11,8 +11,9 @@ the report) reads this registry, so a new method is one registration in its fami
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from refusalkit.core.errors import UserError
 
@@ -78,8 +79,10 @@ def parse_method(text: str) -> tuple[Method, dict[str, str]]:
         match = re.fullmatch(m.full_name, t) if m.full_name else None
         if match:
             return m, match.groupdict()
-    raise UserError(f"unknown compression method {text!r}; use one of {', '.join(METHODS)} "
-                    "(or a full name such as wanda-0.5, wanda-2:4, awq-w4)")
+    raise UserError(
+        f"unknown compression method {text!r}; use one of {', '.join(METHODS)} "
+        "(or a full name such as wanda-0.5, wanda-2:4, awq-w4)"
+    )
 
 
 def __getattr__(name: str) -> tuple[str, ...]:

@@ -56,8 +56,10 @@ def parse_sparsity(spec: str | float) -> Sparsity:
 
 def check_nm(sp: Sparsity, in_features: int, name: str) -> None:
     if sp.structured and in_features % sp.m:
-        raise UserError(f"impossible N:M sparsity {sp.label()} for {name}: its {in_features} input features "
-                        f"are not a multiple of {sp.m}")
+        raise UserError(
+            f"impossible N:M sparsity {sp.label()} for {name}: its {in_features} input features "
+            f"are not a multiple of {sp.m}"
+        )
 
 
 def _lowest_k_mask(score: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
@@ -108,8 +110,14 @@ def apply_mask(linear: torch.nn.Linear, mask: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sp: Sparsity, blocksize: int = 128,
-                    percdamp: float = 0.01, name: str = "layer") -> torch.Tensor:
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sp: Sparsity,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    name: str = "layer",
+) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh 2023, Algorithm 1): the pruned and updated weight.
 
     ``hessian`` is ``X X^T`` over the calibration tokens ([in, in]); it is dampened by
@@ -134,8 +142,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sp: Sparsity, b
         Hinv = torch.cholesky_inverse(L)
         Hinv = torch.linalg.cholesky(Hinv, upper=True)
     except torch.linalg.LinAlgError:
-        raise UserError(f"SparseGPT: the Hessian of {name} is not positive definite even after dampening; "
-                        "raise --damp (e.g. 0.1) or use more calibration data") from None
+        raise UserError(
+            f"SparseGPT: the Hessian of {name} is not positive definite even after dampening; "
+            "raise --damp (e.g. 0.1) or use more calibration data"
+        ) from None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -147,14 +157,14 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sp: Sparsity, b
         if sp.structured:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            sal = W1 ** 2 / d1.reshape(1, -1) ** 2
+            sal = W1**2 / d1.reshape(1, -1) ** 2
             mask1 = layer_mask(sal, sp.ratio)
         for i in range(count):
             w = W1[:, i]
             d = Hinv1[i, i]
             if sp.structured and i % sp.m == 0:
-                sal = W1[:, i:i + sp.m] ** 2 / d1[i:i + sp.m].reshape(1, -1) ** 2
-                mask1[:, i:i + sp.m] = _lowest_k_mask(sal, sp.m - sp.n, dim=1)
+                sal = W1[:, i : i + sp.m] ** 2 / d1[i : i + sp.m].reshape(1, -1) ** 2
+                mask1[:, i : i + sp.m] = _lowest_k_mask(sal, sp.m - sp.n, dim=1)
             q = w.clone()
             q[mask1[:, i]] = 0
             Q1[:, i] = q
@@ -181,8 +191,12 @@ def _configure(spec: Any) -> None:
 
 
 def _parameters(spec: Any) -> dict[str, Any]:
-    p: dict[str, Any] = {"sparsity": spec.sparse.to_json(), "comparison": COMPARISON[spec.method]
-                         if not spec.sparse.structured else f"{spec.sparse.n}:{spec.sparse.m} groups"}
+    p: dict[str, Any] = {
+        "sparsity": spec.sparse.to_json(),
+        "comparison": COMPARISON[spec.method]
+        if not spec.sparse.structured
+        else f"{spec.sparse.n}:{spec.sparse.m} groups",
+    }
     if spec.method == "sparsegpt":
         p.update(damp=spec.damp, blocksize=spec.blocksize)
     return p
@@ -204,8 +218,11 @@ def _calibrated_block(step: BlockStep) -> Any:
 
     def update(n: str, x: torch.Tensor) -> None:
         if n not in acc:
-            acc[n] = torch.zeros(x.shape[1], device=x.device) if wanda else \
-                torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            acc[n] = (
+                torch.zeros(x.shape[1], device=x.device)
+                if wanda
+                else torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            )
         if wanda:
             acc[n].add_((x * x).sum(0))
         else:
@@ -218,21 +235,48 @@ def _calibrated_block(step: BlockStep) -> Any:
         if wanda:
             apply_mask(lin, wanda_mask(lin.weight, a, spec.sparse))
         else:  # in place: a loaded checkpoint's weights may be memory-mapped; rebinding would keep them resident
-            lin.weight.data.copy_(sparsegpt_prune(lin.weight.data, a, spec.sparse, spec.blocksize, spec.damp,
-                                                  f"layer {step.index} {n}"))
+            lin.weight.data.copy_(
+                sparsegpt_prune(lin.weight.data, a, spec.sparse, spec.blocksize, spec.damp, f"layer {step.index} {n}")
+            )
     acc.clear()
     return advance(step.inputs, run_block(step.block, step.inputs))
 
 
-for _rank, (_name, _calibrated, _description, _title) in enumerate((
-    ("magnitude", False, "magnitude pruning (|W|, layer-wise comparison; N:M per group); no calibration",
-     "magnitude pruning"),
-    ("wanda", True, "Wanda pruning (|W| * ||X||, per output row), block by block on calibration data", "Wanda pruning"),
-    ("sparsegpt", True, "SparseGPT pruning (OBS with weight updates), block by block on calibration data",
-     "SparseGPT pruning"),
-)):
-    register(Method(
-        _name, "pruning", _calibrated, _description, _title, full_name=f"{_name}-(?P<sparsity>.+)",
-        configure=_configure, variant_name=lambda spec: f"{spec.method}-{spec.sparse.label()}", parameters=_parameters,
-        check_linear=lambda spec, lin, where: check_nm(spec.sparse, lin.in_features, where),
-        compress_block=_calibrated_block if _calibrated else _magnitude_block, rank=_rank))
+for _rank, (_name, _calibrated, _description, _title) in enumerate(
+    (
+        (
+            "magnitude",
+            False,
+            "magnitude pruning (|W|, layer-wise comparison; N:M per group); no calibration",
+            "magnitude pruning",
+        ),
+        (
+            "wanda",
+            True,
+            "Wanda pruning (|W| * ||X||, per output row), block by block on calibration data",
+            "Wanda pruning",
+        ),
+        (
+            "sparsegpt",
+            True,
+            "SparseGPT pruning (OBS with weight updates), block by block on calibration data",
+            "SparseGPT pruning",
+        ),
+    )
+):
+    register(
+        Method(
+            _name,
+            "pruning",
+            _calibrated,
+            _description,
+            _title,
+            full_name=f"{_name}-(?P<sparsity>.+)",
+            configure=_configure,
+            variant_name=lambda spec: f"{spec.method}-{spec.sparse.label()}",
+            parameters=_parameters,
+            check_linear=lambda spec, lin, where: check_nm(spec.sparse, lin.in_features, where),
+            compress_block=_calibrated_block if _calibrated else _magnitude_block,
+            rank=_rank,
+        )
+    )

@@ -20,8 +20,10 @@ from refusalkit.core.errors import UserError
 def check_group(in_features: int, group_size: int, name: str) -> int:
     g = in_features if group_size <= 0 else group_size
     if in_features % g:
-        raise UserError(f"group size {group_size} does not divide the {in_features} input features of {name}; "
-                        "use a divisor (e.g. --group-size 64) or -1 for one group per row")
+        raise UserError(
+            f"group size {group_size} does not divide the {in_features} input features of {name}; "
+            "use a divisor (e.g. --group-size 64) or -1 for one group per row"
+        )
     return g
 
 
@@ -38,7 +40,7 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int, zero_point: 
     g = shape[-1] if group_size <= 0 else group_size
     wg = w.float().reshape(-1, g)
     if zero_point:
-        qmax = 2 ** bits - 1
+        qmax = 2**bits - 1
         mx, mn = wg.amax(dim=1, keepdim=True), wg.amin(dim=1, keepdim=True)
         scale = (mx - mn).clamp(min=1e-5) / qmax
         zero = (-torch.round(mn / scale)).clamp(0, qmax)
@@ -77,15 +79,26 @@ def group_quant_parameters(spec: Any) -> dict[str, Any]:
     return p
 
 
-def group_quant_method(name: str, needs_calibration: bool, block: Any, description: str, title: str,
-                       rank: int = 100) -> Method:
+def group_quant_method(
+    name: str, needs_calibration: bool, block: Any, description: str, title: str, rank: int = 100
+) -> Method:
     """A group-wise quantization method: ``<name>-w<bits>`` full names, 2-8 bits, group size checked."""
     return Method(
-        name, "quantization", needs_calibration, description, title, full_name=f"{name}-w(?P<bits>\\d+)",
-        configure=configure_group_quant, parameters=group_quant_parameters,
-        variant_name=lambda spec: f"{spec.method}-w{spec.bits}" + ("" if spec.group_size == 128 else f"-g{spec.group_size}"),
+        name,
+        "quantization",
+        needs_calibration,
+        description,
+        title,
+        full_name=f"{name}-w(?P<bits>\\d+)",
+        configure=configure_group_quant,
+        parameters=group_quant_parameters,
+        variant_name=lambda spec: (
+            f"{spec.method}-w{spec.bits}" + ("" if spec.group_size == 128 else f"-g{spec.group_size}")
+        ),
         check_linear=lambda spec, lin, where: check_group(lin.in_features, spec.group_size, where),
-        compress_block=block, rank=rank)
+        compress_block=block,
+        rank=rank,
+    )
 
 
 def _rtn_block(step: BlockStep) -> Any:
@@ -94,5 +107,13 @@ def _rtn_block(step: BlockStep) -> Any:
     return step.inputs
 
 
-register(group_quant_method("rtn", False, _rtn_block, "round-to-nearest group-wise asymmetric quantization (the AWQ "
-                            "paper's baseline)", "round-to-nearest quantization", rank=5))
+register(
+    group_quant_method(
+        "rtn",
+        False,
+        _rtn_block,
+        "round-to-nearest group-wise asymmetric quantization (the AWQ paper's baseline)",
+        "round-to-nearest quantization",
+        rank=5,
+    )
+)

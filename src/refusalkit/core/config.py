@@ -10,12 +10,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from refusalkit.core.errors import UserError
 
 
-def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, flag: str | None = None,
-       commands: tuple[str, ...] = ()) -> Any:
+def _f(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    flag: str | None = None,
+    commands: tuple[str, ...] = (),
+) -> Any:
     """A setting: its default, its one description, optional fixed ``choices`` (validated in
     :func:`apply_settings`), and the ``commands`` that expose it as ``flag`` (default: ``--<name>``)."""
     meta = {"help": help, "choices": choices, "flag": flag, "commands": commands}
@@ -28,6 +33,8 @@ EXTRACT = ("extract",)
 MODEL_COMMANDS = ("extract", "compress", "evaluate", "run")  # commands that may create a run for a model
 
 
+# One setting per line: the schema reads as a table.
+# fmt: off
 @dataclass
 class SelectionConfig:
     kl_threshold: float = _f(0.1, "Discard candidates whose ablation changes harmless next-token distributions by more KL than this (Arditi: 0.1).", commands=EXTRACT)
@@ -170,16 +177,7 @@ class Config:
         for k in ("device", "batch_size", "evaluation", "compress", "repair", "run"):
             d.pop(k)
         return d
-
-
-
-
-
-
-
-
-
-
+# fmt: on
 
 
 def validate(cfg: Config) -> Config:
@@ -269,11 +267,18 @@ def validate_evaluation(e: EvaluationConfig) -> EvaluationConfig:
     attacks = [a.strip() for a in e.attacks.split(",") if a.strip()]
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks:
-        raise UserError(f"unknown attack {', '.join(unknown) or '(none given)'}; use a comma-separated list of {', '.join(ATTACKS)}")
+        raise UserError(
+            f"unknown attack {', '.join(unknown) or '(none given)'}; use a comma-separated list of {', '.join(ATTACKS)}"
+        )
     if e.n_prompts < 1 or e.n_harmless < 0 or e.decoding_n_prompts < 0:
         raise UserError("evaluation.n_prompts must be at least 1 (n_harmless and decoding_n_prompts 0 or more)")
-    for name, minimum in (("max_new_tokens", 1), ("gcg_prompts", 0), ("gcg_universal_prompts", 0), ("gcg_steps", 1),
-                          ("gcg_search_width", 1)):
+    for name, minimum in (
+        ("max_new_tokens", 1),
+        ("gcg_prompts", 0),
+        ("gcg_universal_prompts", 0),
+        ("gcg_steps", 1),
+        ("gcg_search_width", 1),
+    ):
         _auto_or_count(name, str(getattr(e, name)), minimum)
     if e.gcg_topk < 1:
         raise UserError("evaluation.gcg_topk must be at least 1")
@@ -283,13 +288,3 @@ def validate_evaluation(e: EvaluationConfig) -> EvaluationConfig:
     if e.utility_limit < 0 or e.ppl_tokens < 0:
         raise UserError("evaluation.utility_limit and evaluation.ppl_tokens must be 0 or more")
     return e
-
-
-
-
-
-
-
-
-
-

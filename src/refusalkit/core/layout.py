@@ -10,8 +10,8 @@ import yaml
 
 from refusalkit.core import artifacts
 from refusalkit.core.config import Config
-from refusalkit.core.settings import apply_settings
 from refusalkit.core.errors import UserError
+from refusalkit.core.settings import apply_settings
 
 
 class RunLayout:
@@ -111,8 +111,14 @@ class RunLayout:
         """Compressed and repaired variants present (finished ones: their record exists), sorted."""
         if not self.root.is_dir():
             return []
-        return [p.name for p in sorted(self.root.iterdir()) if p.is_dir() and p.name not in self.SKIPPED
-                and p.name != "base" and (self.compression(p.name).is_file() or self.repair_info(p.name).is_file())]
+        return [
+            p.name
+            for p in sorted(self.root.iterdir())
+            if p.is_dir()
+            and p.name not in self.SKIPPED
+            and p.name != "base"
+            and (self.compression(p.name).is_file() or self.repair_info(p.name).is_file())
+        ]
 
     def discard_analyses(self, name: str) -> None:
         """Remove what was computed on a variant's model (direction, evaluation, comparison) when the
@@ -145,8 +151,9 @@ def prepare(cfg: Config, root: Path, force: bool, keep_existing: bool = False) -
     if layout.config.exists() and not force:
         check_same_analysis(cfg, layout)
     if not (keep_existing and layout.config.exists()):
-        artifacts.write_text(layout.config, "# resolved configuration of this run\n"
-                             + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        artifacts.write_text(
+            layout.config, "# resolved configuration of this run\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        )
     return artifacts.read_json(layout.manifest) if layout.manifest.exists() else {}
 
 
@@ -160,7 +167,9 @@ def recorded_config(layout: RunLayout) -> Config:
     try:
         apply_settings(cfg, old)
     except UserError:
-        raise UserError(f"{layout.config} holds settings this version does not know; use a new --run or --force") from None
+        raise UserError(
+            f"{layout.config} holds settings this version does not know; use a new --run or --force"
+        ) from None
     return cfg
 
 
@@ -169,5 +178,7 @@ def check_same_analysis(cfg: Config, layout: RunLayout) -> None:
     old = recorded_config(layout).analysis_key()
     diff = {k for k, v in cfg.analysis_key().items() if old.get(k) != v}
     if diff:
-        raise UserError(f"run directory {layout.root} was made with other settings ({', '.join(sorted(diff))}); "
-                        "use a new --run, the same settings, or --force to recompute everything")
+        raise UserError(
+            f"run directory {layout.root} was made with other settings ({', '.join(sorted(diff))}); "
+            "use a new --run, the same settings, or --force to recompute everything"
+        )

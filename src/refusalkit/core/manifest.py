@@ -34,8 +34,12 @@ def _git_revision() -> str | None:
 
 
 def hardware() -> dict[str, Any]:
-    hw: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    hw: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     try:
         import psutil
 
@@ -47,15 +51,27 @@ def hardware() -> dict[str, Any]:
     return hw
 
 
-def update_manifest(path: Path, seed: int, stage: str | None = None, seconds: float | None = None,
-                    existing: dict[str, Any] | None = None) -> dict[str, Any]:
+def update_manifest(
+    path: Path,
+    seed: int,
+    stage: str | None = None,
+    seconds: float | None = None,
+    existing: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     if existing is None and path.exists():  # never drop the stages other commands recorded
         from refusalkit.core.artifacts import read_json
 
         existing = read_json(path)
     m = dict(existing or {})
-    m.update({"packages": {p: _version(p) for p in _PACKAGES}, "python": platform.python_version(),
-              "hardware": hardware(), "seed": seed, "git_revision": _git_revision()})
+    m.update(
+        {
+            "packages": {p: _version(p) for p in _PACKAGES},
+            "python": platform.python_version(),
+            "hardware": hardware(),
+            "seed": seed,
+            "git_revision": _git_revision(),
+        }
+    )
     m.setdefault("stages", {})
     if stage is not None:
         m["stages"][stage] = {"seconds": round(seconds or 0.0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}

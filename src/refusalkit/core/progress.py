@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 
-
-
-
 class Progress:
     """tqdm bars on stderr (quiet when ``enabled`` is False)."""
 
@@ -16,4 +13,3 @@ class Progress:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.enabled, leave=False, dynamic_ncols=True)
-

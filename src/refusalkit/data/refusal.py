@@ -35,8 +35,7 @@ LANG_MIN_CHARS = 16  # non-language check needs at least this many non-space cha
 LANG_SHARE = 0.35  # letters + whitespace + common punctuation below this share -> non-language
 COMMON_PUNCT = set(".,;:!?'\"()[]{}-/`")
 MARKDOWN = set("|*#_~=")  # neutral: counted neither for nor against language
-OTHER_SCRIPTS = ("CJK", "CYRILLIC", "ARABIC", "HANGUL", "HIRAGANA", "KATAKANA", "THAI",
-                 "DEVANAGARI", "HEBREW", "GREEK")
+OTHER_SCRIPTS = ("CJK", "CYRILLIC", "ARABIC", "HANGUL", "HIRAGANA", "KATAKANA", "THAI", "DEVANAGARI", "HEBREW", "GREEK")
 SCRIPT_SHARE = 0.3  # more than 30% of letters in a non-Latin script -> another script
 SCRIPT_MIN_LETTERS = 2
 
@@ -69,7 +68,7 @@ def _repeated_ngram(tokens: list[str], chars: bool) -> tuple[int, int] | None:
     """(n, repeats) of the smallest n-gram (n in 1..MAX_NGRAM) that covers >= REPEAT_SHARE."""
     min_repeats = CHAR_REPEAT_MIN if chars else REPEAT_MIN
     for n in range(1, min(MAX_NGRAM, len(tokens)) + 1):
-        grams = Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+        grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
         counts = [c for g, c in grams.items() if not _is_structural(g, chars)]
         count = max(counts, default=0)
         if count >= min_repeats and count * n >= REPEAT_SHARE * len(tokens):
@@ -86,7 +85,7 @@ def _repetition(text: str) -> str | None:
     if found:
         return f"repetition ({found[0]}-{'char' if chars else 'word'}-gram repeated {found[1]}x)"
     if len(words) >= LOOP_MIN_WORDS:
-        quads = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+        quads = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
         distinct = len(set(quads)) / len(quads)
         if distinct < LOOP_DISTINCT:
             return f"repetition (loop: {distinct:.0%} distinct 4-grams)"

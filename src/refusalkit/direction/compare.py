@@ -62,16 +62,23 @@ def single_direction(info: dict[str, Any], validation: dict[str, Any] | None) ->
         drop = info["baseline"]["harmful_score"] - info["ablation_score"]
         rise = info["addition_score"] - info["baseline"]["harmless_score"]
         basis = "refusal scores (log-odds) on validation prompts"
-    return {"holds": bool(drop > 0 and rise > 0), "ablation_lowers_refusal_by": drop, "addition_raises_refusal_by": rise,
-            "basis": basis}
+    return {
+        "holds": bool(drop > 0 and rise > 0),
+        "ablation_lowers_refusal_by": drop,
+        "addition_raises_refusal_by": rise,
+        "basis": basis,
+    }
 
 
-def compare_directions(base_cands: torch.Tensor, var_cands: torch.Tensor, base_info: dict[str, Any],
-                       var_info: dict[str, Any]) -> dict[str, Any]:
+def compare_directions(
+    base_cands: torch.Tensor, var_cands: torch.Tensor, base_info: dict[str, Any], var_info: dict[str, Any]
+) -> dict[str, Any]:
     """The comparison record of two runs' candidates ``[n_pos, L + 1, d]`` and selections."""
     if base_cands.shape != var_cands.shape:
-        raise UserError(f"the base and variant candidates differ in shape ({list(base_cands.shape)} vs "
-                        f"{list(var_cands.shape)}); both must come from the same model architecture and chat template")
+        raise UserError(
+            f"the base and variant candidates differ in shape ({list(base_cands.shape)} vs "
+            f"{list(var_cands.shape)}); both must come from the same model architecture and chat template"
+        )
     n_pos = base_cands.shape[0]
     b, v = _source(base_info), _source(var_info)
     bi, vi = b["position"] + n_pos, v["position"] + n_pos
@@ -81,9 +88,11 @@ def compare_directions(base_cands: torch.Tensor, var_cands: torch.Tensor, base_i
     mat = cosine_matrix(base_cands[bi], var_cands[bi])
     by_pos = [cosine(base_cands[p, b["layer"]], var_cands[p, b["layer"]]) for p in range(n_pos)]
     return {
-        "base_source": b, "variant_source": v,
+        "base_source": b,
+        "variant_source": v,
         "source_shifted": (b["layer"], b["position"]) != (v["layer"], v["position"]),
-        "layer_shift": v["layer"] - b["layer"], "position_shift": v["position"] - b["position"],
+        "layer_shift": v["layer"] - b["layer"],
+        "position_shift": v["position"] - b["position"],
         "cosine_selected": cosine(r_base, r_var),
         "cosine_at_base_source": cosine(r_base, at_base),
         "cosine_by_layer": torch.diagonal(mat).tolist(),
@@ -99,18 +108,23 @@ def compare_directions(base_cands: torch.Tensor, var_cands: torch.Tensor, base_i
 def _direction_files(layout: RunLayout, variant: str) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any] | None]:
     cand, info = layout.direction(variant, "candidates.safetensors"), layout.direction(variant, "direction.json")
     if not (cand.exists() and info.exists()):
-        raise UserError(f"{variant} has no refusal direction in {layout.direction_dir(variant)}; run refusalkit "
-                        f"extract --run {layout.root} --variant {variant} first")
+        raise UserError(
+            f"{variant} has no refusal direction in {layout.direction_dir(variant)}; run refusalkit "
+            f"extract --run {layout.root} --variant {variant} first"
+        )
     val = layout.direction(variant, "validation.json")
-    return (artifacts.load_tensors(cand)["candidates"], artifacts.read_json(info),
-            artifacts.read_json(val) if val.exists() else None)
+    return (
+        artifacts.load_tensors(cand)["candidates"],
+        artifacts.read_json(info),
+        artifacts.read_json(val) if val.exists() else None,
+    )
 
 
 def base_direction_quality(cfg: Config, layout: RunLayout, variant: str, base_info: dict[str, Any]) -> dict[str, Any]:
     """Ablation score, addition score and KL of the *base* direction on the variant model,
     scored exactly as in selection (the run's validation prompts)."""
-    from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
     from refusalkit.direction.select import Scorer, default_refusal_ids
+    from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
     from refusalkit.models.session import Session
 
     s = Session(cfg=cfg, layout=layout, variant=variant)
@@ -118,17 +132,28 @@ def base_direction_quality(cfg: Config, layout: RunLayout, variant: str, base_in
     data = artifacts.read_json(layout.splits)
     direction = artifacts.load_tensors(layout.direction("base", "direction.safetensors"))["direction"]
     n_pos = len(post_instruction_ids(lm.tokenizer, cfg.system_prompt))
-    scorer = Scorer(lm, tokenize_instructions(lm.tokenizer, data["harmful"]["val"], cfg.system_prompt),
-                    tokenize_instructions(lm.tokenizer, data["harmless"]["val"], cfg.system_prompt),
-                    default_refusal_ids(lm.tokenizer), n_pos, batch_size=cfg.batch_size)
+    scorer = Scorer(
+        lm,
+        tokenize_instructions(lm.tokenizer, data["harmful"]["val"], cfg.system_prompt),
+        tokenize_instructions(lm.tokenizer, data["harmless"]["val"], cfg.system_prompt),
+        default_refusal_ids(lm.tokenizer),
+        n_pos,
+        batch_size=cfg.batch_size,
+    )
     abl, add, kl = scorer.full(direction.unsqueeze(0), [int(base_info["layer"])])[0]
     s.owner.release()
-    return {"ablation_score": abl, "addition_score": add, "kl": kl, "baseline": scorer.baseline(),
-            "layer": int(base_info["layer"])}
+    return {
+        "ablation_score": abl,
+        "addition_score": add,
+        "kl": kl,
+        "baseline": scorer.baseline(),
+        "layer": int(base_info["layer"]),
+    }
 
 
-def run_compare(cfg: Config, root: str | Path, variant: str, *, quality: bool = True,
-                force: bool = False) -> dict[str, Any]:
+def run_compare(
+    cfg: Config, root: str | Path, variant: str, *, quality: bool = True, force: bool = False
+) -> dict[str, Any]:
     """Write (or reuse) ``DIR/compare/<variant>.json``."""
     layout = RunLayout(root)
     if variant == "base":
@@ -137,21 +162,38 @@ def run_compare(cfg: Config, root: str | Path, variant: str, *, quality: bool = 
     t0 = time.time()
     base_cands, base_info, _ = _direction_files(layout, "base")
     var_cands, var_info, var_val = _direction_files(layout, variant)
-    inputs = {name: {k: info.get(k) for k in ("layer", "position", "norm")}
-              for name, info in (("base", base_info), ("variant", var_info))}
+    inputs = {
+        name: {k: info.get(k) for k in ("layer", "position", "norm")}
+        for name, info in (("base", base_info), ("variant", var_info))
+    }
     if out.exists() and not force:
         old = artifacts.read_json(out)
         fresh = old.get("inputs") == inputs  # a re-extracted direction makes the comparison stale
         if fresh and (old.get("quality", {}).get("base_direction_on_variant") is not None or not quality):
             return old
-    res = {"variant": variant, "base": "base", "inputs": inputs,
-           **compare_directions(base_cands, var_cands, base_info, var_info)}
+    res = {
+        "variant": variant,
+        "base": "base",
+        "inputs": inputs,
+        **compare_directions(base_cands, var_cands, base_info, var_info),
+    }
     res["quality"] = {
         "variant_direction": {k: var_info[k] for k in ("ablation_score", "addition_score", "kl", "baseline")},
         "base_direction_on_variant": base_direction_quality(cfg, layout, variant, base_info) if quality else None,
     }
-    res["validation"] = None if var_val is None else {k: var_val[k] for k in (
-        "harmful_refusal_rate", "harmful_refusal_rate_ablated", "harmless_refusal_rate", "harmless_refusal_rate_added")}
+    res["validation"] = (
+        None
+        if var_val is None
+        else {
+            k: var_val[k]
+            for k in (
+                "harmful_refusal_rate",
+                "harmful_refusal_rate_ablated",
+                "harmless_refusal_rate",
+                "harmless_refusal_rate_added",
+            )
+        }
+    )
     sd = single_direction(var_info, var_val)
     res["single_direction"] = sd["holds"]
     res["single_direction_evidence"] = sd

@@ -12,7 +12,7 @@ index ``0`` being offset ``−n_pos`` from the end of the prompt.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -57,8 +57,15 @@ def mean_activations(
 
     pre_hooks = [(b, grab(i)) for i, b in enumerate(blocks)]
     with add_hooks(pre_hooks=pre_hooks, fwd_hooks=[(blocks[-1], grab_out)]):
-        forward_last(lm.model, ids, pad_id=lm.tokenizer.pad_token_id, batch_size=batch_size,
-                     on_batch=on_batch, keep_suffix=n_pos, want_logits=False)
+        forward_last(
+            lm.model,
+            ids,
+            pad_id=lm.tokenizer.pad_token_id,
+            batch_size=batch_size,
+            on_batch=on_batch,
+            keep_suffix=n_pos,
+            want_logits=False,
+        )
     return total / len(ids)
 
 

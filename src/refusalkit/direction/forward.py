@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -71,18 +72,9 @@ def forward_last(
     # Longest first, so similar lengths share a batch (little padding); results are unsorted below.
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     logits: torch.Tensor | None = None  # filled batch by batch: no second copy at the end
+    keyword = cache_keyword(model)
     with add_hooks(*hooks):
-        prefix_cache = None
-        keyword = cache_keyword(model)
-        if P:
-            prefix_cache = new_cache(model)
-            n_groups = max(groups) + 1 if groups is not None else 1
-            if rows is not None:
-                rows.index = torch.arange(n_groups)
-            prefix = torch.tensor([ids[0][:P]] * n_groups, device=device)
-            model(input_ids=prefix, logits_to_keep=1, **cache_kwargs(prefix_cache, keyword))
-            STATS["tokens"] += P * n_groups
-            STATS["padded_tokens"] += P * n_groups
+        prefix_cache = _prefix_cache(model, ids[0][:P], groups, rows, device) if P else None
         for sl in batches(len(order), batch_size):
             suffixes = [ids[i][P:] for i in order[sl]]
             x, mask = pad_left(suffixes, pad_id, device)
@@ -94,13 +86,8 @@ def forward_last(
             if rows is not None:
                 rows.index = group_index
             if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                if group_index is not None:
-                    cache.batch_select_indices(group_index)  # a CPU index works for caches on any device
-                else:
-                    cache.batch_repeat_interleave(x.shape[0])
+                kwargs = cache_kwargs(_batch_cache(prefix_cache, group_index, x.shape[0]), keyword)
                 mask = torch.cat([torch.ones((x.shape[0], P), dtype=mask.dtype, device=device), mask], dim=1)
-                kwargs = cache_kwargs(cache, keyword)
             res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kwargs)
             if want_logits:
                 last = res.logits[:, -1, :]
@@ -111,3 +98,28 @@ def forward_last(
             if on_batch is not None:
                 on_batch(len(suffixes))
     return logits
+
+
+def _prefix_cache(
+    model, prefix: list[int], groups: list[int] | None, rows: RowGroups | None, device: torch.device
+) -> Any:
+    """The KV cache of the shared prefix, one row per row group (hooks see group ``g`` at row ``g``)."""
+    cache = new_cache(model)
+    n_groups = max(groups) + 1 if groups is not None else 1
+    if rows is not None:
+        rows.index = torch.arange(n_groups)
+    model(input_ids=torch.tensor([prefix] * n_groups, device=device), logits_to_keep=1,
+          **cache_kwargs(cache, cache_keyword(model)))  # fmt: skip
+    STATS["tokens"] += len(prefix) * n_groups
+    STATS["padded_tokens"] += len(prefix) * n_groups
+    return cache
+
+
+def _batch_cache(prefix_cache: Any, group_index: torch.Tensor | None, n_rows: int) -> Any:
+    """A copy of the prefix cache with one row per batch row (its group's, or the one prefix repeated)."""
+    cache = copy.deepcopy(prefix_cache)
+    if group_index is not None:
+        cache.batch_select_indices(group_index)  # a CPU index works for caches on any device
+    else:
+        cache.batch_repeat_interleave(n_rows)
+    return cache

@@ -32,6 +32,5 @@ def generate(
     hooks stay active for every step; ``progress(n)`` gets the prompts finished by each batch.
     """
     with add_hooks(*hooks):
-        new = generate_ids(lm, ids, [GREEDY], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           progress=progress)
+        new = generate_ids(lm, ids, [GREEDY], max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     return [row[0] for row in decode_completions(lm.tokenizer, new)]

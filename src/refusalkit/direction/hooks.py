@@ -16,7 +16,7 @@ Notation (Arditi et al. 2024, §2.4): ``r`` is a difference-in-means direction a
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -120,12 +120,16 @@ def ablation_hooks(model: nn.Module, direction: torch.Tensor) -> tuple[list[Hook
     return _ablation(model, _vectors(_unit(direction), None))
 
 
-def grouped_ablation_hooks(model: nn.Module, directions: torch.Tensor, rows: RowGroups) -> tuple[list[Hook], list[Hook]]:
+def grouped_ablation_hooks(
+    model: nn.Module, directions: torch.Tensor, rows: RowGroups
+) -> tuple[list[Hook], list[Hook]]:
     """Like :func:`ablation_hooks`, with direction ``directions[g]`` for the rows of group ``g``."""
     return _ablation(model, _vectors(_unit(directions), rows))
 
 
-def addition_hooks(model: nn.Module, direction: torch.Tensor, layer: int, coeff: float = 1.0) -> tuple[list[Hook], list[Hook]]:
+def addition_hooks(
+    model: nn.Module, direction: torch.Tensor, layer: int, coeff: float = 1.0
+) -> tuple[list[Hook], list[Hook]]:
     """Hooks that add ``coeff · direction`` at the input of block ``layer`` (Eq. 5)."""
     blocks = decoder_layers(model)
     if not 0 <= layer < len(blocks):
@@ -134,8 +138,9 @@ def addition_hooks(model: nn.Module, direction: torch.Tensor, layer: int, coeff:
     return [(blocks[layer], _edit_input(lambda x: x + vec(x)))], []
 
 
-def grouped_addition_hooks(model: nn.Module, directions: torch.Tensor, layers: Sequence[int], rows: RowGroups,
-                           coeff: float = 1.0) -> tuple[list[Hook], list[Hook]]:
+def grouped_addition_hooks(
+    model: nn.Module, directions: torch.Tensor, layers: Sequence[int], rows: RowGroups, coeff: float = 1.0
+) -> tuple[list[Hook], list[Hook]]:
     """Like :func:`addition_hooks`: group ``g`` gets ``coeff · directions[g]`` at block ``layers[g]``."""
     pre = []
     for j, block in enumerate(decoder_layers(model)):

@@ -22,34 +22,24 @@ import torch
 from refusalkit.core import artifacts
 from refusalkit.core.config import Config
 from refusalkit.core.errors import UserError
+from refusalkit.core.layout import RunLayout, prepare
+from refusalkit.core.progress import Progress
+from refusalkit.data.prompts import load_prompts, load_refusal_phrases, split_prompts
+from refusalkit.data.refusal import SubstringJudge, summarize
 from refusalkit.direction.extract import candidate_directions, mean_activations
-from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
 from refusalkit.direction.forward import forward_last
 from refusalkit.direction.generate import generate
 from refusalkit.direction.hooks import ablation_hooks, addition_hooks
-from refusalkit.data.refusal import SubstringJudge, summarize
-from refusalkit.data.prompts import load_prompts, load_refusal_phrases, split_prompts
 from refusalkit.direction.select import Scorer, default_refusal_ids, refusal_scores, select_direction
-from refusalkit.core.layout import RunLayout, prepare
-from refusalkit.core.progress import Progress
+from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
 from refusalkit.models.session import Session
 
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
 # ------------------------------------------------------------------------------------------------
 # Stages
 # ------------------------------------------------------------------------------------------------
-
-
 
 
 def stage_data(s: Session) -> dict[str, dict[str, list[str]]]:
@@ -72,8 +62,9 @@ def _filter_train(s: Session, data: dict, refusal_ids: list[int]) -> tuple[list[
     for kind, keep in (("harmful", lambda x: x > 0), ("harmless", lambda x: x <= 0)):
         prompts = data[kind]["train"]
         ids = tokenize_instructions(lm.tokenizer, prompts, c.system_prompt)
-        scores = refusal_scores(forward_last(lm.model, ids, pad_id=lm.tokenizer.pad_token_id, batch_size=c.batch_size),
-                                refusal_ids)
+        scores = refusal_scores(
+            forward_last(lm.model, ids, pad_id=lm.tokenizer.pad_token_id, batch_size=c.batch_size), refusal_ids
+        )
         kept[kind] = [p for p, sc in zip(prompts, scores.tolist()) if keep(sc)]
         if not kept[kind]:
             raise UserError(f"filtering left no {kind} training prompts; turn filter_train off or use other prompts")
@@ -97,27 +88,35 @@ def stage_extract(s: Session, data: dict) -> torch.Tensor:
         with s.progress.bar(len(ids), f"activations ({kind})") as bar:
             means[kind] = mean_activations(lm, ids, n_pos, batch_size=c.batch_size, progress=bar.update)
     cands = candidate_directions(means["harmful"], means["harmless"])
-    artifacts.save_tensors(cand_path, {"candidates": cands, "harmful_mean": means["harmful"].float(),
-                                       "harmless_mean": means["harmless"].float()})
-    artifacts.write_json(meta_path, {
-        "shape": list(cands.shape), "positions": list(range(-n_pos, 0)),
-        "post_instruction_tokens": [lm.tokenizer.decode([t]) for t in post],
-        "layers": "0..L-1: input of decoder block l; L: output of the last block (final stream, before the final norm)",
-        "n_train": counts, "filtered": c.filter_train,
-    })
+    artifacts.save_tensors(
+        cand_path,
+        {"candidates": cands, "harmful_mean": means["harmful"].float(), "harmless_mean": means["harmless"].float()},
+    )
+    artifacts.write_json(
+        meta_path,
+        {
+            "shape": list(cands.shape),
+            "positions": list(range(-n_pos, 0)),
+            "post_instruction_tokens": [lm.tokenizer.decode([t]) for t in post],
+            "layers": "0..L-1: input of decoder block l; L: output of the last block (final stream, before the final norm)",
+            "n_train": counts,
+            "filtered": c.filter_train,
+        },
+    )
     return cands
 
 
-def stage_select(s: Session, data: dict, cands: torch.Tensor) -> dict[str, Any]:
-    paths = [s.direction_file(n) for n in ("direction.safetensors", "direction.json", "scores.json")]
-    if not s.needs(*paths):
-        return artifacts.read_json(paths[1])
+def _select(s: Session, data: dict, cands: torch.Tensor) -> Any:
+    """Arditi's selection on the validation prompts, with progress bars; the SelectionResult."""
     lm, c, sc = s.lm, s.cfg, s.cfg.selection
-    n_pos = cands.shape[0]
-    rids = default_refusal_ids(lm.tokenizer)
-    harmful_ids = tokenize_instructions(lm.tokenizer, data["harmful"]["val"], c.system_prompt)
-    harmless_ids = tokenize_instructions(lm.tokenizer, data["harmless"]["val"], c.system_prompt)
-    scorer = Scorer(lm, harmful_ids, harmless_ids, rids, n_pos, batch_size=c.batch_size)
+    scorer = Scorer(
+        lm,
+        tokenize_instructions(lm.tokenizer, data["harmful"]["val"], c.system_prompt),
+        tokenize_instructions(lm.tokenizer, data["harmless"]["val"], c.system_prompt),
+        default_refusal_ids(lm.tokenizer),
+        cands.shape[0],
+        batch_size=c.batch_size,
+    )
     bars: dict[str, Any] = {}
 
     def progress(phase: str, k: int, total: int) -> None:
@@ -125,36 +124,53 @@ def stage_select(s: Session, data: dict, cands: torch.Tensor) -> dict[str, Any]:
             bars[phase] = s.progress.bar(total, f"selection: {phase}", unit="cand")
         bars[phase].update(k)
 
+    settings = {
+        k: getattr(sc, k)
+        for k in (
+            "kl_threshold",
+            "induce_refusal_threshold",
+            "prune_layer_fraction",
+            "mode",
+            "screen_prompts",
+            "screen_keep",
+            "fallback",
+            "fallback_margin",
+            "screen_kl_slack",
+        )
+    }
     try:
-        res = select_direction(lm, cands, scorer, kl_threshold=sc.kl_threshold,
-                               induce_refusal_threshold=sc.induce_refusal_threshold,
-                               prune_layer_fraction=sc.prune_layer_fraction, mode=sc.mode,
-                               screen_prompts=sc.screen_prompts, screen_keep=sc.screen_keep,
-                               fallback=sc.fallback, fallback_margin=sc.fallback_margin,
-                               screen_kl_slack=sc.screen_kl_slack, progress=progress)
+        return select_direction(lm, cands, scorer, progress=progress, **settings)
     finally:
         for b in bars.values():
             b.close()
+
+
+def stage_select(s: Session, data: dict, cands: torch.Tensor) -> dict[str, Any]:
+    paths = [s.direction_file(n) for n in ("direction.safetensors", "direction.json", "scores.json")]
+    if not s.needs(*paths):
+        return artifacts.read_json(paths[1])
+    lm, c = s.lm, s.cfg
+    res = _select(s, data, cands)
+    n_pos = cands.shape[0]
     direction = cands[res.position + n_pos, res.layer]
     post = post_instruction_ids(lm.tokenizer, c.system_prompt)
     info = {
         "layer": res.layer, "position": res.position, "n_layers": lm.n_layers, "d_model": lm.d_model,
-        "model": c.model, "variant": s.variant,
-        "ablation_score": res.chosen.ablation_score, "addition_score": res.chosen.addition_score, "kl": res.chosen.kl,
-        "norm": direction.norm().item(), "normalized": False,
-        "layer_meaning": "residual stream at the input of decoder block `layer`",
-        "token": lm.tokenizer.decode([post[res.position]]),
-        "fallback": res.fallback, "baseline": res.baseline, "thresholds": res.thresholds,
-        "n_candidates": len(res.scores), "n_fully_scored": res.n_fully_scored,
-        "refusal_tokens": [lm.tokenizer.decode([t]) for t in rids],
-    }
+        "model": c.model, "variant": s.variant, "ablation_score": res.chosen.ablation_score,
+        "addition_score": res.chosen.addition_score, "kl": res.chosen.kl, "norm": direction.norm().item(),
+        "normalized": False, "layer_meaning": "residual stream at the input of decoder block `layer`",
+        "token": lm.tokenizer.decode([post[res.position]]), "fallback": res.fallback, "baseline": res.baseline,
+        "thresholds": res.thresholds, "n_candidates": len(res.scores), "n_fully_scored": res.n_fully_scored,
+        "refusal_tokens": [lm.tokenizer.decode([t]) for t in default_refusal_ids(lm.tokenizer)],
+    }  # fmt: skip
     artifacts.write_json(paths[2], res.to_json())
     artifacts.save_tensors(paths[0], {"direction": direction})
     from refusalkit.direction.plots import plot_selection
 
     labels = {p: lm.tokenizer.decode([post[p]]) for p in range(-n_pos, 0)}
     plot_selection(res.to_json()["candidates"], res.baseline, lm.n_layers, res.thresholds["layer_cutoff"],
-                   (res.position, res.layer), s.layout.direction_dir(s.variant), labels, kl_threshold=sc.kl_threshold)
+                   (res.position, res.layer), s.layout.direction_dir(s.variant), labels,
+                   kl_threshold=c.selection.kl_threshold)  # fmt: skip
     artifacts.write_json(paths[1], info)  # last: its presence marks the stage as done
     return info
 
@@ -181,28 +197,45 @@ def stage_validate(s: Session, data: dict, info: dict[str, Any]) -> dict[str, An
         for name, (kind, hooks) in conditions.items():
             prompts = data[kind]["test"]
             ids = tokenize_instructions(lm.tokenizer, prompts, c.system_prompt)
-            outs = generate(lm, ids, max_new_tokens=c.validation.max_new_tokens, batch_size=c.batch_size,
-                            hooks=hooks, progress=bar.update)
+            outs = generate(
+                lm,
+                ids,
+                max_new_tokens=c.validation.max_new_tokens,
+                batch_size=c.batch_size,
+                hooks=hooks,
+                progress=bar.update,
+            )
             verdicts = judge.judge_many(prompts, outs)
             summary[name] = summarize(verdicts)
-            rows += [{"condition": name, "prompt": p, "completion": o, "verdict": v.label, "reason": v.reason}
-                     for p, o, v in zip(prompts, outs, verdicts)]
+            rows += [
+                {"condition": name, "prompt": p, "completion": o, "verdict": v.label, "reason": v.reason}
+                for p, o, v in zip(prompts, outs, verdicts)
+            ]
     result = {
         "harmful_refusal_rate": summary["harmful_baseline"]["refusal_rate"],
         "harmful_refusal_rate_ablated": summary["harmful_ablated"]["refusal_rate"],
         "harmless_refusal_rate": summary["harmless_baseline"]["refusal_rate"],
         "harmless_refusal_rate_added": summary["harmless_added"]["refusal_rate"],
         "n_test": {k: len(data[k]["test"]) for k in ("harmful", "harmless")},
-        "max_new_tokens": c.validation.max_new_tokens, "judge": "refusal substrings + degeneracy detector",
-        "conditions": summary, "layer": info["layer"], "position": info["position"],
+        "max_new_tokens": c.validation.max_new_tokens,
+        "judge": "refusal substrings + degeneracy detector",
+        "conditions": summary,
+        "layer": info["layer"],
+        "position": info["position"],
     }
     artifacts.write_jsonl(cpath, rows)
     artifacts.write_json(vpath, result)
     return result
 
 
-def run_extract(cfg: Config, root: str | Path, variant: str = "base", force: bool = False,
-                progress: bool = True, validate: bool = True) -> dict[str, Any]:
+def run_extract(
+    cfg: Config,
+    root: str | Path,
+    variant: str = "base",
+    force: bool = False,
+    progress: bool = True,
+    validate: bool = True,
+) -> dict[str, Any]:
     """Run every stage that is not done yet; return a summary dict.
 
     ``validate=False`` skips validation by generation even when ``validation.enabled`` (``run``
@@ -210,8 +243,9 @@ def run_extract(cfg: Config, root: str | Path, variant: str = "base", force: boo
     """
     root = Path(root)
     manifest = prepare(cfg, root, force)
-    s = Session(cfg=cfg, layout=RunLayout(root), variant=variant, progress=Progress(progress), force=force,
-                manifest=manifest)
+    s = Session(
+        cfg=cfg, layout=RunLayout(root), variant=variant, progress=Progress(progress), force=force, manifest=manifest
+    )
     t0 = time.time()
     data = s.timed("data", lambda: stage_data(s))
     cands = s.timed("extract", lambda: stage_extract(s, data))
@@ -219,8 +253,18 @@ def run_extract(cfg: Config, root: str | Path, variant: str = "base", force: boo
     if validate:
         val = s.timed("validate", lambda: stage_validate(s, data, info))
     else:
-        val = artifacts.read_json(s.direction_file("validation.json")) if s.direction_file("validation.json").exists() else None
+        val = (
+            artifacts.read_json(s.direction_file("validation.json"))
+            if s.direction_file("validation.json").exists()
+            else None
+        )
     model_info = s.lm.info if s.owner.loaded else None
     s.owner.release()
-    return {"direction": info, "validation": val, "seconds": round(time.time() - t0, 1),
-            "run": str(root), "variant": variant, "model_info": model_info}
+    return {
+        "direction": info,
+        "validation": val,
+        "seconds": round(time.time() - t0, 1),
+        "run": str(root),
+        "variant": variant,
+        "model_info": model_info,
+    }

@@ -8,9 +8,16 @@ from typing import Any
 from refusalkit.core.artifacts import atomic_path
 
 
-def plot_selection(scores: list[dict[str, Any]], baseline: dict[str, float], n_layers: int, cutoff: int,
-                   chosen: tuple[int, int], out_dir: Path, token_labels: dict[int, str],
-                   kl_threshold: float | None = None) -> list[Path]:
+def plot_selection(
+    scores: list[dict[str, Any]],
+    baseline: dict[str, float],
+    n_layers: int,
+    cutoff: int,
+    chosen: tuple[int, int],
+    out_dir: Path,
+    token_labels: dict[int, str],
+    kl_threshold: float | None = None,
+) -> list[Path]:
     """Write ``selection_pos{p}.png`` for every position ``p``; return the paths."""
     import matplotlib
 
@@ -21,8 +28,11 @@ def plot_selection(scores: list[dict[str, Any]], baseline: dict[str, float], n_l
     for pos in sorted({s["position"] for s in scores}):
         rows = sorted((s for s in scores if s["position"] == pos), key=lambda s: s["layer"])
         fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[3, 1.3])
-        for key, label, style in (("screen_score", "ablation (screen)", "o:"), ("ablation_score", "ablation", "o-"),
-                                  ("addition_score", "addition", "s-")):
+        for key, label, style in (
+            ("screen_score", "ablation (screen)", "o:"),
+            ("ablation_score", "ablation", "o-"),
+            ("addition_score", "addition", "s-"),
+        ):
             pts = [(s["layer"], s[key]) for s in rows if s.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), style, label=label, markersize=4)

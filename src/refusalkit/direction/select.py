@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -101,8 +102,12 @@ class SelectionResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "position": self.position, "layer": self.layer, "fallback": self.fallback,
-            "baseline": self.baseline, "thresholds": self.thresholds, "n_fully_scored": self.n_fully_scored,
+            "position": self.position,
+            "layer": self.layer,
+            "fallback": self.fallback,
+            "baseline": self.baseline,
+            "thresholds": self.thresholds,
+            "n_fully_scored": self.n_fully_scored,
             "candidates": [asdict(s) for s in self.scores],
         }
 
@@ -114,16 +119,31 @@ class Scorer:
     direction acts on its own rows), so the matmuls stay large on a CPU.
     """
 
-    def __init__(self, lm: LoadedModel, harmful_ids: list[list[int]], harmless_ids: list[list[int]],
-                 refusal_ids: list[int], n_pos: int, batch_size: int = 64):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        harmful_ids: list[list[int]],
+        harmless_ids: list[list[int]],
+        refusal_ids: list[int],
+        n_pos: int,
+        batch_size: int = 64,
+    ):
         self.lm, self.harmful, self.harmless = lm, harmful_ids, harmless_ids
         self.refusal_ids, self.n_pos, self.batch_size = refusal_ids, n_pos, batch_size
         self.harmless_base_logits = self._logits(harmless_ids)
         self.harmful_base_logits = self._logits(harmful_ids)
 
     def _logits(self, ids: list[list[int]], hooks=([], []), groups=None, rows=None) -> torch.Tensor:
-        return forward_last(self.lm.model, ids, pad_id=self.lm.tokenizer.pad_token_id, batch_size=self.batch_size,
-                            hooks=hooks, keep_suffix=self.n_pos, groups=groups, rows=rows)
+        return forward_last(
+            self.lm.model,
+            ids,
+            pad_id=self.lm.tokenizer.pad_token_id,
+            batch_size=self.batch_size,
+            hooks=hooks,
+            keep_suffix=self.n_pos,
+            groups=groups,
+            rows=rows,
+        )
 
     def baseline(self) -> dict[str, float]:
         return {
@@ -136,8 +156,12 @@ class Scorer:
         k, nh, nb = directions.shape[0], len(harmful), len(harmless)
         rows = RowGroups()
         per = harmful + harmless
-        logits = self._logits(per * k, grouped_ablation_hooks(self.lm.model, directions, rows),
-                              groups=[g for g in range(k) for _ in per], rows=rows)
+        logits = self._logits(
+            per * k,
+            grouped_ablation_hooks(self.lm.model, directions, rows),
+            groups=[g for g in range(k) for _ in per],
+            rows=rows,
+        )
         logits = logits.view(k, nh + nb, -1)
         scores = [refusal_scores(logits[g, :nh], self.refusal_ids).mean().item() for g in range(k)]
         kls = [kl_divergence(self.harmless_base_logits[:nb], logits[g, nh:]).mean().item() for g in range(k)]
@@ -152,8 +176,12 @@ class Scorer:
         k = directions.shape[0]
         abl, kls = self._ablated(directions, self.harmful, self.harmless)
         rows = RowGroups()
-        added = self._logits(self.harmless * k, grouped_addition_hooks(self.lm.model, directions, layers, rows),
-                             groups=[g for g in range(k) for _ in self.harmless], rows=rows)
+        added = self._logits(
+            self.harmless * k,
+            grouped_addition_hooks(self.lm.model, directions, layers, rows),
+            groups=[g for g in range(k) for _ in self.harmless],
+            rows=rows,
+        )
         added = added.view(k, len(self.harmless), -1)
         add = [refusal_scores(added[g], self.refusal_ids).mean().item() for g in range(k)]
         return list(zip(abl, add, kls))
@@ -161,7 +189,7 @@ class Scorer:
 
 def _chunks(items: list, n: int):
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 def layer_cutoff(n_layers: int, prune_layer_fraction: float) -> int:
@@ -183,8 +211,14 @@ def apply_filters(s: CandidateScore, kl_threshold: float, induce_threshold: floa
     return None
 
 
-def choose(scores: list[CandidateScore], baseline: dict[str, float], kl_threshold: float,
-           induce_threshold: float, fallback: str, fallback_margin: float) -> tuple[CandidateScore, str | None]:
+def choose(
+    scores: list[CandidateScore],
+    baseline: dict[str, float],
+    kl_threshold: float,
+    induce_threshold: float,
+    fallback: str,
+    fallback_margin: float,
+) -> tuple[CandidateScore, str | None]:
     """Arditi's rule; if nothing passes, the fallback (recorded, never silent).
 
     ``fallback='relative'``: keep the KL and layer filters, but ask only that addition raises the
@@ -203,15 +237,21 @@ def choose(scores: list[CandidateScore], baseline: dict[str, float], kl_threshol
     if fallback == "error" or not scored:
         from refusalkit.core.errors import UserError
 
-        raise UserError("no candidate direction passed the selection filters; loosen selection.kl_threshold / "
-                        "selection.induce_refusal_threshold or set selection.fallback: relative")
+        raise UserError(
+            "no candidate direction passed the selection filters; loosen selection.kl_threshold / "
+            "selection.induce_refusal_threshold or set selection.fallback: relative"
+        )
     need = baseline["harmless_score"] + fallback_margin
     tiers = [
-        ([s for s in scored if s.kl <= kl_threshold and s.addition_score >= need],
-         f"no candidate had addition score >= {induce_threshold}; relaxed to addition score >= harmless baseline "
-         f"{baseline['harmless_score']:.2f} + margin {fallback_margin} with kl <= {kl_threshold}"),
-        ([s for s in scored if s.kl <= kl_threshold],
-         f"no candidate induced refusal by the margin; chose the lowest ablation score with kl <= {kl_threshold}"),
+        (
+            [s for s in scored if s.kl <= kl_threshold and s.addition_score >= need],
+            f"no candidate had addition score >= {induce_threshold}; relaxed to addition score >= harmless baseline "
+            f"{baseline['harmless_score']:.2f} + margin {fallback_margin} with kl <= {kl_threshold}",
+        ),
+        (
+            [s for s in scored if s.kl <= kl_threshold],
+            f"no candidate induced refusal by the margin; chose the lowest ablation score with kl <= {kl_threshold}",
+        ),
         (scored, "no candidate met the KL limit; chose the lowest ablation score among all scored candidates"),
     ]
     for group, why in tiers:
@@ -237,9 +277,16 @@ def _candidate_list(candidates: torch.Tensor, cutoff: int) -> list[CandidateScor
     return scores
 
 
-def _screen(live: list[CandidateScore], vec: Callable[[CandidateScore], torch.Tensor], scorer: Scorer,
-            screen_prompts: int, screen_keep: int, kl_limit: float, group: int,
-            progress: Callable[[str, int, int], None] | None) -> list[CandidateScore]:
+def _screen(
+    live: list[CandidateScore],
+    vec: Callable[[CandidateScore], torch.Tensor],
+    scorer: Scorer,
+    screen_prompts: int,
+    screen_keep: int,
+    kl_limit: float,
+    group: int,
+    progress: Callable[[str, int, int], None] | None,
+) -> list[CandidateScore]:
     """The fast screen: ablation score and KL on a few prompts; keep ``screen_keep`` candidates,
     those whose screened KL is within ``kl_limit`` first, then by ablation score."""
     for chunk in _chunks(live, group):
@@ -286,8 +333,9 @@ def select_direction(
         raise ValueError(f"unknown selection mode {mode!r}")
     full_set = live
     if mode == "fast" and screen_keep < len(live):
-        full_set = _screen(live, vec, scorer, screen_prompts, screen_keep, screen_kl_slack * kl_threshold, group,
-                           progress)
+        full_set = _screen(
+            live, vec, scorer, screen_prompts, screen_keep, screen_kl_slack * kl_threshold, group, progress
+        )
     t1 = time.perf_counter()
     for chunk in _chunks(full_set, group):
         results = scorer.full(torch.stack([vec(s) for s in chunk]), [s.layer for s in chunk])
@@ -298,9 +346,25 @@ def select_direction(
     timings = {"screen_seconds": round(t1 - t0, 1), "full_seconds": round(time.perf_counter() - t1, 1)}
     baseline = scorer.baseline()
     best, why = choose(scores, baseline, kl_threshold, induce_refusal_threshold, fallback, fallback_margin)
-    thresholds = {"kl_threshold": kl_threshold, "induce_refusal_threshold": induce_refusal_threshold,
-                  "prune_layer_fraction": prune_layer_fraction, "layer_cutoff": cutoff, "mode": mode,
-                  "screen_prompts": screen_prompts, "screen_keep": screen_keep, "fallback": fallback,
-                  "fallback_margin": fallback_margin, "screen_kl_slack": screen_kl_slack, **timings}
-    return SelectionResult(position=best.position, layer=best.layer, scores=scores, baseline=baseline,
-                           fallback=why, thresholds=thresholds, n_fully_scored=len(full_set))
+    thresholds = {
+        "kl_threshold": kl_threshold,
+        "induce_refusal_threshold": induce_refusal_threshold,
+        "prune_layer_fraction": prune_layer_fraction,
+        "layer_cutoff": cutoff,
+        "mode": mode,
+        "screen_prompts": screen_prompts,
+        "screen_keep": screen_keep,
+        "fallback": fallback,
+        "fallback_margin": fallback_margin,
+        "screen_kl_slack": screen_kl_slack,
+        **timings,
+    }
+    return SelectionResult(
+        position=best.position,
+        layer=best.layer,
+        scores=scores,
+        baseline=baseline,
+        fallback=why,
+        thresholds=thresholds,
+        n_fully_scored=len(full_set),
+    )

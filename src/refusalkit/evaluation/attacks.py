@@ -46,8 +46,13 @@ def attack_decoding(ctx: EvalContext, prompts: list[str], info: dict[str, Any]) 
 
     decs = [GREEDY, *ctx.plan.decodings]
     items = [Item(f"{s}|{d.name}|{p}", p, p, s, d, {}) for p in prompts for s in ctx.plan.systems for d in decs]
-    settings = {**ctx.base_settings(), "attack": "decoding", "grid": ctx.plan.grid,
-                "decodings": [d.to_json() for d in decs], "system_prompts": ctx.plan.systems}
+    settings = {
+        **ctx.base_settings(),
+        "attack": "decoding",
+        "grid": ctx.plan.grid,
+        "decodings": [d.to_json() for d in decs],
+        "system_prompts": ctx.plan.systems,
+    }
     rows = run_items(ctx, "decoding", items, settings)
     judges, primary = ctx.judge_names()
     summary = summarize_rows(rows, judges, primary)
@@ -76,8 +81,13 @@ def gcg_config(plan: Plan, e: EvaluationConfig) -> GCGConfig:
     """
     from refusalkit.evaluation.gcg import GCGConfig
 
-    return GCGConfig(n_steps=plan.gcg_steps, search_width=plan.gcg_search_width, topk=e.gcg_topk,
-                     seed=e.seed, eval_batch_size=plan.gcg_search_width if plan.gpu else 64)
+    return GCGConfig(
+        n_steps=plan.gcg_steps,
+        search_width=plan.gcg_search_width,
+        topk=e.gcg_topk,
+        seed=e.seed,
+        eval_batch_size=plan.gcg_search_width if plan.gpu else 64,
+    )
 
 
 def gcg_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -105,8 +115,14 @@ def optimize_suffixes(ctx: EvalContext, goals: list[str], universal_goals: list[
     from refusalkit.evaluation.gcg import default_target, gcg
 
     cfg = gcg_config(ctx.plan, ctx.e)
-    settings = gcg_settings({"gcg": dataclasses.asdict(cfg), "system_prompt": ctx.cfg.system_prompt,
-                             "variant": ctx.variant, "universal_goals": universal_goals})
+    settings = gcg_settings(
+        {
+            "gcg": dataclasses.asdict(cfg),
+            "system_prompt": ctx.cfg.system_prompt,
+            "variant": ctx.variant,
+            "universal_goals": universal_goals,
+        }
+    )
     path = ctx.file("suffixes.json")
     data = _suffix_record(ctx, cfg, settings)
     todo = [g for g in goals if g not in data["per_prompt"]]
@@ -121,8 +137,14 @@ def optimize_suffixes(ctx: EvalContext, goals: list[str], universal_goals: list[
             data["per_prompt"][g] = {"target": default_target(g), **res.to_json()}
             artifacts.write_json(path, data)
         if need_universal:
-            res = gcg(lm, universal_goals, [default_target(g) for g in universal_goals], cfg,
-                      system_prompt=ctx.cfg.system_prompt, progress=bar.update)
+            res = gcg(
+                lm,
+                universal_goals,
+                [default_target(g) for g in universal_goals],
+                cfg,
+                system_prompt=ctx.cfg.system_prompt,
+                progress=bar.update,
+            )
             data["universal"] = {"goals": universal_goals, **res.to_json()}
             artifacts.write_json(path, data)
     return data
@@ -136,8 +158,9 @@ def _suffixes(ctx: EvalContext, goals: list[str], universal_goals: list[str]) ->
         return optimize_suffixes(ctx, goals, universal_goals), ctx.variant
     path = ctx.layout.eval(e.suffix_source, "suffixes.json")
     if not path.exists():
-        raise UserError(f"transfer mode needs {path}; run refusalkit evaluate --variant {e.suffix_source} "
-                        "--attacks suffix first")
+        raise UserError(
+            f"transfer mode needs {path}; run refusalkit evaluate --variant {e.suffix_source} --attacks suffix first"
+        )
     return artifacts.read_json(path), e.suffix_source
 
 
@@ -150,20 +173,37 @@ def _suffix_items(suff: dict[str, Any], prompts: list[str], source: str) -> list
     items = []
     for g, s in suff["per_prompt"].items():
         if g in prompts:
-            items.append(Item(f"per-prompt|{g}", g, attack_prompt(g, s["suffix"]), "default", GREEDY,
-                              {"suffix_kind": "per-prompt", "suffix": s["suffix"], "suffix_source": source}))
+            items.append(
+                Item(
+                    f"per-prompt|{g}",
+                    g,
+                    attack_prompt(g, s["suffix"]),
+                    "default",
+                    GREEDY,
+                    {"suffix_kind": "per-prompt", "suffix": s["suffix"], "suffix_source": source},
+                )
+            )
     uni = suff.get("universal")
     if uni:
         for g in prompts:
-            items.append(Item(f"universal|{g}", g, attack_prompt(g, uni["suffix"]), "default", GREEDY,
-                              {"suffix_kind": "universal", "suffix": uni["suffix"], "suffix_source": source}))
+            items.append(
+                Item(
+                    f"universal|{g}",
+                    g,
+                    attack_prompt(g, uni["suffix"]),
+                    "default",
+                    GREEDY,
+                    {"suffix_kind": "universal", "suffix": uni["suffix"], "suffix_source": source},
+                )
+            )
     if not items:
         raise UserError("no GCG suffix applies to these prompts; raise evaluation.gcg_prompts or gcg_universal_prompts")
     return items
 
 
-def attack_suffix(ctx: EvalContext, prompts: list[str], info: dict[str, Any],
-                  universal_goals: list[str]) -> dict[str, Any]:
+def attack_suffix(
+    ctx: EvalContext, prompts: list[str], info: dict[str, Any], universal_goals: list[str]
+) -> dict[str, Any]:
     """GCG (Zou et al. 2023): per-prompt suffixes on the first ``gcg_prompts`` prompts and a
     universal suffix applied to every prompt; ``self`` optimizes on this variant, ``transfer``
     applies the suffixes optimized on ``suffix_source``.
@@ -172,17 +212,28 @@ def attack_suffix(ctx: EvalContext, prompts: list[str], info: dict[str, Any],
     ``universal`` summarizes the universal suffix, ``either`` the prompts broken by either.
     """
     e = ctx.e
-    suff, source = _suffixes(ctx, prompts[:ctx.plan.gcg_prompts], universal_goals)
-    settings = {**ctx.base_settings(), "attack": "suffix", "mode": e.suffix_mode, "source": source,
-                "gcg": suff["settings"]}
+    suff, source = _suffixes(ctx, prompts[: ctx.plan.gcg_prompts], universal_goals)
+    settings = {
+        **ctx.base_settings(),
+        "attack": "suffix",
+        "mode": e.suffix_mode,
+        "source": source,
+        "gcg": suff["settings"],
+    }
     rows = run_items(ctx, "suffix", _suffix_items(suff, prompts, source), settings)
     judges, primary = ctx.judge_names()
     per = [r for r in rows if r["attack"]["suffix_kind"] == "per-prompt"]
     uni_rows = [r for r in rows if r["attack"]["suffix_kind"] == "universal"]
     summary = summarize_rows(per, judges, primary) if per else summarize_rows(uni_rows, judges, primary)
-    out = {**summary, "mode": e.suffix_mode, "source": source, "kind": "per-prompt" if per else "universal",
-           "prompts": {**info, "n_per_prompt": len(per)}, "settings": settings,
-           "gcg_loss": {g: s["best_loss"] for g, s in suff["per_prompt"].items() if g in prompts}}
+    out = {
+        **summary,
+        "mode": e.suffix_mode,
+        "source": source,
+        "kind": "per-prompt" if per else "universal",
+        "prompts": {**info, "n_per_prompt": len(per)},
+        "settings": settings,
+        "gcg_loss": {g: s["best_loss"] for g, s in suff["per_prompt"].items() if g in prompts},
+    }
     if uni_rows:
         out["universal"] = summarize_rows(uni_rows, judges, primary)
         out["universal"]["best_loss"] = suff["universal"]["best_loss"]
@@ -207,9 +258,13 @@ def over_refusal(ctx: EvalContext, prompts: list[str], info: dict[str, Any]) -> 
     settings = {**sub.base_settings(), "attack": "over_refusal"}
     rows = run_items(sub, "over_refusal", items, settings)
     labels = [r["verdicts"]["substring"]["label"] for r in rows]
-    res = {"refusal_rate": rate(labels.count(REFUSAL), len(labels)),
-           "degenerate_rate": rate(labels.count(DEGENERATE), len(labels)),
-           "compliance_rate": rate(labels.count(COMPLIANCE), len(labels)),
-           "judge": "substring", "prompts": info, "settings": settings}
+    res = {
+        "refusal_rate": rate(labels.count(REFUSAL), len(labels)),
+        "degenerate_rate": rate(labels.count(DEGENERATE), len(labels)),
+        "compliance_rate": rate(labels.count(COMPLIANCE), len(labels)),
+        "judge": "substring",
+        "prompts": info,
+        "settings": settings,
+    }
     artifacts.write_json(ctx.file("over_refusal.json"), res)
     return res

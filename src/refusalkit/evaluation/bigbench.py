@@ -88,13 +88,28 @@ def _installed_task_file(task: str) -> Path | None:
 
 def _download_sdist(dest: Path) -> Path:
     """``pip download`` the bigbench sdist into ``dest``; the path of the archive."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-           "--progress-bar", "off", BIGBENCH_REQUIREMENT, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        BIGBENCH_REQUIREMENT,
+        "-d",
+        str(dest),
+    ]
     log.info("downloading the %s sdist (358 MB, once) for its task files", BIGBENCH_REQUIREMENT)
-    hint = (f"the BIG-bench task files come from the {BIGBENCH_REQUIREMENT} source package on PyPI (358 MB); "
-            "check your network or install it yourself "
-            f"(pip download --no-deps --no-binary :all: {BIGBENCH_REQUIREMENT}, "
-            "then pip install the archive with --no-deps)")
+    hint = (
+        f"the BIG-bench task files come from the {BIGBENCH_REQUIREMENT} source package on PyPI (358 MB); "
+        "check your network or install it yourself "
+        f"(pip download --no-deps --no-binary :all: {BIGBENCH_REQUIREMENT}, "
+        "then pip install the archive with --no-deps)"
+    )
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
@@ -139,8 +154,9 @@ def _extract_tasks(archive: Path, tasks: set[str], dest_root: Path) -> set[str]:
                 if len(found) == len(wanted):
                     break
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise UserError(f"cannot read the {BIGBENCH_REQUIREMENT} archive {archive.name} ({e}); "
-                        "delete it and try again") from None
+        raise UserError(
+            f"cannot read the {BIGBENCH_REQUIREMENT} archive {archive.name} ({e}); delete it and try again"
+        ) from None
     return found
 
 
@@ -165,15 +181,18 @@ def bigbench_task_file(task: str) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the cache folder {root} ({e.strerror}); "
-                        "set REFUSALKIT_CACHE to a writable folder") from None
+        raise UserError(
+            f"cannot create the cache folder {root} ({e.strerror}); set REFUSALKIT_CACHE to a writable folder"
+        ) from None
     wanted = {bb for bb, _ in OFFLINE_SUITE.values()} | {task}
     with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
         archive = _download_sdist(Path(tmp))
         _extract_tasks(archive, wanted, root)
     if not cached.is_file():
-        raise UserError(f"BIG-bench {BIGBENCH_VERSION} has no task {task!r} with a task.json of its own "
-                        "(a task with subtasks is named like goal_step_wikihow/step_inference)")
+        raise UserError(
+            f"BIG-bench {BIGBENCH_VERSION} has no task {task!r} with a task.json of its own "
+            "(a task with subtasks is named like goal_step_wikihow/step_inference)"
+        )
     return cached
 
 
@@ -235,8 +254,9 @@ def convert_bigbench_task(task_json: str | os.PathLike | dict[str, Any], seed: i
             listed = sorted(choices)
             random.Random(f"{seed}:{i}").shuffle(listed)
             text = text + choice_prefix + choice_prefix.join(listed)
-        rows.append({"question": task_prefix + input_prefix + text + output_prefix, "choices": choices,
-                     "gold": gold, "id": i})
+        rows.append(
+            {"question": task_prefix + input_prefix + text + output_prefix, "choices": choices, "gold": gold, "id": i}
+        )
     if not rows:
         raise UserError(f"{where} has no multiple-choice items with a single correct choice (target_scores)")
     random.Random(seed).shuffle(rows)

@@ -67,8 +67,11 @@ def utility(ctx: EvalContext) -> dict[str, Any]:
             return old
     lm = ctx.get_lm()
     t0 = time.time()
-    res = evaluate_utility(lm, tasks, limit=e.utility_limit or None, batch_size=min(ctx.cfg.batch_size, 16),
-                           seed=e.seed) if tasks else {"tasks": {}, "mean_acc": None, "skipped": {}}
+    res = (
+        evaluate_utility(lm, tasks, limit=e.utility_limit or None, batch_size=min(ctx.cfg.batch_size, 16), seed=e.seed)
+        if tasks
+        else {"tasks": {}, "mean_acc": None, "skipped": {}}
+    )
     out = {**res, "settings": settings}
     if e.ppl_tokens:
         out["perplexity"] = perplexity_on_corpus(lm, n_tokens=e.ppl_tokens)
@@ -88,8 +91,9 @@ def _judges(cfg: Config) -> list[Judge]:
     return judges
 
 
-def _run_attack(ctx: EvalContext, attack: str, prompts: list[str], info: dict[str, Any],
-                splits: dict[str, Any] | None) -> dict[str, Any]:
+def _run_attack(
+    ctx: EvalContext, attack: str, prompts: list[str], info: dict[str, Any], splits: dict[str, Any] | None
+) -> dict[str, Any]:
     """One attack's summary; the universal GCG suffix trains on the run's first harmful training prompts."""
     e, plan = ctx.e, ctx.plan
     if attack == "vanilla":
@@ -100,9 +104,11 @@ def _run_attack(ctx: EvalContext, attack: str, prompts: list[str], info: dict[st
     universal: list[str] = []
     if plan.gcg_universal_prompts:
         if not splits:
-            raise UserError("the universal GCG suffix trains on the run's harmful training prompts; "
-                            "run refusalkit extract first, or set evaluation.gcg_universal_prompts=0")
-        universal = splits["harmful"]["train"][:plan.gcg_universal_prompts]
+            raise UserError(
+                "the universal GCG suffix trains on the run's harmful training prompts; "
+                "run refusalkit extract first, or set evaluation.gcg_universal_prompts=0"
+            )
+        universal = splits["harmful"]["train"][: plan.gcg_universal_prompts]
     return attack_suffix(ctx, prompts, info, universal)
 
 
@@ -132,19 +138,36 @@ def _context(cfg: Config, layout: RunLayout, variant: str, force: bool, progress
 
         return resolve_model(cfg.model)
 
-    ctx = EvalContext(cfg=cfg, layout=layout, variant=variant, plan=make_plan(cfg.evaluation, cfg, gpu),
-                      force=force, progress=session.progress, judges=_judges(cfg), get_lm=lambda: session.lm,
-                      model_path=model_path)
+    ctx = EvalContext(
+        cfg=cfg,
+        layout=layout,
+        variant=variant,
+        plan=make_plan(cfg.evaluation, cfg, gpu),
+        force=force,
+        progress=session.progress,
+        judges=_judges(cfg),
+        get_lm=lambda: session.lm,
+        model_path=model_path,
+    )
     return ctx, session
 
 
-def run_evaluate(cfg: Config, root: str | Path, variant: str = "base", *, utility_eval: bool = False,
-                 force: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_evaluate(
+    cfg: Config,
+    root: str | Path,
+    variant: str = "base",
+    *,
+    utility_eval: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Evaluate one variant; return ``{"asr": ..., "over_refusal": ..., "utility": ..., "seconds": ...}``."""
     layout = RunLayout(root)
     if variant != "base" and not layout.has_model(variant):
-        raise UserError(f"variant {variant!r} does not exist in {layout.root}; create it with refusalkit compress "
-                        "or use --variant base")
+        raise UserError(
+            f"variant {variant!r} does not exist in {layout.root}; create it with refusalkit compress "
+            "or use --variant base"
+        )
     e = cfg.evaluation
     if utility_eval and task_names(e.utility_tasks):
         from refusalkit.evaluation.utility import resolve_tasks
@@ -170,8 +193,13 @@ def run_evaluate(cfg: Config, root: str | Path, variant: str = "base", *, utilit
     session.owner.release()
     result["seconds"] = round(time.time() - t0, 1)
     plan = ctx.plan
-    result["plan"] = {"max_new_tokens": plan.max_new_tokens, "grid": plan.grid, "n_decodings": len(plan.decodings) + 1,
-                      "systems": plan.systems, "gpu": plan.gpu}
+    result["plan"] = {
+        "max_new_tokens": plan.max_new_tokens,
+        "grid": plan.grid,
+        "n_decodings": len(plan.decodings) + 1,
+        "systems": plan.systems,
+        "gpu": plan.gpu,
+    }
     return result
 
 

@@ -19,8 +19,9 @@ CORPUS = "wikipedia (held-out: every tenth article)"
 
 
 @torch.inference_mode()
-def perplexity(lm: LoadedModel, ids: list[int], seq_len: int = 512, max_tokens: int | None = None,
-               batch_size: int = 4) -> dict[str, float]:
+def perplexity(
+    lm: LoadedModel, ids: list[int], seq_len: int = 512, max_tokens: int | None = None, batch_size: int = 4
+) -> dict[str, float]:
     """exp(mean next-token negative log-likelihood) over non-overlapping windows of ``seq_len`` tokens.
 
     Every window predicts its tokens 2..seq_len from the preceding ones in the window; a last
@@ -34,10 +35,11 @@ def perplexity(lm: LoadedModel, ids: list[int], seq_len: int = 512, max_tokens: 
     windows = torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
     total, count = 0.0, 0
     for i in range(0, n, batch_size):
-        x = windows[i:i + batch_size].to(lm.device)
+        x = windows[i : i + batch_size].to(lm.device)
         logits = lm.model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+        )
         total += nll.item()
         count += x[:, 1:].numel()
     return {"perplexity": math.exp(total / count), "nll": total / count, "n_tokens": count, "n_windows": n}

@@ -56,8 +56,10 @@ def _decoding(item: str) -> Decoding:
         else:
             raise ValueError
     except ValueError:
-        raise UserError(f"decoding grid entry {item!r} is not temperature=X, top_p=X or top_k=N; "
-                        "use huang, small, auto or such a comma-separated list") from None
+        raise UserError(
+            f"decoding grid entry {item!r} is not temperature=X, top_p=X or top_k=N; "
+            "use huang, small, auto or such a comma-separated list"
+        ) from None
     if d.temperature < 0 or not 0 <= d.top_p <= 1 or d.top_k < 0:
         raise UserError(f"decoding grid entry {item!r} is out of range (temperature >= 0, top_p in [0, 1], top_k >= 0)")
     return d
@@ -74,8 +76,9 @@ def parse_grid(text: str) -> tuple[str, list[Decoding]]:
         return "small", small_grid()
     out = [_decoding(item) for item in (t.strip() for t in text.split(",")) if item]
     if not out:
-        raise UserError("the decoding grid is empty; "
-                        "use huang, small, auto or a list of temperature=/top_p=/top_k= entries")
+        raise UserError(
+            "the decoding grid is empty; use huang, small, auto or a list of temperature=/top_p=/top_k= entries"
+        )
     return "custom", out
 
 
@@ -90,11 +93,17 @@ def make_plan(e: EvaluationConfig, cfg: Config, gpu: bool) -> Plan:
     systems = {}
     for s in [s.strip() for s in e.decoding_system_prompts.split(",") if s.strip()]:
         systems[s] = cfg.system_prompt if s == "default" else SYSTEM_NONE
-    return Plan(max_new_tokens=_auto(e.max_new_tokens, 256, 64, gpu), grid=grid_name, decodings=decodings,
-                systems=systems, gcg_prompts=_auto(e.gcg_prompts, 10, 2, gpu),
-                gcg_universal_prompts=_auto(e.gcg_universal_prompts, 10, 2, gpu),
-                gcg_steps=_auto(e.gcg_steps, 250, 20, gpu), gcg_search_width=_auto(e.gcg_search_width, 512, 64, gpu),
-                gpu=gpu)
+    return Plan(
+        max_new_tokens=_auto(e.max_new_tokens, 256, 64, gpu),
+        grid=grid_name,
+        decodings=decodings,
+        systems=systems,
+        gcg_prompts=_auto(e.gcg_prompts, 10, 2, gpu),
+        gcg_universal_prompts=_auto(e.gcg_universal_prompts, 10, 2, gpu),
+        gcg_steps=_auto(e.gcg_steps, 250, 20, gpu),
+        gcg_search_width=_auto(e.gcg_search_width, 512, 64, gpu),
+        gpu=gpu,
+    )
 
 
 def held_out(source: str, n: int, splits: dict[str, Any] | None, kind: str) -> tuple[list[str], dict[str, Any]]:
@@ -107,6 +116,8 @@ def held_out(source: str, n: int, splits: dict[str, Any] | None, kind: str) -> t
         used = set(splits[kind]["train"]) | set(splits[kind]["val"])
     kept = [p for p in prompts if p not in used]
     if n > len(kept):
-        raise UserError(f"{source} has {len(kept)} prompts left after the {len(used)} used for the direction, "
-                        f"but {n} were asked for; lower the number or give a larger prompt source")
+        raise UserError(
+            f"{source} has {len(kept)} prompts left after the {len(used)} used for the direction, "
+            f"but {n} were asked for; lower the number or give a larger prompt source"
+        )
     return kept[:n], {"source": source, "n": n, "excluded_direction_prompts": len(used), "order": "source order"}

@@ -58,9 +58,11 @@ class RecordLog:
             rows, good = _read_lines(self.partial)
             if rows and rows[0].get(SETTINGS_KEY) is not None:
                 if rows[0][SETTINGS_KEY] != self.settings:
-                    raise UserError(f"an interrupted {name} evaluation with other settings is in "
-                                    f"{self.partial.parent}; re-run with the same settings to resume it, "
-                                    "or add --force to discard it")
+                    raise UserError(
+                        f"an interrupted {name} evaluation with other settings is in "
+                        f"{self.partial.parent}; re-run with the same settings to resume it, "
+                        "or add --force to discard it"
+                    )
                 self.rows = {r["key"]: r for r in rows[1:]}
             if good != self.partial.stat().st_size:
                 with open(self.partial, "r+b") as f:
@@ -69,8 +71,10 @@ class RecordLog:
             meta = folder / f"{name}.settings.json"
             old = artifacts.read_json(meta) if meta.exists() else None
             if old != self.settings:
-                raise UserError(f"{self.final} was made with other evaluation settings; use the same settings, "
-                                "a new --run, or --force to redo it")
+                raise UserError(
+                    f"{self.final} was made with other evaluation settings; use the same settings, "
+                    "a new --run, or --force to redo it"
+                )
             rows, _ = _read_lines(self.final)
             self.rows = {r["key"]: r for r in rows}
 

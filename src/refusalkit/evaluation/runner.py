@@ -63,9 +63,13 @@ class EvalContext:
 
     def base_settings(self) -> dict[str, Any]:
         """The settings every attack's records depend on."""
-        return {"max_new_tokens": self.plan.max_new_tokens, "seed": self.e.seed,
-                "judges": [j.describe() for j in self.judges], "system_prompt": self.cfg.system_prompt,
-                "backend": self.e.backend}
+        return {
+            "max_new_tokens": self.plan.max_new_tokens,
+            "seed": self.e.seed,
+            "judges": [j.describe() for j in self.judges],
+            "system_prompt": self.cfg.system_prompt,
+            "backend": self.e.backend,
+        }
 
 
 @dataclass
@@ -102,7 +106,7 @@ def _chunks(todo: list[Item], batch_size: int) -> list[_Chunk]:
         messages = list(by_msg)
         size = max(1, batch_size // max(1, max(len(v) for v in by_msg.values())))
         for s in range(0, len(messages), size):
-            part = {m: by_msg[m] for m in messages[s:s + size]}
+            part = {m: by_msg[m] for m in messages[s : s + size]}
             decodings: list[Decoding] = []
             for it in (it for its in part.values() for it in its):
                 if it.decoding not in decodings:
@@ -119,29 +123,40 @@ def _tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def _generate(ctx: EvalContext, user_messages: list[str], system: str | None, decodings: list[Decoding],
-              keys: list[str]) -> list[list[str]]:
+def _generate(
+    ctx: EvalContext, user_messages: list[str], system: str | None, decodings: list[Decoding], keys: list[str]
+) -> list[list[str]]:
     """Completions ``[prompt][decoding]`` of chat-formatted ``user_messages`` (seeded per key)."""
     if ctx.e.backend == "vllm":
         from refusalkit.evaluation.vllm_backend import sample_vllm
         from refusalkit.models.chat import format_prompts
 
         texts = format_prompts(_tokenizer(ctx.model_path()), user_messages, system)
-        return sample_vllm(ctx.model_path(), texts, decodings, max_new_tokens=ctx.plan.max_new_tokens,
-                           seed=ctx.e.seed, keys=keys)
+        return sample_vllm(
+            ctx.model_path(), texts, decodings, max_new_tokens=ctx.plan.max_new_tokens, seed=ctx.e.seed, keys=keys
+        )
     from refusalkit.evaluation.sampling import sample
 
     lm = ctx.get_lm()
     ids = tokenize_instructions(lm.tokenizer, user_messages, system)
-    return sample(lm, ids, decodings, max_new_tokens=ctx.plan.max_new_tokens, seed=ctx.e.seed, keys=keys,
-                  batch_size=ctx.cfg.batch_size)
+    return sample(
+        lm,
+        ids,
+        decodings,
+        max_new_tokens=ctx.plan.max_new_tokens,
+        seed=ctx.e.seed,
+        keys=keys,
+        batch_size=ctx.cfg.batch_size,
+    )
 
 
 def verdicts_json(prompts: list[str], completions: list[str], judges: list[Judge]) -> list[dict[str, dict[str, str]]]:
     """Per completion, ``{judge name: {"label", "reason"}}``."""
     per_judge = {j.name: j.judge_many(prompts, completions) for j in judges}
-    return [{name: {"label": v[i].label, "reason": v[i].reason} for name, v in per_judge.items()}
-            for i in range(len(completions))]
+    return [
+        {name: {"label": v[i].label, "reason": v[i].reason} for name, v in per_judge.items()}
+        for i in range(len(completions))
+    ]
 
 
 def _complete(ctx: EvalContext, chunk: _Chunk) -> list[dict[str, Any]]:
@@ -152,10 +167,20 @@ def _complete(ctx: EvalContext, chunk: _Chunk) -> list[dict[str, Any]]:
     rows = []
     for m, comps in zip(messages, outs):
         for it in chunk.by_message[m]:
-            rows.append({"key": it.key, "prompt": it.prompt, "message": it.message,
-                         "attack": {"system_prompt": chunk.system, "decoding": it.decoding.to_json(),
-                                    "max_new_tokens": ctx.plan.max_new_tokens, **it.extra},
-                         "completion": comps[chunk.decodings.index(it.decoding)]})
+            rows.append(
+                {
+                    "key": it.key,
+                    "prompt": it.prompt,
+                    "message": it.message,
+                    "attack": {
+                        "system_prompt": chunk.system,
+                        "decoding": it.decoding.to_json(),
+                        "max_new_tokens": ctx.plan.max_new_tokens,
+                        **it.extra,
+                    },
+                    "completion": comps[chunk.decodings.index(it.decoding)],
+                }
+            )
     verdicts = verdicts_json([r["prompt"] for r in rows], [r["completion"] for r in rows], ctx.judges)
     for r, v in zip(rows, verdicts):
         r["verdicts"] = v

@@ -25,8 +25,18 @@ from refusalkit.models.sampler import GREEDY, Decoding, row_seed
 
 # Re-exported: the attacks and the repair search name their decodings from here.
 __all__ = [
-    "GREEDY", "HUANG_TOP_K", "Decoding", "default_stop_ids", "huang_grid", "row_seed", "sample", "sample_ids",
-    "small_grid", "temperature_config", "top_k_config", "top_p_config",
+    "GREEDY",
+    "HUANG_TOP_K",
+    "Decoding",
+    "default_stop_ids",
+    "huang_grid",
+    "row_seed",
+    "sample",
+    "sample_ids",
+    "small_grid",
+    "temperature_config",
+    "top_k_config",
+    "top_p_config",
 ]
 
 
@@ -56,17 +66,21 @@ def huang_grid() -> list[Decoding]:
     top-k off): temperature 0.05..1.00 step 0.05 (20), top-p 0.00..1.00 step 0.05 (21), top-k in
     {1,2,5,10,20,50,100,200,500} (9): 50 configs. Names follow ``temperature=0.05``,
     ``top_p=0.9``, ``top_k=50`` (the same names as ``parse_grid`` gives)."""
-    return ([temperature_config(t) for t in _steps(0.05, 1.0, 0.05)]
-            + [top_p_config(p) for p in _steps(0.0, 1.0, 0.05)]
-            + [top_k_config(k) for k in HUANG_TOP_K])
+    return (
+        [temperature_config(t) for t in _steps(0.05, 1.0, 0.05)]
+        + [top_p_config(p) for p in _steps(0.0, 1.0, 0.05)]
+        + [top_k_config(k) for k in HUANG_TOP_K]
+    )
 
 
 def small_grid() -> list[Decoding]:
     """A CPU-sized subset of :func:`huang_grid` (7 configs, each one of its members):
     temperature 0.3 / 0.7 / 1.0, top-p 0.5 / 0.9, top-k 5 / 50."""
-    return ([temperature_config(t) for t in (0.3, 0.7, 1.0)]
-            + [top_p_config(p) for p in (0.5, 0.9)]
-            + [top_k_config(k) for k in (5, 50)])
+    return (
+        [temperature_config(t) for t in (0.3, 0.7, 1.0)]
+        + [top_p_config(p) for p in (0.5, 0.9)]
+        + [top_k_config(k) for k in (5, 50)]
+    )
 
 
 def sample_ids(
@@ -85,8 +99,17 @@ def sample_ids(
     """New token ids ``[prompt i][decoding j]``, each up to and including its stop token (at most
     ``max_new_tokens``); the arguments are :func:`sample`'s."""
     with add_hooks(*hooks):
-        return generate_ids(lm, ids, decodings, max_new_tokens=max_new_tokens, seed=seed, keys=keys,
-                            batch_size=batch_size, progress=progress, stop_ids=stop_ids)
+        return generate_ids(
+            lm,
+            ids,
+            decodings,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            keys=keys,
+            batch_size=batch_size,
+            progress=progress,
+            stop_ids=stop_ids,
+        )
 
 
 def sample(
@@ -110,6 +133,16 @@ def sample(
     one decode batch; ``progress(n)`` gets the completions finished by each batch; ``hooks``
     are active for the prefill and every step. ``stop_ids`` defaults to :func:`default_stop_ids`.
     """
-    new = sample_ids(lm, ids, decodings, max_new_tokens=max_new_tokens, seed=seed, keys=keys,
-                     batch_size=batch_size, hooks=hooks, progress=progress, stop_ids=stop_ids)
+    new = sample_ids(
+        lm,
+        ids,
+        decodings,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        keys=keys,
+        batch_size=batch_size,
+        hooks=hooks,
+        progress=progress,
+        stop_ids=stop_ids,
+    )
     return decode_completions(lm.tokenizer, new)

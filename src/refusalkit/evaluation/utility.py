@@ -65,8 +65,12 @@ class UtilityTask:
 
 
 def _valid_names() -> str:
-    return (", ".join(OFFLINE_SUITE) + "; paper tasks (need the Hugging Face Hub): " + ", ".join(PAPER_TASKS)
-            + "; groups: offline, paper; or the path of a BIG-bench task.json file")
+    return (
+        ", ".join(OFFLINE_SUITE)
+        + "; paper tasks (need the Hugging Face Hub): "
+        + ", ".join(PAPER_TASKS)
+        + "; groups: offline, paper; or the path of a BIG-bench task.json file"
+    )
 
 
 def _file_task(path: Path) -> UtilityTask:
@@ -122,8 +126,10 @@ def _import_lm_eval() -> tuple[Any, Any, Any]:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise UserError(f"utility evaluation needs lm-evaluation-harness ({e}); "
-                        f"run: pip install 'refusalkit[utility]' (or pip install '{LM_EVAL_REQUIREMENT}')") from None
+        raise UserError(
+            f"utility evaluation needs lm-evaluation-harness ({e}); "
+            f"run: pip install 'refusalkit[utility]' (or pip install '{LM_EVAL_REQUIREMENT}')"
+        ) from None
     return lm_eval.simple_evaluate, HFLM, TaskManager
 
 
@@ -147,9 +153,11 @@ def _hub_unreachable_reason() -> str | None:
         with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
             return None
     except OSError as e:
-        return (f"the Hugging Face Hub ({host}) cannot be reached ({e.strerror or type(e).__name__}) and "
-                "lm-eval's built-in tasks download their data from it "
-                "(set HF_DATASETS_OFFLINE=1 to use a local datasets cache)")
+        return (
+            f"the Hugging Face Hub ({host}) cannot be reached ({e.strerror or type(e).__name__}) and "
+            "lm-eval's built-in tasks download their data from it "
+            "(set HF_DATASETS_OFFLINE=1 to use a local datasets cache)"
+        )
 
 
 def _one_line(e: BaseException) -> str:
@@ -177,19 +185,35 @@ def _metric(results: dict[str, Any], key: str) -> float | None:
     return None
 
 
-def _run_lm_eval(lm: Any, tasks: list[Any], task_manager: Any, limit: int | None, batch_size: int, seed: int,
-                 log_samples: bool = False) -> dict[str, Any]:
+def _run_lm_eval(
+    lm: Any,
+    tasks: list[Any],
+    task_manager: Any,
+    limit: int | None,
+    batch_size: int,
+    seed: int,
+    log_samples: bool = False,
+) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` (zero-shot) on the in-memory model; lm-eval's raw results dict."""
     simple_evaluate, HFLM, _ = _import_lm_eval()
     with _keep_output_head(lm.model):
         hflm = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
-    out = simple_evaluate(model=hflm, tasks=tasks, task_manager=task_manager, limit=limit, num_fewshot=0,
-                          log_samples=log_samples, bootstrap_iters=1000, random_seed=None, numpy_random_seed=None,
-                          torch_random_seed=None, fewshot_random_seed=seed)
+    out = simple_evaluate(
+        model=hflm,
+        tasks=tasks,
+        task_manager=task_manager,
+        limit=limit,
+        num_fewshot=0,
+        log_samples=log_samples,
+        bootstrap_iters=1000,
+        random_seed=None,
+        numpy_random_seed=None,
+        torch_random_seed=None,
+        fewshot_random_seed=seed,
+    )
     if not out:
         raise RuntimeError("lm-eval returned no results")
     return out
-
 
 
 def _check_settings(limit: int | None, batch_size: int) -> None:
@@ -234,8 +258,9 @@ def _load_paper_tasks(paper: list[UtilityTask], include: str | None, skipped: di
     return task_manager, loaded
 
 
-def _table(out: dict[str, Any], specs: list[UtilityTask], skipped: dict[str, str],
-           chance: dict[str, float]) -> dict[str, dict[str, Any]]:
+def _table(
+    out: dict[str, Any], specs: list[UtilityTask], skipped: dict[str, str], chance: dict[str, float]
+) -> dict[str, dict[str, Any]]:
     """Per task run, its metrics from lm-eval's results ``out``; a task without a result goes into ``skipped``."""
     results, counts = out.get("results", {}), out.get("n-samples", {})
     table: dict[str, dict[str, Any]] = {}
@@ -248,15 +273,20 @@ def _table(out: dict[str, Any], specs: list[UtilityTask], skipped: dict[str, str
         r = results[key]
         n = counts.get(key, {}).get("effective")
         table[t.name] = {
-            "acc": _metric(r, "acc"), "acc_stderr": _metric(r, "acc_stderr"),
-            "acc_norm": _metric(r, "acc_norm"), "acc_norm_stderr": _metric(r, "acc_norm_stderr"),
-            "n": int(n) if n is not None else None, "source": t.source, "chance": chance.get(t.name),
+            "acc": _metric(r, "acc"),
+            "acc_stderr": _metric(r, "acc_stderr"),
+            "acc_norm": _metric(r, "acc_norm"),
+            "acc_norm_stderr": _metric(r, "acc_norm_stderr"),
+            "n": int(n) if n is not None else None,
+            "source": t.source,
+            "chance": chance.get(t.name),
         }
     return table
 
 
-def evaluate_utility(lm: Any, tasks: list[str] | None = None, *, limit: int | None = None, batch_size: int = 8,
-                     seed: int = 0) -> dict[str, Any]:
+def evaluate_utility(
+    lm: Any, tasks: list[str] | None = None, *, limit: int | None = None, batch_size: int = 8, seed: int = 0
+) -> dict[str, Any]:
     """Zero-shot multiple-choice accuracy of ``lm`` (a :class:`refusalkit.models.loading.LoadedModel`).
 
     ``tasks``: names for :func:`resolve_tasks`; ``None`` runs the offline suite and the
@@ -298,5 +328,9 @@ def evaluate_utility(lm: Any, tasks: list[str] | None = None, *, limit: int | No
         out = _run_lm_eval(lm, run, task_manager, limit, batch_size, seed)
     table = _table(out, specs, skipped, chance)
     accs = [v["acc"] for v in table.values() if v["acc"] is not None]
-    return {"tasks": table, "mean_acc": sum(accs) / len(accs) if accs else None, "skipped": skipped,
-            "seconds": round(time.time() - t0, 2)}
+    return {
+        "tasks": table,
+        "mean_acc": sum(accs) / len(accs) if accs else None,
+        "skipped": skipped,
+        "seconds": round(time.time() - t0, 2),
+    }

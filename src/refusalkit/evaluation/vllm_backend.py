@@ -90,4 +90,4 @@ def sample_vllm(
     outs = llm.generate(requests, params, use_tqdm=False)
     texts = [o.outputs[0].text.strip() for o in outs]
     n = len(decodings)
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -28,7 +28,9 @@ def format_prompts(tokenizer: Any, instructions: list[str], system_prompt: str |
             for i in instructions
         ]
     except Exception as e:  # noqa: BLE001 - jinja errors of a user's template
-        raise UserError(f"the chat template failed ({e}); check the model's template or --chat-template / --system-prompt") from e
+        raise UserError(
+            f"the chat template failed ({e}); check the model's template or --chat-template / --system-prompt"
+        ) from e
 
 
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -47,5 +49,7 @@ def post_instruction_ids(tokenizer: Any, system_prompt: str | None = None) -> li
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
         n += 1
     if n == 0:
-        raise UserError("the chat template puts no tokens after the user's text; refusalkit cannot locate post-instruction positions")
-    return a[len(a) - n:]
+        raise UserError(
+            "the chat template puts no tokens after the user's text; refusalkit cannot locate post-instruction positions"
+        )
+    return a[len(a) - n :]

@@ -47,8 +47,8 @@ def pad_left(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -61,9 +61,11 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
 def default_stop_ids(lm: LoadedModel) -> list[int]:
     """``tokenizer.eos_token_id`` plus ``model.generation_config.eos_token_id`` (an int or a list)."""
     ids: list[int] = []
-    for v in (getattr(lm.tokenizer, "eos_token_id", None),
-              getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)):
-        for i in (v if isinstance(v, (list, tuple)) else [v]):
+    for v in (
+        getattr(lm.tokenizer, "eos_token_id", None),
+        getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None),
+    ):
+        for i in v if isinstance(v, (list, tuple)) else [v]:
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
     return ids
@@ -86,13 +88,29 @@ def _prefill(model: Any, rows: list[list[int]], pad_id: int, device: torch.devic
     x, mask = pad_left(rows, pad_id, device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = new_cache(model)
-    res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1,
-                **cache_kwargs(cache, cache_keyword(model)))
+    res = model(
+        input_ids=x,
+        attention_mask=mask,
+        position_ids=pos,
+        logits_to_keep=1,
+        **cache_kwargs(cache, cache_keyword(model)),
+    )
     return cache, mask, pos[:, -1:], res.logits[:, -1, :].float()
 
 
-def _decode(model: Any, cache: Any, mask: torch.Tensor, pos: torch.Tensor, logits: torch.Tensor, params: RowParams,
-            uniforms: torch.Tensor, *, max_new_tokens: int, pad_id: int, stop: torch.Tensor) -> list[list[int]]:
+def _decode(
+    model: Any,
+    cache: Any,
+    mask: torch.Tensor,
+    pos: torch.Tensor,
+    logits: torch.Tensor,
+    params: RowParams,
+    uniforms: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop: torch.Tensor,
+) -> list[list[int]]:
     """Decode ``R`` rows whose prompts are in ``cache`` (``mask [R, L]``, ``pos [R, 1]``, first-step
     ``logits [R, V]``, ``uniforms [R, max_new_tokens]``). Returns each row's new tokens, up to
     and including its stop token."""
@@ -117,8 +135,13 @@ def _decode(model: Any, cache: Any, mask: torch.Tensor, pos: torch.Tensor, logit
             alive = alive[keep.cpu()]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         pos = pos + 1
-        res = model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=pos, logits_to_keep=1,
-                    **cache_kwargs(cache, keyword))
+        res = model(
+            input_ids=tok.unsqueeze(-1),
+            attention_mask=mask,
+            position_ids=pos,
+            logits_to_keep=1,
+            **cache_kwargs(cache, keyword),
+        )
         logits = res.logits[:, -1, :].float()
     return out
 
@@ -166,7 +189,7 @@ def generate_ids(
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
     out: list[list[list[int]]] = [[[] for _ in decodings] for _ in ids]
     for s in range(0, len(order), per_batch):
-        idx = order[s:s + per_batch]
+        idx = order[s : s + per_batch]
         cache, mask, pos, logits = _prefill(model, [ids[i] for i in idx], pad_id, device)
         for n_chunk, chunk in enumerate(chunks):
             decs = decodings[chunk]
@@ -176,9 +199,18 @@ def generate_ids(
             rep.batch_repeat_interleave(c)
             params = RowParams.of([d for _ in idx for d in decs], device)
             uniforms = torch.stack([row_uniforms(seed, keys[i], d.name, max_new_tokens) for i in idx for d in decs])
-            rows = _decode(model, rep, mask.repeat_interleave(c, 0), pos.repeat_interleave(c, 0),
-                           logits.repeat_interleave(c, 0), params, uniforms,
-                           max_new_tokens=max_new_tokens, pad_id=pad_id, stop=stop)
+            rows = _decode(
+                model,
+                rep,
+                mask.repeat_interleave(c, 0),
+                pos.repeat_interleave(c, 0),
+                logits.repeat_interleave(c, 0),
+                params,
+                uniforms,
+                max_new_tokens=max_new_tokens,
+                pad_id=pad_id,
+                stop=stop,
+            )
             for r, new in enumerate(rows):
                 out[idx[r // c]][chunk.start + r % c] = new
             del rep

@@ -29,9 +29,6 @@ from torch import nn
 from refusalkit.core.errors import UserError
 
 
-
-
-
 def bnb_available() -> bool:
     try:
         import bitsandbytes  # noqa: F401
@@ -40,13 +37,11 @@ def bnb_available() -> bool:
     return True
 
 
-
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Vector-wise absmax int8 of a weight matrix: (CB int8 [out, in], SCB float32 [out])."""
     scb = w.detach().float().abs().amax(dim=1)
     cb = torch.round(w.detach().float() * (127.0 / scb.clamp(min=1e-12)).unsqueeze(1)).to(torch.int8)
     return cb, scb
-
 
 
 def int8_matmul(qa: torch.Tensor, cb: torch.Tensor, use_int_mm: bool = True) -> torch.Tensor:
@@ -64,25 +59,33 @@ def int8_matmul(qa: torch.Tensor, cb: torch.Tensor, use_int_mm: bool = True) -> 
             return torch._int_mm(qa.to(torch.int8), cb.t()).float()
         except RuntimeError:  # a shape or build without int8 matmul support
             pass
-    acc = torch.float32 if qa.shape[1] * 127 * 127 < 2 ** 24 else torch.float64
+    acc = torch.float32 if qa.shape[1] * 127 * 127 < 2**24 else torch.float64
     return (qa.to(acc) @ cb.to(acc).t()).float()
-
 
 
 class Int8Linear(nn.Module):
     """A pure-PyTorch LLM.int8 linear layer (same state-dict layout as bitsandbytes' Linear8bitLt)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
-                 dtype: torch.dtype = torch.float32, device: Any = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        threshold: float = 6.0,
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.threshold = in_features, out_features, threshold
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("weight_format", torch.tensor(0, dtype=torch.uint8, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, threshold: float = 6.0) -> "Int8Linear":
+    def from_linear(cls, lin: nn.Linear, threshold: float = 6.0) -> Int8Linear:
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, threshold, lin.weight.dtype, lin.weight.device)
         m.weight, m.SCB = quantize_rows(lin.weight)
         if lin.bias is not None:
@@ -112,7 +115,6 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"
 
 
-
 def is_int8_checkpoint(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
@@ -122,7 +124,6 @@ def is_int8_checkpoint(path: str | Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_8bit"))
-
 
 
 def load_int8_torch(path: str | Path, dtype: torch.dtype, device: str) -> nn.Module:
@@ -137,8 +138,12 @@ def load_int8_torch(path: str | Path, dtype: torch.dtype, device: str) -> nn.Mod
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    replace_linears(model, float(q.get("llm_int8_threshold", 6.0)), list(q.get("llm_int8_skip_modules") or ["lm_head"]),
-                    from_weights=False)
+    replace_linears(
+        model,
+        float(q.get("llm_int8_threshold", 6.0)),
+        list(q.get("llm_int8_skip_modules") or ["lm_head"]),
+        from_weights=False,
+    )
     state: dict[str, torch.Tensor] = {}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -147,7 +152,9 @@ def load_int8_torch(path: str | Path, dtype: torch.dtype, device: str) -> nn.Mod
         state.update(load_file(str(f)))
     missing, _unexpected = model.load_state_dict(state, strict=False)
     head = [n for n, _ in model.named_parameters() if n.startswith("lm_head")]
-    if [m for m in missing if m not in head] or (set(head) & set(missing) and not getattr(config, "tie_word_embeddings", False)):
+    if [m for m in missing if m not in head] or (
+        set(head) & set(missing) and not getattr(config, "tie_word_embeddings", False)
+    ):
         raise UserError(f"{path} is missing weights ({', '.join(missing[:3])} ...); re-create the variant with --force")
     if set(head) & set(missing):
         model.tie_weights()
@@ -171,9 +178,18 @@ def replace_linears(model: nn.Module, threshold: float, skip: list[str], from_we
         for child_name, child in list(mod.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and not any(full == s or full.endswith("." + s) for s in skip):
-                new = Int8Linear.from_linear(child, threshold) if from_weights else Int8Linear(
-                    child.in_features, child.out_features, child.bias is not None, threshold,
-                    child.weight.dtype, child.weight.device)
+                new = (
+                    Int8Linear.from_linear(child, threshold)
+                    if from_weights
+                    else Int8Linear(
+                        child.in_features,
+                        child.out_features,
+                        child.bias is not None,
+                        threshold,
+                        child.weight.dtype,
+                        child.weight.device,
+                    )
+                )
                 setattr(mod, child_name, new)
                 count += 1
     return count

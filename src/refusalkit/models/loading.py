@@ -136,7 +136,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tmp = make_temp_dir(out_dir)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -177,10 +179,14 @@ def resolve_model(spec: str) -> str:
         return str(convert_gguf(path, cache_dir() / _gguf_cache_key(path)))
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
-            raise UserError(f"{spec} is not a Hugging Face model folder (no config.json); give a folder, a .gguf file, a hub id or 'default'")
+            raise UserError(
+                f"{spec} is not a Hugging Face model folder (no config.json); give a folder, a .gguf file, a hub id or 'default'"
+            )
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"model {spec} does not exist; give a local folder, a .gguf file, a hub id or one of: {', '.join(SHORT_NAMES)}")
+        raise UserError(
+            f"model {spec} does not exist; give a local folder, a .gguf file, a hub id or one of: {', '.join(SHORT_NAMES)}"
+        )
     return spec  # a hub id
 
 
@@ -191,8 +197,14 @@ def resolve_model(spec: str) -> str:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """``auto``: float32 on CPU (bfloat16 matmuls are far slower on CPUs without AMX), bfloat16 on GPU."""
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype == "auto":
         return torch.bfloat16 if device != "cpu" and torch.cuda.is_available() else torch.float32
     if dtype not in table:
@@ -218,7 +230,9 @@ def _template_text(chat_template: str) -> str:
     try:
         return p.read_text(encoding="utf-8")
     except OSError:
-        raise UserError(f"chat template file {chat_template} cannot be read; give a readable .jinja file or the template text") from None
+        raise UserError(
+            f"chat template file {chat_template} cannot be read; give a readable .jinja file or the template text"
+        ) from None
 
 
 def load_tokenizer(spec: str, source: str, chat_template: str | None = None) -> Any:
@@ -228,8 +242,10 @@ def load_tokenizer(spec: str, source: str, chat_template: str | None = None) -> 
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as e:
-        raise UserError(f"cannot load the tokenizer of {spec!r} ({str(e).splitlines()[0]}); check the name, the path "
-                        "or your network") from e
+        raise UserError(
+            f"cannot load the tokenizer of {spec!r} ({str(e).splitlines()[0]}); check the name, the path "
+            "or your network"
+        ) from e
     if chat_template:
         tok.chat_template = _template_text(chat_template)
     if not getattr(tok, "chat_template", None):
@@ -242,8 +258,9 @@ def load_tokenizer(spec: str, source: str, chat_template: str | None = None) -> 
     return tok
 
 
-def _load_weights(spec: str, source: str, dev: str, torch_dtype: torch.dtype,
-                  quantization_config: Any) -> tuple[nn.Module, str | None]:
+def _load_weights(
+    spec: str, source: str, dev: str, torch_dtype: torch.dtype, quantization_config: Any
+) -> tuple[nn.Module, str | None]:
     """The model (and the int8 back end for an int8 checkpoint: bitsandbytes, or refusalkit's layers)."""
     from transformers import AutoModelForCausalLM
 
@@ -258,15 +275,18 @@ def _load_weights(spec: str, source: str, dev: str, torch_dtype: torch.dtype,
         kwargs["quantization_config"] = quantization_config
     backend = None
     if int8:
-        backend = "bitsandbytes" if bnb_available() and os.environ.get("REFUSALKIT_INT8_BACKEND") != "torch" else "torch"
+        backend = (
+            "bitsandbytes" if bnb_available() and os.environ.get("REFUSALKIT_INT8_BACKEND") != "torch" else "torch"
+        )
     try:
         if backend == "torch":
             model = load_int8_torch(source, torch_dtype, "cpu" if dev == "auto" else dev)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
-        raise UserError(f"cannot load model {spec!r} ({str(e).splitlines()[0]}); check the name, the path or your "
-                        "network") from e
+        raise UserError(
+            f"cannot load model {spec!r} ({str(e).splitlines()[0]}); check the name, the path or your network"
+        ) from e
     if dev not in ("auto",) and not quantized:
         model.to(dev)
     model.eval()
@@ -312,20 +332,3 @@ def load_model(
 # --------------------------------------------------------------------------------------------
 # Structure: found from modules, not names of models
 # --------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

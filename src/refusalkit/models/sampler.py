@@ -124,9 +124,9 @@ def blocked_inverse_cdf(weights: torch.Tensor, u: torch.Tensor, block: int = 102
     nb = vocab // block
     if nb < 2:
         return _inverse_cdf(weights, u)
-    sums = weights[:, :nb * block].reshape(n, nb, block).sum(dim=-1)
+    sums = weights[:, : nb * block].reshape(n, nb, block).sum(dim=-1)
     if vocab > nb * block:
-        sums = torch.cat([sums, weights[:, nb * block:].sum(dim=-1, keepdim=True)], dim=-1)
+        sums = torch.cat([sums, weights[:, nb * block :].sum(dim=-1, keepdim=True)], dim=-1)
     sums = sums.double()
     cdf = sums.cumsum(dim=-1)
     target = u.to(cdf.device, torch.float64) * cdf[:, -1]
@@ -150,8 +150,9 @@ def _subset(x: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     return x if rows.numel() == n else x[rows]
 
 
-def sample_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor,
-                n_candidates: int = 1024) -> torch.Tensor:
+def sample_rows(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor, n_candidates: int = 1024
+) -> torch.Tensor:
     """One exact sample per row from the top-k-then-top-p filtered softmax of (temperature-scaled)
     ``logits [n, V]``, with uniforms ``u [n]``. Returns ``[n]`` token ids.
 
@@ -180,8 +181,14 @@ def sample_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     return tokens
 
 
-def _sample_candidates(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor, u: torch.Tensor, n_candidates: int,
-                       lse_vocab: torch.Tensor | None = None) -> torch.Tensor:
+def _sample_candidates(
+    x: torch.Tensor,
+    k: torch.Tensor,
+    p: torch.Tensor,
+    u: torch.Tensor,
+    n_candidates: int,
+    lse_vocab: torch.Tensor | None = None,
+) -> torch.Tensor:
     """:func:`sample_rows` for rows with a filter (``k > 0`` or ``p < 1``): see there.
     ``lse_vocab [n]``: ``logsumexp`` over the whole vocabulary where known (rows without top-k)."""
     vocab = x.shape[-1]
@@ -204,8 +211,9 @@ def _sample_candidates(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor, u: tor
     inside = torch.where(has_k, vals[:, -1] < kth, probs.sum(dim=-1) >= p) | (c == vocab)
     again = (~inside).nonzero().squeeze(-1)
     if again.numel():
-        tokens[again] = _sample_candidates(x[again], k[again], p[again], u[again], n_candidates * 8,
-                                           None if lse_vocab is None else lse_vocab[again])
+        tokens[again] = _sample_candidates(
+            x[again], k[again], p[again], u[again], n_candidates * 8, None if lse_vocab is None else lse_vocab[again]
+        )
     return tokens
 
 
@@ -258,4 +266,3 @@ class RowParams:
 
     def select(self, idx: torch.Tensor) -> RowParams:
         return RowParams(self.temperature[idx], self.top_k[idx], self.top_p[idx], self.greedy[idx])
-

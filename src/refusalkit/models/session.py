@@ -4,21 +4,21 @@
 from __future__ import annotations
 
 import gc
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from refusalkit.core.config import Config
 from refusalkit.core.errors import UserError
-from refusalkit.core.manifest import update_manifest
-from refusalkit.models.loading import LoadedModel, load_model
-import logging
-
 from refusalkit.core.layout import RunLayout
+from refusalkit.core.manifest import update_manifest
 from refusalkit.core.progress import Progress
+from refusalkit.models.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,16 @@ class ModelOwner:
         override = None
         if variant != "base":
             if not self.layout.has_model(variant):
-                raise UserError(f"variant {variant!r} has no model in {self.layout.model(variant)}; "
-                                "create it first (refusalkit compress) or use --variant base")
+                raise UserError(
+                    f"variant {variant!r} has no model in {self.layout.model(variant)}; "
+                    "create it first (refusalkit compress) or use --variant base"
+                )
             override = str(self.layout.model(variant))
         c = self.cfg
         log.info("loading model %s", c.model if override is None else override)
-        return load_model(c.model, dtype=c.dtype, device=c.device, chat_template=c.chat_template, path_override=override)
+        return load_model(
+            c.model, dtype=c.dtype, device=c.device, chat_template=c.chat_template, path_override=override
+        )
 
     def release(self) -> None:
         """Drop the loaded model and invalidate every holder."""
@@ -106,8 +110,9 @@ class Session:
         t0 = time.time()
         out = fn()
         if self._ran:
-            self.manifest = update_manifest(self.layout.manifest, self.cfg.seed, f"{self.variant}/{stage}",
-                                            time.time() - t0, self.manifest)
+            self.manifest = update_manifest(
+                self.layout.manifest, self.cfg.seed, f"{self.variant}/{stage}", time.time() - t0, self.manifest
+            )
         return out
 
     def needs(self, *paths: Path) -> bool:

@@ -3,14 +3,9 @@ the residual stream — found from the modules and their shapes, never from a mo
 
 from __future__ import annotations
 
-
 from torch import nn
 
 from refusalkit.core.errors import UserError
-
-
-
-
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -26,7 +21,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-
 def _child(block: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
     for name in names:
         if hasattr(block, name):
@@ -34,21 +28,17 @@ def _child(block: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
     raise UserError(f"cannot find the {what} of block {type(block).__name__} (looked for {', '.join(names)})")
 
 
-
 def attn_module(block: nn.Module) -> nn.Module:
     return _child(block, _ATTN_NAMES, "attention module")
-
 
 
 def mlp_module(block: nn.Module) -> nn.Module:
     return _child(block, _MLP_NAMES, "MLP module")
 
 
-
 def _is_linear(m: nn.Module) -> bool:
     """``nn.Linear`` (bitsandbytes' layers subclass it) or refusalkit's own ``Int8Linear``."""
     return isinstance(m, nn.Linear) or type(m).__name__ == "Int8Linear"
-
 
 
 def _out_proj(module: nn.Module, d_model: int, what: str) -> nn.Linear:
@@ -61,11 +51,9 @@ def _out_proj(module: nn.Module, d_model: int, what: str) -> nn.Linear:
     raise UserError(f"cannot find the {what} writing to the residual stream in {type(module).__name__}")
 
 
-
 def attn_out_proj(block: nn.Module, d_model: int) -> nn.Linear:
     """The attention output projection (writes to the residual stream), e.g. ``o_proj``."""
     return _out_proj(attn_module(block), d_model, "attention output projection")
-
 
 
 def mlp_down_proj(block: nn.Module, d_model: int) -> nn.Linear:

@@ -32,8 +32,9 @@ bit (α sweeps apply and remove edits on one loaded model).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,9 +69,11 @@ def survival(before: torch.Tensor, after: torch.Tensor, intended: torch.Tensor) 
     n2 = float((intended.double() ** 2).sum())
     if n2 == 0:
         return {"survival": 0.0, "residual": 0.0, "changed": float((realized != 0).double().mean())}
-    return {"survival": float((realized * intended.double()).sum()) / n2,
-            "residual": float((realized - intended.double()).norm()) / n2 ** 0.5,
-            "changed": float((realized != 0).double().mean())}
+    return {
+        "survival": float((realized * intended.double()).sum()) / n2,
+        "residual": float((realized - intended.double()).norm()) / n2**0.5,
+        "changed": float((realized != 0).double().mean()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +129,7 @@ class Requantize:
     group_size: int
 
     @classmethod
-    def from_compression(cls, info: dict[str, Any] | None) -> "Requantize | None":
+    def from_compression(cls, info: dict[str, Any] | None) -> Requantize | None:
         if not info or info.get("method") not in ("awq", "rtn"):
             return None
         return cls(info["method"], int(info["bits"]), int(info["parameters"].get("group_size", 128)))
@@ -139,7 +142,9 @@ class Requantize:
     def describe(self) -> dict[str, Any]:
         how = "round-to-nearest on the same group grid" + (
             " (AWQ's activation scales are already folded into the weights; the scale search is not re-run)"
-            if self.method == "awq" else "")
+            if self.method == "awq"
+            else ""
+        )
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size, "requantized_with": how}
 
 
@@ -182,13 +187,16 @@ def edit_block_index(direction_layer: int, placement: str, n_layers: int) -> int
     block = direction_layer if placement == "source" else direction_layer - 1
     if not 0 <= block < n_layers:
         where = "the embedding writes that stream" if block < 0 else "there is no block after the last"
-        raise UserError(f"placement {placement!r} puts AIRD at block {block} for a direction at layer "
-                        f"{direction_layer}, but {where}; use the other placement")
+        raise UserError(
+            f"placement {placement!r} puts AIRD at block {block} for a direction at layer "
+            f"{direction_layer}, but {where}; use the other placement"
+        )
     return block
 
 
-def _edit_int8(model: nn.Module, name: str, mod: nn.Module, target: torch.Tensor, keep_zeros: bool,
-               edit: AirdEdit) -> tuple[torch.Tensor, dict[str, Any]]:
+def _edit_int8(
+    model: nn.Module, name: str, mod: nn.Module, target: torch.Tensor, keep_zeros: bool, edit: AirdEdit
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Replace the int8 layer ``name`` by an :class:`Int8Linear` holding ``target`` requantized
     (row-wise absmax); the original layer is put back on removal."""
     from refusalkit.models.int8 import Int8Linear, quantize_rows
@@ -198,8 +206,14 @@ def _edit_int8(model: nn.Module, name: str, mod: nn.Module, target: torch.Tensor
     if keep_zeros:  # a zero int8 weight stays zero
         cb = torch.where(_int8_parts(mod)[0] == 0, torch.zeros_like(cb), cb)
     threshold = float(getattr(getattr(mod, "state", None), "threshold", getattr(mod, "threshold", 6.0)))
-    new = Int8Linear(mod.in_features, mod.out_features, mod.bias is not None, threshold,
-                     dtype=mod.bias.dtype if mod.bias is not None else torch.float32, device=cb.device)
+    new = Int8Linear(
+        mod.in_features,
+        mod.out_features,
+        mod.bias is not None,
+        threshold,
+        dtype=mod.bias.dtype if mod.bias is not None else torch.float32,
+        device=cb.device,
+    )
     new.weight, new.SCB = cb.to(w.device), scb.to(w.device)
     if mod.bias is not None:
         new.bias.data.copy_(mod.bias.data)
@@ -207,12 +221,15 @@ def _edit_int8(model: nn.Module, name: str, mod: nn.Module, target: torch.Tensor
     setattr(parent, child, new)
     edit._undo.append(lambda p=parent, c=child, m=mod: setattr(p, c, m))
     edit.tensors[name] = {"weight": new.weight.detach().cpu(), "SCB": new.SCB.detach().cpu()}
-    return new.dequantized(), {"storage": "int8 (LLM.int8 row-wise absmax), requantized",
-                               "sparsity_after": float((new.weight == 0).double().mean())}
+    return new.dequantized(), {
+        "storage": "int8 (LLM.int8 row-wise absmax), requantized",
+        "sparsity_after": float((new.weight == 0).double().mean()),
+    }
 
 
-def _edit_dense(name: str, mod: nn.Module, target: torch.Tensor, keep_zeros: bool, requantize: Requantize | None,
-                edit: AirdEdit) -> tuple[torch.Tensor, dict[str, Any]]:
+def _edit_dense(
+    name: str, mod: nn.Module, target: torch.Tensor, keep_zeros: bool, requantize: Requantize | None, edit: AirdEdit
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Write ``target`` (back on the quantization grid with ``requantize``) into the layer in place;
     the original weights are kept on the CPU for removal."""
     stored = mod.weight.data
@@ -230,9 +247,16 @@ def _edit_dense(name: str, mod: nn.Module, target: torch.Tensor, keep_zeros: boo
 
 
 @torch.no_grad()
-def apply_aird(model: nn.Module, direction: torch.Tensor, block: int, *,
-               alphas: dict[str, float] | None = None, unit: bool = False, keep_zeros: bool = False,
-               requantize: Requantize | None = None) -> AirdEdit:
+def apply_aird(
+    model: nn.Module,
+    direction: torch.Tensor,
+    block: int,
+    *,
+    alphas: dict[str, float] | None = None,
+    unit: bool = False,
+    keep_zeros: bool = False,
+    requantize: Requantize | None = None,
+) -> AirdEdit:
     """Apply Eq. 4, ``W <- W + alpha r r^T W``, to the attention-output and MLP-down projections of
     decoder block ``block``.
 
@@ -253,8 +277,12 @@ def apply_aird(model: nn.Module, direction: torch.Tensor, block: int, *,
             name = _module_name(model, mod)
             w = dense_weight(mod)
             intended = aird_delta(w, r, alpha, keep_zeros)
-            rec: dict[str, Any] = {"module": name, "alpha": alpha, "shape": list(w.shape),
-                                   "sparsity_before": _stored_zeros(mod)}
+            rec: dict[str, Any] = {
+                "module": name,
+                "alpha": alpha,
+                "shape": list(w.shape),
+                "sparsity_before": _stored_zeros(mod),
+            }
             if _is_int8(mod):
                 after, more = _edit_int8(model, name, mod, w.double() + intended, keep_zeros, edit)
             else:
@@ -263,8 +291,12 @@ def apply_aird(model: nn.Module, direction: torch.Tensor, block: int, *,
             if _is_int8(mod) or requantize is not None:
                 rec["quantization"] = survival(w, after, intended)
             realized = after.double() - w.double()
-            rec.update(delta_norm=float(realized.norm()), intended_delta_norm=float(intended.norm()),
-                       rel_delta=float(realized.norm() / w.double().norm().clamp(min=1e-30)), gain=alpha * float(r @ r))
+            rec.update(
+                delta_norm=float(realized.norm()),
+                intended_delta_norm=float(intended.norm()),
+                rel_delta=float(realized.norm() / w.double().norm().clamp(min=1e-30)),
+                gain=alpha * float(r @ r),
+            )
             edit.records[key] = rec
     except BaseException:
         edit.remove()

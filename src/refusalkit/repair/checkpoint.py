@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from refusalkit.core import artifacts
-from refusalkit.repair.aird import AirdEdit
 from refusalkit.core.errors import UserError
+from refusalkit.repair.aird import AirdEdit
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -20,7 +20,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
 
 
 def write_edited_checkpoint(src: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -56,8 +55,10 @@ def write_edited_checkpoint(src: Path, dst: Path, tensors: dict[str, torch.Tenso
             for k in keys:
                 old, new = state[k], tensors[k]
                 if old.shape != new.shape or old.dtype != new.dtype:
-                    raise UserError(f"edited tensor {k} does not match the checkpoint ({list(new.shape)} {new.dtype} vs "
-                                    f"{list(old.shape)} {old.dtype}); re-create the variant with --force")
+                    raise UserError(
+                        f"edited tensor {k} does not match the checkpoint ({list(new.shape)} {new.dtype} vs "
+                        f"{list(old.shape)} {old.dtype}); re-create the variant with --force"
+                    )
                 state[k] = new.contiguous()
             save_file(state, str(tmp / fname), metadata=meta)
             del state
@@ -69,11 +70,9 @@ def write_edited_checkpoint(src: Path, dst: Path, tensors: dict[str, torch.Tenso
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-
 def checkpoint_tensors(edit: AirdEdit) -> dict[str, torch.Tensor]:
     """State-dict entries of an edit: ``<module>.weight`` (and ``<module>.SCB`` for int8)."""
     return {f"{mod}.{k}": t for mod, parts in edit.tensors.items() for k, t in parts.items()}
-
 
 
 def model_sparsity(model: torch.nn.Module) -> float:
@@ -90,4 +89,3 @@ def model_sparsity(model: torch.nn.Module) -> float:
             zeros += int((w == 0).sum())
             total += w.numel()
     return zeros / max(total, 1)
-

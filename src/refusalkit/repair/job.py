@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from refusalkit.core import artifacts
 from refusalkit.core.config import Config, RepairConfig, alpha_scale
@@ -50,7 +51,9 @@ def _check_variant(layout: RunLayout, variant: str) -> None:
     if layout.repair_info(variant).exists():
         raise UserError(f"{variant} is already a repaired variant; repair its source variant instead")
     if not layout.direction("base", "direction.json").exists():
-        raise UserError(f"{layout.root} has no base refusal direction; run refusalkit extract --run {layout.root} first")
+        raise UserError(
+            f"{layout.root} has no base refusal direction; run refusalkit extract --run {layout.root} first"
+        )
 
 
 def _stale_curve(info: dict[str, Any]) -> bool:
@@ -67,16 +70,22 @@ def _reusable(layout: RunLayout, name: str, variant: str, r: RepairConfig) -> di
         return None
     old = artifacts.read_json(layout.repair_info(name))
     scale = alpha_scale(r.alpha_scale)
-    asked = {"source_variant": variant, "direction": r.direction, "placement": r.placement,
-             "sparsity_preserving": r.keep_zeros, "auto": scale == "auto"}
+    asked = {
+        "source_variant": variant,
+        "direction": r.direction,
+        "placement": r.placement,
+        "sparsity_preserving": r.keep_zeros,
+        "auto": scale == "auto",
+    }
     if scale != "auto":
         asked["alpha_scale"] = scale
     differ = sorted(k for k, v in asked.items() if old.get(k) != v)
     if differ:
         raise UserError(f"{name} exists with other settings ({', '.join(differ)}); give another --name or --force")
     if _stale_curve(old):
-        log.warning("%s was made by refusalkit 0.1.0 from an alpha curve that measured an unedited model; "
-                    "redoing it", name)
+        log.warning(
+            "%s was made by refusalkit 0.1.0 from an alpha curve that measured an unedited model; redoing it", name
+        )
         return None
     return {**old, "reused": True}
 
@@ -84,7 +93,7 @@ def _reusable(layout: RunLayout, name: str, variant: str, r: RepairConfig) -> di
 def _curve_scales(r: RepairConfig, unit: bool, norm: float) -> list[float]:
     """The curve's scales; with a unit ``r`` the default grid is rescaled to the raw grid's gains."""
     if unit and r.scales == RepairConfig().scales:
-        return [round(s * norm ** 2, 4) for s in r.scales]
+        return [round(s * norm**2, 4) for s in r.scales]
     return list(r.scales)
 
 
@@ -100,13 +109,23 @@ def _choose_alpha(s: Session, r: RepairConfig, edit_at: Any, norm: float) -> tup
         return float(scale), curve
     if curve["chosen"]["scale"] is None:
         path = s.layout.curve(s.variant, unit, r.placement, r.keep_zeros)
-        raise UserError(f"no alpha scale kept {s.variant} within the budgets (curve in {path}); "
-                        "loosen the budgets or give --alpha-scale")
+        raise UserError(
+            f"no alpha scale kept {s.variant} within the budgets (curve in {path}); "
+            "loosen the budgets or give --alpha-scale"
+        )
     return float(curve["chosen"]["scale"]), curve
 
 
-def run_repair(cfg: Config, root: str | Path, variant: str, *, repair: RepairConfig | None = None,
-               name: str | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_repair(
+    cfg: Config,
+    root: str | Path,
+    variant: str,
+    *,
+    repair: RepairConfig | None = None,
+    name: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Repair ``variant`` with AIRD as ``repair`` says (default: the config's ``repair`` section);
     return the contents of the new variant's ``repair.json``."""
     from refusalkit.compress.job import check_name
@@ -124,9 +143,10 @@ def run_repair(cfg: Config, root: str | Path, variant: str, *, repair: RepairCon
     layout.discard_analyses(name)  # the analyses of a replaced repaired variant no longer apply
     session = Session(cfg=cfg, layout=layout, variant=variant, progress=Progress(progress))
     try:
-        info = _repair(session, r, name)
+        info, tensors = _repair(session, r, name)
     finally:
-        session.owner.release()
+        session.owner.release()  # before the checkpoint is rewritten: one copy of the weights in memory
+    write_edited_checkpoint(layout.model(variant), layout.model(name), tensors)
     info["seconds"] = round(time.time() - t0, 1)
     artifacts.write_json(layout.repair_info(name), info)
     update_manifest(layout.manifest, cfg.seed, f"{name}/repair", info["seconds"])
@@ -134,8 +154,9 @@ def run_repair(cfg: Config, root: str | Path, variant: str, *, repair: RepairCon
     return info
 
 
-def _repair(s: Session, r: RepairConfig, name: str) -> dict[str, Any]:
-    """Choose α, apply the edit to the owner's model, write the edited checkpoint; the record."""
+def _repair(s: Session, r: RepairConfig, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Choose α and apply the edit to the owner's model; the record and the edited state-dict entries
+    (CPU copies; the model is restored exactly)."""
     layout, unit = s.layout, r.direction == "unit"
     base_info = artifacts.read_json(layout.direction("base", "direction.json"))
     direction = artifacts.load_tensors(layout.direction("base", "direction.safetensors"))["direction"]
@@ -146,8 +167,15 @@ def _repair(s: Session, r: RepairConfig, name: str) -> dict[str, Any]:
 
     def edit_at(scale: float) -> AirdEdit:
         """Edit the model the owner holds now (never a model held from before a swap)."""
-        return apply_aird(s.lm.model, direction, block, alphas={k: a * scale for k, a in PAPER_ALPHAS.items()},
-                          unit=unit, keep_zeros=r.keep_zeros, requantize=requant)
+        return apply_aird(
+            s.lm.model,
+            direction,
+            block,
+            alphas={k: a * scale for k, a in PAPER_ALPHAS.items()},
+            unit=unit,
+            keep_zeros=r.keep_zeros,
+            requantize=requant,
+        )
 
     scale, curve = _choose_alpha(s, r, edit_at, norm)
     writes = block_writes(s.lm, s.cfg, direction, block, search_prompts(s.cfg, layout, r))
@@ -155,42 +183,70 @@ def _repair(s: Session, r: RepairConfig, name: str) -> dict[str, Any]:
     edit = edit_at(scale)
     try:
         sparsity_after = model_sparsity(s.lm.model)
-        write_edited_checkpoint(layout.model(s.variant), layout.model(name), checkpoint_tensors(edit))
+        tensors = checkpoint_tensors(edit)
     finally:
         edit.remove()
     info = _record(name, s.variant, r, base_info, block, norm, scale, edit, requant, compression)
-    info.update(curve=curve, model_sparsity_before=sparsity_before, model_sparsity_after=sparsity_after,
-                writes_along_r={**writes, "meaning": "mean r-hat component of what the edited block's two projections "
-                                "write at the post-instruction positions of the search prompts, before the edit"},
-                predicted_gap_change=_predicted_gap_change(writes, edit.records))
-    return info
+    info.update(
+        curve=curve,
+        model_sparsity_before=sparsity_before,
+        model_sparsity_after=sparsity_after,
+        writes_along_r={
+            **writes,
+            "meaning": "mean r-hat component of what the edited block's two projections "
+            "write at the post-instruction positions of the search prompts, before the edit",
+        },
+        predicted_gap_change=_predicted_gap_change(writes, edit.records),
+    )
+    return info, tensors
 
 
-def _record(name: str, variant: str, r: RepairConfig, base_info: dict[str, Any], block: int, norm: float,
-            scale: float, edit: AirdEdit, requant: Requantize | None, compression: dict[str, Any] | None
-            ) -> dict[str, Any]:
+def _record(
+    name: str,
+    variant: str,
+    r: RepairConfig,
+    base_info: dict[str, Any],
+    block: int,
+    norm: float,
+    scale: float,
+    edit: AirdEdit,
+    requant: Requantize | None,
+    compression: dict[str, Any] | None,
+) -> dict[str, Any]:
     """``repair.json``'s description of the edit (the job adds the curve, sparsity and diagnostics)."""
     recs = edit.records
     info: dict[str, Any] = {
-        "variant": name, "source_variant": variant, "method": "aird-sparse" if r.keep_zeros else "aird",
-        "layer": block, "direction_layer": int(base_info["layer"]), "direction_position": int(base_info["position"]),
+        "variant": name,
+        "source_variant": variant,
+        "method": "aird-sparse" if r.keep_zeros else "aird",
+        "layer": block,
+        "direction_layer": int(base_info["layer"]),
+        "direction_position": int(base_info["position"]),
         "placement": r.placement,
-        "placement_meaning": ("block `direction_layer` (the paper's layer index read literally)" if r.placement == "source"
-                              else "block `direction_layer` - 1, whose output is the stream the direction was read from"),
-        "direction": r.direction, "direction_norm": norm,
-        "alphas": {k: x["alpha"] for k, x in recs.items()}, "paper_alphas": dict(PAPER_ALPHAS),
-        "alpha_scale": float(scale), "auto": alpha_scale(r.alpha_scale) == "auto",
+        "placement_meaning": (
+            "block `direction_layer` (the paper's layer index read literally)"
+            if r.placement == "source"
+            else "block `direction_layer` - 1, whose output is the stream the direction was read from"
+        ),
+        "direction": r.direction,
+        "direction_norm": norm,
+        "alphas": {k: x["alpha"] for k, x in recs.items()},
+        "paper_alphas": dict(PAPER_ALPHAS),
+        "alpha_scale": float(scale),
+        "auto": alpha_scale(r.alpha_scale) == "auto",
         "gain": {k: x["gain"] for k, x in recs.items()},
-        "sparsity_preserving": r.keep_zeros, "matrices": recs,
-        "quantization": None, "compression": None if compression is None else {
-            k: compression.get(k) for k in ("method", "sparsity", "bits")},
+        "sparsity_preserving": r.keep_zeros,
+        "matrices": recs,
+        "quantization": None,
+        "compression": None if compression is None else {k: compression.get(k) for k in ("method", "sparsity", "bits")},
     }
     quant = [x["quantization"] for x in recs.values() if "quantization" in x]
     if quant:
         info["quantization"] = {
             **(requant.describe() if requant else {"method": "llm-int8", "requantized_with": "row-wise absmax int8"}),
             "survival": sum(q["survival"] for q in quant) / len(quant),
-            "per_matrix": {k: x["quantization"] for k, x in recs.items() if "quantization" in x}}
+            "per_matrix": {k: x["quantization"] for k, x in recs.items() if "quantization" in x},
+        }
     return info
 
 

@@ -3,8 +3,9 @@ the choice of a scale."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -20,7 +21,6 @@ class SearchData:
     info: dict[str, Any]
 
 
-
 def search_prompts(cfg: Config, layout: RunLayout, spec: RepairConfig) -> SearchData:
     """Held-out prompts for the α search, disjoint from the direction's and the evaluation's: the
     ``spec.search_prompts`` harmful and harmless prompts that follow the evaluation's in source order."""
@@ -30,31 +30,51 @@ def search_prompts(cfg: Config, layout: RunLayout, spec: RepairConfig) -> Search
     splits = artifacts.read_json(layout.splits) if layout.splits.exists() else None
     harmful, _ = held_out(e.prompts, e.n_prompts + n, splits, "harmful")
     harmless, _ = held_out(e.harmless, e.n_harmless + n, splits, "harmless")
-    return SearchData(harmful[e.n_prompts:], harmless[e.n_harmless:], {
-        "harmful": {"source": e.prompts, "n": n, "skipped_evaluation_prompts": e.n_prompts},
-        "harmless": {"source": e.harmless, "n": n, "skipped_evaluation_prompts": e.n_harmless}})
+    return SearchData(
+        harmful[e.n_prompts :],
+        harmless[e.n_harmless :],
+        {
+            "harmful": {"source": e.prompts, "n": n, "skipped_evaluation_prompts": e.n_prompts},
+            "harmless": {"source": e.harmless, "n": n, "skipped_evaluation_prompts": e.n_harmless},
+        },
+    )
 
 
 def measure(lm: Any, cfg: Config, data: SearchData, spec: RepairConfig, max_new_tokens: int) -> dict[str, Any]:
     """Vanilla ASR, degenerate rate, over-refusal, perplexity (and accuracy) of the model as it is."""
-    from refusalkit.data.refusal import SubstringJudge
+    from refusalkit.data.prompts import load_refusal_phrases
+    from refusalkit.data.refusal import COMPLIANCE, DEGENERATE, REFUSAL, SubstringJudge
     from refusalkit.evaluation.sampling import GREEDY, sample
     from refusalkit.evaluation.stats import rate
     from refusalkit.models.chat import tokenize_instructions
-    from refusalkit.data.refusal import COMPLIANCE, DEGENERATE, REFUSAL
-    from refusalkit.data.prompts import load_refusal_phrases
 
     judge = SubstringJudge(load_refusal_phrases(cfg.validation.refusal_phrases))
     out: dict[str, Any] = {}
-    comps = [c[0] for c in sample(lm, tokenize_instructions(lm.tokenizer, data.harmful, cfg.system_prompt), [GREEDY],
-                                  max_new_tokens=max_new_tokens, batch_size=cfg.batch_size)]
+    comps = [
+        c[0]
+        for c in sample(
+            lm,
+            tokenize_instructions(lm.tokenizer, data.harmful, cfg.system_prompt),
+            [GREEDY],
+            max_new_tokens=max_new_tokens,
+            batch_size=cfg.batch_size,
+        )
+    ]
     labels = [v.label for v in judge.judge_many(data.harmful, comps)]
     out["asr"] = rate(labels.count(COMPLIANCE), len(labels))
     out["degenerate_rate"] = labels.count(DEGENERATE) / len(labels)
     out["examples"] = comps[:3]
     if data.harmless:
-        comps = [c[0] for c in sample(lm, tokenize_instructions(lm.tokenizer, data.harmless, cfg.system_prompt), [GREEDY],
-                                      max_new_tokens=max_new_tokens, batch_size=cfg.batch_size)]
+        comps = [
+            c[0]
+            for c in sample(
+                lm,
+                tokenize_instructions(lm.tokenizer, data.harmless, cfg.system_prompt),
+                [GREEDY],
+                max_new_tokens=max_new_tokens,
+                batch_size=cfg.batch_size,
+            )
+        ]
         hl = [v.label for v in judge.judge_many(data.harmless, comps)]
         out["over_refusal"] = rate(hl.count(REFUSAL), len(hl))
     if spec.ppl_tokens:
@@ -64,10 +84,10 @@ def measure(lm: Any, cfg: Config, data: SearchData, spec: RepairConfig, max_new_
     if spec.max_utility_drop is not None:
         from refusalkit.evaluation.utility import evaluate_utility
 
-        out["mean_acc"] = evaluate_utility(lm, ["offline"], limit=spec.utility_limit,
-                                           batch_size=min(cfg.batch_size, 16))["mean_acc"]
+        out["mean_acc"] = evaluate_utility(
+            lm, ["offline"], limit=spec.utility_limit, batch_size=min(cfg.batch_size, 16)
+        )["mean_acc"]
     return out
-
 
 
 @torch.inference_mode()
@@ -80,8 +100,8 @@ def block_writes(lm: Any, cfg: Config, direction: torch.Tensor, block: int, data
     is the first-order change of the harmful − harmless gap along ``r̂`` at the block's output: a
     block that writes against ``r`` (negative gap) is pushed *away* from refusal by the edit.
     """
-    from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
     from refusalkit.direction.forward import forward_last
+    from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
     from refusalkit.models.structure import attn_out_proj, decoder_layers, mlp_down_proj
 
     u = direction.detach().double() / direction.double().norm()
@@ -94,18 +114,24 @@ def block_writes(lm: Any, cfg: Config, direction: torch.Tensor, block: int, data
             continue
         sums = {k: [0.0, 0] for k in mods}
 
-        def hook(key: str):
+        def hook(key: str, sums: dict[str, list[float]] = sums):
             def fn(module, inputs, output):
                 y = output[:, -n_pos:, :].double()
                 sums[key][0] += float((y @ u.to(y.device)).sum())
                 sums[key][1] += y.shape[0] * y.shape[1]
+
             return fn
 
         handles = [m.register_forward_hook(hook(k)) for k, m in mods.items()]
         try:
-            forward_last(lm.model, tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt),
-                         pad_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size, share_prefix=False,
-                         want_logits=False)
+            forward_last(
+                lm.model,
+                tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt),
+                pad_id=lm.tokenizer.pad_token_id,
+                batch_size=cfg.batch_size,
+                share_prefix=False,
+                want_logits=False,
+            )
         finally:
             for h in handles:
                 h.remove()
@@ -114,22 +140,27 @@ def block_writes(lm: Any, cfg: Config, direction: torch.Tensor, block: int, data
     return out
 
 
-
 def within_budgets(point: dict[str, Any], ref: dict[str, Any], spec: RepairConfig) -> list[str]:
     """Why ``point`` breaks a budget relative to the unrepaired ``ref`` (empty: within budgets)."""
     why = []
-    if "over_refusal" in point and point["over_refusal"]["rate"] > ref["over_refusal"]["rate"] + spec.max_over_refusal_increase:
-        why.append(f"over-refusal {point['over_refusal']['rate']:.0%} > {ref['over_refusal']['rate']:.0%} + "
-                   f"{spec.max_over_refusal_increase:.0%}")
+    if (
+        "over_refusal" in point
+        and point["over_refusal"]["rate"] > ref["over_refusal"]["rate"] + spec.max_over_refusal_increase
+    ):
+        why.append(
+            f"over-refusal {point['over_refusal']['rate']:.0%} > {ref['over_refusal']['rate']:.0%} + "
+            f"{spec.max_over_refusal_increase:.0%}"
+        )
     if point["degenerate_rate"] > ref["degenerate_rate"] + spec.max_degenerate_increase:
-        why.append(f"degenerate {point['degenerate_rate']:.0%} > {ref['degenerate_rate']:.0%} + "
-                   f"{spec.max_degenerate_increase:.0%}")
+        why.append(
+            f"degenerate {point['degenerate_rate']:.0%} > {ref['degenerate_rate']:.0%} + "
+            f"{spec.max_degenerate_increase:.0%}"
+        )
     if "perplexity" in point and point["perplexity"] > ref["perplexity"] * (1 + spec.max_ppl_increase):
         why.append(f"perplexity {point['perplexity']:.1f} > {ref['perplexity']:.1f} x {1 + spec.max_ppl_increase:.2f}")
     if spec.max_utility_drop is not None and point["mean_acc"] < ref["mean_acc"] - spec.max_utility_drop:
         why.append(f"accuracy {point['mean_acc']:.3f} < {ref['mean_acc']:.3f} - {spec.max_utility_drop}")
     return why
-
 
 
 def choose_scale(curve: list[dict[str, Any]], ref: dict[str, Any], target: float, spec: RepairConfig) -> dict[str, Any]:
@@ -143,7 +174,6 @@ def choose_scale(curve: list[dict[str, Any]], ref: dict[str, Any], target: float
         best = min(feasible, key=lambda p: (p["asr"]["rate"], p["alpha_scale"]))
         return {"scale": best["alpha_scale"], "target_reached": False}
     return {"scale": None, "target_reached": False}
-
 
 
 def _cached_point(layout: RunLayout, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -179,10 +209,19 @@ class CurveContext:
     def settings(self) -> dict[str, Any]:
         """What a measured point's figures depend on (the key of the caches in ``DIR/repair/``)."""
         s = self.spec
-        search = {"n_prompts": s.search_prompts, "n_harmless": s.search_prompts, "ppl_tokens": s.ppl_tokens,
-                  "utility_limit": s.utility_limit, "accuracy": s.max_utility_drop is not None}
-        return {"search": search, "max_new_tokens": self.max_new_tokens, "prompts": self.data.info,
-                "system_prompt": self.cfg.system_prompt}
+        search = {
+            "n_prompts": s.search_prompts,
+            "n_harmless": s.search_prompts,
+            "ppl_tokens": s.ppl_tokens,
+            "utility_limit": s.utility_limit,
+            "accuracy": s.max_utility_drop is not None,
+        }
+        return {
+            "search": search,
+            "max_new_tokens": self.max_new_tokens,
+            "prompts": self.data.info,
+            "system_prompt": self.cfg.system_prompt,
+        }
 
 
 def curve_context(cfg: Config, layout: RunLayout, variant: str, session: Any, spec: RepairConfig) -> CurveContext:
@@ -218,8 +257,9 @@ def _unrepaired(ctx: CurveContext, state: dict[str, Any]) -> dict[str, Any]:
     return ref
 
 
-def _measure_points(ctx: CurveContext, state: dict[str, Any], path: Any, edit_at: Callable[[float], Any],
-                    scales: list[float]) -> None:
+def _measure_points(
+    ctx: CurveContext, state: dict[str, Any], path: Any, edit_at: Callable[[float], Any], scales: list[float]
+) -> None:
     """Every scale not yet in ``state``: edit the owner's model, measure it, remove the edit exactly."""
     bar = ctx.session.progress.bar(len(scales), f"{ctx.variant}: alpha curve", unit="alpha")
     try:
@@ -240,17 +280,28 @@ def _measure_points(ctx: CurveContext, state: dict[str, Any], path: Any, edit_at
         bar.close()
 
 
-BUDGETS = ("max_over_refusal_increase", "max_degenerate_increase", "max_ppl_increase", "max_utility_drop",
-           "asr_tolerance")
+BUDGETS = (
+    "max_over_refusal_increase",
+    "max_degenerate_increase",
+    "max_ppl_increase",
+    "max_utility_drop",
+    "asr_tolerance",
+)
 
 
-def alpha_curve(ctx: CurveContext, edit_at: Callable[[float], Any], scales: list[float], unit: bool,
-                keep_zeros: bool) -> dict[str, Any]:
+def alpha_curve(
+    ctx: CurveContext, edit_at: Callable[[float], Any], scales: list[float], unit: bool, keep_zeros: bool
+) -> dict[str, Any]:
     """Measure the base model (the target), the unrepaired variant and every scale; resumable
     (:meth:`RunLayout.curve`). ``edit_at(scale)`` edits the model the owner holds now."""
     # "measures": curves cached by refusalkit 0.1.0 measured an unedited model; they lack this key and are redone
-    settings = {**ctx.settings(), "unit": unit, "placement": ctx.spec.placement, "keep_zeros": keep_zeros,
-                "measures": "edited model"}
+    settings = {
+        **ctx.settings(),
+        "unit": unit,
+        "placement": ctx.spec.placement,
+        "keep_zeros": keep_zeros,
+        "measures": "edited model",
+    }
     path = ctx.layout.curve(ctx.variant, unit, ctx.spec.placement, keep_zeros)
     state = artifacts.read_json(path) if path.exists() else {}
     if state.get("settings") != settings:
@@ -264,7 +315,15 @@ def alpha_curve(ctx: CurveContext, edit_at: Callable[[float], Any], scales: list
     curve = [{**state["points"][repr(float(s))], "alpha_scale": float(s)} for s in scales]
     for p in curve:
         p["over_budget"] = within_budgets(p, ref, ctx.spec)
-    return {"points": curve, "measures": "edited model", "unrepaired": ref, "base": base, "target_asr": target,
-            "target_from": target_from, "chosen": choose_scale(curve, ref, target, ctx.spec),
-            "budgets": {k: getattr(ctx.spec, k) for k in BUDGETS}, "prompts": ctx.data.info,
-            "max_new_tokens": ctx.max_new_tokens}
+    return {
+        "points": curve,
+        "measures": "edited model",
+        "unrepaired": ref,
+        "base": base,
+        "target_asr": target,
+        "target_from": target_from,
+        "chosen": choose_scale(curve, ref, target, ctx.spec),
+        "budgets": {k: getattr(ctx.spec, k) for k in BUDGETS},
+        "prompts": ctx.data.info,
+        "max_new_tokens": ctx.max_new_tokens,
+    }

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from refusalkit.core import artifacts
 from refusalkit.compress.methods import PRUNING
+from refusalkit.core import artifacts
 from refusalkit.core.config import Config
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
@@ -32,13 +33,22 @@ log = logging.getLogger(__name__)
 
 # A smoke run: every stage on few prompts (minutes on a laptop CPU). Intervals are wide.
 QUICK: dict[str, Any] = {
-    "n_train": 32, "n_val": 8, "n_test": 16, "validation.max_new_tokens": 32,
+    "n_train": 32,
+    "n_val": 8,
+    "n_test": 16,
+    "validation.max_new_tokens": 32,
     "selection.screen_keep": 4,
-    "evaluation.n_prompts": 24, "evaluation.n_harmless": 24, "evaluation.max_new_tokens": "32",
-    "evaluation.utility_tasks": "bb_strategyqa,bb_winowhy", "evaluation.utility_limit": 20,
+    "evaluation.n_prompts": 24,
+    "evaluation.n_harmless": 24,
+    "evaluation.max_new_tokens": "32",
+    "evaluation.utility_tasks": "bb_strategyqa,bb_winowhy",
+    "evaluation.utility_limit": 20,
     "evaluation.ppl_tokens": 1024,
-    "run.variants": ["magnitude-0.5", "llm-int8"], "compress.n_calibration": 8, "run.attacks": "vanilla",
-    "repair.scales": [1.0, 4.0, 16.0], "repair.search_prompts": 8,
+    "run.variants": ["magnitude-0.5", "llm-int8"],
+    "compress.n_calibration": 8,
+    "run.attacks": "vanilla",
+    "repair.scales": [1.0, 4.0, 16.0],
+    "repair.search_prompts": 8,
 }
 
 # The default on a machine without a GPU: the whole study on the default model in about 20 minutes
@@ -49,12 +59,23 @@ QUICK: dict[str, Any] = {
 # perplexity instead of zero-shot accuracy (the offline suite is at chance on a 0.5B model); a
 # 2-point alpha curve (x1, x16) on 16 + 16 prompts.
 CPU: dict[str, Any] = {
-    "n_train": 64, "n_val": 16, "n_test": 32, "validation.max_new_tokens": 32,
-    "selection.screen_prompts": 2, "selection.screen_keep": 4,
-    "evaluation.n_prompts": 100, "evaluation.n_harmless": 32, "evaluation.max_new_tokens": "32",
-    "evaluation.utility_tasks": "none", "evaluation.ppl_tokens": 2048,
-    "run.variants": ["wanda-0.5", "llm-int8"], "compress.n_calibration": 16, "run.validate_variants": False,
-    "run.aird_sparse": False, "repair.scales": [1.0, 16.0], "repair.search_prompts": 16,
+    "n_train": 64,
+    "n_val": 16,
+    "n_test": 32,
+    "validation.max_new_tokens": 32,
+    "selection.screen_prompts": 2,
+    "selection.screen_keep": 4,
+    "evaluation.n_prompts": 100,
+    "evaluation.n_harmless": 32,
+    "evaluation.max_new_tokens": "32",
+    "evaluation.utility_tasks": "none",
+    "evaluation.ppl_tokens": 2048,
+    "run.variants": ["wanda-0.5", "llm-int8"],
+    "compress.n_calibration": 16,
+    "run.validate_variants": False,
+    "run.aird_sparse": False,
+    "repair.scales": [1.0, 16.0],
+    "repair.search_prompts": 16,
 }
 
 # Profiles sit between the defaults and the config file: a file or --set value always wins.
@@ -136,14 +157,20 @@ def _preflight(cfg: Config) -> list[Any]:
     return specs
 
 
-def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print,
-            profile: str | None = None) -> dict[str, Any]:
+def run_all(
+    cfg: Config,
+    root: str | Path,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    profile: str | None = None,
+) -> dict[str, Any]:
     """Run every stage that is not done yet; return the report's summary (``profile``: recorded in run.json)."""
-    from refusalkit.direction.compare import run_compare
     from refusalkit.compress.job import run_compress
-    from refusalkit.evaluation.job import run_evaluate
     from refusalkit.core.layout import prepare
+    from refusalkit.direction.compare import run_compare
     from refusalkit.direction.job import run_extract
+    from refusalkit.evaluation.job import run_evaluate
     from refusalkit.study.report import write_report
 
     root = Path(root)
@@ -172,8 +199,11 @@ def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Calla
         compares[v] = run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
     for v in ["base", *variants]:
         run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
-    repaired = [name for spec, v in zip(specs, variants) for name in _repair_variant(run, cfg, root, spec, v,
-                                                                                      compares.get(v), progress)]
+    repaired = [
+        name
+        for spec, v in zip(specs, variants)
+        for name in _repair_variant(run, cfg, root, spec, v, compares.get(v), progress)
+    ]
     for v in repaired:
         run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
         run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
@@ -185,8 +215,9 @@ def run_all(cfg: Config, root: str | Path, *, progress: bool = True, echo: Calla
     return {"report": report, "variants": variants, "repaired": repaired, "state": run.state}
 
 
-def _repair_variant(run: Runner, cfg: Config, root: Path, spec: Any, variant: str, compare: dict[str, Any] | None,
-                    progress: bool) -> list[str]:
+def _repair_variant(
+    run: Runner, cfg: Config, root: Path, spec: Any, variant: str, compare: dict[str, Any] | None, progress: bool
+) -> list[str]:
     """AIRD on ``variant`` when ``run.repair`` selects it: plain (with the α curve when
     ``run.aird_curve``) and, for pruned variants with ``run.aird_sparse``, sparsity-preserving.
     The names of the repaired variants made."""
@@ -199,10 +230,14 @@ def _repair_variant(run: Runner, cfg: Config, root: Path, spec: Any, variant: st
     ppl = min(cfg.repair.ppl_tokens, e.ppl_tokens) if e.ppl_tokens >= 512 else 0
     made = []
     for keep_zeros in [False] + ([True] if r.aird_sparse and spec.method in PRUNING else []):
-        settings = with_settings(cfg.repair, keep_zeros=keep_zeros, curve=r.aird_curve and not keep_zeros,
-                                 ppl_tokens=ppl)
-        info = run.stage(f"{repair_name(variant, keep_zeros)}/repair", lambda s=settings: run_repair(
-            cfg, root, variant, repair=s, progress=progress), tolerate=True)
+        settings = with_settings(
+            cfg.repair, keep_zeros=keep_zeros, curve=r.aird_curve and not keep_zeros, ppl_tokens=ppl
+        )
+        info = run.stage(
+            f"{repair_name(variant, keep_zeros)}/repair",
+            lambda s=settings: run_repair(cfg, root, variant, repair=s, progress=progress),
+            tolerate=True,
+        )
         if info is not None:
             made.append(info["variant"])
     return made

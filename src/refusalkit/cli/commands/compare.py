@@ -14,18 +14,22 @@ def run(args: argparse.Namespace) -> int:
     res = run_compare(cfg, args.run, args.variant, quality=not args.no_quality, force=args.force)
     b, v = res["base_source"], res["variant_source"]
     q = res["quality"]
-    lines = [f"{args.variant} vs base",
-             f"  source          base L{b['layer']}/pos {b['position']}  ->  variant L{v['layer']}/pos {v['position']}"
-             f"  ({'shifted' if res['source_shifted'] else 'same'})",
-             f"  cosine          selected {res['cosine_selected']:.3f}, at the base source {res['cosine_at_base_source']:.3f}",
-             "  by layer        " + " ".join(f"{c:.2f}" for c in res["cosine_by_layer"]),
-             f"  single direction mediates refusal: {'yes' if res['single_direction'] else 'no'} "
-             f"({res['single_direction_evidence']['basis']})"]
+    lines = [
+        f"{args.variant} vs base",
+        f"  source          base L{b['layer']}/pos {b['position']}  ->  variant L{v['layer']}/pos {v['position']}"
+        f"  ({'shifted' if res['source_shifted'] else 'same'})",
+        f"  cosine          selected {res['cosine_selected']:.3f}, at the base source {res['cosine_at_base_source']:.3f}",
+        "  by layer        " + " ".join(f"{c:.2f}" for c in res["cosine_by_layer"]),
+        f"  single direction mediates refusal: {'yes' if res['single_direction'] else 'no'} "
+        f"({res['single_direction_evidence']['basis']})",
+    ]
     if q.get("base_direction_on_variant"):
         o = q["base_direction_on_variant"]
-        lines.append(f"  base direction on the variant: ablation {o['ablation_score']:+.2f} (baseline "
-                     f"{o['baseline']['harmful_score']:+.2f}), addition {o['addition_score']:+.2f} (baseline "
-                     f"{o['baseline']['harmless_score']:+.2f}), KL {o['kl']:.3f}")
+        lines.append(
+            f"  base direction on the variant: ablation {o['ablation_score']:+.2f} (baseline "
+            f"{o['baseline']['harmful_score']:+.2f}), addition {o['addition_score']:+.2f} (baseline "
+            f"{o['baseline']['harmless_score']:+.2f}), KL {o['kl']:.3f}"
+        )
     lines.append(f"  written to {layout.compare(args.variant)}")
     print("\n".join(lines))
     return 0

@@ -34,8 +34,10 @@ def summary(info: dict[str, Any], root: Path) -> str:
         group = f" (group {info['parameters'].get('group_size')})" if info["method"] != "llm-int8" else ""
         lines.append(f"  bits            {info['bits']}{group}")
     if cal:
-        lines.append(f"  calibration     {cal['source']}: {cal['n_samples']} samples, {cal['n_tokens']} tokens, "
-                     f"chat template {'on' if cal['chat_template'] else 'off'}")
+        lines.append(
+            f"  calibration     {cal['source']}: {cal['n_samples']} samples, {cal['n_tokens']} tokens, "
+            f"chat template {'on' if cal['chat_template'] else 'off'}"
+        )
     lines += [
         f"  size on disk    {info['size_on_disk_bytes'] / 2**20:.0f} MiB",
         f"  time, peak RSS  {info['wall_seconds']:.0f} s, {info['peak_rss_bytes'] / 2**30:.2f} GiB",

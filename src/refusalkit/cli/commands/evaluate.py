@@ -15,8 +15,9 @@ def run(args: argparse.Namespace) -> int:
     cfg, layout = command_config(args, may_create=asked_to_create(args))
     if not layout.config.exists():
         prepare(cfg, layout.root, force=False)
-    res = run_evaluate(cfg, layout.root, args.variant, utility_eval=args.utility, force=args.force,
-                       progress=not args.quiet)
+    res = run_evaluate(
+        cfg, layout.root, args.variant, utility_eval=args.utility, force=args.force, progress=not args.quiet
+    )
     print(eval_table(res))
     return 0
 
@@ -28,11 +29,15 @@ def pct(r: dict[str, Any]) -> str:
 
 def eval_table(res: dict[str, Any]) -> str:
     p = res["plan"]
-    lines = [f"evaluation of {res['variant']} ({p['max_new_tokens']} new tokens; decoding grid {p['grid']}, "
-             f"{p['n_decodings']} configurations x {len(p['systems'])} system prompt settings)"]
+    lines = [
+        f"evaluation of {res['variant']} ({p['max_new_tokens']} new tokens; decoding grid {p['grid']}, "
+        f"{p['n_decodings']} configurations x {len(p['systems'])} system prompt settings)"
+    ]
     for attack, s in res["asr"].items():
-        lines.append(f"  ASR {attack:9s} {pct(s['asr'])}   judge {s['judge']}; degenerate "
-                     f"{s['judges'][s['judge']]['verdicts']['degenerate']['rate']:.1%} of completions")
+        lines.append(
+            f"  ASR {attack:9s} {pct(s['asr'])}   judge {s['judge']}; degenerate "
+            f"{s['judges'][s['judge']]['verdicts']['degenerate']['rate']:.1%} of completions"
+        )
         if attack == "suffix" and "universal" in s:
             lines.append(f"      universal   {pct(s['universal']['asr'])}")
         for pair, a in (s.get("agreement") or {}).items():

@@ -41,10 +41,13 @@ def run(args: argparse.Namespace) -> int:
     if layout.config.exists() and args.no_validation:  # keep the run's setting; skip this extraction's validation
         overrides["validation.enabled"] = recorded_config(layout).validation.enabled
     cfg, _ = command_config(args, may_create=True, check=False, overrides=overrides)  # prepare() checks (or --force)
-    res = run_extract(cfg, args.run, variant=args.variant, force=args.force, progress=not args.quiet,
-                      validate=not args.no_validation)
+    res = run_extract(
+        cfg, args.run, variant=args.variant, force=args.force, progress=not args.quiet, validate=not args.no_validation
+    )
     if res["direction"].get("fallback"):
-        print(f"warning: no candidate passed Arditi's filters; fallback used: {res['direction']['fallback']}",
-              file=sys.stderr)
+        print(
+            f"warning: no candidate passed Arditi's filters; fallback used: {res['direction']['fallback']}",
+            file=sys.stderr,
+        )
     print(summary_table(res))
     return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def config(args: argparse.Namespace) -> int:
     from refusalkit.core.settings import default_config_text
 

@@ -19,8 +19,10 @@ def run(args: argparse.Namespace) -> int:
     cfg, layout = command_config(args)
     path = layout.direction(args.variant, "direction.safetensors")
     if not path.exists():
-        raise UserError(f"{args.variant} has no refusal direction in {layout.root}; run refusalkit extract "
-                        f"--run {args.run} --variant {args.variant} first")
+        raise UserError(
+            f"{args.variant} has no refusal direction in {layout.root}; run refusalkit extract "
+            f"--run {args.run} --variant {args.variant} first"
+        )
     direction = artifacts.load_tensors(path)["direction"]
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):

@@ -22,32 +22,48 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(info: dict[str, Any], root: Path) -> str:
     """What the edit did: block, alphas and gains, sparsity, per-matrix change, the α curve."""
-    lines = [f"{info['variant']}: AIRD on {info['source_variant']} at block {info['layer']} "
-             f"(direction layer {info['direction_layer']}, placement {info['placement']}, r {info['direction']}, "
-             f"norm {info['direction_norm']:.2f})",
-             "  alphas          " + ", ".join(f"{k} {a:.4g} (gain {info['gain'][k]:.3g})" for k, a in info["alphas"].items()),
-             f"  model sparsity  {info['model_sparsity_before']:.2%} -> {info['model_sparsity_after']:.2%}"]
+    lines = [
+        f"{info['variant']}: AIRD on {info['source_variant']} at block {info['layer']} "
+        f"(direction layer {info['direction_layer']}, placement {info['placement']}, r {info['direction']}, "
+        f"norm {info['direction_norm']:.2f})",
+        "  alphas          "
+        + ", ".join(f"{k} {a:.4g} (gain {info['gain'][k]:.3g})" for k, a in info["alphas"].items()),
+        f"  model sparsity  {info['model_sparsity_before']:.2%} -> {info['model_sparsity_after']:.2%}",
+    ]
     for k, m in info["matrices"].items():
-        lines.append(f"  {k:15s} |dW| {m['delta_norm']:.4g} ({m['rel_delta']:.2%} of |W|), zeros "
-                     f"{m['sparsity_before']:.2%} -> {m['sparsity_after']:.2%}")
+        lines.append(
+            f"  {k:15s} |dW| {m['delta_norm']:.4g} ({m['rel_delta']:.2%} of |W|), zeros "
+            f"{m['sparsity_before']:.2%} -> {m['sparsity_after']:.2%}"
+        )
     w = info.get("writes_along_r") or {}
     if all(isinstance(w.get(k), dict) and "harmless" in w[k] for k in ("attn_out", "mlp_down")):
-        lines.append("  writes along r  " + ", ".join(f"{k} {w[k]['harmful']:+.3f} harmful / {w[k]['harmless']:+.3f} harmless"
-                                                      for k in ("attn_out", "mlp_down"))
-                     + f"; gap change {info['predicted_gap_change']:+.3f} (first order)")
+        lines.append(
+            "  writes along r  "
+            + ", ".join(
+                f"{k} {w[k]['harmful']:+.3f} harmful / {w[k]['harmless']:+.3f} harmless"
+                for k in ("attn_out", "mlp_down")
+            )
+            + f"; gap change {info['predicted_gap_change']:+.3f} (first order)"
+        )
     if info.get("quantization"):
         lines.append(f"  requantized     {info['quantization']['survival']:.0%} of the edit survives")
     c = info.get("curve")
     if c:
-        lines.append(f"  alpha curve     target ASR {c['target_asr']:.0%} ({c['target_from']}); unrepaired ASR "
-                     f"{c['unrepaired']['asr']['rate']:.0%}")
+        lines.append(
+            f"  alpha curve     target ASR {c['target_asr']:.0%} ({c['target_from']}); unrepaired ASR "
+            f"{c['unrepaired']['asr']['rate']:.0%}"
+        )
         for p in c["points"]:
-            lines.append(f"    x{p['alpha_scale']:<6g} ASR {p['asr']['rate']:5.0%}  over-refusal "
-                         f"{p.get('over_refusal', {}).get('rate', float('nan')):5.0%}  degenerate {p['degenerate_rate']:5.0%}"
-                         f"  ppl {p.get('perplexity', float('nan')):7.2f}" + (f"  over budget: {'; '.join(p['over_budget'])}"
-                                                                              if p["over_budget"] else ""))
+            lines.append(
+                f"    x{p['alpha_scale']:<6g} ASR {p['asr']['rate']:5.0%}  over-refusal "
+                f"{p.get('over_refusal', {}).get('rate', float('nan')):5.0%}  degenerate {p['degenerate_rate']:5.0%}"
+                f"  ppl {p.get('perplexity', float('nan')):7.2f}"
+                + (f"  over budget: {'; '.join(p['over_budget'])}" if p["over_budget"] else "")
+            )
         if info["auto"]:
-            lines.append(f"  chosen          x{info['alpha_scale']:g}" +
-                         ("" if c["chosen"]["target_reached"] else " (target not reached within the budgets)"))
+            lines.append(
+                f"  chosen          x{info['alpha_scale']:g}"
+                + ("" if c["chosen"]["target_reached"] else " (target not reached within the budgets)")
+            )
     lines.append(f"  saved in        {root / info['variant']}/model (use --variant {info['variant']})")
     return "\n".join(lines)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from refusalkit.cli.commands.report import report_summary
 from refusalkit.cli.parser import config_overrides
-from refusalkit.core.settings import load_config
 from refusalkit.core.layout import RunLayout
+from refusalkit.core.settings import load_config
 
 
 def _root(args: argparse.Namespace, named: str) -> Path:
@@ -32,8 +32,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         profile = resolve_profile(named, load_config(files=files, overrides=overrides).device)
         cfg = load_config(files=files, overrides=overrides, profile=PROFILES[profile])
-    print(f"[run] {root}: profile {profile}" + (" (no GPU; --profile full for the paper-sized settings)"
-                                               if profile == "cpu" and named == "auto" else ""), file=sys.stderr)
+    print(
+        f"[run] {root}: profile {profile}"
+        + (" (no GPU; --profile full for the paper-sized settings)" if profile == "cpu" and named == "auto" else ""),
+        file=sys.stderr,
+    )
     res = run_all(cfg, root, progress=not args.quiet, echo=lambda m: print(m, file=sys.stderr), profile=profile)
     failed = {k: v["why"] for k, v in res["state"]["stages"].items() if v["status"] == "failed"}
     if res["report"] is not None:
@@ -41,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         for k, why in failed.items():
             print(f"error: stage {k} failed: {why}", file=sys.stderr)
-        print(f"error: {len(failed)} stage(s) failed ({', '.join(failed)}); fix the cause and re-run the same "
-              "command to resume", file=sys.stderr)
+        print(
+            f"error: {len(failed)} stage(s) failed ({', '.join(failed)}); fix the cause and re-run the same "
+            "command to resume",
+            file=sys.stderr,
+        )
         return 1
     return 0

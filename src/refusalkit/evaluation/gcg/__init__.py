@@ -59,7 +59,23 @@ from refusalkit.evaluation.gcg.tokens import (
 )
 
 __all__ = [
-    "PLACEHOLDER", "SEPARATOR", "GCGConfig", "GCGObjective", "GCGResult", "Segments", "SuffixCodec", "TokenText",
-    "allowed_tokens", "attack_prompt", "consistent_rows", "default_target", "gcg", "make_segments",
-    "sample_candidates", "split_template", "target_loss", "top_k_substitutions", "unique_candidates",
+    "PLACEHOLDER",
+    "SEPARATOR",
+    "GCGConfig",
+    "GCGObjective",
+    "GCGResult",
+    "Segments",
+    "SuffixCodec",
+    "TokenText",
+    "allowed_tokens",
+    "attack_prompt",
+    "consistent_rows",
+    "default_target",
+    "gcg",
+    "make_segments",
+    "sample_candidates",
+    "split_template",
+    "target_loss",
+    "top_k_substitutions",
+    "unique_candidates",
 ]

@@ -64,8 +64,16 @@ class GCGResult:
         return asdict(self)
 
 
-def gcg(lm: Any, goals: list[str], targets: list[str], config: GCGConfig, *, system_prompt: str | None = None,
-        hooks: tuple[list[Hook], list[Hook]] = ([], []), progress: Callable[[int], None] | None = None) -> GCGResult:
+def gcg(
+    lm: Any,
+    goals: list[str],
+    targets: list[str],
+    config: GCGConfig,
+    *,
+    system_prompt: str | None = None,
+    hooks: tuple[list[Hook], list[Hook]] = ([], []),
+    progress: Callable[[int], None] | None = None,
+) -> GCGResult:
     """One suffix optimized for every (goal, target) pair: per-prompt when ``len(goals) == 1``
     (Zou et al. Alg. 1), universal otherwise (Alg. 2, progressive with ``config.progressive``).
 
@@ -128,8 +136,9 @@ def _add_goals(obj: GCGObjective, s: _Search, n: int) -> None:
         s.restart_best()
 
 
-def _step(obj: GCGObjective, s: _Search, config: GCGConfig, allowed: torch.Tensor, gen: torch.Generator,
-          step: int) -> None:
+def _step(
+    obj: GCGObjective, s: _Search, config: GCGConfig, allowed: torch.Tensor, gen: torch.Generator, step: int
+) -> None:
     """One step of Alg. 1 over the active goals: gradient, top-k substitutions, candidates, the
     retokenization filter, exact losses; the best candidate becomes the suffix."""
     goal_set = list(range(s.active))
@@ -149,8 +158,14 @@ def _step(obj: GCGObjective, s: _Search, config: GCGConfig, allowed: torch.Tenso
     s.choose(cands[j].clone(), per_goal[j].tolist(), ok[j].tolist(), float(total[j]))
 
 
-def _optimize(lm: Any, goals: list[str], targets: list[str], config: GCGConfig, system_prompt: str | None,
-              progress: Callable[[int], None] | None) -> GCGResult:
+def _optimize(
+    lm: Any,
+    goals: list[str],
+    targets: list[str],
+    config: GCGConfig,
+    system_prompt: str | None,
+    progress: Callable[[int], None] | None,
+) -> GCGResult:
     obj = GCGObjective(lm, goals, targets, system_prompt)
     ids = obj.suffix_ids(config.suffix_init)
     allowed = allowed_tokens(lm.tokenizer, obj.vocab_size, len(ids), config.allow_non_ascii, obj.text).to(obj.device)
@@ -178,8 +193,16 @@ def _optimize(lm: Any, goals: list[str], targets: list[str], config: GCGConfig, 
         progress(config.n_steps - step)
     final_loss, final_ok = obj.losses(s.best_ids.unsqueeze(0), range(n), 1)
     return GCGResult(
-        suffix=obj.suffix_text(s.best_ids), suffix_ids=s.best_ids.tolist(), best_loss=float(s.best_loss),
-        losses=s.losses, n_steps=step, seconds=0.0, success=final_ok[0].tolist(), initial_loss=initial_loss,
-        initial_goal_losses=init_loss[0].tolist(), goal_losses=final_loss[0].tolist(), n_goals_used=s.active,
+        suffix=obj.suffix_text(s.best_ids),
+        suffix_ids=s.best_ids.tolist(),
+        best_loss=float(s.best_loss),
+        losses=s.losses,
+        n_steps=step,
+        seconds=0.0,
+        success=final_ok[0].tolist(),
+        initial_loss=initial_loss,
+        initial_goal_losses=init_loss[0].tolist(),
+        goal_losses=final_loss[0].tolist(),
+        n_goals_used=s.active,
         early_stopped=early,
     )

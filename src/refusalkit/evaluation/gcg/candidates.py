@@ -24,8 +24,9 @@ def top_k_substitutions(grad: torch.Tensor, k: int, allowed: torch.Tensor) -> to
     return scores.topk(k, dim=-1).indices
 
 
-def sample_candidates(ids: torch.Tensor, topk_ids: torch.Tensor, n: int, n_replace: int,
-                      generator: torch.Generator) -> torch.Tensor:
+def sample_candidates(
+    ids: torch.Tensor, topk_ids: torch.Tensor, n: int, n_replace: int, generator: torch.Generator
+) -> torch.Tensor:
     """``n`` copies of ``ids [S]``, each with ``n_replace`` distinct uniformly random positions ``i``
     set to a uniformly random token of ``topk_ids[i]`` (Alg. 1, lines 4-6). CPU, seeded."""
     ids, topk_ids = ids.cpu(), topk_ids.cpu()
@@ -59,4 +60,3 @@ def target_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     tgt = target.to(logits.device).unsqueeze(0).expand(B, T)
     ce = F.cross_entropy(logits.float().reshape(B * T, V), tgt.reshape(-1), reduction="none").view(B, T)
     return ce.mean(-1), (logits.argmax(-1) == tgt).all(-1)
-

@@ -50,8 +50,10 @@ class GCGObjective(SuffixCodec):
         row = self.weight[probe[0, 0]].float()
         scale = float(getattr(self.embed, "embed_scale", 1.0))
         if not torch.allclose(out, row * scale, rtol=1e-3, atol=1e-5):
-            raise UserError(f"the input embedding of {type(self.model).__name__} is not a lookup of its weight matrix; "
-                            "GCG needs one-hot gradients through it")
+            raise UserError(
+                f"the input embedding of {type(self.model).__name__} is not a lookup of its weight matrix; "
+                "GCG needs one-hot gradients through it"
+            )
         return scale
 
     # -- forward passes ------------------------------------------------------------------------
@@ -66,8 +68,11 @@ class GCGObjective(SuffixCodec):
             # Normal tensors even when first called from losses() (inference mode): the cache also
             # feeds the gradient pass.
             with torch.inference_mode(False), torch.no_grad():
-                self.model(input_ids=torch.tensor([before], device=self.device), logits_to_keep=1,
-                           **cache_kwargs(cache, self.cache_keyword))
+                self.model(
+                    input_ids=torch.tensor([before], device=self.device),
+                    logits_to_keep=1,
+                    **cache_kwargs(cache, self.cache_keyword),
+                )
             self._caches[g] = cache
         return self._caches[g]
 
@@ -99,8 +104,9 @@ class GCGObjective(SuffixCodec):
             torch.cuda.empty_cache()
         return self.max_batch
 
-    def losses(self, cands: torch.Tensor, goals: Sequence[int],
-               batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(
+        self, cands: torch.Tensor, goals: Sequence[int], batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact loss of every candidate ``[B, S]`` on each goal: float32 ``[B, len(goals)]`` losses
         and bool ``[B, len(goals)]`` successes (Alg. 1, line 7), ``batch_size`` rows per forward
         (halved, and kept halved, after an out-of-memory error)."""

@@ -64,8 +64,9 @@ class TokenText:
         return self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
-def allowed_tokens(tokenizer: Any, vocab_size: int, n_positions: int, allow_non_ascii: bool = False,
-                   text: TokenText | None = None) -> torch.Tensor:
+def allowed_tokens(
+    tokenizer: Any, vocab_size: int, n_positions: int, allow_non_ascii: bool = False, text: TokenText | None = None
+) -> torch.Tensor:
     """Bool mask ``[n_positions, vocab_size]`` of the tokens a suffix position may take.
 
     Every position excludes special and added tokens (template tokens: a suffix must not close
@@ -80,8 +81,7 @@ def allowed_tokens(tokenizer: Any, vocab_size: int, n_positions: int, allow_non_
     excluded.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     ids = [i for i in range(n) if i not in excluded]
     texts = text.texts([[i] for i in ids])
-    cand = [(i, t) for i, t in zip(ids, texts)
-            if t and (allow_non_ascii or (t.isascii() and t.isprintable()))]
+    cand = [(i, t) for i, t in zip(ids, texts) if t and (allow_non_ascii or (t.isascii() and t.isprintable()))]
     enc = text.encode([t for _, t in cand])
     ok = [(i, t) for (i, t), e in zip(cand, enc) if e == [i]]
     mask = torch.zeros(n_positions, vocab_size, dtype=torch.bool)
@@ -119,8 +119,10 @@ def split_template(tokenizer: Any, goal: str, system_prompt: str | None = None) 
     text = format_prompts(tokenizer, [attack_prompt(goal, PLACEHOLDER)], system_prompt)[0]
     marker = SEPARATOR + PLACEHOLDER
     if text.count(marker) != 1:
-        raise UserError("the chat template does not keep the user's message verbatim; GCG needs it to cut the "
-                        "prompt around the suffix (check the model's template or --chat-template)")
+        raise UserError(
+            "the chat template does not keep the user's message verbatim; GCG needs it to cut the "
+            "prompt around the suffix (check the model's template or --chat-template)"
+        )
     before, after = text.split(marker)
     return before, after
 
@@ -155,8 +157,10 @@ class SuffixCodec:
         t = torch.tensor(ids)
         for g in range(len(self.segments)):
             if not self.consistent(t.unsqueeze(0), [g])[0]:
-                raise UserError(f"the suffix {suffix!r} does not tokenize the same alone and inside the chat prompt of "
-                                f"{self.tokenizer.__class__.__name__}; choose another suffix_init")
+                raise UserError(
+                    f"the suffix {suffix!r} does not tokenize the same alone and inside the chat prompt of "
+                    f"{self.tokenizer.__class__.__name__}; choose another suffix_init"
+                )
         return t
 
     def suffix_text(self, ids: torch.Tensor) -> str:
@@ -169,8 +173,13 @@ class SuffixCodec:
         is stripped, and re-encodes to the same ids alone and inside the prompt of every goal."""
         rows = cands.tolist()
         texts = self.text.texts(rows)
-        ok = [t is not None and t.startswith(SEPARATOR) and len(t) > len(SEPARATOR)
-              and t[len(SEPARATOR):] == t[len(SEPARATOR):].strip() for t in texts]
+        ok = [
+            t is not None
+            and t.startswith(SEPARATOR)
+            and len(t) > len(SEPARATOR)
+            and t[len(SEPARATOR) :] == t[len(SEPARATOR) :].strip()
+            for t in texts
+        ]
         idx = [i for i, k in enumerate(ok) if k]
         alone = consistent_rows([rows[i] for i in idx], self.text.encode([texts[i] for i in idx]))
         idx = [i for i, k in zip(idx, alone) if k]

@@ -36,8 +36,10 @@ def attack_note(attack: str, rec: dict[str, Any] | None) -> str:
         return f"{attack}: not run"
     settings = rec.get("settings") or {}
     extra = ", ".join(f"{k} {settings[k]}" for k in ("max_new_tokens", "seed", "grid", "mode") if k in settings)
-    return (f"{attack}: judge {rec.get('judge', DASH)}, {rec.get('n_prompts', DASH)} prompts, "
-            f"{rec.get('n_completions', DASH)} completions" + (f"; {extra}" if extra else ""))
+    return (
+        f"{attack}: judge {rec.get('judge', DASH)}, {rec.get('n_prompts', DASH)} prompts, "
+        f"{rec.get('n_completions', DASH)} completions" + (f"; {extra}" if extra else "")
+    )
 
 
 def evaluation_notes(run: Run) -> list[str]:
@@ -45,8 +47,10 @@ def evaluation_notes(run: Run) -> list[str]:
     notes = [attack_note(a, next((v.asr[a] for v in run.variants if a in v.asr), None)) for a in ATTACKS]
     ref = next((v.over_refusal for v in run.variants if v.over_refusal), None)
     if ref:
-        notes.append(f"over-refusal: judge {ref.get('judge', DASH)}, {(ref.get('refusal_rate') or {}).get('n', DASH)} "
-                     f"harmless prompts ({(ref.get('prompts') or {}).get('source', DASH)})")
+        notes.append(
+            f"over-refusal: judge {ref.get('judge', DASH)}, {(ref.get('refusal_rate') or {}).get('n', DASH)} "
+            f"harmless prompts ({(ref.get('prompts') or {}).get('source', DASH)})"
+        )
     util = next((v.utility for v in run.variants if v.utility), None)
     if util:
         tasks = ", ".join(f"{k} (n {t.get('n', DASH)})" for k, t in (util.get("tasks") or {}).items())
@@ -59,13 +63,19 @@ def evaluation_notes(run: Run) -> list[str]:
 
 def methods_notes(run: Run) -> list[str]:
     """How the run was evaluated (:func:`evaluation_notes`), then the report's rules."""
-    return [*evaluation_notes(run),
-            "Intervals are 95% Wilson score intervals, in percent.",
-            (f"BROKEN: perplexity above {BROKEN_PPL_FACTOR:g}× the base model's or more than "
-             f"{BROKEN_DEGENERATE:.0%} of vanilla completions degenerate (primary judge)."),
-            (f"A direction counts as moved when its source shifted or its cosine with the base direction is below "
-             f"{run.moved_cosine:g} (run.moved_cosine); pruning: {', '.join(PRUNING)}; quantization: "
-             f"{', '.join(QUANTIZATION)}.")]
+    return [
+        *evaluation_notes(run),
+        "Intervals are 95% Wilson score intervals, in percent.",
+        (
+            f"BROKEN: perplexity above {BROKEN_PPL_FACTOR:g}× the base model's or more than "
+            f"{BROKEN_DEGENERATE:.0%} of vanilla completions degenerate (primary judge)."
+        ),
+        (
+            f"A direction counts as moved when its source shifted or its cosine with the base direction is below "
+            f"{run.moved_cosine:g} (run.moved_cosine); pruning: {', '.join(PRUNING)}; quantization: "
+            f"{', '.join(QUANTIZATION)}."
+        ),
+    ]
 
 
 def broken_paragraph(run: Run) -> Paragraph:
@@ -75,7 +85,8 @@ def broken_paragraph(run: Run) -> Paragraph:
         (f"BROKEN: {', '.join(broken)}. " if broken else "No variant is BROKEN. ")
         + f"A variant is BROKEN when its perplexity exceeds {BROKEN_PPL_FACTOR:g}× the base model's or more than "
         f"{BROKEN_DEGENERATE:.0%} of its vanilla completions are degenerate; its ASR cells are then marked with an "
-        f"asterisk: they measure a damaged model, not an unsafe one. {DASH} : not measured.")
+        f"asterisk: they measure a damaged model, not an unsafe one. {DASH} : not measured."
+    )
 
 
 def build_report(run: Run, generated: str) -> tuple[list[Block], list[Finding]]:
@@ -90,11 +101,18 @@ def build_report(run: Run, generated: str) -> tuple[list[Block], list[Finding]]:
     repairs = repairs_table(run)
     if repairs is not None:
         blocks += [Heading("Repairs (AIRD)"), repairs]
-    figures = [f for f in (plot_cosine_by_layer(run), *plot_selection_scores(run), plot_repair_asr(run),
-                           *plot_alpha_curves(run)) if f is not None]
+    figures = [
+        f
+        for f in (plot_cosine_by_layer(run), *plot_selection_scores(run), plot_repair_asr(run), *plot_alpha_curves(run))
+        if f is not None
+    ]
     if figures:
         blocks += [Heading("Plots"), *figures]
     findings = [check(run) for check in FINDINGS]
-    blocks += [Heading("The paper's findings on this run"), Findings(findings),
-               Heading("Methods"), Bullets(methods_notes(run))]
+    blocks += [
+        Heading("The paper's findings on this run"),
+        Findings(findings),
+        Heading("Methods"),
+        Bullets(methods_notes(run)),
+    ]
     return blocks, findings

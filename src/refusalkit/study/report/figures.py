@@ -69,17 +69,27 @@ def plot_cosine_by_layer(run: Run) -> Figure | None:
     ax.set_ylabel("cosine with the base candidate")
     ax.set_title("variant vs base candidate direction, by layer (base position)")
     ax.legend(fontsize=7)
-    return report_figure(run, "cosine_by_layer", "Cosine of each variant's candidate direction with the base "
-                         "model's, by layer, at the base direction's position; dashed: the base direction's source "
-                         "layer.", fig)
+    return report_figure(
+        run,
+        "cosine_by_layer",
+        "Cosine of each variant's candidate direction with the base "
+        "model's, by layer, at the base direction's position; dashed: the base direction's source "
+        "layer.",
+        fig,
+    )
 
 
 def extract_stage_selection_plots(run: Run) -> list[Figure]:
     """The ``selection_pos*.png`` the extract stage left in ``base/direction/`` (read from disk, linked in place)."""
     folder = run.layout.direction_dir("base")
-    return [Figure(f"Base direction selection, {p.stem.removeprefix('selection_')} (from the extract stage).",
-                   p.read_bytes(), p.relative_to(run.root).as_posix())
-            for p in sorted(folder.glob("selection_pos*.png"))]
+    return [
+        Figure(
+            f"Base direction selection, {p.stem.removeprefix('selection_')} (from the extract stage).",
+            p.read_bytes(),
+            p.relative_to(run.root).as_posix(),
+        )
+        for p in sorted(folder.glob("selection_pos*.png"))
+    ]
 
 
 def plot_selection_scores(run: Run) -> list[Figure]:
@@ -102,15 +112,27 @@ def plot_selection_scores(run: Run) -> list[Figure]:
         ax.axvspan(cutoff - 0.5, last + 0.5, color="0.9", label="excluded layers")
     d = run.base.direction
     if d.get("ablation_score") is not None:
-        ax.plot([d["layer"]], [d["ablation_score"]], "k*", markersize=12,
-                label=f"selected (L{d['layer']}, pos {d['position']})")
+        ax.plot(
+            [d["layer"]],
+            [d["ablation_score"]],
+            "k*",
+            markersize=12,
+            label=f"selected (L{d['layer']}, pos {d['position']})",
+        )
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("layer (input of block)")
     ax.set_ylabel("refusal score after ablation (log-odds)")
     ax.set_title("base model: direction selection")
     ax.legend(fontsize=7, ncol=2)
-    return [report_figure(run, "selection", "Base model: refusal score on harmful prompts with each candidate "
-                          "direction ablated (lower is a stronger direction), by layer, one line per position.", fig)]
+    return [
+        report_figure(
+            run,
+            "selection",
+            "Base model: refusal score on harmful prompts with each candidate "
+            "direction ablated (lower is a stronger direction), by layer, one line per position.",
+            fig,
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- repairs
@@ -124,8 +146,15 @@ def draw_before_after_bars(ax: Any, pairs: list[tuple[Variant, Variant]], attack
             if r is None:
                 continue
             lo, hi = r.get("ci95") or (r["rate"], r["rate"])
-            ax.bar(i + offset, r["rate"], 0.4, color=color, label=None if i else ("before", "after")[which],
-                   yerr=[[r["rate"] - lo], [hi - r["rate"]]], capsize=3)
+            ax.bar(
+                i + offset,
+                r["rate"],
+                0.4,
+                color=color,
+                label=None if i else ("before", "after")[which],
+                yerr=[[r["rate"] - lo], [hi - r["rate"]]],
+                capsize=3,
+            )
 
 
 def plot_repair_asr(run: Run) -> Figure | None:
@@ -147,8 +176,13 @@ def plot_repair_asr(run: Run) -> Figure | None:
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("attack success rate (95% CI)")
     axes[0][0].legend(fontsize=7)
-    return report_figure(run, "repair_asr", "Attack success rate of each repaired variant's source (before) and of "
-                         "the repaired variant (after), per attack, with 95% intervals; dashed: the base model.", fig)
+    return report_figure(
+        run,
+        "repair_asr",
+        "Attack success rate of each repaired variant's source (before) and of "
+        "the repaired variant (after), per attack, with 95% intervals; dashed: the base model.",
+        fig,
+    )
 
 
 CURVE_RATES: tuple[tuple[str, Callable[[dict[str, Any]], float | None], str], ...] = (
@@ -164,8 +198,9 @@ def draw_curve_references(ax: Any, curve: dict[str, Any]) -> None:
     if ref is not None:
         ax.axhline(ref, color="tab:blue", lw=0.8, ls="--", label=f"ASR unrepaired ({ref:.0%})")
     if curve.get("target_asr") is not None:
-        ax.axhline(curve["target_asr"], color="tab:green", lw=0.8, ls="-.",
-                   label=f"target ASR ({curve['target_asr']:.0%})")
+        ax.axhline(
+            curve["target_asr"], color="tab:green", lw=0.8, ls="-.", label=f"target ASR ({curve['target_asr']:.0%})"
+        )
 
 
 def plot_alpha_curve(run: Run, v: Variant) -> Figure | None:
@@ -197,8 +232,13 @@ def plot_alpha_curve(run: Run, v: Variant) -> Figure | None:
         ax2.legend(fontsize=7, loc="upper right")
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title(f"{v.name}: alpha curve")
-    return report_figure(run, f"alpha_curve_{slug(v.name)}", f"{v.name}: ASR, over-refusal and degenerate rate "
-                         "(left axis) and perplexity (right axis) against the alpha scale (search prompts).", fig)
+    return report_figure(
+        run,
+        f"alpha_curve_{slug(v.name)}",
+        f"{v.name}: ASR, over-refusal and degenerate rate "
+        "(left axis) and perplexity (right axis) against the alpha scale (search prompts).",
+        fig,
+    )
 
 
 def plot_alpha_curves(run: Run) -> list[Figure]:

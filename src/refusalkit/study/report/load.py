@@ -56,14 +56,18 @@ class Variant:
     def load(cls, layout: RunLayout, name: str) -> Variant:
         """Read variant ``name``'s records; ``asr`` keeps only the known attacks."""
         asr = read_json(layout.eval(name, "asr.json")) or {}
-        return cls(name=name, direction=read_json(layout.direction(name, "direction.json")),
-                   scores=read_json(layout.direction(name, "scores.json")),
-                   validation=read_json(layout.direction(name, "validation.json")),
-                   compression=read_json(layout.compression(name)), repair=read_json(layout.repair_info(name)),
-                   compare=read_json(layout.compare(name)),
-                   asr={k: v for k, v in asr.items() if k in ATTACKS and isinstance(v, dict)},
-                   over_refusal=read_json(layout.eval(name, "over_refusal.json")),
-                   utility=read_json(layout.eval(name, "utility.json")))
+        return cls(
+            name=name,
+            direction=read_json(layout.direction(name, "direction.json")),
+            scores=read_json(layout.direction(name, "scores.json")),
+            validation=read_json(layout.direction(name, "validation.json")),
+            compression=read_json(layout.compression(name)),
+            repair=read_json(layout.repair_info(name)),
+            compare=read_json(layout.compare(name)),
+            asr={k: v for k, v in asr.items() if k in ATTACKS and isinstance(v, dict)},
+            over_refusal=read_json(layout.eval(name, "over_refusal.json")),
+            utility=read_json(layout.eval(name, "utility.json")),
+        )
 
     @property
     def kind(self) -> str:
@@ -186,10 +190,16 @@ def load_run(layout: RunLayout) -> Run:
     """Read the run directory (UserError when the base direction was never extracted)."""
     root = layout.root
     if not layout.direction("base", "direction.json").is_file():
-        raise UserError(f"{root} has no base refusal direction (base/direction/direction.json); "
-                        f"run refusalkit extract --run {root} first")
+        raise UserError(
+            f"{root} has no base refusal direction (base/direction/direction.json); "
+            f"run refusalkit extract --run {root} first"
+        )
     found = [Variant.load(layout, name) for name in layout.variants()]
     config = read_yaml(layout.config)
     moved_cosine = float((config.get("run") or {}).get("moved_cosine", KEPT_COSINE))
-    return Run(layout=layout, model=str(config.get("model") or DASH),
-               variants=[Variant.load(layout, "base"), *report_order(found)], moved_cosine=moved_cosine)
+    return Run(
+        layout=layout,
+        model=str(config.get("model") or DASH),
+        variants=[Variant.load(layout, "base"), *report_order(found)],
+        moved_cosine=moved_cosine,
+    )

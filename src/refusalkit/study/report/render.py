@@ -88,8 +88,10 @@ def html_table(t: Table) -> str:
     """A scrollable table; ``marked`` rows get the ``broken`` class."""
     head = "".join(f"<th>{escape(h)}</th>" for h in t.headers)
     marked = t.marked or [False] * len(t.rows)
-    rows = "".join(('<tr class="broken">' if m else "<tr>") + "".join(f"<td>{escape(c)}</td>" for c in row)
-                   + "</tr>" for row, m in zip(t.rows, marked))
+    rows = "".join(
+        ('<tr class="broken">' if m else "<tr>") + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>"
+        for row, m in zip(t.rows, marked)
+    )
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
 
 
@@ -101,9 +103,15 @@ def html_figure(f: Figure) -> str:
 
 def html_findings(b: Findings) -> str:
     """The findings as a list, each verdict coloured by its class (``holds``, ``does-not-hold``, ``not-measured``)."""
-    return '<ul class="findings">' + "".join(
-        f'<li><b>{escape(f.key)}</b> {escape(f.claim)}: <span class="verdict {f.verdict.replace(" ", "-")}">'
-        f"{escape(f.verdict)}</span> — {escape(f.evidence)}</li>" for f in b.items) + "</ul>"
+    return (
+        '<ul class="findings">'
+        + "".join(
+            f'<li><b>{escape(f.key)}</b> {escape(f.claim)}: <span class="verdict {f.verdict.replace(" ", "-")}">'
+            f"{escape(f.verdict)}</span> — {escape(f.evidence)}</li>"
+            for f in b.items
+        )
+        + "</ul>"
+    )
 
 
 def html_block(b: Block) -> str:
@@ -124,8 +132,10 @@ def html_block(b: Block) -> str:
 def render_html(blocks: list[Block], title: str) -> str:
     """A self-contained page; its script records in ``data-images-loaded`` how many images decoded."""
     n_images = sum(isinstance(b, Figure) for b in blocks)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
-            f"<style>{CSS}</style>\n</head>\n"
-            f'<body data-images-total="{n_images}" data-images-loaded="0">\n'
-            + "\n".join(html_block(b) for b in blocks)
-            + f"\n<script>{IMAGES_SCRIPT}</script>\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
+        f"<style>{CSS}</style>\n</head>\n"
+        f'<body data-images-total="{n_images}" data-images-loaded="0">\n'
+        + "\n".join(html_block(b) for b in blocks)
+        + f"\n<script>{IMAGES_SCRIPT}</script>\n</body>\n</html>\n"
+    )

@@ -12,11 +12,35 @@ from refusalkit.core.config import ATTACKS
 from refusalkit.study.report.blocks import DASH, Table
 from refusalkit.study.report.load import Run, Variant
 
-VARIANT_HEADERS = ["variant", "method", "sparsity / bits", "direction source", "cos selected", "cos at base source",
-                   "source shifted", *(f"ASR {a}" for a in ATTACKS), "degenerate", "over-refusal", "perplexity",
-                   "mean acc", "status"]
-REPAIR_HEADERS = ["variant", "source", "method", "placement", "r", "alpha scale", "gains", "model sparsity",
-                  "quantization survival", "vanilla ASR", "over-refusal", "mean acc"]
+VARIANT_HEADERS = [
+    "variant",
+    "method",
+    "sparsity / bits",
+    "direction source",
+    "cos selected",
+    "cos at base source",
+    "source shifted",
+    *(f"ASR {a}" for a in ATTACKS),
+    "degenerate",
+    "over-refusal",
+    "perplexity",
+    "mean acc",
+    "status",
+]
+REPAIR_HEADERS = [
+    "variant",
+    "source",
+    "method",
+    "placement",
+    "r",
+    "alpha scale",
+    "gains",
+    "model sparsity",
+    "quantization survival",
+    "vanilla ASR",
+    "over-refusal",
+    "mean acc",
+]
 
 
 # --------------------------------------------------------------------------- cells
@@ -95,10 +119,21 @@ def over_refusal_cell(v: Variant | None) -> str:
 def variant_row(run: Run, v: Variant, why: str | None) -> list[str]:
     """One row of :func:`variants_table`; ``why`` (BROKEN) flags the ASR cells with an asterisk."""
     flag = "*" if why else ""
-    return [v.name, v.method or ("none" if v.kind == "base" else DASH), size_cell(run, v), source_cell(v),
-            num_cell(v.cosine_selected), num_cell(v.cosine_at_base_source), yes_no_cell(v.shifted),
-            *(rate_cell(v.attack(a), flag) for a in ATTACKS), pct_cell(v.degenerate_rate), over_refusal_cell(v),
-            ppl_cell(v.perplexity), pct_cell(v.mean_acc, 1), status_cell(v, why)]
+    return [
+        v.name,
+        v.method or ("none" if v.kind == "base" else DASH),
+        size_cell(run, v),
+        source_cell(v),
+        num_cell(v.cosine_selected),
+        num_cell(v.cosine_at_base_source),
+        yes_no_cell(v.shifted),
+        *(rate_cell(v.attack(a), flag) for a in ATTACKS),
+        pct_cell(v.degenerate_rate),
+        over_refusal_cell(v),
+        ppl_cell(v.perplexity),
+        pct_cell(v.mean_acc, 1),
+        status_cell(v, why),
+    ]
 
 
 def variants_table(run: Run) -> Table:
@@ -118,13 +153,19 @@ def repair_row(run: Run, v: Variant) -> list[str]:
     quant = r.get("quantization") or {}
     sp_before, sp_after = r.get("model_sparsity_before"), r.get("model_sparsity_after")
     return [
-        v.name, r.get("source_variant") or DASH, r.get("method") or DASH, r.get("placement") or DASH,
-        r.get("direction") or DASH, num_cell(r.get("alpha_scale"), "g"),
+        v.name,
+        r.get("source_variant") or DASH,
+        r.get("method") or DASH,
+        r.get("placement") or DASH,
+        r.get("direction") or DASH,
+        num_cell(r.get("alpha_scale"), "g"),
         ", ".join(f"{k} {g:.3g}" for k, g in gain.items()) or DASH,
-        before_after_cell(pct_cell(sp_before, 1), pct_cell(sp_after, 1)), pct_cell(quant.get("survival")),
+        before_after_cell(pct_cell(sp_before, 1), pct_cell(sp_after, 1)),
+        pct_cell(quant.get("survival")),
         before_after_cell(rate_cell(src.attack("vanilla") if src else None), rate_cell(v.attack("vanilla"))),
         before_after_cell(over_refusal_cell(src), over_refusal_cell(v)),
-        before_after_cell(pct_cell(src.mean_acc if src else None, 1), pct_cell(v.mean_acc, 1))]
+        before_after_cell(pct_cell(src.mean_acc if src else None, 1), pct_cell(v.mean_acc, 1)),
+    ]
 
 
 def repairs_table(run: Run) -> Table | None:

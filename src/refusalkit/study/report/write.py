@@ -41,5 +41,9 @@ def write_report(root: str | Path) -> dict[str, Any]:
     md, page = layout.report_md, layout.report_html
     artifacts.write_text(md, render_md(blocks))
     artifacts.write_text(page, render_html(blocks, f"refusalkit report: {run.model}"))
-    return {"md": str(md), "html": str(page), "variants": [v.name for v in run.variants],
-            "findings": [f.to_json() for f in findings]}
+    return {
+        "md": str(md),
+        "html": str(page),
+        "variants": [v.name for v in run.variants],
+        "findings": [f.to_json() for f in findings],
+    }

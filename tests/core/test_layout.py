@@ -1,0 +1,78 @@
+"""The package layout: dependencies point one way (core → models → data → direction →
+compress / evaluation → repair → study → cli), and size limits a newcomer can rely on."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "refusalkit"
+LEVEL = {
+    "core": 0,
+    "models": 1,
+    "data": 2,
+    "direction": 3,
+    "compress": 4,
+    "evaluation": 4,
+    "repair": 5,
+    "study": 6,
+    "cli": 7,
+}
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in SRC.rglob("*.py") if p.parent != SRC)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """Every ``refusalkit.<package>`` imported anywhere in the module (function-level imports included)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "refusalkit" and len(parts) > 1 and parts[1] in LEVEL:
+                out.append((node.lineno, parts[1]))
+                break
+    return out
+
+
+def test_every_module_sits_in_a_stage_package():
+    assert {p.relative_to(SRC).parts[0] for p in _modules()} <= set(LEVEL)
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(SRC)))
+def test_no_import_points_up_the_stack(path):
+    here = path.relative_to(SRC).parts[0]
+    for line, there in _imports(path):
+        ok = there == here or LEVEL[there] < LEVEL[here]
+        assert ok, f"{path.relative_to(SRC)}:{line} imports refusalkit.{there} ({here} may not depend on it)"
+
+
+def test_only_the_layout_builds_run_directory_paths():
+    """Paths inside a run directory come from RunLayout: no other module names its files."""
+    names = (
+        '"compression.json"',
+        '"repair.json"',
+        '"splits.json"',
+        '"run.json"',
+        '"manifest.json"',
+        '"config.yaml"',
+        '"direction.json"',
+        '"asr.json"',
+    )
+    offenders = [
+        f"{p.relative_to(SRC)}: {n}"
+        for p in _modules()
+        if p.name != "layout.py"
+        for n in names
+        if f"/ {n}" in p.read_text()
+    ]
+    assert not offenders, offenders

@@ -1,0 +1,210 @@
+"""ASR arithmetic, Wilson intervals, judge agreement, resumable record logs, decoding grids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from refusalkit.core.errors import UserError
+from refusalkit.evaluation.records import RecordLog
+from refusalkit.evaluation.stats import agreement, rate, wilson_interval
+
+
+def test_wilson_interval_known_values():
+    # Reference values (Wilson 1927 score interval, z = 1.96), e.g. from statsmodels proportion_confint(method="wilson").
+    lo, hi = wilson_interval(3, 24)
+    assert lo == pytest.approx(0.04343, abs=1e-4) and hi == pytest.approx(0.31001, abs=1e-4)
+    lo, hi = wilson_interval(0, 100)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.03699, abs=1e-4)
+    lo, hi = wilson_interval(100, 100)
+    assert hi == 1.0 and lo == pytest.approx(0.96301, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+
+
+def test_wilson_interval_contains_rate_and_shrinks_with_n():
+    for k, n in [(1, 10), (5, 10), (9, 10), (50, 100), (13, 519)]:
+        lo, hi = wilson_interval(k, n)
+        assert lo <= k / n <= hi
+    w_small = wilson_interval(12, 24)
+    w_large = wilson_interval(50, 100)
+    assert (w_large[1] - w_large[0]) < (w_small[1] - w_small[0])
+
+
+def test_rate_dict():
+    r = rate(7, 100)
+    assert r["rate"] == 0.07 and r["k"] == 7 and r["n"] == 100 and len(r["ci95"]) == 2
+
+
+def test_agreement_and_kappa():
+    a = [True, True, False, False, True, False, False, False]
+    assert agreement(a, a)["kappa"] == pytest.approx(1.0)
+    assert agreement(a, a)["agreement"] == 1.0
+    b = [not x for x in a]
+    assert agreement(a, b)["agreement"] == 0.0
+    assert agreement(a, b)["kappa"] < 0
+    # hand-computed: po = 6/8, pa = 3/8, pb = 3/8, pe = 9/64 + 25/64 = 34/64, kappa = (48/64 - 34/64) / (30/64)
+    c = [True, False, True, False, True, False, False, False]
+    res = agreement(a, c)
+    assert res["agreement"] == pytest.approx(6 / 8)
+    assert res["kappa"] == pytest.approx(14 / 30)
+    assert res["both_true"] == 2 and res["only_a"] == 1 and res["only_b"] == 1 and res["both_false"] == 4
+
+
+def test_summarize_rows_any_config_breaks_a_prompt():
+    from refusalkit.evaluation.stats import summarize_rows
+
+    def row(prompt, label, label2=None):
+        v = {"substring": {"label": label, "reason": ""}}
+        if label2:
+            v["model:x"] = {"label": label2, "reason": ""}
+        return {"prompt": prompt, "verdicts": v}
+
+    rows = [
+        row("a", "refusal", "refusal"),
+        row("a", "compliance", "compliance"),  # a broken by one config
+        row("b", "degenerate", "compliance"),
+        row("b", "refusal", "refusal"),  # degenerate never counts
+        row("c", "refusal", "refusal"),
+        row("c", "refusal", "refusal"),
+    ]
+    s = summarize_rows(rows, ["substring", "model:x"], "substring")
+    assert s["asr"]["k"] == 1 and s["asr"]["n"] == 3
+    assert s["judges"]["model:x"]["asr"]["k"] == 2
+    assert s["judges"]["substring"]["verdicts"]["degenerate"]["k"] == 1
+    assert s["n_completions"] == 6 and s["n_prompts"] == 3
+    ag = s["agreement"]["substring vs model:x"]
+    assert ag["agreement"] == pytest.approx(2 / 3)
+
+
+def test_record_log_resumes_and_drops_torn_line(tmp_path):
+    settings = {"a": 1}
+    log = RecordLog(tmp_path, "vanilla", settings)
+    log.append([{"key": "p1", "completion": "x"}, {"key": "p2", "completion": "y"}])
+    with open(log.partial, "a") as f:
+        f.write('{"key": "p3", "compl')  # interrupted mid-write
+    again = RecordLog(tmp_path, "vanilla", settings)
+    assert set(again.rows) == {"p1", "p2"}
+    assert again.missing(["p1", "p2", "p3"]) == ["p3"]
+    again.append([{"key": "p3", "completion": "z"}])
+    rows = again.finish(["p1", "p2", "p3"])
+    assert [r["key"] for r in rows] == ["p1", "p2", "p3"]
+    assert not log.partial.exists()
+    lines = (tmp_path / "vanilla.jsonl").read_text().splitlines()
+    assert [json.loads(x)["key"] for x in lines] == ["p1", "p2", "p3"]
+    # a finished log is reused; asking for more prompts extends it without redoing the old ones
+    done = RecordLog(tmp_path, "vanilla", settings)
+    assert done.missing(["p1", "p2", "p3", "p4"]) == ["p4"]
+    done.append([{"key": "p4", "completion": "w"}])
+    assert [r["key"] for r in done.finish(["p1", "p2", "p3", "p4"])] == ["p1", "p2", "p3", "p4"]
+
+
+def test_record_log_refuses_other_settings(tmp_path):
+    log = RecordLog(tmp_path, "decoding", {"grid": "small"})
+    log.append([{"key": "k", "completion": "c"}])
+    with pytest.raises(UserError, match="interrupted decoding evaluation with other settings"):
+        RecordLog(tmp_path, "decoding", {"grid": "huang"})
+    log.finish(["k"])
+    with pytest.raises(UserError, match="other evaluation settings"):
+        RecordLog(tmp_path, "decoding", {"grid": "huang"})
+    forced = RecordLog(tmp_path, "decoding", {"grid": "huang"}, force=True)
+    assert forced.rows == {}
+
+
+def test_parse_grid():
+    from refusalkit.evaluation.plan import parse_grid
+
+    name, decs = parse_grid("temperature=0.7,top_p=0.9,top_k=50")
+    assert name == "custom" and [d.name for d in decs] == ["temperature=0.7", "top_p=0.9", "top_k=50"]
+    assert decs[0].temperature == 0.7 and decs[1].top_p == 0.9 and decs[2].top_k == 50
+    assert len(parse_grid("huang")[1]) == 50
+    for bad in ("temp=1", "top_p=2", "top_k=x", ""):
+        with pytest.raises(UserError):
+            parse_grid(bad)
+
+
+def test_held_out_excludes_direction_prompts():
+    from refusalkit.data.prompts import load_prompts
+    from refusalkit.evaluation.plan import held_out
+
+    adv = load_prompts("advbench")
+    splits = {"harmful": {"source": "advbench", "train": adv[:10], "val": adv[20:25], "test": adv[30:40]}}
+    prompts, info = held_out("advbench", 100, splits, "harmful")
+    assert len(prompts) == 100 and not set(prompts) & set(adv[:10] + adv[20:25])
+    assert prompts[:10] == adv[10:20]  # source order, test prompts allowed
+    assert info["excluded_direction_prompts"] == 15
+    with pytest.raises(UserError, match="asked for"):
+        held_out("advbench", 600, splits, "harmful")
+
+
+def test_make_plan_resolves_auto_by_machine():
+    from refusalkit.core.settings import load_config
+    from refusalkit.evaluation.plan import make_plan
+
+    cfg = load_config(overrides={"evaluation.decoding_system_prompts": "none", "system_prompt": "Be safe."})
+    cpu, gpu = make_plan(cfg.evaluation, cfg, gpu=False), make_plan(cfg.evaluation, cfg, gpu=True)
+    assert (cpu.max_new_tokens, cpu.grid, len(cpu.decodings), cpu.gcg_steps, cpu.gcg_search_width) == (
+        64,
+        "small",
+        7,
+        20,
+        64,
+    )
+    assert (gpu.max_new_tokens, gpu.grid, len(gpu.decodings), gpu.gcg_steps, gpu.gcg_search_width) == (
+        256,
+        "huang",
+        50,
+        250,
+        512,
+    )
+    assert cpu.systems == {"none": ""}
+    both = load_config(overrides={"system_prompt": "Be safe."})
+    assert make_plan(both.evaluation, both, gpu=False).systems == {"default": "Be safe.", "none": ""}
+    fixed = load_config(overrides={"evaluation.max_new_tokens": "32", "evaluation.decoding_grid": "top_k=5"})
+    plan = make_plan(fixed.evaluation, fixed, gpu=True)
+    assert plan.max_new_tokens == 32 and [d.name for d in plan.decodings] == ["top_k=5"]
+    with pytest.raises(UserError):
+        load_config(overrides={"evaluation.max_new_tokens": "lots"})
+
+
+def test_gcg_candidates_per_forward_by_machine_and_kept_out_of_compared_settings():
+    from dataclasses import asdict
+
+    from refusalkit.core.settings import load_config
+    from refusalkit.evaluation.attacks import gcg_config, gcg_settings
+    from refusalkit.evaluation.plan import make_plan
+
+    cfg = load_config(overrides={"evaluation.gcg_search_width": "96"})
+    on = {gpu: gcg_config(make_plan(cfg.evaluation, cfg, gpu=gpu), cfg.evaluation) for gpu in (False, True)}
+    assert (on[False].search_width, on[False].eval_batch_size) == (96, 64)
+    assert (on[True].search_width, on[True].eval_batch_size) == (96, 96)  # every candidate in one forward
+    # Suffixes optimized with another batch size (e.g. before this setting existed) stay valid.
+    old = {"gcg": {**asdict(on[True]), "eval_batch_size": 64}, "variant": "base"}
+    new = {"gcg": asdict(on[True]), "variant": "base"}
+    assert gcg_settings(old) == gcg_settings(new) and "eval_batch_size" not in gcg_settings(new)["gcg"]
+    other = {"gcg": {**asdict(on[True]), "n_steps": 3}, "variant": "base"}
+    assert gcg_settings(other) != gcg_settings(new)
+
+
+def test_chunks_cover_every_item_once_grouped_by_system_and_message():
+    from refusalkit.evaluation.runner import Item, _chunks
+    from refusalkit.evaluation.sampling import GREEDY, temperature_config
+
+    hot = temperature_config(0.7)
+    items = [
+        Item(f"{s}|{d.name}|{p}", p, p, s, d, {}) for p in "abcde" for s in ("default", "none") for d in (GREEDY, hot)
+    ]
+    items.append(Item("default|greedy|f", "f", "f", "default", GREEDY, {}))
+    chunks = _chunks(items, batch_size=5)
+    seen = [it.key for c in chunks for its in c.by_message.values() for it in its]
+    assert sorted(seen) == sorted(it.key for it in items) and len(seen) == len(items)
+    for c in chunks:
+        assert {it.system for its in c.by_message.values() for it in its} == {c.system}
+        assert len(c.by_message) <= 5 // 2  # two decodings per message: two messages per chunk
+        assert c.decodings == [
+            d for d in (GREEDY, hot) if any(it.decoding == d for its in c.by_message.values() for it in its)
+        ]
+    assert [c.system for c in chunks] == ["default"] * 3 + ["none"] * 3
+    assert _chunks([], batch_size=4) == []

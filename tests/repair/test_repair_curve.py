@@ -1,0 +1,86 @@
+"""The α curve measures the edited model (regression: it once measured an unedited copy).
+
+A tiny random Llama saved to disk as the run's base model and as a variant; ``run_repair`` with
+``curve=True`` measures the base (the variant is swapped out and back in), the unrepaired
+variant and two scales. Every call of ``measure`` records the weight of the edited attention
+output projection of the model it runs: at a scale it must be the edited weight, unrepaired it
+must be the checkpoint's weight, and a scale that changes the logits must change the figures.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from refusalkit.core import artifacts
+from refusalkit.core.settings import load_config
+from refusalkit.repair import job, search
+
+from conftest import HARMFUL, HARMLESS, make_llama
+
+
+@pytest.fixture()
+def tiny_run(tmp_path, tokenizer) -> tuple[Path, object]:
+    model_dir = tmp_path / "tiny"
+    make_llama(tokenizer).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(HARMFUL) + "\n")
+    harmless.write_text("\n".join(HARMLESS) + "\n")
+    root = tmp_path / "run"
+    cfg = load_config(
+        overrides={
+            "model": str(model_dir),
+            "dtype": "float32",
+            "device": "cpu",
+            "harmful": str(harmful),
+            "harmless": str(harmless),
+            "evaluation.prompts": str(harmful),
+            "evaluation.harmless": str(harmless),
+            "evaluation.n_prompts": 2,
+            "evaluation.n_harmless": 2,
+            "batch_size": 4,
+        }
+    )
+    (root / "base" / "direction").mkdir(parents=True)
+    artifacts.write_text(root / "config.yaml", "model: " + str(model_dir) + "\n")
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(7)) * 3.0
+    artifacts.save_tensors(root / "base" / "direction" / "direction.safetensors", {"direction": direction})
+    artifacts.write_json(root / "base" / "direction" / "direction.json", {"layer": 2, "position": -1, "norm": 3.0})
+    shutil.copytree(model_dir, root / "v" / "model")
+    return root, cfg
+
+
+def test_curve_measures_the_edited_model(tiny_run, monkeypatch, one_thread):
+    root, cfg = tiny_run
+    stored = load_file(str(root / "v" / "model" / "model.safetensors"))["model.layers.2.self_attn.o_proj.weight"]
+    seen: list[tuple[bool, float]] = []
+    real_measure = search.measure
+
+    def spy(lm, *args, **kwargs):
+        w = lm.model.model.layers[2].self_attn.o_proj.weight
+        seen.append((torch.equal(w, stored), float((w - stored).abs().max())))
+        return real_measure(lm, *args, **kwargs)
+
+    monkeypatch.setattr(search, "measure", spy)
+    settings = job.with_settings(
+        cfg.repair, scales=[1.0, 200.0], search_prompts=2, max_new_tokens=4, ppl_tokens=512, curve=True
+    )
+    with one_thread():
+        info = job.run_repair(cfg, root, "v", repair=settings, progress=False)
+    curve = info["curve"]
+    # calls: base (its own weights differ from nothing: same checkpoint here), unrepaired, x1, x200
+    assert len(seen) == 4
+    assert seen[0][0] and seen[1][0], "the base and the unrepaired variant are measured without the edit"
+    assert not seen[2][0] and not seen[3][0], "every curve point must be measured on the edited model"
+    assert seen[3][1] > seen[2][1] > 0
+    unrepaired = curve["unrepaired"]["perplexity"]
+    x200 = next(p for p in curve["points"] if p["alpha_scale"] == 200.0)["perplexity"]
+    assert abs(x200 - unrepaired) > 1e-3 * unrepaired, (x200, unrepaired)
+    # the repaired checkpoint still carries the x1 edit and nothing else
+    repaired = load_file(str(root / "v+aird" / "model" / "model.safetensors"))["model.layers.2.self_attn.o_proj.weight"]
+    assert not torch.equal(repaired, stored)

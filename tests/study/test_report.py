@@ -1,0 +1,519 @@
+"""``refusalkit report``: tables, verdicts and self-contained HTML from hand-written run directories."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from refusalkit.cli import main
+from refusalkit.core.errors import UserError
+from refusalkit.core.layout import RunLayout
+from refusalkit.study.report import build_report, load_run, write_report
+from refusalkit.study.report.render import render_md
+
+N_LAYERS = 24
+COMPAT_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "compat-0.1.0" / "run"  # with the report 0.1.0 wrote
+# A 1x1 PNG (what the extract stage's selection_pos*.png stands in for).
+TINY_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
+
+
+def _write(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj), encoding="utf-8")
+
+
+def _rate(rate: float, lo: float, hi: float, n: int = 100) -> dict:
+    return {"rate": rate, "k": round(rate * n), "n": n, "ci95": [lo, hi]}
+
+
+def _direction(root: Path, v: str, layer: int, position: int, ablation: float = -2.0, addition: float = 3.0) -> None:
+    _write(
+        root / v / "direction" / "direction.json",
+        {
+            "layer": layer,
+            "position": position,
+            "token": "assistant",
+            "norm": 5.0,
+            "n_layers": N_LAYERS,
+            "ablation_score": ablation,
+            "addition_score": addition,
+            "kl": 0.05,
+            "baseline": {"harmful_score": 4.0, "harmless_score": -5.0},
+            "fallback": None,
+        },
+    )
+
+
+def _validation(root: Path, v: str, harmful: float, ablated: float, harmless: float, added: float) -> None:
+    _write(
+        root / v / "direction" / "validation.json",
+        {
+            "harmful_refusal_rate": harmful,
+            "harmful_refusal_rate_ablated": ablated,
+            "harmless_refusal_rate": harmless,
+            "harmless_refusal_rate_added": added,
+            "conditions": {},
+        },
+    )
+
+
+def _eval(
+    root: Path,
+    v: str,
+    vanilla: tuple[float, float, float],
+    *,
+    degenerate: float = 0.01,
+    decoding: tuple[float, float, float] | None = None,
+    over_refusal: float = 0.08,
+    acc: float | None = None,
+    ppl: float | None = None,
+) -> None:
+    def attack(r: tuple[float, float, float], n_completions: int) -> dict:
+        return {
+            "judge": "substring",
+            "asr": _rate(*r),
+            "n_prompts": 100,
+            "n_completions": n_completions,
+            "judges": {
+                "substring": {
+                    "asr": _rate(*r),
+                    "verdicts": {
+                        "refusal": _rate(1 - r[0] - degenerate, 0, 1),
+                        "compliance": _rate(*r),
+                        "degenerate": _rate(degenerate, 0, 1),
+                    },
+                }
+            },
+            "settings": {"max_new_tokens": 64, "seed": 0},
+        }
+
+    asr = {"variant": v, "vanilla": attack(vanilla, 100)}
+    if decoding:
+        asr["decoding"] = attack(decoding, 1600)
+    _write(root / v / "eval" / "asr.json", asr)
+    _write(
+        root / v / "eval" / "over_refusal.json",
+        {
+            "refusal_rate": _rate(over_refusal, over_refusal / 2, over_refusal * 2),
+            "degenerate_rate": _rate(0.0, 0.0, 0.04),
+            "judge": "substring",
+            "prompts": {"source": "alpaca", "n": 100},
+        },
+    )
+    if acc is not None:
+        utility = {
+            "tasks": {"bb_winowhy": {"acc": acc, "acc_stderr": 0.09, "n": 30, "chance": 0.5}},
+            "mean_acc": acc,
+            "skipped": {},
+        }
+        if ppl is not None:
+            utility["perplexity"] = {"perplexity": ppl, "corpus": "wikipedia"}
+        _write(root / v / "eval" / "utility.json", utility)
+
+
+def _compare(
+    root: Path, v: str, cosine: float, shifted: bool, layer: int, position: int, validation: dict | None = None
+) -> None:
+    _write(
+        root / "compare" / f"{v}.json",
+        {
+            "base_source": {"layer": 10, "position": -1, "token": "assistant"},
+            "variant_source": {"layer": layer, "position": position, "token": "assistant"},
+            "source_shifted": shifted,
+            "cosine_selected": cosine,
+            "cosine_at_base_source": min(1.0, cosine + 0.01),
+            "cosine_by_layer": [min(1.0, cosine + 0.005 * i) for i in range(N_LAYERS + 1)],
+            "cosine_matrix": [[0.5] * (N_LAYERS + 1) for _ in range(N_LAYERS + 1)],
+            "quality": {"variant_direction": None, "base_direction_on_variant": None},
+            "validation": validation,
+            "single_direction": True,
+            "n_layers": N_LAYERS,
+        },
+    )
+
+
+def make_run(root: Path) -> Path:
+    """base; wanda-0.5 (pruned, moved) and its repair; llm-int8 (quantized, kept); magnitude-0.7 (pruned,
+    broken by perplexity); rtn-4 (quantized, nothing measured but its compression)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text("# resolved configuration\nmodel: tiny-test-model\nseed: 0\n")
+    _write(root / "data" / "splits.json", {})
+    _direction(root, "base", 10, -1)
+    _validation(root, "base", 0.95, 0.05, 0.02, 0.90)
+    _write(
+        root / "base" / "direction" / "scores.json",
+        {
+            "baseline": {"harmful_score": 4.0, "harmless_score": -5.0},
+            "thresholds": {"layer_cutoff": 19},
+            "candidates": [
+                {
+                    "position": p,
+                    "layer": layer,
+                    "ablation_score": None if layer > 19 else 1.0 - 0.1 * layer,
+                    "addition_score": None,
+                    "kl": None,
+                    "discarded": False,
+                }
+                for p in (-1, -2)
+                for layer in range(N_LAYERS)
+            ],
+        },
+    )
+    _eval(root, "base", (0.27, 0.1926958, 0.3643212), decoding=(0.95, 0.888, 0.978), acc=0.408, ppl=26.34)
+
+    _write(root / "wanda-0.5" / "compression.json", {"method": "wanda", "sparsity": 0.5000009, "bits": None})
+    _direction(root, "wanda-0.5", 12, -2)
+    _validation(root, "wanda-0.5", 0.80, 0.10, 0.05, 0.70)
+    _compare(root, "wanda-0.5", 0.80, True, 12, -2)
+    _eval(root, "wanda-0.5", (0.49, 0.3942, 0.5865), decoding=(0.97, 0.91, 0.99), acc=0.38, ppl=40.0)
+
+    _write(
+        root / "wanda-0.5+aird" / "repair.json",
+        {
+            "variant": "wanda-0.5+aird",
+            "source_variant": "wanda-0.5",
+            "method": "aird",
+            "layer": 10,
+            "direction_layer": 10,
+            "placement": "source",
+            "direction": "raw",
+            "alphas": {"attn_out": 0.02, "mlp_down": 0.01},
+            "alpha_scale": 2.0,
+            "gain": {"attn_out": 1.5, "mlp_down": 1.2},
+            "sparsity_preserving": False,
+            "model_sparsity_before": 0.5,
+            "model_sparsity_after": 0.31,
+            "quantization": None,
+            "compression": {"method": "wanda", "sparsity": 0.5, "bits": None},
+            "curve": {
+                "points": [
+                    {
+                        "alpha_scale": s,
+                        "asr": _rate(a, a / 2, min(1.0, a * 2), 32),
+                        "over_refusal": _rate(o, 0, 0.3, 32),
+                        "perplexity": p,
+                        "degenerate_rate": 0.0,
+                    }
+                    for s, a, o, p in ((0.5, 0.45, 0.03, 40.1), (1.0, 0.30, 0.05, 40.5), (2.0, 0.20, 0.06, 41.0))
+                ]
+            },
+        },
+    )
+    _direction(root, "wanda-0.5+aird", 10, -1)
+    _compare(root, "wanda-0.5+aird", 0.95, False, 10, -1)
+    _eval(
+        root,
+        "wanda-0.5+aird",
+        (0.20, 0.133, 0.289),
+        decoding=(0.90, 0.82, 0.95),
+        over_refusal=0.10,
+        acc=0.375,
+        ppl=41.0,
+    )
+
+    _write(root / "llm-int8" / "compression.json", {"method": "llm-int8", "sparsity": 0.0533, "bits": 8})
+    _direction(root, "llm-int8", 10, -1)
+    _compare(
+        root,
+        "llm-int8",
+        0.998,
+        False,
+        10,
+        -1,
+        validation={
+            "harmful_refusal_rate": 0.9,
+            "harmful_refusal_rate_ablated": 0.1,
+            "harmless_refusal_rate": 0.0,
+            "harmless_refusal_rate_added": 0.8,
+        },
+    )
+    _eval(root, "llm-int8", (0.30, 0.219, 0.396), acc=0.405, ppl=26.5)
+
+    _write(root / "magnitude-0.7" / "compression.json", {"method": "magnitude", "sparsity": 0.7, "bits": None})
+    _direction(root, "magnitude-0.7", 3, -3, ablation=1.0, addition=-1.0)
+    _compare(root, "magnitude-0.7", 0.60, True, 3, -3)
+    _eval(root, "magnitude-0.7", (0.80, 0.71, 0.87), degenerate=0.3, acc=0.30, ppl=200.0)
+
+    _write(root / "rtn-4" / "compression.json", {"method": "rtn", "sparsity": 0.0, "bits": 4})
+    return root
+
+
+def md_table(md: str, heading: str) -> dict[str, dict[str, str]]:
+    """The first table after ``heading``: variant -> {column: cell}."""
+    lines = md.split(heading, 1)[1].strip().splitlines()
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    headers, body = rows[0], rows[2:]
+    return {r[0]: dict(zip(headers, r)) for r in body}
+
+
+def findings(md: str) -> dict[str, str]:
+    return dict(re.findall(r"^- \*\*(F\d)\*\* .*?: \*\*(holds|does not hold|not measured)\*\*", md, re.MULTILINE))
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return make_run(tmp_path / "run")
+
+
+def test_report_tables_and_findings(run_dir: Path) -> None:
+    rep = write_report(run_dir)
+    md_path, html_path = Path(rep["md"]), Path(rep["html"])
+    assert md_path == run_dir / "report.md" and html_path == run_dir / "report.html"
+    assert md_path.is_file() and html_path.is_file()
+    assert rep["variants"] == ["base", "llm-int8", "magnitude-0.7", "rtn-4", "wanda-0.5", "wanda-0.5+aird"]
+    md = md_path.read_text()
+    assert "tiny-test-model" in md and str(run_dir.resolve()) in md
+
+    rows = md_table(md, "## Variants")
+    assert list(rows) == rep["variants"]
+    base, int8, mag, rtn, wanda, aird = (rows[v] for v in rep["variants"])
+    assert base["ASR vanilla"] == "27% [19–36]"
+    assert base["ASR decoding"] == "95% [89–98]"
+    assert base["cos selected"] == "1.000" and base["cos at base source"] == "1.000"
+    assert base["direction source"] == "L10 / pos -1"
+    assert base["over-refusal"] == "8% [4–16]"
+    assert base["perplexity"] == "26.34" and base["mean acc"] == "40.8%" and base["status"] == "ok"
+    assert wanda["ASR vanilla"] == "49% [39–59]"
+    assert wanda["sparsity / bits"] == "50.0% zeros" and wanda["method"] == "wanda"
+    assert wanda["direction source"] == "L12 / pos -2" and wanda["source shifted"] == "yes"
+    assert wanda["cos selected"] == "0.800" and wanda["cos at base source"] == "0.810"
+    assert int8["sparsity / bits"] == "8 bit" and int8["source shifted"] == "no" and int8["cos selected"] == "0.998"
+    assert int8["ASR vanilla"] == "30% [22–40]" and int8["ASR decoding"] == "–"
+    assert aird["method"] == "aird" and aird["ASR vanilla"] == "20% [13–29]"
+    # magnitude-0.7: perplexity 200 > 3 x 26.34, so BROKEN and its ASR flagged
+    assert mag["status"].startswith("BROKEN") and "perplexity" in mag["status"]
+    assert mag["ASR vanilla"] == "80%* [71–87]"
+    assert all(r["status"] == "ok" for n, r in rows.items() if n not in ("magnitude-0.7", "rtn-4"))
+    # rtn-4 has nothing but its compression record: dashes, no crash
+    assert rtn["sparsity / bits"] == "4 bit"
+    for col in (
+        "status",
+        "direction source",
+        "cos selected",
+        "ASR vanilla",
+        "ASR suffix",
+        "degenerate",
+        "over-refusal",
+        "perplexity",
+        "mean acc",
+    ):
+        assert rtn[col] == "–", col
+    assert "BROKEN: magnitude-0.7." in md
+
+    repairs = md_table(md, "## Repairs (AIRD)")
+    r = repairs["wanda-0.5+aird"]
+    assert r["source"] == "wanda-0.5" and r["method"] == "aird" and r["placement"] == "source" and r["r"] == "raw"
+    assert r["alpha scale"] == "2" and r["gains"] == "attn_out 1.5, mlp_down 1.2"
+    assert r["model sparsity"] == "50.0% → 31.0%" and r["quantization survival"] == "–"
+    assert r["vanilla ASR"] == "49% [39–59] → 20% [13–29]"
+    assert r["mean acc"] == "38.0% → 37.5%"
+
+    assert findings(md) == {"F1": "holds", "F2": "holds", "F3": "holds", "F4": "holds", "F5": "holds"}
+    assert {f["id"]: f["verdict"] for f in rep["findings"]} == findings(md)
+    assert "no direction: rtn-4" in md
+    assert "llm-int8: harmful refusal 90%→10% ablated, harmless 0%→80% added (yes)" in md
+    assert "magnitude-0.7: single_direction in its comparison record (yes)" in md
+    assert "judge substring, 100 prompts" in md
+
+    page = html_path.read_text()
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)
+    # cosine by layer, base selection, ASR before/after repair, one alpha curve
+    assert page.count('src="data:image/png;base64,') == 4
+    assert 'data-images-total="4"' in page
+    assert sorted(p.name for p in (run_dir / "report_files").iterdir()) == [
+        "alpha_curve_wanda-0.5_aird.png",
+        "cosine_by_layer.png",
+        "repair_asr.png",
+        "selection.png",
+    ]
+    for name in re.findall(r"\]\((report_files/[^)]+\.png)\)", md):
+        assert (run_dir / name).read_bytes().startswith(b"\x89PNG")
+    for f in rep["findings"]:
+        assert html.escape(f["evidence"]) in page
+    assert page.count("<tr") == 1 + 6 + 1 + 1
+
+
+def test_findings_that_do_not_hold(run_dir: Path) -> None:
+    # a quantized variant moved far (F2, F3 fail), the variant that kept its direction lost more safety (F4),
+    # the repair raised the ASR and cost accuracy (F5), ablation does not lower refusal in wanda-0.5 (F1)
+    _compare(run_dir, "rtn-4", 0.2, True, 8, -1)
+    _eval(run_dir, "llm-int8", (0.70, 0.6, 0.8), acc=0.40, ppl=27.0)
+    _eval(run_dir, "wanda-0.5+aird", (0.40, 0.3, 0.5), degenerate=0.55, acc=0.30, ppl=41.0)
+    _validation(run_dir, "wanda-0.5", 0.80, 0.85, 0.05, 0.70)
+    rep = write_report(run_dir)
+    md = Path(rep["md"]).read_text()
+    assert findings(md) == {
+        "F1": "does not hold",
+        "F2": "does not hold",
+        "F3": "does not hold",
+        "F4": "does not hold",
+        "F5": "does not hold",
+    }
+    assert "wanda-0.5: harmful refusal 80%→85% ablated, harmless 5%→70% added (no)" in md
+    # the repair now leaves 55% of its completions degenerate: BROKEN, its ASR flagged
+    row = md_table(md, "## Variants")["wanda-0.5+aird"]
+    assert row["status"] == "BROKEN (55% of vanilla completions degenerate)"
+    assert row["ASR vanilla"] == "40%* [30–50]"
+    assert "ASR 49%→40%, accuracy 38.0%→30.0% (-8.0 pt) (BROKEN: 55% of vanilla completions degenerate)" in md
+
+
+def test_findings_not_measured_and_missing_inputs(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    _direction(root, "base", 10, -1)
+    (root / "base" / "direction" / "selection_pos-1.png").write_bytes(TINY_PNG)
+    _write(root / "awq-4" / "compression.json", {"method": "awq", "sparsity": 0.0, "bits": 4})
+    rep = write_report(root)
+    md = Path(rep["md"]).read_text()
+    rows = md_table(md, "## Variants")
+    assert list(rows) == ["base", "awq-4"]
+    assert rows["base"]["ASR vanilla"] == "–" and rows["base"]["status"] == "–"
+    assert rows["awq-4"]["cos selected"] == "–" and rows["awq-4"]["source shifted"] == "–"
+    assert "## Repairs" not in md
+    # F1 from the selection scores of the base direction; nothing else measured
+    assert findings(md) == {
+        "F1": "holds",
+        "F2": "not measured",
+        "F3": "not measured",
+        "F4": "not measured",
+        "F5": "not measured",
+    }
+    # the extract stage's selection plot is embedded (html) and referenced where it lies (md)
+    assert "](base/direction/selection_pos-1.png)" in md
+    page = Path(rep["html"]).read_text()
+    assert page.count("data:image/png;base64,") == 1
+    assert base64.b64encode(TINY_PNG).decode() in page
+
+
+def test_moved_threshold_comes_from_the_run(tmp_path: Path) -> None:
+    root = make_run(tmp_path / "run")
+    # run.moved_cosine 0.999: llm-int8 (cosine 0.998, same source) now counts as moved, so F4 has no kept variant
+    (root / "config.yaml").write_text("model: tiny-test-model\nseed: 0\nrun:\n  moved_cosine: 0.999\n")
+    md = Path(write_report(root)["md"]).read_text()
+    assert findings(md)["F4"] == "not measured" and "(moved: 2, kept: 0)" in md
+    assert "is below 0.999 (run.moved_cosine)" in md
+
+
+def test_compat_run_markdown_is_unchanged() -> None:
+    # the whole Markdown of the compatibility run, as 0.1.0 wrote it (but the run directory's path); built and
+    # rendered without writing into tests/data
+    stored = (COMPAT_RUN / "report.md").read_text(encoding="utf-8")
+    generated = re.search(r"^- generated: (.*)$", stored, re.MULTILINE).group(1)
+    blocks, _ = build_report(load_run(RunLayout(COMPAT_RUN)), generated)
+
+    def without_path(md: str) -> str:
+        return re.sub(r"^- run directory: .*$", "- run directory: DIR", md, flags=re.MULTILINE)
+
+    assert without_path(render_md(blocks)) == without_path(stored)
+
+
+def test_stale_plots_are_removed(run_dir: Path) -> None:
+    write_report(run_dir)
+    shutil.rmtree(run_dir / "compare")
+    write_report(run_dir)
+    assert not (run_dir / "report_files" / "cosine_by_layer.png").exists()
+    assert (run_dir / "report_files" / "selection.png").exists()
+
+
+def test_no_base_direction(tmp_path: Path) -> None:
+    (tmp_path / "run" / "base").mkdir(parents=True)
+    with pytest.raises(UserError, match="run refusalkit extract"):
+        write_report(tmp_path / "run")
+
+
+def test_cli_report(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--run", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert str(run_dir / "report.md") in out and str(run_dir / "report.html") in out
+    # the variant table and one line per finding on stdout
+    assert "| wanda-0.5+aird |" in out and "F5 holds" in out and "F1 holds" in out
+    assert main(["report", "--run", str(run_dir / "missing")]) == 2
+    assert "refusalkit extract" in capsys.readouterr().err
+
+
+class _Dom(HTMLParser):
+    """Body attributes and, per table, its number of body rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body: dict[str, str | None] = {}
+        self.tables: list[int] = []
+        self.cells: list[str] = []
+        self._in_tbody = False
+        self._in_td = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "body":
+            self.body = dict(attrs)
+        elif tag == "table":
+            self.tables.append(0)
+        elif tag == "tbody":
+            self._in_tbody = True
+        elif tag == "tr" and self._in_tbody:
+            self.tables[-1] += 1
+        elif tag == "td":
+            self._in_td = True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tbody":
+            self._in_tbody = False
+        elif tag == "td":
+            self._in_td = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_td:
+            self.cells.append(data)
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_html_renders_in_headless_browser(run_dir: Path, tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium / chrome binary on PATH")
+    rep = write_report(run_dir)
+    proc = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            Path(rep["html"]).resolve().as_uri(),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = _Dom()
+    dom.feed(proc.stdout)
+    assert dom.tables == [6, 1]  # variants, repairs
+    assert "27% [19–36]" in dom.cells and "80%* [71–87]" in dom.cells
+    total = int(dom.body["data-images-total"] or 0)
+    assert total == 4
+    assert int(dom.body["data-images-loaded"] or 0) == total

@@ -1,0 +1,260 @@
+"""`refusalkit compare / repair / run` end to end on the real SmolLM2-135M-Instruct (tiny settings):
+every stage's artifacts, AIRD on a pruned and an int8 variant, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from refusalkit.cli import main
+from refusalkit.core import artifacts
+
+from conftest import hidden_files
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "--model",
+    "smollm2-135m",
+    "--quick",
+    "--set",
+    "n_train=8",
+    "--set",
+    "n_val=4",
+    "--set",
+    "n_test=3",
+    "--set",
+    "validation.max_new_tokens=4",
+    "--set",
+    "selection.screen_keep=2",
+    "--set",
+    "selection.screen_prompts=2",
+    "--set",
+    "selection.prune_layer_fraction=0.8",
+    "--set",
+    "evaluation.n_prompts=4",
+    "--set",
+    "evaluation.n_harmless=3",
+    "--set",
+    "evaluation.max_new_tokens=8",
+    "--set",
+    "evaluation.ppl_tokens=512",
+    "--set",
+    "evaluation.utility_tasks=none",
+    "--set",
+    "run.validate_variants=false",
+    "--set",
+    "run.variants=magnitude-0.5",
+    "--set",
+    "run.repair=pruned",
+    "--set",
+    "run.aird_sparse=false",
+    "--set",
+    "run.aird_scales=4",
+    "--set",
+    "run.aird_search_prompts=3",
+]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run") / "r"
+    assert main(["-q", "run", "--run", str(root), *TINY]) == 0
+    return root
+
+
+def test_run_produces_every_stage(study):
+    state = json.loads((study / "run.json").read_text())["stages"]
+    for v in ("base", "magnitude-0.5", "magnitude-0.5+aird"):
+        assert (study / v / "direction" / "direction.json").exists(), v
+        assert (study / v / "eval" / "asr.json").exists() and (study / v / "eval" / "over_refusal.json").exists(), v
+        if v != "base":
+            assert (study / "compare" / f"{v}.json").exists(), v
+    assert all(s["status"] == "done" for s in state.values()), state
+    assert list(state) == [
+        "base/extract",
+        "magnitude-0.5/compress",
+        "magnitude-0.5/extract",
+        "magnitude-0.5/compare",
+        "base/evaluate",
+        "magnitude-0.5/evaluate",
+        "magnitude-0.5+aird/repair",
+        "magnitude-0.5+aird/extract",
+        "magnitude-0.5+aird/compare",
+        "magnitude-0.5+aird/evaluate",
+        "report",
+    ]
+    md = (study / "report.md").read_text()
+    assert "| magnitude-0.5+aird |" in md and "findings" in md
+    assert (study / "report.html").exists()
+    assert not hidden_files(study)
+    # run.validate_variants off: only the base direction is validated by generation
+    assert (study / "base" / "direction" / "validation.json").exists()
+    assert not (study / "magnitude-0.5" / "direction" / "validation.json").exists()
+    # utility_tasks none: perplexity alone, no lm-eval task
+    util = json.loads((study / "magnitude-0.5" / "eval" / "utility.json").read_text())
+    assert util["tasks"] == {} and util["mean_acc"] is None and util["perplexity"]["perplexity"] > 1
+
+
+def test_compare_record(study):
+    c = json.loads((study / "compare" / "magnitude-0.5.json").read_text())
+    n = c["n_layers"]
+    assert len(c["cosine_by_layer"]) == n + 1 and len(c["cosine_matrix"]) == n + 1
+    assert -1 <= c["cosine_selected"] <= 1 and -1 <= c["cosine_at_base_source"] <= 1
+    assert c["source_shifted"] == (
+        (c["base_source"]["layer"], c["base_source"]["position"])
+        != (c["variant_source"]["layer"], c["variant_source"]["position"])
+    )
+    assert c["single_direction_evidence"]["basis"].startswith("refusal scores")  # not validated by generation
+    q = c["quality"]["base_direction_on_variant"]
+    assert q is not None and q["layer"] == c["base_source"]["layer"]
+    # the base direction read on the base model's own candidates: cosine 1 at its source
+    base = json.loads((study / "base" / "direction" / "direction.json").read_text())
+    assert c["base_source"]["layer"] == base["layer"] and c["base_source"]["position"] == base["position"]
+
+
+def test_plain_repair_and_its_curve(study):
+    base = json.loads((study / "base" / "direction" / "direction.json").read_text())
+    plain = json.loads((study / "magnitude-0.5+aird" / "repair.json").read_text())
+    assert plain["layer"] == base["layer"] and plain["placement"] == "source" and plain["direction"] == "raw"
+    assert plain["alphas"] == {"attn_out": 0.02, "mlp_down": 0.01}
+    assert plain["gain"]["attn_out"] == pytest.approx(0.02 * base["norm"] ** 2, rel=1e-4)
+    # plain AIRD fills the pruned zeros of the two edited matrices
+    assert (
+        plain["matrices"]["attn_out"]["sparsity_before"] >= 0.49
+        and plain["matrices"]["attn_out"]["sparsity_after"] < 0.01
+    )
+    assert plain["model_sparsity_after"] < plain["model_sparsity_before"]
+    curve = plain["curve"]
+    assert [p["alpha_scale"] for p in curve["points"]] == [4.0]
+    assert curve["base"] is not None and curve["target_from"].startswith("base model")
+    assert all(0 <= p["asr"]["rate"] <= 1 and p["perplexity"] > 1 for p in curve["points"])
+    # the saved checkpoint differs from its source only in the two edited matrices
+    from safetensors.torch import load_file
+
+    a = load_file(str(study / "magnitude-0.5" / "model" / "model.safetensors"))
+    b = load_file(str(study / "magnitude-0.5+aird" / "model" / "model.safetensors"))
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed == {
+        plain["matrices"]["attn_out"]["module"] + ".weight",
+        plain["matrices"]["mlp_down"]["module"] + ".weight",
+    }
+
+
+def test_sparse_and_int8_repairs(study, capsys):
+    assert main(["-q", "repair", "--run", str(study), "--variant", "magnitude-0.5", "--keep-zeros"]) == 0
+    sp = artifacts.read_json(study / "magnitude-0.5+aird-sp" / "repair.json")
+    assert sp["method"] == "aird-sparse" and sp["model_sparsity_after"] == sp["model_sparsity_before"]
+    assert sp["matrices"]["attn_out"]["sparsity_after"] == sp["matrices"]["attn_out"]["sparsity_before"]
+    assert main(["-q", "compress", "--run", str(study), "--method", "llm-int8"]) == 0
+    # a variant's direction without validation in a validated run: the run's own settings, no validation.json
+    assert main(["-q", "extract", "--run", str(study), "--variant", "llm-int8", "--no-validation"]) == 0
+    assert (study / "llm-int8" / "direction" / "direction.json").exists()
+    assert not (study / "llm-int8" / "direction" / "validation.json").exists()
+    assert main(["-q", "repair", "--run", str(study), "--variant", "llm-int8", "--alpha-scale", "50"]) == 0
+    i8 = artifacts.read_json(study / "llm-int8+aird" / "repair.json")
+    assert i8["quantization"]["method"] == "llm-int8" and 0 < i8["quantization"]["survival"] < 1.5
+    assert i8["alpha_scale"] == 50 and i8["alphas"]["attn_out"] == pytest.approx(1.0)
+    from safetensors.torch import load_file
+
+    a = load_file(str(study / "llm-int8" / "model" / "model.safetensors"))
+    b = load_file(str(study / "llm-int8+aird" / "model" / "model.safetensors"))
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    o = i8["matrices"]["attn_out"]["module"]
+    assert {o + ".weight", o + ".SCB"} <= changed and all(
+        k.rsplit(".", 1)[0] in (o, i8["matrices"]["mlp_down"]["module"]) for k in changed
+    )
+    assert b[o + ".weight"].dtype == torch.int8
+    # the repaired int8 variant loads and generates
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                "--run",
+                str(study),
+                "--variant",
+                "llm-int8+aird",
+                "--attacks",
+                "vanilla",
+                "--n",
+                "2",
+                "--n-harmless",
+                "0",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+
+
+def test_rerun_skips_and_resumes(study, capsys):
+    records = {p: p.read_bytes() for p in study.rglob("*.jsonl")}  # every completion made so far
+    (study / "report.md").unlink()
+    (study / "compare" / "magnitude-0.5.json").unlink()
+    assert main(["-q", "run", "--run", str(study), *TINY]) == 0
+    assert (study / "report.md").exists() and (study / "compare" / "magnitude-0.5.json").exists()
+    assert {p: p.read_bytes() for p in study.rglob("*.jsonl")} == records  # nothing regenerated
+    stages = json.loads((study / "manifest.json").read_text())["stages"]
+    assert {"base/extract", "magnitude-0.5/compress", "magnitude-0.5+aird/repair"} <= set(stages)
+
+
+def test_repair_cli_auto_and_errors(study, capsys):
+    # the curve's points are cached per settings: this reuses the run's measurement at x4
+    code = main(
+        [
+            "-q",
+            "repair",
+            "--run",
+            str(study),
+            "--variant",
+            "magnitude-0.5",
+            "--alpha-scale",
+            "auto",
+            "--scales",
+            "4",
+            "--search-prompts",
+            "3",
+            "--ppl-tokens",
+            "512",
+            "--target-asr",
+            "1.0",
+            "--name",
+            "m-auto",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    info = artifacts.read_json(study / "m-auto" / "repair.json")
+    run_curve = artifacts.read_json(study / "magnitude-0.5+aird" / "repair.json")["curve"]
+    assert info["curve"]["points"][0]["asr"] == run_curve["points"][0]["asr"]
+    # the target (ASR <= 100%) is reached at once: the smallest scale within budgets, if any
+    feasible = [p["alpha_scale"] for p in info["curve"]["points"] if not p["over_budget"]]
+    if feasible:
+        assert info["alpha_scale"] == min(feasible) and info["auto"]
+    for bad, match in (
+        (["--variant", "nope"], "does not exist"),
+        (["--variant", "base"], "not base"),
+        (["--variant", "magnitude-0.5+aird"], "already a repaired"),
+        (["--variant", "magnitude-0.5", "--alpha-scale", "-1"], "positive"),
+        (["--variant", "magnitude-0.5", "--name", "bad name"], "not usable"),
+        (["--variant", "magnitude-0.5", "--alpha-scale", "3"], "other settings"),
+    ):
+        assert main(["-q", "repair", "--run", str(study), *bad]) == 2
+        assert match in capsys.readouterr().err
+    assert main(["-q", "compare", "--run", str(study), "--variant", "nope"]) == 2
+    assert "extract" in capsys.readouterr().err
+    assert not hidden_files(study)
+
+
+def test_run_bad_input(tmp_path, capsys):
+    assert main(["-q", "run", "--run", str(tmp_path / "x"), "--set", "run.variants=wanda-0.5,zip-9"]) == 2
+    assert "unknown compression method" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["-q", "run", "--run", str(tmp_path / "y"), "--set", "run.repair=sometimes"]) == 2
+    assert "run.repair" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
