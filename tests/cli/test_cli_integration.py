@@ -184,7 +184,7 @@ def test_interrupt_leaves_finished_artifacts_only(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(pl, "select_direction", boom)
     root = tmp_path / "r"
     code, _, err = run(capsys, "extract", "--run", str(root), *SMALL)
-    assert code == 2 and "re-run" in err
+    assert code == 130 and "re-run" in err
     d = root / "base" / "direction"
     assert (d / "candidates.safetensors").exists() and not (d / "direction.json").exists()
     assert no_temp_files(root)

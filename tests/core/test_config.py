@@ -335,6 +335,8 @@ def test_settings_renamed_in_0_2_0_still_load(tmp_path):
     assert cfg.compress.n_calibration == 16 and cfg.compress.calibration == "alpaca"
     assert cfg.run.variants == ["wanda-0.5", "llm-int8"]
     assert load_config(None, {"run.aird_scales": "2,4"}).repair.scales == [2.0, 4.0]  # --set with an old key
+    assert load_config(None, {"run.aird_scales": 4}).repair.scales == [4.0]  # one number: a list of one
+    assert load_config(None, {"run.variants": "wanda-0.5"}).run.variants == ["wanda-0.5"]
 
 
 def test_fixed_choices_are_checked_where_every_setting_passes():

@@ -3,7 +3,7 @@
 The calibration set is a first-class choice (the paper shows it changes what pruning does to
 refusal). Sources:
 
-* an instruction source of :func:`refusalkit.prompts.load_prompts` (``alpaca``, ``advbench``,
+* an instruction source of :func:`refusalkit.data.prompts.load_prompts` (``alpaca``, ``advbench``,
   ``harmbench``, ... or a user ``.txt`` / ``.jsonl`` / ``.csv`` file): ``n_samples`` distinct
   instructions drawn with the seed, each one sample, cut to ``seq_len`` tokens; the chat
   template is applied by default (``chat_template=True``);

@@ -69,9 +69,14 @@ def _check_type(name: str, value: Any, typ: Any, choices: tuple[Any, ...] | None
     if value is None:
         raise UserError(f"setting {name} must not be empty; fix it in the config file or flag")
     if t.startswith("list["):
-        items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
+        if isinstance(value, str):
+            items = [x.strip() for x in value.split(",") if x.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        elif isinstance(value, dict):
             raise UserError(f"setting {name}={value!r} must be a list (or a comma-separated string)")
+        else:
+            items = [value]  # one value: a list of one (e.g. --set repair.scales=4)
         out = [_scalar(name, x, t[5:-1]) for x in items]
     else:
         out = _scalar(name, value, t)

@@ -137,7 +137,12 @@ def load_int8_torch(path: str | Path, dtype: torch.dtype, device: str) -> nn.Mod
     q = q if isinstance(q, dict) else q.to_dict()
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from accelerate import init_empty_weights
+
+    # Parameters on the meta device: no float copy of the int8 matrices is ever allocated, so the
+    # peak is the checkpoint's size, not the float model's plus the checkpoint's.
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     replace_linears(
         model,
         float(q.get("llm_int8_threshold", 6.0)),
@@ -150,7 +155,8 @@ def load_int8_torch(path: str | Path, dtype: torch.dtype, device: str) -> nn.Mod
         raise UserError(f"{path} has no .safetensors weights; re-create the variant with --force")
     for f in files:
         state.update(load_file(str(f)))
-    missing, _unexpected = model.load_state_dict(state, strict=False)
+    missing, _unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
     head = [n for n, _ in model.named_parameters() if n.startswith("lm_head")]
     if [m for m in missing if m not in head] or (
         set(head) & set(missing) and not getattr(config, "tie_word_embeddings", False)
@@ -158,10 +164,15 @@ def load_int8_torch(path: str | Path, dtype: torch.dtype, device: str) -> nn.Mod
         raise UserError(f"{path} is missing weights ({', '.join(missing[:3])} ...); re-create the variant with --force")
     if set(head) & set(missing):
         model.tie_weights()
+    for m in model.modules():  # the checkpoint's float tensors in the model's dtype; int8 weights and SCB as stored
+        if isinstance(m, Int8Linear):
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(dtype)
+        else:
+            for p in m.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
     model.to(device)
-    for m in model.modules():
-        if isinstance(m, Int8Linear) and m.bias is not None:
-            m.bias.data = m.bias.data.to(dtype)
     return model
 
 

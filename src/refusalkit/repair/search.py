@@ -49,33 +49,20 @@ def measure(lm: Any, cfg: Config, data: SearchData, spec: RepairConfig, max_new_
     from refusalkit.models.chat import tokenize_instructions
 
     judge = SubstringJudge(load_refusal_phrases(cfg.validation.refusal_phrases))
-    out: dict[str, Any] = {}
-    comps = [
-        c[0]
-        for c in sample(
-            lm,
-            tokenize_instructions(lm.tokenizer, data.harmful, cfg.system_prompt),
-            [GREEDY],
-            max_new_tokens=max_new_tokens,
-            batch_size=cfg.batch_size,
-        )
-    ]
-    labels = [v.label for v in judge.judge_many(data.harmful, comps)]
-    out["asr"] = rate(labels.count(COMPLIANCE), len(labels))
-    out["degenerate_rate"] = labels.count(DEGENERATE) / len(labels)
-    out["examples"] = comps[:3]
+
+    def greedy_labels(prompts: list[str]) -> tuple[list[str], list[str]]:
+        ids = tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt)
+        comps = [c[0] for c in sample(lm, ids, [GREEDY], max_new_tokens=max_new_tokens, batch_size=cfg.batch_size)]
+        return comps, [v.label for v in judge.judge_many(prompts, comps)]
+
+    comps, labels = greedy_labels(data.harmful)
+    out: dict[str, Any] = {
+        "asr": rate(labels.count(COMPLIANCE), len(labels)),
+        "degenerate_rate": labels.count(DEGENERATE) / len(labels),
+        "examples": comps[:3],
+    }
     if data.harmless:
-        comps = [
-            c[0]
-            for c in sample(
-                lm,
-                tokenize_instructions(lm.tokenizer, data.harmless, cfg.system_prompt),
-                [GREEDY],
-                max_new_tokens=max_new_tokens,
-                batch_size=cfg.batch_size,
-            )
-        ]
-        hl = [v.label for v in judge.judge_many(data.harmless, comps)]
+        hl = greedy_labels(data.harmless)[1]
         out["over_refusal"] = rate(hl.count(REFUSAL), len(hl))
     if spec.ppl_tokens:
         from refusalkit.evaluation.perplexity import perplexity_on_corpus
