@@ -285,7 +285,7 @@ def test_run_section_validation():
         load_config(None, {"repair.alpha_scale": "-2"})
     with pytest.raises(UserError, match="repair.scales"):
         load_config(None, {"repair.scales": "1,x"})
-    with pytest.raises(UserError, match="unknown attack"):
+    with pytest.raises(UserError, match="run.attacks must be one of vanilla, decoding, suffix"):
         load_config(None, {"run.attacks": "vanilla,fuzz"})
     assert load_config(None, {"repair.alpha_scale": "auto"}).repair.alpha_scale == "auto"
     # run settings do not change the analysis: a run directory accepts other run settings

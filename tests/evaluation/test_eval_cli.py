@@ -205,7 +205,7 @@ def test_transfer_suffixes_to_a_variant(evaluated, smol_run, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--attacks", "vanilla,jailbreak"], "unknown attack"),
+        (["--attacks", "vanilla,jailbreak"], "attacks must be one of vanilla, decoding, suffix"),
         (["--variant", "nope"], "does not exist"),
         (["--judge-model", "/nonexistent/judge"], "judge model"),
         (["--utility", "--tasks", "no_such_task", "--attacks", "vanilla"], "unknown"),

@@ -64,11 +64,11 @@ class EvaluationConfig:
     n_prompts: int = _f(100, "Harmful prompts per attack (at least 100 by default: on 24 prompts one flipped verdict moves the ASR by 4 points).", flag="--n", commands=EVALUATE)
     harmless: str = _f("alpaca", "Harmless prompts for over-refusal (those used for the direction are left out).")
     n_harmless: int = _f(100, "Harmless prompts for the over-refusal rate (0: skip it).", commands=EVALUATE)
-    attacks: str = _f("vanilla,decoding,suffix", "Attacks to run, comma-separated: vanilla, decoding, suffix.", commands=EVALUATE)
+    attacks: list[str] = _f(["vanilla", "decoding", "suffix"], "Attacks to run: vanilla, decoding, suffix.", choices=("vanilla", "decoding", "suffix"), commands=EVALUATE)
     max_new_tokens: str = _f("auto", "Tokens per completion: auto (256 on GPU, 64 on CPU) or a number.", commands=EVALUATE)
     seed: int = _f(0, "Seed of sampled completions (decoding attack) and of GCG.", commands=EVALUATE)
     decoding_grid: str = _f("auto", "Decoding attack grid: huang (Huang et al. 2023: 20 temperatures, 21 top-p, 9 top-k), small (7 of them), auto (huang on GPU, small on CPU), or a list such as 'temperature=0.7,top_p=0.9,top_k=50'.", commands=EVALUATE)
-    decoding_system_prompts: str = _f("default,none", "System prompt settings the decoding attack sweeps: default (the run's system_prompt), none (an empty system message), comma-separated.")
+    decoding_system_prompts: list[str] = _f(["default", "none"], "System prompt settings the decoding attack sweeps: default (the run's system_prompt), none (an empty system message).", choices=("default", "none"))
     decoding_n_prompts: int = _f(0, "Harmful prompts for the decoding attack (0: n_prompts).")
     suffix_mode: str = _f("self", "suffix attack: self (optimize GCG suffixes on the model evaluated) or transfer (apply the suffixes optimized on suffix_source).", choices=("self", "transfer"), commands=EVALUATE)
     suffix_source: str = _f("base", "transfer mode: the variant whose eval/suffixes.json is applied.", commands=EVALUATE)
@@ -243,7 +243,9 @@ def validate_run(r: RunConfig) -> RunConfig:
     if not r.variants:
         raise UserError("run.variants must name at least one compressed variant, e.g. wanda-0.5")
     if r.attacks != "auto":
-        validate_evaluation(EvaluationConfig(attacks=r.attacks))
+        from refusalkit.core.settings import apply_settings  # a comma list of attacks, checked as evaluation.attacks
+
+        apply_settings(EvaluationConfig(), {"attacks": r.attacks}, prefix="run.")
     if not 0 < r.moved_cosine <= 1:
         raise UserError("run.moved_cosine must be in (0, 1]")
     return r
@@ -264,12 +266,8 @@ def _auto_or_count(name: str, value: str, minimum: int) -> None:
 
 
 def validate_evaluation(e: EvaluationConfig) -> EvaluationConfig:
-    attacks = [a.strip() for a in e.attacks.split(",") if a.strip()]
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown or not attacks:
-        raise UserError(
-            f"unknown attack {', '.join(unknown) or '(none given)'}; use a comma-separated list of {', '.join(ATTACKS)}"
-        )
+    if not e.attacks:
+        raise UserError(f"no attack given; use a list of {', '.join(ATTACKS)}")
     if e.n_prompts < 1 or e.n_harmless < 0 or e.decoding_n_prompts < 0:
         raise UserError("evaluation.n_prompts must be at least 1 (n_harmless and decoding_n_prompts 0 or more)")
     for name, minimum in (
@@ -282,9 +280,8 @@ def validate_evaluation(e: EvaluationConfig) -> EvaluationConfig:
         _auto_or_count(name, str(getattr(e, name)), minimum)
     if e.gcg_topk < 1:
         raise UserError("evaluation.gcg_topk must be at least 1")
-    systems = [s.strip() for s in e.decoding_system_prompts.split(",") if s.strip()]
-    if not systems or any(s not in ("default", "none") for s in systems):
-        raise UserError("evaluation.decoding_system_prompts must list default and/or none, comma-separated")
+    if not e.decoding_system_prompts:
+        raise UserError("evaluation.decoding_system_prompts must list default and/or none")
     if e.utility_limit < 0 or e.ppl_tokens < 0:
         raise UserError("evaluation.utility_limit and evaluation.ppl_tokens must be 0 or more")
     return e

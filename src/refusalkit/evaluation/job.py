@@ -179,7 +179,7 @@ def run_evaluate(
     t0 = time.time()
     result: dict[str, Any] = {"variant": variant, "asr": {}, "out": str(ctx.out)}
     prompts, info = held_out(e.prompts, e.n_prompts, splits, "harmful")
-    for attack in [a.strip() for a in e.attacks.split(",") if a.strip()]:
+    for attack in e.attacks:
         t = time.time()
         summary = _run_attack(ctx, attack, prompts, info, splits)
         summary["seconds"] = round(time.time() - t, 1)

@@ -91,7 +91,7 @@ def make_plan(e: EvaluationConfig, cfg: Config, gpu: bool) -> Plan:
     grid_name = e.decoding_grid if e.decoding_grid != "auto" else ("huang" if gpu else "small")
     grid_name, decodings = parse_grid(grid_name)
     systems = {}
-    for s in [s.strip() for s in e.decoding_system_prompts.split(",") if s.strip()]:
+    for s in e.decoding_system_prompts:
         systems[s] = cfg.system_prompt if s == "default" else SYSTEM_NONE
     return Plan(
         max_new_tokens=_auto(e.max_new_tokens, 256, 64, gpu),

@@ -91,8 +91,11 @@ def resolve_profile(name: str, device: str) -> str:
     return "full" if torch.cuda.is_available() and device != "cpu" else "cpu"
 
 
-def attacks_for(cfg: Config, gpu: bool) -> str:
-    return cfg.run.attacks if cfg.run.attacks != "auto" else ("vanilla,decoding,suffix" if gpu else "vanilla")
+def attacks_for(cfg: Config, gpu: bool) -> list[str]:
+    """``run.attacks`` as the list of attacks every variant gets (``auto``: all three on a GPU, vanilla on a CPU)."""
+    if cfg.run.attacks != "auto":
+        return [a.strip() for a in cfg.run.attacks.split(",") if a.strip()]
+    return ["vanilla", "decoding", "suffix"] if gpu else ["vanilla"]
 
 
 def needs_repair(policy: str, method: str | None, compare: dict[str, Any] | None, moved_cosine: float) -> bool:
