@@ -28,14 +28,12 @@ class ModelOwner:
 
     Holders ask :attr:`lm` every time they need the model and never keep it across a
     :meth:`use` or :meth:`release`: both drop the owner's reference, so the old model is freed
-    (one model in memory at a time) and a stale holder is detectable by :attr:`generation`,
-    which every swap or release increments.
+    (one model in memory at a time).
     """
 
     def __init__(self, cfg: Config, layout: RunLayout, variant: str = "base"):
         self.cfg, self.layout, self.variant = cfg, layout, variant
         self._lm: LoadedModel | None = None
-        self.generation = 0
 
     @property
     def loaded(self) -> bool:
@@ -66,7 +64,6 @@ class ModelOwner:
         """Drop the loaded model and invalidate every holder."""
         if self._lm is not None:
             self._lm = None
-            self.generation += 1
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
