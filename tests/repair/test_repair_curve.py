@@ -9,6 +9,7 @@ must be the checkpoint's weight, and a scale that changes the logits must change
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_curve_measures_the_edited_model(tiny_run, monkeypatch, one_thread):
         return real_measure(lm, *args, **kwargs)
 
     monkeypatch.setattr(search, "measure", spy)
-    settings = job.with_settings(
+    settings = dataclasses.replace(
         cfg.repair, scales=[1.0, 200.0], search_prompts=2, max_new_tokens=4, ppl_tokens=512, curve=True
     )
     with one_thread():

@@ -17,7 +17,6 @@ perplexity and accuracy stay within the user's budgets relative to the unrepaire
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from refusalkit.core.progress import Progress
 from refusalkit.models.session import Session
 from refusalkit.repair.aird import PAPER_ALPHAS, AirdEdit, Requantize, apply_aird, edit_block_index
 from refusalkit.repair.checkpoint import checkpoint_tensors, model_sparsity, write_edited_checkpoint
-from refusalkit.repair.search import alpha_curve, block_writes, curve_context, search_prompts
+from refusalkit.repair.search import CURVE_MEASURES, alpha_curve, block_writes, curve_context, search_prompts
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def _stale_curve(info: dict[str, Any]) -> bool:
     """A repair whose α curve was measured by refusalkit 0.1.0 (on an unedited model: the bug fixed
     in 0.2.0); its figures, and an automatic α chosen from them, are not to be reused."""
     c = info.get("curve")
-    return bool(c) and c.get("measures") != "edited model"
+    return bool(c) and c.get("measures") != CURVE_MEASURES
 
 
 def _reusable(layout: RunLayout, name: str, variant: str, r: RepairConfig) -> dict[str, Any] | None:
@@ -256,8 +255,3 @@ def _predicted_gap_change(writes: dict[str, Any], recs: dict[str, Any]) -> float
         return sum(recs[k]["gain"] * (w["harmful"] - w["harmless"]) for k, w in writes.items())
     except KeyError:
         return None  # no harmless search prompts
-
-
-def with_settings(r: RepairConfig, **changes: Any) -> RepairConfig:
-    """A copy of ``r`` with ``changes`` (the whole study's per-variant settings)."""
-    return dataclasses.replace(r, **changes)

@@ -267,6 +267,9 @@ def _measure_points(
         bar.close()
 
 
+# What a curve point measures; curves cached by refusalkit 0.1.0 lack it (they measured an unedited model).
+CURVE_MEASURES = "edited model"
+
 BUDGETS = (
     "max_over_refusal_increase",
     "max_degenerate_increase",
@@ -287,7 +290,7 @@ def alpha_curve(
         "unit": unit,
         "placement": ctx.spec.placement,
         "keep_zeros": keep_zeros,
-        "measures": "edited model",
+        "measures": CURVE_MEASURES,
     }
     path = ctx.layout.curve(ctx.variant, unit, ctx.spec.placement, keep_zeros)
     state = artifacts.read_json(path) if path.exists() else {}
@@ -304,7 +307,7 @@ def alpha_curve(
         p["over_budget"] = within_budgets(p, ref, ctx.spec)
     return {
         "points": curve,
-        "measures": "edited model",
+        "measures": CURVE_MEASURES,
         "unrepaired": ref,
         "base": base,
         "target_asr": target,

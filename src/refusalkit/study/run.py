@@ -17,6 +17,7 @@ budgets) is recorded in ``DIR/run.json`` and the run goes on; anything else stop
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -224,7 +225,7 @@ def _repair_variant(
     """AIRD on ``variant`` when ``run.repair`` selects it: plain (with the α curve when
     ``run.aird_curve``) and, for pruned variants with ``run.aird_sparse``, sparsity-preserving.
     The names of the repaired variants made."""
-    from refusalkit.repair.job import repair_name, run_repair, with_settings
+    from refusalkit.repair.job import repair_name, run_repair
 
     r = cfg.run
     if not needs_repair(r.repair, spec.method, compare, r.moved_cosine):
@@ -233,7 +234,7 @@ def _repair_variant(
     ppl = min(cfg.repair.ppl_tokens, e.ppl_tokens) if e.ppl_tokens >= 512 else 0
     made = []
     for keep_zeros in [False] + ([True] if r.aird_sparse and spec.method in PRUNING else []):
-        settings = with_settings(
+        settings = dataclasses.replace(
             cfg.repair, keep_zeros=keep_zeros, curve=r.aird_curve and not keep_zeros, ppl_tokens=ppl
         )
         info = run.stage(
