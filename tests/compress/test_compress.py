@@ -23,7 +23,7 @@ from refusalkit.compress.pruning import (
 )
 from refusalkit.compress.quant import quantize_groupwise
 from refusalkit.core.errors import UserError
-from refusalkit.models.int8 import Int8Linear, bnb_available
+from refusalkit.models.int8 import Int8Linear
 from refusalkit.models.loading import LoadedModel
 from refusalkit.models.structure import decoder_layers
 
@@ -346,8 +346,7 @@ def test_int8_error_bound_without_outliers():
     assert err.max().item() < 0.05
 
 
-@pytest.mark.skipif(not bnb_available(), reason="bitsandbytes is not installed")
-@pytest.mark.parametrize("k", [64, 1536])  # float32 codes below 1040 inputs, float64 beyond
+@pytest.mark.parametrize("k", [64, 1536, 4864])  # one float32 slice, two, five (Qwen's MLP down)
 def test_int8_matmul_paths_agree_bit_for_bit(k):
     from refusalkit.models.int8 import int8_matmul
 
@@ -355,9 +354,10 @@ def test_int8_matmul_paths_agree_bit_for_bit(k):
     cb = torch.randint(-127, 128, (48, k), generator=g, dtype=torch.int8)
     for m in (1, 5, 33):  # decode-sized and batch-sized inputs
         qa = torch.randint(-127, 128, (m, k), generator=g).float()
-        fast, plain = int8_matmul(qa, cb), int8_matmul(qa, cb, use_int_mm=False)
+        fast, plain = int8_matmul(qa, cb, use_int_mm=True), int8_matmul(qa, cb, use_int_mm=False)
         exact = (qa.double() @ cb.double().t()).float()  # the exact integer sum, rounded once
         assert torch.equal(fast, exact) and torch.equal(plain, exact)
+        assert torch.equal(int8_matmul(qa, cb), exact)  # the path chosen for this CPU
     # an extreme row: every product at 127 * 127 (the largest sum of the layer)
     qa = torch.full((2, k), 127.0)
     assert torch.equal(

@@ -44,23 +44,42 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cb, scb
 
 
-def int8_matmul(qa: torch.Tensor, cb: torch.Tensor, use_int_mm: bool = True) -> torch.Tensor:
+# Products summed in one float32 partial sum stay exact while the sum stays below 2^24.
+_EXACT_F32_TERMS = 2**24 // (127 * 127)  # 1040 products of two int8 codes
+
+
+def _int_mm_is_fast() -> bool:
+    """Whether ``torch._int_mm`` beats float32 on this CPU: with AVX-512 (VNNI) kernels it was 2-4x
+    faster than the float path; with AVX2 only it was about 25x slower (measured; see the README)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap.startswith("AVX512") or cap.startswith("AMX")
+
+
+def int8_matmul(qa: torch.Tensor, cb: torch.Tensor, use_int_mm: bool | None = None) -> torch.Tensor:
     """``qa @ cb.T`` summed exactly, as float32: ``qa`` holds integers in [-127, 127] (any float dtype),
     ``cb`` is int8 ``[out, in]``.
 
-    On a CPU, ``torch._int_mm`` multiplies in int8 with int32 accumulation (VNNI where the CPU has
-    it; 2-4× faster than converting the weight to float on every call). Elsewhere, or when it is
-    unavailable, the codes are multiplied in float32 (exact while ``in * 127² < 2^24``) or
-    float64. Either way the result is the exact integer sum rounded once to float32, so both
-    paths give identical outputs (tested).
+    ``use_int_mm`` None: ``torch._int_mm`` (int8 products, int32 sums) on a CPU where it is fast
+    (AVX-512/AMX kernels), else float32 matmuls over slices of at most 1040 inputs, each exact
+    (``1040 * 127² < 2^24``), summed in float64. Either way the result is the exact integer sum
+    rounded once to float32, so every path gives identical outputs (tested).
     """
+    if use_int_mm is None:
+        use_int_mm = qa.device.type == "cpu" and _int_mm_is_fast()
     if use_int_mm and qa.device.type == "cpu" and hasattr(torch, "_int_mm") and qa.shape[0] > 0:
         try:
             return torch._int_mm(qa.to(torch.int8), cb.t()).float()
         except RuntimeError:  # a shape or build without int8 matmul support
             pass
-    acc = torch.float32 if qa.shape[1] * 127 * 127 < 2**24 else torch.float64
-    return (qa.to(acc) @ cb.to(acc).t()).float()
+    k = qa.shape[1]
+    a = qa.float()
+    if k <= _EXACT_F32_TERMS:
+        return a @ cb.float().t()
+    out = None
+    for s in range(0, k, _EXACT_F32_TERMS):
+        part = (a[:, s : s + _EXACT_F32_TERMS] @ cb[:, s : s + _EXACT_F32_TERMS].float().t()).double()
+        out = part if out is None else out.add_(part)
+    return out.float()
 
 
 class Int8Linear(nn.Module):
