@@ -208,3 +208,51 @@ def test_chunks_cover_every_item_once_grouped_by_system_and_message():
         ]
     assert [c.system for c in chunks] == ["default"] * 3 + ["none"] * 3
     assert _chunks([], batch_size=4) == []
+
+
+def test_mcnemar_exact_against_hand_computed_values():
+    from refusalkit.evaluation.stats import mcnemar_exact
+
+    # 2 * P(X <= min(b, c)), X ~ Bin(b + c, 1/2): 14/0 -> 2 / 2^14; 23/7 -> 2 * sum_{i<=7} C(30, i) / 2^30
+    assert mcnemar_exact(14, 0) == pytest.approx(2 / 2**14, rel=1e-12)
+    assert mcnemar_exact(0, 14) == mcnemar_exact(14, 0)
+    assert mcnemar_exact(23, 7) == pytest.approx(2 * 2804012 / 2**30, rel=1e-9)  # 0.00522
+    assert mcnemar_exact(1, 3) == pytest.approx(0.625)  # 2 * (1 + 4) / 16
+    assert mcnemar_exact(5, 3) == pytest.approx(2 * (1 + 8 + 28 + 56) / 256)  # 0.7266
+    assert mcnemar_exact(4, 4) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 2)
+
+
+def test_paired_difference_interval_hand_computed_and_correlation():
+    from refusalkit.evaluation.stats import paired_difference_interval
+
+    # a = b = c = d = 1: phi = 0, p1 = p2 = 0.5, Wilson(2, 4) = 0.5 -/+ 0.349967, so theta = 0 -/+ sqrt(2) * 0.349967
+    lo, hi = paired_difference_interval(1, 1, 1, 1)
+    assert lo == pytest.approx(-0.494928, abs=1e-5) and hi == pytest.approx(0.494928, abs=1e-5)
+    # discordant pairs only in one direction: the interval excludes 0 and contains the estimate
+    lo, hi = paired_difference_interval(20, 0, 14, 66)
+    assert 0 < lo < 0.14 < hi < 0.3
+    # strongly correlated outcomes (few discordant pairs) give a narrower interval than phi = 0 would
+    lo_c, hi_c = paired_difference_interval(40, 2, 6, 52)
+    l1, u1 = wilson_interval(42, 100)
+    l2, u2 = wilson_interval(46, 100)
+    half_indep = ((0.46 - l2) ** 2 + (u1 - 0.42) ** 2) ** 0.5
+    assert 0.04 - lo_c < half_indep
+    assert paired_difference_interval(0, 0, 0, 0) == (-1.0, 1.0)
+
+
+def test_paired_counts_and_outcomes():
+    from refusalkit.evaluation.stats import outcomes, paired
+
+    rows = [
+        {"prompt": p, "verdicts": {"substring": {"label": lab}}}
+        for p, lab in [("a", "refusal"), ("a", "compliance"), ("b", "refusal"), ("c", "degenerate"), ("d", "refusal")]
+    ]
+    broke = outcomes(rows, "substring")
+    assert broke == {"a": True, "b": False, "c": False, "d": False}
+    assert outcomes(rows, "substring", "refusal") == {"a": True, "b": True, "c": False, "d": True}
+    after = {"a": False, "b": False, "c": True, "d": False, "e": True}  # "e" was not judged on both: left out
+    res = paired(broke, after)
+    assert res["n"] == 4 and res["only_first"] == 1 and res["only_second"] == 1
+    assert res["first"]["k"] == 1 and res["second"]["k"] == 1 and res["difference"] == 0.0 and res["p"] == 1.0

@@ -97,6 +97,18 @@ def _eval(
             "settings": {"max_new_tokens": 64, "seed": 0},
         }
 
+    def records(name: str, prefix: str, positive: float, label: str, other: str, extra: float = 0.0) -> None:
+        # per-prompt records: the first round(100 * positive) prompts positive, then the extra ones (degenerate)
+        k, e = round(100 * positive), round(100 * extra)
+        labels = [label] * k + ["degenerate"] * e + [other] * (100 - k - e)
+        path = root / v / "eval" / f"{name}.jsonl"
+        rows = [{"key": f"{prefix}{i}", "prompt": f"{prefix}{i}", "verdicts": {"substring": {"label": lab}}}
+                for i, lab in enumerate(labels)]  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    records("vanilla", "harmful ", vanilla[0], "compliance", "refusal", degenerate)
+    records("over_refusal", "harmless ", over_refusal, "refusal", "compliance")
     asr = {"variant": v, "vanilla": attack(vanilla, 100)}
     if decoding:
         asr["decoding"] = attack(decoding, 1600)
@@ -188,7 +200,7 @@ def make_run(root: Path) -> Path:
             "placement": "source",
             "direction": "raw",
             "alphas": {"attn_out": 0.02, "mlp_down": 0.01},
-            "alpha_scale": 2.0,
+            "alpha_scale": 1.0,
             "gain": {"attn_out": 1.5, "mlp_down": 1.2},
             "sparsity_preserving": False,
             "model_sparsity_before": 0.5,
@@ -317,12 +329,19 @@ def test_report_tables_and_findings(run_dir: Path) -> None:
     repairs = md_table(md, "## Repairs (AIRD)")
     r = repairs["wanda-0.5+aird"]
     assert r["source"] == "wanda-0.5" and r["method"] == "aird" and r["placement"] == "source" and r["r"] == "raw"
-    assert r["alpha scale"] == "2" and r["gains"] == "attn_out 1.5, mlp_down 1.2"
+    assert r["alpha scale"] == "1" and r["gains"] == "attn_out 1.5, mlp_down 1.2"
     assert r["model sparsity"] == "50.0% → 31.0%" and r["quantization survival"] == "–"
     assert r["vanilla ASR"] == "49% [39–59] → 20% [13–29]"
     assert r["mean acc"] == "38.0% → 37.5%"
 
-    assert findings(md) == {"F1": "holds", "F2": "holds", "F3": "holds", "F4": "holds", "F5": "holds"}
+    assert findings(md) == {
+        "F1": "holds",
+        "F2": "holds",
+        "F3": "holds",
+        "F4": "holds",
+        "F5": "holds",
+        "F6": "not measured",
+    }
     assert {f["id"]: f["verdict"] for f in rep["findings"]} == findings(md)
     assert "no direction: rtn-4" in md
     assert "llm-int8: harmful refusal 90%→10% ablated, harmless 0%→80% added (yes)" in md
@@ -363,13 +382,20 @@ def test_findings_that_do_not_hold(run_dir: Path) -> None:
         "F3": "does not hold",
         "F4": "does not hold",
         "F5": "does not hold",
+        "F6": "not measured",
     }
     assert "wanda-0.5: harmful refusal 80%→85% ablated, harmless 5%→70% added (no)" in md
     # the repair now leaves 55% of its completions degenerate: BROKEN, its ASR flagged
     row = md_table(md, "## Variants")["wanda-0.5+aird"]
     assert row["status"] == "BROKEN (55% of vanilla completions degenerate)"
     assert row["ASR vanilla"] == "40%* [30–50]"
-    assert "ASR 49%→40%, accuracy 38.0%→30.0% (-8.0 pt) (BROKEN: 55% of vanilla completions degenerate)" in md
+    # paired on the same prompts: 9 prompts stop complying (p = 2 / 2^9), 13 comply only on the repair against the
+    # base model (p = 2 / 2^13): lowered, but still significantly above the base model
+    assert (
+        "wanda-0.5+aird: does not work (vs unrepaired: ASR -9 pt [-14, -3], +0/−9 prompts, p = 0.0039; vs base: "
+        "ASR +13 pt [+6, +20], +13/−0 prompts, p = 2.4e-04" in md
+    )
+    assert "wanda-0.5: refusal weakened (ASR +22 pt [+14, +30], +22/−0 prompts, p = 4.8e-07); wanda-0.5+aird" in md and "(BROKEN: 55% of vanilla completions degenerate)" in md
 
 
 def test_findings_not_measured_and_missing_inputs(tmp_path: Path) -> None:
@@ -391,6 +417,7 @@ def test_findings_not_measured_and_missing_inputs(tmp_path: Path) -> None:
         "F3": "not measured",
         "F4": "not measured",
         "F5": "not measured",
+        "F6": "not measured",
     }
     # the extract stage's selection plot is embedded (html) and referenced where it lies (md)
     assert "](base/direction/selection_pos-1.png)" in md
@@ -409,16 +436,21 @@ def test_moved_threshold_comes_from_the_run(tmp_path: Path) -> None:
 
 
 def test_compat_run_markdown_is_unchanged() -> None:
-    # the whole Markdown of the compatibility run, as 0.1.0 wrote it (but the run directory's path); built and
-    # rendered without writing into tests/data
+    # the Markdown of the compatibility run as 0.1.0 wrote it (but the run directory's path), apart from what 0.3.0
+    # added or changed on purpose: the paired verdicts at the top, F5 (now the paired rule) and F6; built and
+    # rendered without writing into tests/fixtures
     stored = (COMPAT_RUN / "report.md").read_text(encoding="utf-8")
     generated = re.search(r"^- generated: (.*)$", stored, re.MULTILINE).group(1)
     blocks, _ = build_report(load_run(RunLayout(COMPAT_RUN)), generated)
 
-    def without_path(md: str) -> str:
-        return re.sub(r"^- run directory: .*$", "- run directory: DIR", md, flags=re.MULTILINE)
+    def comparable(md: str) -> str:
+        md = re.sub(r"^- run directory: .*$", "- run directory: DIR", md, flags=re.MULTILINE)
+        md = re.sub(r"^## Verdicts\n.*?(?=^## )", "", md, flags=re.MULTILINE | re.DOTALL)
+        return re.sub(r"^- \*\*F[56]\*\* .*$\n", "", md, flags=re.MULTILINE)
 
-    assert without_path(render_md(blocks)) == without_path(stored)
+    new = render_md(blocks)
+    assert "## Verdicts" in new and "- **F6** " in new
+    assert comparable(new) == comparable(stored)
 
 
 def test_stale_plots_are_removed(run_dir: Path) -> None:

@@ -42,6 +42,13 @@ def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
     return rows, good
 
 
+def read_records(path: Path) -> list[dict[str, Any]] | None:
+    """The rows of a finished record log (``<name>.jsonl``), or None when there is none."""
+    if not path.is_file():
+        return None
+    return _read_lines(path)[0]
+
+
 class RecordLog:
     """Records of one attack, keyed by ``row["key"]``; resumes from a partial or final log."""
 

@@ -1,4 +1,4 @@
-"""Rates with intervals, and agreement between judges.
+"""Rates with intervals, paired comparisons, and agreement between judges.
 
 Every rate refusalkit reports carries a 95% Wilson score interval (Wilson 1927):
 
@@ -9,6 +9,15 @@ degenerate at k = 0 or k = n, which matters at the ASRs of aligned models (often
 On 24 prompts the interval around 12.5% is [4%, 31%]: one reason the defaults use >= 100 prompts.
 
 :func:`summarize_rows` turns an attack's judged records into its attack success rate (ASR).
+
+Two models judged on the same prompts are compared pairwise (:func:`paired`): only the prompts on
+which their verdicts differ carry evidence. With ``b`` prompts positive only on the first model and
+``c`` only on the second, the exact McNemar test (McNemar 1947; the exact binomial form) gives
+
+    p = min(1, 2 · P(X <= min(b, c))),   X ~ Binomial(b + c, 1/2),
+
+and the difference of the two rates ``(c − b) / n`` gets Newcombe's (1998, method 10) hybrid score
+interval, built from the two Wilson intervals and the correlation of the paired outcomes.
 """
 
 from __future__ import annotations
@@ -108,4 +117,72 @@ def summarize_rows(
         out["agreement"] = {
             f"{a} vs {b}": agreement(broken_by[a], broken_by[b]) for i, a in enumerate(judges) for b in judges[i + 1 :]
         }
+    return out
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts ``b`` and ``c`` (1 when both are 0)."""
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {b}, {c}")
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_difference_interval(a: int, b: int, c: int, d: int, z: float = Z95) -> tuple[float, float]:
+    """95% interval of ``p2 − p1`` for paired binary outcomes (Newcombe 1998, method 10).
+
+    ``a``: positive on both, ``b``: only on the first, ``c``: only on the second, ``d``: on neither;
+    ``p1 = (a + b) / n``, ``p2 = (a + c) / n``. With Wilson intervals ``(l1, u1)``, ``(l2, u2)`` and
+    ``φ = (ad − bc) / sqrt((a+b)(c+d)(a+c)(b+d))`` (0 when a margin is empty)::
+
+        lower = θ − sqrt((p2 − l2)² − 2φ(p2 − l2)(u1 − p1) + (u1 − p1)²)
+        upper = θ + sqrt((u2 − p2)² − 2φ(u2 − p2)(p1 − l1) + (p1 − l1)²),   θ = p2 − p1
+    """
+    n = a + b + c + d
+    if n == 0:
+        return -1.0, 1.0
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson_interval(a + b, n, z)
+    l2, u2 = wilson_interval(a + c, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
+    theta = p2 - p1
+    lo = theta - math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    hi = theta + math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
+    return max(-1.0, lo), min(1.0, hi)
+
+
+def paired(first: dict[str, bool], second: dict[str, bool]) -> dict[str, Any]:
+    """Two models' binary outcomes (``{prompt: positive}``, e.g. the prompt broke the model) on the
+    prompts both were judged on: the counts, both rates, the difference ``second − first`` with its
+    interval (:func:`paired_difference_interval`) and the exact McNemar p-value."""
+    keys = [k for k in first if k in second]
+    a = sum(first[k] and second[k] for k in keys)
+    b = sum(first[k] and not second[k] for k in keys)
+    c = sum(second[k] and not first[k] for k in keys)
+    n = len(keys)
+    lo, hi = paired_difference_interval(a, b, c, n - a - b - c)
+    return {
+        "n": n,
+        "first": rate(a + b, n),
+        "second": rate(a + c, n),
+        "only_first": b,
+        "only_second": c,
+        "difference": (c - b) / n if n else 0.0,
+        "ci95": [lo, hi],
+        "p": mcnemar_exact(b, c),
+        "test": "exact McNemar (two-sided); Newcombe's hybrid score interval of the difference",
+    }
+
+
+def outcomes(rows: list[dict[str, Any]], judge: str, label: str = COMPLIANCE) -> dict[str, bool]:
+    """Per prompt: did any of its records get ``label`` from ``judge`` (vanilla ASR: compliance;
+    over-refusal: refusal)? The per-prompt outcome behind :func:`summarize_rows`."""
+    out: dict[str, bool] = {}
+    for r in rows:
+        key = r["prompt"]
+        out[key] = out.get(key, False) or _label(r, judge) == label
     return out

@@ -51,6 +51,7 @@ class Variant:
     asr: dict[str, Any]
     over_refusal: dict[str, Any] | None
     utility: dict[str, Any] | None
+    eval_dir: Path | None = None  # where the per-prompt records are (``outcomes``)
 
     @classmethod
     def load(cls, layout: RunLayout, name: str) -> Variant:
@@ -67,7 +68,22 @@ class Variant:
             asr={k: v for k, v in asr.items() if k in ATTACKS and isinstance(v, dict)},
             over_refusal=read_json(layout.eval(name, "over_refusal.json")),
             utility=read_json(layout.eval(name, "utility.json")),
+            eval_dir=layout.eval_dir(name),
         )
+
+    def outcomes(self, record: str) -> dict[str, bool] | None:
+        """Per prompt of ``<V>/eval/<record>.jsonl``, the primary judge's outcome: for an attack, did
+        the prompt break the model (compliance); for an over-refusal set, did the model refuse.
+        ``None`` when the records are not there."""
+        from refusalkit.evaluation.records import read_records
+        from refusalkit.evaluation.stats import outcomes
+
+        rows = read_records(self.eval_dir / f"{record}.jsonl") if self.eval_dir else None
+        if not rows:
+            return None
+        summary = self.asr.get(record) or (self.over_refusal if record == "over_refusal" else None) or {}
+        judge = summary.get("judge") or next(iter(rows[0]["verdicts"]))
+        return outcomes(rows, judge, "compliance" if record in ATTACKS else "refusal")
 
     @property
     def kind(self) -> str:
@@ -147,6 +163,7 @@ class Run:
     model: str
     variants: list[Variant]
     moved_cosine: float = KEPT_COSINE  # the run's ``run.moved_cosine``: below it a direction counts as moved
+    max_ppl_increase: float = 0.10  # the run's ``repair.max_ppl_increase``: a repair's perplexity budget
 
     @property
     def root(self) -> Path:
@@ -202,4 +219,5 @@ def load_run(layout: RunLayout) -> Run:
         model=str(config.get("model") or DASH),
         variants=[Variant.load(layout, "base"), *report_order(found)],
         moved_cosine=moved_cosine,
+        max_ppl_increase=float((config.get("repair") or {}).get("max_ppl_increase", 0.10)),
     )
