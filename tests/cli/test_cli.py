@@ -114,4 +114,4 @@ def test_run_exits_1_and_lists_the_failed_stage(tmp_path, monkeypatch, capsys, o
     assert "stage magnitude-0.5+aird/repair failed: no alpha scale" in captured.err
     assert "| magnitude-0.5 |" in captured.out  # the report is still written and shown
     state = json.loads(Path("run/run.json").read_text())
-    assert state["failed"] == ["magnitude-0.5+aird-sp/repair", "magnitude-0.5+aird/repair"]
+    assert state["failed"] == ["magnitude-0.5+aird-paper/repair", "magnitude-0.5+aird/repair"]

@@ -34,6 +34,8 @@ EVAL = [
     "4",
     "--n-harmless",
     "3",
+    "--n-borderline",
+    "3",
     "--max-new-tokens",
     "8",
     "--decoding-grid",
@@ -157,6 +159,8 @@ def test_resume_keeps_completed_prompts(smol_run, tmp_path, capsys, monkeypatch)
         "6",
         "--n-harmless",
         "0",
+        "--n-borderline",
+        "0",
         "--max-new-tokens",
         "6",
         "--set",
@@ -190,6 +194,8 @@ def test_transfer_suffixes_to_a_variant(evaluated, smol_run, capsys):
         "--suffix-mode",
         "transfer",
         "--n-harmless",
+        "0",
+        "--n-borderline",
         "0",
     )
     assert code == 0, err

@@ -69,7 +69,14 @@ def test_curve_measures_the_edited_model(tiny_run, monkeypatch, one_thread):
 
     monkeypatch.setattr(search, "measure", spy)
     settings = dataclasses.replace(
-        cfg.repair, scales=[1.0, 200.0], search_prompts=2, max_new_tokens=4, ppl_tokens=512, curve=True
+        cfg.repair,
+        alpha_scale="1.0",
+        placement="source",
+        scales=[1.0, 200.0],
+        search_prompts=2,
+        max_new_tokens=4,
+        ppl_tokens=512,
+        curve=True,
     )
     with one_thread():
         info = job.run_repair(cfg, root, "v", repair=settings, progress=False)

@@ -63,11 +63,14 @@ def test_old_run_resumes_without_recomputing(old_run, one_thread):
         assert (old_run / v / "direction" / "direction.safetensors").read_bytes() == data, v
     again = json.loads((old_run / "magnitude-0.5" / "eval" / "asr.json").read_text())["vanilla"]
     assert again["judges"]["substring"]["asr"] == asr["judges"]["substring"]["asr"]
-    # 0.1.0's alpha curves measured an unedited model: they are measured again, not reused
-    # 0.1.0's alpha curves measured an unedited model: they are measured again and the repairs
-    # chosen from them redone, with their analyses
-    curve = json.loads((old_run / "repair" / "magnitude-0.5.source-raw.curve.json").read_text())
-    assert curve["settings"].get("measures") == "edited model"
+    # 0.1.0's alpha curves measured an unedited model: the automatic repair chosen from them is redone (now
+    # by the search over edits, at 0.1.0's placement and form: every weight), with its analyses
+    search = json.loads((old_run / "repair" / "magnitude-0.5+aird.search.json").read_text())
+    assert search["settings"].get("measures") == "edited model"
     repaired = json.loads((old_run / "magnitude-0.5+aird" / "repair.json").read_text())
-    assert repaired["curve"]["measures"] == "edited model"
+    assert repaired["search"]["measures"] == "edited model" and not repaired["sparsity_preserving"]
+    assert repaired["placement"] == "source"
     assert (old_run / "magnitude-0.5+aird" / "eval" / "asr.json").exists()
+    # the paper's literal edit is added beside it
+    paper = json.loads((old_run / "magnitude-0.5+aird-paper" / "repair.json").read_text())
+    assert paper["alpha_scale"] == 1.0 and not paper["auto"]

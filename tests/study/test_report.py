@@ -395,7 +395,10 @@ def test_findings_that_do_not_hold(run_dir: Path) -> None:
         "wanda-0.5+aird: does not work (vs unrepaired: ASR -9 pt [-14, -3], +0/−9 prompts, p = 0.0039; vs base: "
         "ASR +13 pt [+6, +20], +13/−0 prompts, p = 2.4e-04" in md
     )
-    assert "wanda-0.5: refusal weakened (ASR +22 pt [+14, +30], +22/−0 prompts, p = 4.8e-07); wanda-0.5+aird" in md and "(BROKEN: 55% of vanilla completions degenerate)" in md
+    assert (
+        "wanda-0.5: refusal weakened (ASR +22 pt [+14, +30], +22/−0 prompts, p = 4.8e-07); wanda-0.5+aird" in md
+        and "(BROKEN: 55% of vanilla completions degenerate)" in md
+    )
 
 
 def test_findings_not_measured_and_missing_inputs(tmp_path: Path) -> None:

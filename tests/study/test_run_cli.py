@@ -38,6 +38,8 @@ TINY = [
     "--set",
     "evaluation.n_harmless=3",
     "--set",
+    "evaluation.n_borderline=3",
+    "--set",
     "evaluation.max_new_tokens=8",
     "--set",
     "evaluation.ppl_tokens=512",
@@ -50,11 +52,11 @@ TINY = [
     "--set",
     "run.repair=pruned",
     "--set",
-    "run.aird_sparse=false",
+    "repair.scales=4,16",
     "--set",
-    "run.aird_scales=4",
+    "repair.search_prompts=3",
     "--set",
-    "run.aird_search_prompts=3",
+    "repair.confirm=1",
 ]
 
 
@@ -81,9 +83,13 @@ def test_run_produces_every_stage(study):
         "base/evaluate",
         "magnitude-0.5/evaluate",
         "magnitude-0.5+aird/repair",
+        "magnitude-0.5+aird-paper/repair",
         "magnitude-0.5+aird/extract",
         "magnitude-0.5+aird/compare",
         "magnitude-0.5+aird/evaluate",
+        "magnitude-0.5+aird-paper/extract",
+        "magnitude-0.5+aird-paper/compare",
+        "magnitude-0.5+aird-paper/evaluate",
         "report",
     ]
     md = (study / "report.md").read_text()
@@ -115,45 +121,58 @@ def test_compare_record(study):
     assert c["base_source"]["layer"] == base["layer"] and c["base_source"]["position"] == base["position"]
 
 
-def test_plain_repair_and_its_curve(study):
+def test_paper_edit_and_search(study):
     base = json.loads((study / "base" / "direction" / "direction.json").read_text())
-    plain = json.loads((study / "magnitude-0.5+aird" / "repair.json").read_text())
+    plain = json.loads((study / "magnitude-0.5+aird-paper" / "repair.json").read_text())
     assert plain["layer"] == base["layer"] and plain["placement"] == "source" and plain["direction"] == "raw"
-    assert plain["alphas"] == {"attn_out": 0.02, "mlp_down": 0.01}
+    assert plain["alphas"] == {"attn_out": 0.02, "mlp_down": 0.01} and not plain["auto"]
     assert plain["gain"]["attn_out"] == pytest.approx(0.02 * base["norm"] ** 2, rel=1e-4)
-    # plain AIRD fills the pruned zeros of the two edited matrices
+    # the paper's edit fills the pruned zeros of the two edited matrices
     assert (
         plain["matrices"]["attn_out"]["sparsity_before"] >= 0.49
         and plain["matrices"]["attn_out"]["sparsity_after"] < 0.01
     )
     assert plain["model_sparsity_after"] < plain["model_sparsity_before"]
-    curve = plain["curve"]
-    assert [p["alpha_scale"] for p in curve["points"]] == [4.0]
-    assert curve["base"] is not None and curve["target_from"].startswith("base model")
-    assert all(0 <= p["asr"]["rate"] <= 1 and p["perplexity"] > 1 for p in curve["points"])
     # the saved checkpoint differs from its source only in the two edited matrices
     from safetensors.torch import load_file
 
     a = load_file(str(study / "magnitude-0.5" / "model" / "model.safetensors"))
-    b = load_file(str(study / "magnitude-0.5+aird" / "model" / "model.safetensors"))
+    b = load_file(str(study / "magnitude-0.5+aird-paper" / "model" / "model.safetensors"))
     changed = {k for k in a if not torch.equal(a[k], b[k])}
     assert changed == {
         plain["matrices"]["attn_out"]["module"] + ".weight",
         plain["matrices"]["mlp_down"]["module"] + ".weight",
     }
+    # the default repair: the search over edits, keeping every zero of the pruned variant
+    auto = json.loads((study / "magnitude-0.5+aird" / "repair.json").read_text())
+    search = auto["search"]
+    n_placements = 2 if base["layer"] > 0 else 1
+    assert len(search["screened"]) == len(search["compared"]) == 2 * n_placements
+    assert search["generated"] == 1 and search["base"] is not None  # repair.confirm=1
+    assert all(p["keep_zeros"] for p in search["screened"]) and not any(p["keep_zeros"] for p in search["compared"])
+    assert auto["auto"] and auto["sparsity_preserving"]
+    assert auto["model_sparsity_after"] == auto["model_sparsity_before"]
+    assert auto["alpha_scale"] == search["chosen"]["scale"] and auto["placement"] == search["chosen"]["placement"]
 
 
 def test_sparse_and_int8_repairs(study, capsys):
-    assert main(["-q", "repair", "--run", str(study), "--variant", "magnitude-0.5", "--keep-zeros"]) == 0
-    sp = artifacts.read_json(study / "magnitude-0.5+aird-sp" / "repair.json")
+    given = ["--alpha-scale", "2", "--placement", "source", "--name"]
+    assert main(["-q", "repair", "--run", str(study), "--variant", "magnitude-0.5", *given, "m-sp"]) == 0
+    sp = artifacts.read_json(study / "m-sp" / "repair.json")
     assert sp["method"] == "aird-sparse" and sp["model_sparsity_after"] == sp["model_sparsity_before"]
     assert sp["matrices"]["attn_out"]["sparsity_after"] == sp["matrices"]["attn_out"]["sparsity_before"]
+    assert (
+        main(["-q", "repair", "--run", str(study), "--variant", "magnitude-0.5", "--no-keep-zeros", *given, "m-x2"])
+        == 0
+    )
+    assert artifacts.read_json(study / "m-x2" / "repair.json")["method"] == "aird"
     assert main(["-q", "compress", "--run", str(study), "--method", "llm-int8"]) == 0
     # a variant's direction without validation in a validated run: the run's own settings, no validation.json
     assert main(["-q", "extract", "--run", str(study), "--variant", "llm-int8", "--no-validation"]) == 0
     assert (study / "llm-int8" / "direction" / "direction.json").exists()
     assert not (study / "llm-int8" / "direction" / "validation.json").exists()
-    assert main(["-q", "repair", "--run", str(study), "--variant", "llm-int8", "--alpha-scale", "50"]) == 0
+    int8 = ["--variant", "llm-int8", "--alpha-scale", "50", "--placement", "source"]
+    assert main(["-q", "repair", "--run", str(study), *int8]) == 0
     i8 = artifacts.read_json(study / "llm-int8+aird" / "repair.json")
     assert i8["quantization"]["method"] == "llm-int8" and 0 < i8["quantization"]["survival"] < 1.5
     assert i8["alpha_scale"] == 50 and i8["alphas"]["attn_out"] == pytest.approx(1.0)
@@ -204,45 +223,32 @@ def test_rerun_skips_and_resumes(study, capsys):
 
 
 def test_repair_cli_auto_and_errors(study, capsys):
-    # the curve's points are cached per settings: this reuses the run's measurement at x4
+    # a search of its own (with a target every model reaches and loose budgets): the base model and the
+    # unrepaired variant are read from the run's measurements, and the smallest edit is confirmed first
+    loose = ["--set", "repair.max_over_refusal_increase=1", "--set", "repair.max_degenerate_increase=1"]
     code = main(
-        [
-            "-q",
-            "repair",
-            "--run",
-            str(study),
-            "--variant",
-            "magnitude-0.5",
-            "--alpha-scale",
-            "auto",
-            "--scales",
-            "4",
-            "--search-prompts",
-            "3",
-            "--ppl-tokens",
-            "512",
-            "--target-asr",
-            "1.0",
-            "--name",
-            "m-auto",
-        ]
-    )
+        ["-q", "repair", "--run", str(study), "--variant", "magnitude-0.5", "--scales", "4,16", "--search-prompts", "3",
+         "--ppl-tokens", "512", "--target-asr", "1.0", "--name", "m-auto", "--set", "repair.max_ppl_increase=100",
+         *loose]
+    )  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0, err
     info = artifacts.read_json(study / "m-auto" / "repair.json")
-    run_curve = artifacts.read_json(study / "magnitude-0.5+aird" / "repair.json")["curve"]
-    assert info["curve"]["points"][0]["asr"] == run_curve["points"][0]["asr"]
-    # the target (ASR <= 100%) is reached at once: the smallest scale within budgets, if any
-    feasible = [p["alpha_scale"] for p in info["curve"]["points"] if not p["over_budget"]]
-    if feasible:
-        assert info["alpha_scale"] == min(feasible) and info["auto"]
+    run_search = artifacts.read_json(study / "magnitude-0.5+aird" / "repair.json")["search"]
+    assert info["search"]["unrepaired"]["asr"] == run_search["unrepaired"]["asr"]
+    assert info["search"]["screen_need"] < 0 and info["search"]["target_from"] == "given"
+    assert (info["placement"], info["alpha_scale"]) == ("source", 4.0) and info["auto"]
+    assert info["search"]["chosen"]["target_reached"]
     for bad, match in (
         (["--variant", "nope"], "does not exist"),
         (["--variant", "base"], "not base"),
         (["--variant", "magnitude-0.5+aird"], "already a repaired"),
         (["--variant", "magnitude-0.5", "--alpha-scale", "-1"], "positive"),
         (["--variant", "magnitude-0.5", "--name", "bad name"], "not usable"),
-        (["--variant", "magnitude-0.5", "--alpha-scale", "3"], "other settings"),
+        (["--variant", "magnitude-0.5", "--alpha-scale", "3"], "needs alpha_scale auto"),
+        (["--variant", "magnitude-0.5", "--alpha-scale", "3", "--placement", "source"], "other settings"),
+        (["--variant", "magnitude-0.5", "--target-asr", "2"], "target_asr"),
+        (["--variant", "magnitude-0.5", "--placement", "middle"], "placement"),
     ):
         assert main(["-q", "repair", "--run", str(study), *bad]) == 2
         assert match in capsys.readouterr().err

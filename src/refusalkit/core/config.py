@@ -64,6 +64,8 @@ class EvaluationConfig:
     n_prompts: int = _f(100, "Harmful prompts per attack (at least 100 by default: on 24 prompts one flipped verdict moves the ASR by 4 points).", flag="--n", commands=EVALUATE)
     harmless: str = _f("alpaca", "Harmless prompts for over-refusal (those used for the direction are left out).")
     n_harmless: int = _f(100, "Harmless prompts for the over-refusal rate (0: skip it).", commands=EVALUATE)
+    borderline: str = _f("borderline", "Safe prompts that look harmful, for a second over-refusal rate: borderline (refusalkit's own set), a .txt/.jsonl/.csv file, or none.")
+    n_borderline: int = _f(120, "Borderline prompts evaluated (0: skip them).", commands=EVALUATE)
     attacks: list[str] = _f(["vanilla", "decoding", "suffix"], "Attacks to run: vanilla, decoding, suffix.", choices=("vanilla", "decoding", "suffix"), commands=EVALUATE)
     max_new_tokens: str = _f("auto", "Tokens per completion: auto (256 on GPU, 64 on CPU) or a number.", commands=EVALUATE)
     seed: int = _f(0, "Seed of sampled completions (decoding attack) and of GCG.", commands=EVALUATE)
@@ -113,15 +115,17 @@ REPAIR = ("repair",)
 class RepairConfig:
     """AIRD (``refusalkit repair``, and every repair of ``refusalkit run``); budgets are relative to the unrepaired variant."""
 
-    alpha_scale: str = _f("1.0", "AIRD alphas as a multiple of the paper's (0.02 attention output, 0.01 MLP down): a number, or auto (the smallest within budgets that reaches the base model's ASR).", commands=REPAIR)
+    alpha_scale: str = _f("auto", "AIRD alphas as a multiple of the paper's (0.02 attention output, 0.01 MLP down): a number, or auto (search placements and scales for the smallest edit that reaches the base model's ASR within the budgets).", commands=REPAIR)
     direction: str = _f("raw", "AIRD's r: raw (the difference in means, gain alpha*||r||^2) or unit (gain alpha).", choices=("raw", "unit"), commands=REPAIR)
-    placement: str = _f("source", "AIRD's block: source (block `layer` of the direction, the paper's index) or previous (block layer-1, whose output is the stream read).", choices=("source", "previous"), commands=REPAIR)
-    keep_zeros: bool = _f(False, "Sparsity-preserving AIRD: no pruned zero is changed.", commands=REPAIR)
+    placement: str = _f("auto", "AIRD's block: source (block `layer` of the direction, the paper's index), previous (block layer-1, whose output is the stream read), or auto (both searched; needs alpha_scale auto).", choices=("auto", "source", "previous"), commands=REPAIR)
+    keep_zeros: bool = _f(True, "Pruned variants: the edit changes no pruned zero (sparsity-preserving AIRD), so the variant keeps its exact sparsity.", commands=REPAIR)
     requantize: bool = _f(True, "AWQ / RTN variants: put the edit back on the quantization grid.", commands=REPAIR)
-    curve: bool = _f(False, "Also measure the alpha curve (ASR, over-refusal, degenerate rate, perplexity against alpha); always with alpha_scale auto.", commands=REPAIR)
-    scales: list[float] = _f([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0], "Alpha scales of the curve and of the automatic choice.", commands=REPAIR)
-    search_prompts: int = _f(32, "Harmful and harmless held-out prompts of each curve point (disjoint from the evaluation's).", commands=REPAIR)
-    ppl_tokens: int = _f(2048, "Held-out Wikipedia tokens of each curve point's perplexity (0: none; at most evaluation.ppl_tokens in refusalkit run).", commands=REPAIR)
+    curve: bool = _f(False, "With a given alpha_scale: also measure the alpha curve by generation (ASR, over-refusal, degenerate rate, perplexity against alpha).", commands=REPAIR)
+    scales: list[float] = _f([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], "Alpha scales of the search (and of the curve).", commands=REPAIR)
+    confirm: int = _f(3, "auto: candidate edits confirmed by generation after the first-token screen.", commands=REPAIR)
+    screen_slack: float = _f(0.05, "auto: a candidate passes the screen when its share of predicted refusals on harmful search prompts is at least the base model's minus this.")
+    search_prompts: int = _f(32, "Harmful and harmless held-out prompts of the search (disjoint from the direction's and the evaluation's).", commands=REPAIR)
+    ppl_tokens: int = _f(2048, "Held-out Wikipedia tokens of each generated point's perplexity (0: none; at most evaluation.ppl_tokens in refusalkit run).", commands=REPAIR)
     target_asr: float | None = _f(None, "auto: the ASR to reach (null: the base model's on the same prompts).", commands=REPAIR)
     asr_tolerance: float = _f(0.0, "auto: a scale reaches the target when its ASR is at most target + this.")
     max_over_refusal_increase: float = _f(0.05, "auto: over-refusal budget, absolute.", commands=REPAIR)
@@ -139,8 +143,7 @@ class RunConfig:
     utility: bool = _f(True, "Also zero-shot accuracy (lm-eval) and perplexity of every variant.")
     repair: str = _f("moved", "Variants AIRD repairs: moved (direction source shifted or cosine below moved_cosine), pruned, all, none.", choices=("moved", "pruned", "all", "none"))
     moved_cosine: float = _f(0.99, "A variant whose selected direction has a cosine below this with the base direction counts as moved.")
-    aird_sparse: bool = _f(True, "Also the sparsity-preserving AIRD (the update restricted to the non-zeros) of every pruned variant repaired.")
-    aird_curve: bool = _f(True, "Measure the alpha curve of every plain repair (repair.curve applies to refusalkit repair).")
+    paper_edit: bool = _f(True, "Also apply and evaluate the paper's literal AIRD edit (source block, the paper's alphas, raw r, every weight) as <V>+aird-paper beside the repair of the repair section.")
     validate_variants: bool = _f(True, "Validate every variant's direction by generation too (the base model's always is when validation.enabled); false: the comparison judges a variant's direction by its selection scores.")
 
 
@@ -236,6 +239,18 @@ def validate_repair(r: RepairConfig) -> RepairConfig:
         raise UserError("repair.search_prompts must be at least 1 (ppl_tokens and max_new_tokens 0 or more)")
     if r.ppl_tokens and r.ppl_tokens < 512:
         raise UserError("repair.ppl_tokens must be at least 512 (or 0 to skip the perplexity)")
+    if r.target_asr is not None and not 0 <= r.target_asr <= 1:
+        raise UserError(f"repair.target_asr must be in [0, 1] (or null: the base model's), not {r.target_asr}")
+    budgets = ("asr_tolerance", "max_over_refusal_increase", "max_degenerate_increase", "max_ppl_increase")
+    for name in budgets + (("max_utility_drop",) if r.max_utility_drop is not None else ()):
+        if getattr(r, name) < 0:
+            raise UserError(f"repair.{name} is a budget: 0 or more, not {getattr(r, name)}")
+    if r.confirm < 1 or not 0 <= r.screen_slack <= 1:
+        raise UserError("repair.confirm must be at least 1 and repair.screen_slack in [0, 1]")
+    if r.placement == "auto" and alpha_scale(r.alpha_scale) != "auto":
+        raise UserError(
+            "repair.placement auto searches both blocks and needs alpha_scale auto; give source or previous"
+        )
     return r
 
 

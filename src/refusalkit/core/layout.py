@@ -34,6 +34,7 @@ class RunLayout:
           compare/<V>.json             the variant's direction against the base's (``refusalkit compare``)
           repair/base.json             the base model measured on the α-search prompts
           repair/<V>.unrepaired.json   the unrepaired variant measured on them
+          repair/<R>.search.json       the search over edits that made repaired variant R (screen, confirmations)
           repair/<V>.<placement>-<raw|unit>[-sp].curve.json   one α curve per kind of edit
           report.md, report.html       the report; report_files/ holds the Markdown report's PNGs
     """
@@ -132,6 +133,11 @@ class RunLayout:
     def search_point(self, name: str) -> Path:
         """``repair/<name>.json``: one measured model state (``base``, ``<V>.unrepaired``)."""
         return self.root / "repair" / f"{name}.json"
+
+    def edit_search(self, name: str) -> Path:
+        """``repair/<name>.search.json``: the search over edits that made repaired variant ``name``
+        (the screen of every candidate, the confirmed points)."""
+        return self.root / "repair" / f"{name}.search.json"
 
     def curve(self, variant: str, unit: bool, placement: str, keep_zeros: bool) -> Path:
         """One cache per kind of edit, so measuring another placement or mode keeps the points measured."""

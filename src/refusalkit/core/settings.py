@@ -4,6 +4,7 @@ layered over the defaults, settings renamed since 0.1.0, and the commented defau
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from refusalkit.core.config import Config, validate
 from refusalkit.core.errors import UserError
 
 # Settings renamed in 0.2.0: a run directory written by 0.1.0 still loads (dotted old -> dotted new).
+log = logging.getLogger(__name__)
+
 LEGACY_KEYS = {
     "run.calibration": "compress.calibration",
     "run.n_calibration": "compress.n_calibration",
@@ -25,12 +28,25 @@ LEGACY_KEYS = {
 }
 
 
+# Settings removed in 0.3.0: read from older config files and run directories, then ignored.
+REMOVED_KEYS = {
+    "run.aird_sparse": "the automatic repair of a pruned variant keeps its zeros (repair.keep_zeros)",
+    "run.aird_curve": "an automatic repair records its whole search; repair.curve measures a curve",
+}
+
+
 def _migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` (a nested mapping) with the keys of :data:`LEGACY_KEYS` moved to their new places."""
+    """``data`` (a nested mapping) with the keys of :data:`LEGACY_KEYS` moved to their new places and
+    those of :data:`REMOVED_KEYS` dropped."""
     run = data.get("run")
     if not isinstance(run, dict):
         return data
     data = {**data, "run": dict(run)}
+    if "aird_sparse" in data["run"]:  # written by 0.1.0 / 0.2.0: their <V>+aird changed every weight
+        data["repair"] = {"keep_zeros": False, **(data.get("repair") or {})}
+    for old, why in REMOVED_KEYS.items():
+        if data["run"].pop(old.split(".", 1)[1], None) is not None:
+            log.info("setting %s is no longer used: %s", old, why)
     for old, new in LEGACY_KEYS.items():
         key = old.split(".", 1)[1]
         if key in data["run"]:

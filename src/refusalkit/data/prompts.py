@@ -38,6 +38,11 @@ NAMED_SOURCES: dict[str, str] = {
         "'input' sits on its own row, so some rows are bare inputs)"
     ),
     "alpaca-curated": "ollama-forge's small hand-curated harmless list (64 prompts)",
+    "borderline": (
+        "refusalkit's own safe prompts that look harmful (120, 8 categories: violent words used harmlessly, "
+        "safety, fiction, history, public figures, health and drugs, security education, definitions); "
+        "shipped in the package, a refusal of any is over-refusal"
+    ),
 }
 
 USER_EXTENSIONS = (".txt", ".jsonl", ".csv")
@@ -82,6 +87,8 @@ def _forge_file(name: str) -> list[str]:
 
 
 def _load_named(name: str) -> list[str]:
+    if name == "borderline":
+        return _dedupe(_txt_lines(_read_text(Path(__file__).with_name("borderline.txt"))))
     if name in ("advbench", "harmbench", "harmful-all"):
         rows = _forge_file(HARMFUL_FILE)
         rows = {"advbench": rows[:ADVBENCH_ROWS], "harmbench": rows[ADVBENCH_ROWS:]}.get(name, rows)

@@ -248,15 +248,18 @@ def attack_suffix(
 # ------------------------------------------------------------------------------------------------
 
 
-def over_refusal(ctx: EvalContext, prompts: list[str], info: dict[str, Any]) -> dict[str, Any]:
-    """Refusal rate on held-out harmless prompts (greedy, substring judge only), the cost side of
-    any repair; also the degenerate and compliance rates. Written to ``over_refusal.json``."""
+def over_refusal(
+    ctx: EvalContext, prompts: list[str], info: dict[str, Any], name: str = "over_refusal"
+) -> dict[str, Any]:
+    """Refusal rate on safe prompts (greedy, substring judge only), the cost side of any repair; also
+    the degenerate and compliance rates. Written to ``<name>.json`` (records in ``<name>.jsonl``):
+    ``over_refusal`` for held-out harmless prompts, ``borderline`` for safe prompts that look harmful."""
     from refusalkit.evaluation.sampling import GREEDY
 
     sub = dataclasses.replace(ctx, judges=[j for j in ctx.judges if j.name == "substring"])
     items = [Item(p, p, p, "default", GREEDY, {}) for p in prompts]
-    settings = {**sub.base_settings(), "attack": "over_refusal"}
-    rows = run_items(sub, "over_refusal", items, settings)
+    settings = {**sub.base_settings(), "attack": name}
+    rows = run_items(sub, name, items, settings)
     labels = [r["verdicts"]["substring"]["label"] for r in rows]
     res = {
         "refusal_rate": rate(labels.count(REFUSAL), len(labels)),
@@ -266,5 +269,5 @@ def over_refusal(ctx: EvalContext, prompts: list[str], info: dict[str, Any]) -> 
         "prompts": info,
         "settings": settings,
     }
-    artifacts.write_json(ctx.file("over_refusal.json"), res)
+    artifacts.write_json(ctx.file(f"{name}.json"), res)
     return res

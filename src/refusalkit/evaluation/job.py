@@ -10,6 +10,7 @@ Layout (``DIR/<variant>/eval/``, see :class:`~refusalkit.core.layout.RunLayout`)
     suffix.jsonl           one row per (prompt, suffix): per-prompt and universal GCG suffixes
     suffixes.json          the GCG suffixes (self mode), reusable by other variants (transfer mode)
     over_refusal.json(l)   refusal rate on held-out harmless prompts
+    borderline.json(l)     refusal rate on safe prompts that look harmful (``evaluation.borderline``)
     utility.json           zero-shot accuracy per task (with standard errors) and perplexity
     <name>.settings.json   the settings each file was made with
 
@@ -28,7 +29,7 @@ from refusalkit.core import artifacts
 from refusalkit.core.config import Config
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
-from refusalkit.data.prompts import load_refusal_phrases
+from refusalkit.data.prompts import load_prompts, load_refusal_phrases
 from refusalkit.data.refusal import Judge, SubstringJudge
 from refusalkit.evaluation.attacks import (
     attack_decoding,
@@ -188,6 +189,10 @@ def run_evaluate(
     if e.n_harmless:
         hp, hinfo = held_out(e.harmless, e.n_harmless, splits, "harmless")
         result["over_refusal"] = over_refusal(ctx, hp, hinfo)
+    if e.n_borderline and e.borderline != "none":
+        bp = load_prompts(e.borderline)[: e.n_borderline]
+        binfo = {"source": e.borderline, "n": len(bp), "order": "source order"}
+        result["borderline"] = over_refusal(ctx, bp, binfo, name="borderline")
     if utility_eval:
         result["utility"] = utility(ctx)
     session.owner.release()

@@ -17,6 +17,7 @@ perplexity and accuracy stay within the user's budgets relative to the unrepaire
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from refusalkit.compress.methods import PRUNING
 from refusalkit.core import artifacts
 from refusalkit.core.config import Config, RepairConfig, alpha_scale
 from refusalkit.core.errors import UserError
@@ -31,15 +33,33 @@ from refusalkit.core.layout import RunLayout
 from refusalkit.core.manifest import update_manifest
 from refusalkit.core.progress import Progress
 from refusalkit.models.session import Session
-from refusalkit.repair.aird import PAPER_ALPHAS, AirdEdit, Requantize, apply_aird, edit_block_index
+from refusalkit.repair.aird import PAPER_ALPHAS, PLACEMENTS, AirdEdit, Requantize, apply_aird, edit_block_index
 from refusalkit.repair.checkpoint import checkpoint_tensors, model_sparsity, write_edited_checkpoint
+from refusalkit.repair.edit_search import Candidate, candidates, search_edits
 from refusalkit.repair.search import CURVE_MEASURES, alpha_curve, block_writes, curve_context, search_prompts
 
 log = logging.getLogger(__name__)
 
 
-def repair_name(variant: str, keep_zeros: bool) -> str:
-    return f"{variant}+aird" + ("-sp" if keep_zeros else "")
+def repair_name(variant: str, paper: bool = False) -> str:
+    """``<V>+aird``, or ``<V>+aird-paper`` for the paper's literal edit that ``refusalkit run`` adds."""
+    return f"{variant}+aird" + ("-paper" if paper else "")
+
+
+def paper_edit(r: RepairConfig) -> RepairConfig:
+    """The paper's literal edit: the source block, its alphas (scale 1), raw r, every weight."""
+    return dataclasses.replace(r, alpha_scale="1.0", placement="source", direction="raw", keep_zeros=False, curve=False)
+
+
+def _asked(r: RepairConfig, variant: str) -> dict[str, Any]:
+    """The settings a finished repair is reused for (recorded in ``repair.json`` as ``asked``)."""
+    return {
+        "source_variant": variant,
+        "alpha_scale": str(r.alpha_scale),
+        "placement": r.placement,
+        "direction": r.direction,
+        "keep_zeros": r.keep_zeros,
+    }
 
 
 def _check_variant(layout: RunLayout, variant: str) -> None:
@@ -68,17 +88,20 @@ def _reusable(layout: RunLayout, name: str, variant: str, r: RepairConfig) -> di
     if not (layout.repair_info(name).exists() and layout.has_model(name)):
         return None
     old = artifacts.read_json(layout.repair_info(name))
-    scale = alpha_scale(r.alpha_scale)
-    asked = {
-        "source_variant": variant,
-        "direction": r.direction,
-        "placement": r.placement,
-        "sparsity_preserving": r.keep_zeros,
-        "auto": scale == "auto",
-    }
-    if scale != "auto":
-        asked["alpha_scale"] = scale
-    differ = sorted(k for k, v in asked.items() if old.get(k) != v)
+    if "asked" in old:
+        differ = sorted(k for k, v in _asked(r, variant).items() if old["asked"].get(k) != v)
+    else:  # made by refusalkit 0.2.0 or earlier
+        scale = alpha_scale(r.alpha_scale)
+        asked = {
+            "source_variant": variant,
+            "direction": r.direction,
+            "placement": r.placement,
+            "sparsity_preserving": r.keep_zeros,
+            "auto": scale == "auto",
+        }
+        if scale != "auto":
+            asked["alpha_scale"] = scale
+        differ = sorted(k for k, v in asked.items() if old.get(k) != v)
     if differ:
         raise UserError(f"{name} exists with other settings ({', '.join(differ)}); give another --name or --force")
     if _stale_curve(old):
@@ -96,23 +119,52 @@ def _curve_scales(r: RepairConfig, unit: bool, norm: float) -> list[float]:
     return list(r.scales)
 
 
-def _choose_alpha(s: Session, r: RepairConfig, edit_at: Any, norm: float) -> tuple[float, dict[str, Any] | None]:
-    """The α scale to apply, and the curve when one is measured (always with ``auto``)."""
+def _search(
+    s: Session, r: RepairConfig, name: str, edit_for: Any, layer: int, norm: float, pruned: bool
+) -> dict[str, Any]:
+    """The search over edits (``alpha_scale`` auto): both placements unless one is given, the scale
+    grid, the variant's form (zeros kept for a pruned variant) and, screened for comparison only,
+    the other form."""
+    placements = []
+    for p in PLACEMENTS if r.placement == "auto" else (r.placement,):
+        try:
+            edit_block_index(layer, p, s.lm.n_layers)
+            placements.append(p)
+        except UserError:
+            continue  # no block there (a direction at the first or past the last layer)
+    keep = r.keep_zeros and pruned
+    scales = _curve_scales(r, r.direction == "unit", norm)
+    chosen_from = candidates(placements, [keep], scales)
+    compared = candidates(placements, [not keep], scales) if pruned else []
+    ctx = curve_context(s.cfg, s.layout, s.variant, s, r)
+    return search_edits(ctx, edit_for, chosen_from, compared, s.layout.edit_search(name))
+
+
+def _chosen_edit(
+    s: Session, r: RepairConfig, name: str, edit_for: Any, layer: int, norm: float, pruned: bool
+) -> tuple[
+    Candidate, dict[str, Any] | None, dict[str, Any] | None
+]:  # fmt: skip
+    """The edit to apply, and the search or the α curve when one was measured."""
     scale = alpha_scale(r.alpha_scale)
-    if scale != "auto" and not r.curve:
-        return float(scale), None
+    if scale == "auto":
+        search = _search(s, r, name, edit_for, layer, norm, pruned)
+        chosen = search["chosen"]
+        if chosen is None:
+            raise UserError(
+                f"no edit kept {s.variant} within the budgets (search in {s.layout.edit_search(name)}); "
+                "loosen the budgets or give --alpha-scale"
+            )
+        return Candidate(chosen["placement"], chosen["keep_zeros"], float(chosen["scale"])), search, None
+    cand = Candidate(r.placement, r.keep_zeros and pruned, float(scale))
+    if not r.curve:
+        return cand, None, None
     unit = r.direction == "unit"
     ctx = curve_context(s.cfg, s.layout, s.variant, s, r)
-    curve = alpha_curve(ctx, edit_at, _curve_scales(r, unit, norm), unit, r.keep_zeros)
-    if scale != "auto":
-        return float(scale), curve
-    if curve["chosen"]["scale"] is None:
-        path = s.layout.curve(s.variant, unit, r.placement, r.keep_zeros)
-        raise UserError(
-            f"no alpha scale kept {s.variant} within the budgets (curve in {path}); "
-            "loosen the budgets or give --alpha-scale"
-        )
-    return float(curve["chosen"]["scale"]), curve
+    curve = alpha_curve(
+        ctx, lambda x: edit_for(dataclasses.replace(cand, scale=x)), _curve_scales(r, unit, norm), unit, cand.keep_zeros
+    )
+    return cand, None, curve
 
 
 def run_repair(
@@ -132,7 +184,7 @@ def run_repair(
     r = repair or cfg.repair
     layout = RunLayout(root)
     _check_variant(layout, variant)
-    name = name or repair_name(variant, r.keep_zeros)
+    name = name or repair_name(variant)
     check_name(name)
     if not force:
         old = _reusable(layout, name, variant, r)
@@ -162,31 +214,35 @@ def _repair(s: Session, r: RepairConfig, name: str) -> tuple[dict[str, Any], dic
     compression = artifacts.read_json(layout.compression(s.variant)) if layout.compression(s.variant).exists() else None
     requant = Requantize.from_compression(compression) if r.requantize else None
     norm = float(direction.float().norm())
-    block = edit_block_index(int(base_info["layer"]), r.placement, s.lm.n_layers)
+    layer = int(base_info["layer"])
+    pruned = (compression or {}).get("method") in PRUNING
 
-    def edit_at(scale: float) -> AirdEdit:
+    def edit_for(c: Candidate) -> AirdEdit:
         """Edit the model the owner holds now (never a model held from before a swap)."""
         return apply_aird(
             s.lm.model,
             direction,
-            block,
-            alphas={k: a * scale for k, a in PAPER_ALPHAS.items()},
+            edit_block_index(layer, c.placement, s.lm.n_layers),
+            alphas={k: a * c.scale for k, a in PAPER_ALPHAS.items()},
             unit=unit,
-            keep_zeros=r.keep_zeros,
+            keep_zeros=c.keep_zeros,
             requantize=requant,
         )
 
-    scale, curve = _choose_alpha(s, r, edit_at, norm)
+    cand, search, curve = _chosen_edit(s, r, name, edit_for, layer, norm, pruned)
+    block = edit_block_index(layer, cand.placement, s.lm.n_layers)
     writes = block_writes(s.lm, s.cfg, direction, block, search_prompts(s.cfg, layout, r))
     sparsity_before = model_sparsity(s.lm.model)
-    edit = edit_at(scale)
+    edit = edit_for(cand)
     try:
         sparsity_after = model_sparsity(s.lm.model)
         tensors = checkpoint_tensors(edit)
     finally:
         edit.remove()
-    info = _record(name, s.variant, r, base_info, block, norm, scale, edit, requant, compression)
+    info = _record(name, s.variant, r, base_info, cand, norm, edit, requant, compression)
     info.update(
+        asked=_asked(r, s.variant),
+        search=search,
         curve=curve,
         model_sparsity_before=sparsity_before,
         model_sparsity_after=sparsity_after,
@@ -205,9 +261,8 @@ def _record(
     variant: str,
     r: RepairConfig,
     base_info: dict[str, Any],
-    block: int,
+    cand: Candidate,
     norm: float,
-    scale: float,
     edit: AirdEdit,
     requant: Requantize | None,
     compression: dict[str, Any] | None,
@@ -217,24 +272,24 @@ def _record(
     info: dict[str, Any] = {
         "variant": name,
         "source_variant": variant,
-        "method": "aird-sparse" if r.keep_zeros else "aird",
-        "layer": block,
+        "method": "aird-sparse" if cand.keep_zeros else "aird",
+        "layer": edit.block,
         "direction_layer": int(base_info["layer"]),
         "direction_position": int(base_info["position"]),
-        "placement": r.placement,
+        "placement": cand.placement,
         "placement_meaning": (
             "block `direction_layer` (the paper's layer index read literally)"
-            if r.placement == "source"
+            if cand.placement == "source"
             else "block `direction_layer` - 1, whose output is the stream the direction was read from"
         ),
         "direction": r.direction,
         "direction_norm": norm,
         "alphas": {k: x["alpha"] for k, x in recs.items()},
         "paper_alphas": dict(PAPER_ALPHAS),
-        "alpha_scale": float(scale),
+        "alpha_scale": cand.scale,
         "auto": alpha_scale(r.alpha_scale) == "auto",
         "gain": {k: x["gain"] for k, x in recs.items()},
-        "sparsity_preserving": r.keep_zeros,
+        "sparsity_preserving": cand.keep_zeros,
         "matrices": recs,
         "quantization": None,
         "compression": None if compression is None else {k: compression.get(k) for k in ("method", "sparsity", "bits")},

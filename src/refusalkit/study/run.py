@@ -6,8 +6,8 @@ Stages (each one skips what is already done, so an interrupted run resumes where
 2. compress the base model into every configured variant (``run.variants``);
 3. re-extract every variant's direction; 4. compare it with the base direction;
 5. evaluate safety (ASR per attack, over-refusal) and utility of the base model and every variant;
-6. repair with AIRD the variants whose mechanism moved (``run.repair``), plain and, for pruned
-   variants, sparsity-preserving, with the α curve; 7. re-extract, compare and evaluate the
+6. repair with AIRD the variants whose mechanism moved (``run.repair``): the search over edits
+   (placement, form, α) and the paper's literal edit; 7. re-extract, compare and evaluate the
    repaired variants (is the mechanism preserved? is the ASR lower? what did utility pay?);
 8. write ``report.md`` and ``report.html``.
 
@@ -40,7 +40,7 @@ QUICK: dict[str, Any] = {
     "validation.max_new_tokens": 32,
     "selection.screen_keep": 4,
     "evaluation.n_prompts": 24,
-    "evaluation.n_harmless": 24,
+    "evaluation.n_harmless": 100,
     "evaluation.max_new_tokens": "32",
     "evaluation.utility_tasks": "bb_strategyqa,bb_winowhy",
     "evaluation.utility_limit": 20,
@@ -56,9 +56,10 @@ QUICK: dict[str, Any] = {
 # on 2 cores (README, "refusalkit run"). What it trades off: one pruned and one quantized variant
 # instead of four; half the training prompts and a lighter selection (16 validation prompts, a
 # 2-prompt screen, 4 candidates scored in full); 16 calibration samples; variants' directions
-# judged by their selection scores, not by generation; 32-token completions on 100 + 32 prompts;
-# perplexity instead of zero-shot accuracy (the offline suite is at chance on a 0.5B model); a
-# 2-point alpha curve (x1, x16) on 16 + 16 prompts.
+# judged by their selection scores, not by generation; 32-token completions on 100 harmful, 100
+# harmless and 120 borderline prompts;
+# perplexity instead of zero-shot accuracy (the offline suite is at chance on a 0.5B model);
+# the search over edits on 32 + 32 held-out prompts (first-token screen, at most 3 candidates generated).
 CPU: dict[str, Any] = {
     "n_train": 64,
     "n_val": 16,
@@ -67,16 +68,14 @@ CPU: dict[str, Any] = {
     "selection.screen_prompts": 2,
     "selection.screen_keep": 4,
     "evaluation.n_prompts": 100,
-    "evaluation.n_harmless": 32,
+    "evaluation.n_harmless": 100,
     "evaluation.max_new_tokens": "32",
     "evaluation.utility_tasks": "none",
     "evaluation.ppl_tokens": 2048,
     "run.variants": ["wanda-0.5", "llm-int8"],
     "compress.n_calibration": 16,
     "run.validate_variants": False,
-    "run.aird_sparse": False,
-    "repair.scales": [1.0, 16.0],
-    "repair.search_prompts": 16,
+    "repair.search_prompts": 32,
 }
 
 # Profiles sit between the defaults and the config file: a file or --set value always wins.
@@ -222,10 +221,10 @@ def run_all(
 def _repair_variant(
     run: Runner, cfg: Config, root: Path, spec: Any, variant: str, compare: dict[str, Any] | None, progress: bool
 ) -> list[str]:
-    """AIRD on ``variant`` when ``run.repair`` selects it: plain (with the α curve when
-    ``run.aird_curve``) and, for pruned variants with ``run.aird_sparse``, sparsity-preserving.
-    The names of the repaired variants made."""
-    from refusalkit.repair.job import repair_name, run_repair
+    """AIRD on ``variant`` when ``run.repair`` selects it: the repair section's (by default the search
+    over edits) as ``<V>+aird`` and, with ``run.paper_edit``, the paper's literal edit as
+    ``<V>+aird-paper``. The names of the repaired variants made."""
+    from refusalkit.repair.job import paper_edit, repair_name, run_repair
 
     r = cfg.run
     if not needs_repair(r.repair, spec.method, compare, r.moved_cosine):
@@ -233,13 +232,14 @@ def _repair_variant(
     e = cfg.evaluation
     ppl = min(cfg.repair.ppl_tokens, e.ppl_tokens) if e.ppl_tokens >= 512 else 0
     made = []
-    for keep_zeros in [False] + ([True] if r.aird_sparse and spec.method in PRUNING else []):
-        settings = dataclasses.replace(
-            cfg.repair, keep_zeros=keep_zeros, curve=r.aird_curve and not keep_zeros, ppl_tokens=ppl
-        )
+    chosen = dataclasses.replace(cfg.repair, ppl_tokens=ppl)
+    kinds = [(repair_name(variant), chosen)] + (
+        [(repair_name(variant, paper=True), paper_edit(chosen))] if r.paper_edit else []
+    )
+    for name, settings in kinds:
         info = run.stage(
-            f"{repair_name(variant, keep_zeros)}/repair",
-            lambda s=settings: run_repair(cfg, root, variant, repair=s, progress=progress),
+            f"{name}/repair",
+            lambda s=settings, n=name: run_repair(cfg, root, variant, repair=s, name=n, progress=progress),
             tolerate=True,
         )
         if info is not None:

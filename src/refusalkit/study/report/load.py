@@ -51,6 +51,7 @@ class Variant:
     asr: dict[str, Any]
     over_refusal: dict[str, Any] | None
     utility: dict[str, Any] | None
+    borderline: dict[str, Any] | None = None  # over-refusal on refusalkit's borderline prompts
     eval_dir: Path | None = None  # where the per-prompt records are (``outcomes``)
 
     @classmethod
@@ -68,6 +69,7 @@ class Variant:
             asr={k: v for k, v in asr.items() if k in ATTACKS and isinstance(v, dict)},
             over_refusal=read_json(layout.eval(name, "over_refusal.json")),
             utility=read_json(layout.eval(name, "utility.json")),
+            borderline=read_json(layout.eval(name, "borderline.json")),
             eval_dir=layout.eval_dir(name),
         )
 
@@ -81,8 +83,8 @@ class Variant:
         rows = read_records(self.eval_dir / f"{record}.jsonl") if self.eval_dir else None
         if not rows:
             return None
-        summary = self.asr.get(record) or (self.over_refusal if record == "over_refusal" else None) or {}
-        judge = summary.get("judge") or next(iter(rows[0]["verdicts"]))
+        summary = self.asr.get(record) or {"over_refusal": self.over_refusal, "borderline": self.borderline}.get(record)
+        judge = (summary or {}).get("judge") or next(iter(rows[0]["verdicts"]))
         return outcomes(rows, judge, "compliance" if record in ATTACKS else "refusal")
 
     @property

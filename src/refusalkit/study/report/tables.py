@@ -113,13 +113,22 @@ def over_refusal_cell(v: Variant | None) -> str:
     return rate_cell((v.over_refusal or {}).get("refusal_rate") if v else None)
 
 
+def borderline_cell(v: Variant | None) -> str:
+    """The borderline prompts' refusal rate with its interval."""
+    return rate_cell((v.borderline or {}).get("refusal_rate") if v else None)
+
+
+def _has_borderline(run: Run) -> bool:
+    return any(v.borderline for v in run.variants)
+
+
 # --------------------------------------------------------------------------- tables
 
 
 def variant_row(run: Run, v: Variant, why: str | None) -> list[str]:
     """One row of :func:`variants_table`; ``why`` (BROKEN) flags the ASR cells with an asterisk."""
     flag = "*" if why else ""
-    return [
+    row = [
         v.name,
         v.method or ("none" if v.kind == "base" else DASH),
         size_cell(run, v),
@@ -134,6 +143,9 @@ def variant_row(run: Run, v: Variant, why: str | None) -> list[str]:
         pct_cell(v.mean_acc, 1),
         status_cell(v, why),
     ]
+    if _has_borderline(run):  # a run made before the borderline set keeps its 0.2.0 columns
+        row.insert(VARIANT_HEADERS.index("over-refusal") + 1, borderline_cell(v))
+    return row
 
 
 def variants_table(run: Run) -> Table:
@@ -143,7 +155,10 @@ def variants_table(run: Run) -> Table:
         why = run.broken(v)
         marked.append(why is not None)
         rows.append(variant_row(run, v, why))
-    return Table(list(VARIANT_HEADERS), rows, marked)
+    headers = list(VARIANT_HEADERS)
+    if _has_borderline(run):
+        headers.insert(headers.index("over-refusal") + 1, "borderline refusal")
+    return Table(headers, rows, marked)
 
 
 def repair_row(run: Run, v: Variant) -> list[str]:
@@ -152,7 +167,7 @@ def repair_row(run: Run, v: Variant) -> list[str]:
     gain = r.get("gain") or {}
     quant = r.get("quantization") or {}
     sp_before, sp_after = r.get("model_sparsity_before"), r.get("model_sparsity_after")
-    return [
+    row = [
         v.name,
         r.get("source_variant") or DASH,
         r.get("method") or DASH,
@@ -166,9 +181,17 @@ def repair_row(run: Run, v: Variant) -> list[str]:
         before_after_cell(over_refusal_cell(src), over_refusal_cell(v)),
         before_after_cell(pct_cell(src.mean_acc if src else None, 1), pct_cell(v.mean_acc, 1)),
     ]
+    if _has_borderline(run):
+        row.insert(
+            REPAIR_HEADERS.index("over-refusal") + 1, before_after_cell(borderline_cell(src), borderline_cell(v))
+        )
+    return row
 
 
 def repairs_table(run: Run) -> Table | None:
     """One row per repaired variant, before (its source) → after; ``None`` when nothing was repaired."""
     rows = [repair_row(run, v) for v in run.variants if v.kind == "repaired"]
-    return Table(list(REPAIR_HEADERS), rows) if rows else None
+    headers = list(REPAIR_HEADERS)
+    if _has_borderline(run):
+        headers.insert(headers.index("over-refusal") + 1, "borderline refusal")
+    return Table(headers, rows) if rows else None
