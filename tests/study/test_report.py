@@ -552,3 +552,31 @@ def test_html_renders_in_headless_browser(run_dir: Path, tmp_path: Path) -> None
     total = int(dom.body["data-images-total"] or 0)
     assert total == 4
     assert int(dom.body["data-images-loaded"] or 0) == total
+
+
+def test_search_plot_shows_every_placement_tried(run_dir: Path) -> None:
+    from refusalkit.study.report.figures import plot_alpha_curves
+
+    run = load_run(RunLayout(run_dir))
+    v = run.get("wanda-0.5+aird")
+    v.repair.update(placement="previous", alpha_scale=16.0, auto=True)
+    v.repair["search"] = {
+        "screened": [
+            {"placement": p, "keep_zeros": True, "scale": s, "harmful": {"refusing": r}}
+            for p, s, r in (
+                ("source", 1.0, 0.4),
+                ("source", 16.0, 0.6),
+                ("previous", 1.0, 0.45),
+                ("previous", 16.0, 0.7),
+            )
+        ],
+        "compared": [{"placement": "source", "keep_zeros": False, "scale": 16.0, "harmful": {"refusing": 0.65}}],
+        "confirmed": [{"scale": 16.0, "asr": {"rate": 0.3}}],
+        "base_screen": {"harmful": {"refusing": 0.7}},
+        "target_asr": 0.27,
+    }
+    figs = plot_alpha_curves(run)
+    search = [f for f in figs if "search over edits" in f.caption or "every edit the search screened" in f.caption]
+    assert len(search) == 1 and search[0].png.startswith(b"\x89PNG")
+    assert search[0].md_path.endswith("edit_search_wanda-0.5_aird.png")
+    assert len(figs) == 2  # and the alpha curve the repair also recorded

@@ -38,6 +38,8 @@ from refusalkit.models.sampler import Decoding, RowParams, next_tokens, row_unif
 
 # Compact the decode batch (drop finished rows) once at least this share of its rows has finished.
 COMPACT_SHARE = 0.25
+# New tokens generated and completions made by this process (benchmarks read and reset it).
+STATS = {"new_tokens": 0, "completions": 0}
 
 
 def pad_left(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +215,8 @@ def generate_ids(
             )
             for r, new in enumerate(rows):
                 out[idx[r // c]][chunk.start + r % c] = new
+            STATS["new_tokens"] += sum(len(new) for new in rows)
+            STATS["completions"] += len(rows)
             del rep
             if progress is not None:
                 progress(len(rows))

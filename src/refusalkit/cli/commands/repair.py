@@ -65,5 +65,30 @@ def summary(info: dict[str, Any], root: Path) -> str:
                 f"  chosen          x{info['alpha_scale']:g}"
                 + ("" if c["chosen"]["target_reached"] else " (target not reached within the budgets)")
             )
+    if info.get("search"):
+        lines += search_lines(info)
     lines.append(f"  saved in        {root / info['variant']}/model (use --variant {info['variant']})")
     return "\n".join(lines)
+
+
+def search_lines(info: dict[str, Any]) -> list[str]:
+    """The search over edits: the screen, the confirmed candidates and the choice."""
+    s = info["search"]
+    lines = [
+        f"  search          target ASR {s['target_asr']:.0%} ({s['target_from']}); unrepaired ASR "
+        f"{s['unrepaired']['asr']['rate']:.0%}; {len(s['screened'])} edits screened, "
+        f"{len(s['passed_screen'])} passed, {s['generated']} generated"
+    ]
+    for p in s["confirmed"]:
+        form = "zeros kept" if p["keep_zeros"] else "every weight"
+        lines.append(
+            f"    {p['placement']:8s} x{p['scale']:<6g} {form:12s} ASR {p['asr']['rate']:5.0%}  over-refusal "
+            f"{p.get('over_refusal', {}).get('rate', float('nan')):5.0%}  ppl {p.get('perplexity', float('nan')):7.2f}"
+            + (f"  over budget: {'; '.join(p['over_budget'])}" if p["over_budget"] else "")
+        )
+    c = s["chosen"]
+    lines.append(
+        f"  chosen          {c['placement']} x{c['scale']:g}"
+        + ("" if c["target_reached"] else " (target not reached within the budgets: the lowest ASR within them)")
+    )
+    return lines

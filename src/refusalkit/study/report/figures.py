@@ -3,7 +3,8 @@
 * :func:`plot_cosine_by_layer`: each variant's candidate cosine with the base candidates, by layer;
 * :func:`plot_selection_scores`: the base candidates' ablation scores (else the extract stage's plots);
 * :func:`plot_repair_asr`: ASR before and after each repair, per attack;
-* :func:`plot_alpha_curves`: each repair's α curve (rates and perplexity against the α scale).
+* :func:`plot_alpha_curves`: each repair's search over edits (every placement and form screened) and
+  α curve (rates and perplexity against the α scale).
 
 A figure's PNG goes to ``DIR/report_files/<name>.png`` (:attr:`RunLayout.report_files`); nothing is
 written here.
@@ -241,7 +242,49 @@ def plot_alpha_curve(run: Run, v: Variant) -> Figure | None:
     )
 
 
+def plot_edit_search(run: Run, v: Variant) -> Figure | None:
+    """Repaired variant ``v``'s search over edits: for every placement and form tried, the share of
+    harmful search prompts predicted refused (the screen) against the α scale, with the confirmed
+    candidates' refusal rate by generation (1 − ASR) and the base model's level."""
+    search = v.repair["search"]
+    lines: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for p in search["screened"] + search.get("compared", []):
+        lines.setdefault((p["placement"], p["keep_zeros"]), []).append((p["scale"], p["harmful"]["refusing"]))
+    if not lines:
+        return None
+    fig, ax = pyplot().subplots(figsize=(7, 3.8))
+    for (placement, keep), pts in sorted(lines.items()):
+        form = "zeros kept" if keep else "every weight"
+        ax.plot(*zip(*sorted(pts)), "o-" if keep else "o:", markersize=4, label=f"screen: {placement}, {form}")
+    conf = [(p["scale"], 1 - p["asr"]["rate"]) for p in search["confirmed"]]
+    if conf:
+        ax.plot(*zip(*conf), "k*", markersize=10, linestyle="none", label="confirmed: 1 − ASR (generation)")
+    ax.axhline(search["base_screen"]["harmful"]["refusing"], color="tab:green", lw=0.8, ls="--", label="base (screen)")
+    ax.axhline(1 - search["target_asr"], color="k", lw=0.8, ls="--", label="target: 1 − base ASR")
+    ax.set_xscale("log")
+    xs = sorted({x for pts in lines.values() for x, _ in pts})
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("alpha scale (multiple of the paper's alphas)")
+    ax.set_ylabel("harmful prompts refused")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{v.name}: search over edits (chosen: {v.repair['placement']}, ×{v.repair['alpha_scale']:g})")
+    return report_figure(
+        run,
+        f"edit_search_{slug(v.name)}",
+        f"{v.name}: every edit the search screened (first-token refusal score on the held-out search prompts) and "
+        "the candidates confirmed by generation.",
+        fig,
+    )
+
+
 def plot_alpha_curves(run: Run) -> list[Figure]:
-    """One α curve per repaired variant that recorded one, in report order."""
-    repairs = [v for v in run.variants if v.kind == "repaired" and v.repair.get("curve")]
-    return [f for f in (plot_alpha_curve(run, v) for v in repairs) if f is not None]
+    """One α curve or search plot per repaired variant that recorded one, in report order."""
+    out = []
+    for v in (v for v in run.variants if v.kind == "repaired"):
+        if v.repair.get("search"):
+            out.append(plot_edit_search(run, v))
+        if v.repair.get("curve"):
+            out.append(plot_alpha_curve(run, v))
+    return [f for f in out if f is not None]
