@@ -54,8 +54,26 @@ def test_alpaca_and_curated_sources() -> None:
 
 
 def test_named_sources_listed() -> None:
-    assert set(NAMED_SOURCES) == {"advbench", "harmbench", "harmful-all", "harmful-curated", "alpaca", "alpaca-curated"}
+    assert set(NAMED_SOURCES) == {
+        "advbench",
+        "harmbench",
+        "harmful-all",
+        "harmful-curated",
+        "alpaca",
+        "alpaca-curated",
+        "borderline",
+    }
     assert all(isinstance(d, str) and d and "\n" not in d for d in NAMED_SOURCES.values())
+
+
+def test_borderline_set_is_shipped_and_distinct() -> None:
+    rows = load_prompts("borderline")
+    assert len(rows) == 120 and len(set(rows)) == 120
+    assert all(r.endswith(("?", ".")) and len(r) <= 200 and "\u2019" not in r for r in rows)
+    # written for refusalkit: no prompt of the bundled harmful or harmless lists
+    assert not set(rows) & (set(load_prompts("harmful-all")) | set(load_prompts("alpaca")))
+    header = (Path(P.__file__).with_name("borderline.txt")).read_text(encoding="utf-8").splitlines()
+    assert sum(line.startswith("# category: ") for line in header) == 8
 
 
 def test_missing_ollama_forge_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
