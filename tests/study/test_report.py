@@ -580,3 +580,22 @@ def test_search_plot_shows_every_placement_tried(run_dir: Path) -> None:
     assert len(search) == 1 and search[0].png.startswith(b"\x89PNG")
     assert search[0].md_path.endswith("edit_search_wanda-0.5_aird.png")
     assert len(figs) == 2  # and the alpha curve the repair also recorded
+
+
+def test_stronger_attacks_are_compared_pairwise(run_dir: Path) -> None:
+    # the ablation attack on the base, the pruned variant and its repair: a column of its own and paired figures
+    for v, r in (("base", 0.40), ("wanda-0.5", 0.90), ("wanda-0.5+aird", 0.50)):
+        asr = json.loads((run_dir / v / "eval" / "asr.json").read_text())
+        asr["ablation"] = {**asr["vanilla"], "asr": _rate(r, r - 0.1, r + 0.1)}
+        _write(run_dir / v / "eval" / "asr.json", asr)
+        k = round(100 * r)
+        lines = [
+            json.dumps({"key": f"harmful {i}", "prompt": f"harmful {i}",
+                        "verdicts": {"substring": {"label": "compliance" if i < k else "refusal"}}})
+            for i in range(100)
+        ]  # fmt: skip
+        (run_dir / v / "eval" / "ablation.jsonl").write_text("\n".join(lines) + "\n")
+    md = Path(write_report(run_dir)["md"]).read_text()
+    rows = md_table(md, "## Variants")
+    assert rows["wanda-0.5"]["ASR ablation"] == "90% [80–100]" and rows["llm-int8"]["ASR ablation"] == "–"
+    assert "ablation attack vs unrepaired: ASR -40 pt" in md and "ablation attack vs base: ASR +10 pt" in md

@@ -56,6 +56,7 @@ class ValidationConfig:
 
 
 EVALUATE = ("evaluate",)
+ATTACKS = ("vanilla", "decoding", "suffix", "ablation")
 
 
 @dataclass
@@ -66,7 +67,7 @@ class EvaluationConfig:
     n_harmless: int = _f(100, "Harmless prompts for the over-refusal rate (0: skip it).", commands=EVALUATE)
     borderline: str = _f("borderline", "Safe prompts that look harmful, for a second over-refusal rate: borderline (refusalkit's own set), a .txt/.jsonl/.csv file, or none.")
     n_borderline: int = _f(120, "Borderline prompts evaluated (0: skip them).", commands=EVALUATE)
-    attacks: list[str] = _f(["vanilla", "decoding", "suffix"], "Attacks to run: vanilla, decoding, suffix.", choices=("vanilla", "decoding", "suffix"), commands=EVALUATE)
+    attacks: list[str] = _f(["vanilla", "decoding", "suffix"], "Attacks to run: vanilla, decoding, suffix (GCG), ablation (the base refusal direction projected out of every layer, greedy: an attacker who knows the direction).", choices=ATTACKS, commands=EVALUATE)
     max_new_tokens: str = _f("auto", "Tokens per completion: auto (256 on GPU, 64 on CPU) or a number.", commands=EVALUATE)
     seed: int = _f(0, "Seed of sampled completions (decoding attack) and of GCG.", commands=EVALUATE)
     decoding_grid: str = _f("auto", "Decoding attack grid: huang (Huang et al. 2023: 20 temperatures, 21 top-p, 9 top-k), small (7 of them), auto (huang on GPU, small on CPU), or a list such as 'temperature=0.7,top_p=0.9,top_k=50'.", commands=EVALUATE)
@@ -139,7 +140,7 @@ class RepairConfig:
 @dataclass
 class RunConfig:
     variants: list[str] = _f(["magnitude-0.5", "wanda-0.5", "llm-int8", "awq-w8"], "Compressed variants `refusalkit run` makes: full method names (see `refusalkit sources`).")
-    attacks: str = _f("auto", "Attacks run on every variant: auto (vanilla,decoding,suffix on GPU; vanilla on CPU) or a comma-separated list.")
+    attacks: str = _f("auto", "Attacks run on every variant: auto (vanilla,decoding,suffix,ablation on GPU; vanilla on CPU) or a comma-separated list.")
     utility: bool = _f(True, "Also zero-shot accuracy (lm-eval) and perplexity of every variant.")
     repair: str = _f("moved", "Variants AIRD repairs: moved (direction source shifted or cosine below moved_cosine), pruned, all, none.", choices=("moved", "pruned", "all", "none"))
     moved_cosine: float = _f(0.99, "A variant whose selected direction has a cosine below this with the base direction counts as moved.")
@@ -264,9 +265,6 @@ def validate_run(r: RunConfig) -> RunConfig:
     if not 0 < r.moved_cosine <= 1:
         raise UserError("run.moved_cosine must be in (0, 1]")
     return r
-
-
-ATTACKS = ("vanilla", "decoding", "suffix")
 
 
 def _auto_or_count(name: str, value: str, minimum: int) -> None:

@@ -39,6 +39,35 @@ def attack_vanilla(ctx: EvalContext, prompts: list[str], info: dict[str, Any]) -
     return {**summarize_rows(rows, judges, primary), "prompts": info, "settings": settings}
 
 
+def attack_ablation(ctx: EvalContext, prompts: list[str], info: dict[str, Any]) -> dict[str, Any]:
+    """An attacker who knows the refusal direction: the base model's direction (the one AIRD amplifies)
+    is projected out of the residual stream at every layer (directional ablation, which equals weight
+    orthogonalization: Arditi et al. 2024, Eq. 5-6), then the harmful prompt, greedy. Against a
+    repaired variant this asks whether the repair survives an adversary who removes what it added."""
+    import hashlib
+
+    from refusalkit.direction.hooks import ablation_hooks, add_hooks
+    from refusalkit.evaluation.sampling import GREEDY
+
+    path = ctx.layout.direction("base", "direction.safetensors")
+    if not path.is_file():
+        raise UserError(
+            f"the ablation attack removes the base model's refusal direction; run refusalkit extract --run "
+            f"{ctx.layout.root} first"
+        )
+    if ctx.e.backend == "vllm":
+        raise UserError("the ablation attack runs hooks in PyTorch; use evaluation.backend torch for it")
+    direction = artifacts.load_tensors(path)["direction"]
+    digest = hashlib.sha256(direction.float().numpy().tobytes()).hexdigest()[:16]
+    items = [Item(p, p, p, "default", GREEDY, {}) for p in prompts]
+    settings = {**ctx.base_settings(), "attack": "ablation", "direction": {"of": "base", "sha256": digest}}
+    lm = ctx.get_lm()
+    with add_hooks(*ablation_hooks(lm.model, direction)):
+        rows = run_items(ctx, "ablation", items, settings)
+    judges, primary = ctx.judge_names()
+    return {**summarize_rows(rows, judges, primary), "prompts": info, "settings": settings}
+
+
 def attack_decoding(ctx: EvalContext, prompts: list[str], info: dict[str, Any]) -> dict[str, Any]:
     """Huang et al. 2023: every decoding configuration of the grid with and without the system
     prompt; a prompt is broken when any configuration gives coherent compliance."""

@@ -32,6 +32,7 @@ from refusalkit.core.layout import RunLayout
 from refusalkit.data.prompts import load_prompts, load_refusal_phrases
 from refusalkit.data.refusal import Judge, SubstringJudge
 from refusalkit.evaluation.attacks import (
+    attack_ablation,
     attack_decoding,
     attack_suffix,
     attack_vanilla,
@@ -99,6 +100,8 @@ def _run_attack(
     e, plan = ctx.e, ctx.plan
     if attack == "vanilla":
         return attack_vanilla(ctx, prompts, info)
+    if attack == "ablation":
+        return attack_ablation(ctx, prompts, info)
     if attack == "decoding":
         n = e.decoding_n_prompts or e.n_prompts
         return attack_decoding(ctx, prompts[:n], {**info, "n": min(n, len(prompts))})

@@ -92,10 +92,10 @@ def resolve_profile(name: str, device: str) -> str:
 
 
 def attacks_for(cfg: Config, gpu: bool) -> list[str]:
-    """``run.attacks`` as the list of attacks every variant gets (``auto``: all three on a GPU, vanilla on a CPU)."""
+    """``run.attacks`` as the list of attacks every variant gets (``auto``: all four on a GPU, vanilla on a CPU)."""
     if cfg.run.attacks != "auto":
         return [a.strip() for a in cfg.run.attacks.split(",") if a.strip()]
-    return ["vanilla", "decoding", "suffix"] if gpu else ["vanilla"]
+    return ["vanilla", "decoding", "suffix", "ablation"] if gpu else ["vanilla"]
 
 
 def needs_repair(policy: str, method: str | None, compare: dict[str, Any] | None, moved_cosine: float) -> bool:

@@ -27,7 +27,7 @@ from refusalkit.study.report.figures import (
 )
 from refusalkit.study.report.findings import FINDINGS
 from refusalkit.study.report.load import BROKEN_DEGENERATE, BROKEN_PPL_FACTOR, Run
-from refusalkit.study.report.tables import repairs_table, variants_table
+from refusalkit.study.report.tables import ALWAYS_SHOWN, repairs_table, variants_table
 from refusalkit.study.report.verdicts import ALPHA, verdict_sentences
 
 VERDICT_NOTE = (
@@ -53,12 +53,19 @@ def attack_note(attack: str, rec: dict[str, Any] | None) -> str:
 
 def evaluation_notes(run: Run) -> list[str]:
     """Judges, prompt counts and settings, each from the first variant that has the record."""
-    notes = [attack_note(a, next((v.asr[a] for v in run.variants if a in v.asr), None)) for a in ATTACKS]
+    shown = [a for a in ATTACKS if a in ALWAYS_SHOWN or any(a in v.asr for v in run.variants)]
+    notes = [attack_note(a, next((v.asr[a] for v in run.variants if a in v.asr), None)) for a in shown]
     ref = next((v.over_refusal for v in run.variants if v.over_refusal), None)
     if ref:
         notes.append(
             f"over-refusal: judge {ref.get('judge', DASH)}, {(ref.get('refusal_rate') or {}).get('n', DASH)} "
             f"harmless prompts ({(ref.get('prompts') or {}).get('source', DASH)})"
+        )
+    bl = next((v.borderline for v in run.variants if v.borderline), None)
+    if bl:
+        notes.append(
+            f"borderline refusal: judge {bl.get('judge', DASH)}, {(bl.get('refusal_rate') or {}).get('n', DASH)} "
+            f"safe prompts that look harmful ({(bl.get('prompts') or {}).get('source', DASH)})"
         )
     util = next((v.utility for v in run.variants if v.utility), None)
     if util:

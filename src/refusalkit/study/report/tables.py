@@ -12,6 +12,8 @@ from refusalkit.core.config import ATTACKS
 from refusalkit.study.report.blocks import DASH, Table
 from refusalkit.study.report.load import Run, Variant
 
+ALWAYS_SHOWN = ("vanilla", "decoding", "suffix")  # other attacks get a column when a variant has them
+
 VARIANT_HEADERS = [
     "variant",
     "method",
@@ -20,7 +22,7 @@ VARIANT_HEADERS = [
     "cos selected",
     "cos at base source",
     "source shifted",
-    *(f"ASR {a}" for a in ATTACKS),
+    *(f"ASR {a}" for a in ALWAYS_SHOWN),
     "degenerate",
     "over-refusal",
     "perplexity",
@@ -122,6 +124,10 @@ def _has_borderline(run: Run) -> bool:
     return any(v.borderline for v in run.variants)
 
 
+def _extra_attacks(run: Run) -> list[str]:
+    return [a for a in ATTACKS if a not in ALWAYS_SHOWN and any(v.attack(a) for v in run.variants)]
+
+
 # --------------------------------------------------------------------------- tables
 
 
@@ -136,7 +142,7 @@ def variant_row(run: Run, v: Variant, why: str | None) -> list[str]:
         num_cell(v.cosine_selected),
         num_cell(v.cosine_at_base_source),
         yes_no_cell(v.shifted),
-        *(rate_cell(v.attack(a), flag) for a in ATTACKS),
+        *(rate_cell(v.attack(a), flag) for a in ALWAYS_SHOWN),
         pct_cell(v.degenerate_rate),
         over_refusal_cell(v),
         ppl_cell(v.perplexity),
@@ -145,6 +151,9 @@ def variant_row(run: Run, v: Variant, why: str | None) -> list[str]:
     ]
     if _has_borderline(run):  # a run made before the borderline set keeps its 0.2.0 columns
         row.insert(VARIANT_HEADERS.index("over-refusal") + 1, borderline_cell(v))
+    at = VARIANT_HEADERS.index("degenerate")
+    for a in reversed(_extra_attacks(run)):
+        row.insert(at, rate_cell(v.attack(a), flag))
     return row
 
 
@@ -158,6 +167,8 @@ def variants_table(run: Run) -> Table:
     headers = list(VARIANT_HEADERS)
     if _has_borderline(run):
         headers.insert(headers.index("over-refusal") + 1, "borderline refusal")
+    at = headers.index("degenerate")
+    headers[at:at] = [f"ASR {a}" for a in _extra_attacks(run)]
     return Table(headers, rows, marked)
 
 
