@@ -223,3 +223,41 @@ def hook_ids(model) -> dict[str, tuple[tuple, tuple]]:
 def hidden_files(root) -> list:
     """Temporary or hidden files left under ``root`` (an interrupted or failed write leaves these)."""
     return [p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+def make_tiny_run(tmp_path, tokenizer):
+    """A run directory with a tiny random Llama as its base model and as variant ``v``, a random base
+    direction at layer 2, and prompt files; returns ``(root, cfg)``."""
+    import shutil
+
+    from refusalkit.core import artifacts
+    from refusalkit.core.settings import load_config
+
+    model_dir = tmp_path / "tiny"
+    make_llama(tokenizer).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(HARMFUL) + "\n")
+    harmless.write_text("\n".join(HARMLESS) + "\n")
+    root = tmp_path / "run"
+    cfg = load_config(
+        overrides={
+            "model": str(model_dir),
+            "dtype": "float32",
+            "device": "cpu",
+            "harmful": str(harmful),
+            "harmless": str(harmless),
+            "evaluation.prompts": str(harmful),
+            "evaluation.harmless": str(harmless),
+            "evaluation.n_prompts": 2,
+            "evaluation.n_harmless": 2,
+            "batch_size": 4,
+        }
+    )
+    (root / "base" / "direction").mkdir(parents=True)
+    artifacts.write_text(root / "config.yaml", "model: " + str(model_dir) + "\n")
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(7)) * 3.0
+    artifacts.save_tensors(root / "base" / "direction" / "direction.safetensors", {"direction": direction})
+    artifacts.write_json(root / "base" / "direction" / "direction.json", {"layer": 2, "position": -1, "norm": 3.0})
+    shutil.copytree(model_dir, root / "v" / "model")
+    return root, cfg

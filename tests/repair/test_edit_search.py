@@ -9,7 +9,6 @@ back without measuring anything again.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from refusalkit.repair import edit_search, job
 from refusalkit.repair.edit_search import Candidate, candidates, search_edits
 from refusalkit.repair.search import CurveContext, SearchData
 
-from conftest import HARMFUL, HARMLESS, make_llama
+from conftest import make_tiny_run
 
 # (placement, scale) -> (screen: predicted refusals on harmful, on harmless; generation: ASR, over-refusal)
 CURVE = {
@@ -185,33 +184,7 @@ def test_bad_repair_settings(setting, message):
 
 @pytest.fixture()
 def tiny_run(tmp_path, tokenizer):
-    model_dir = tmp_path / "tiny"
-    make_llama(tokenizer).save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
-    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
-    harmful.write_text("\n".join(HARMFUL) + "\n")
-    harmless.write_text("\n".join(HARMLESS) + "\n")
-    root = tmp_path / "run"
-    cfg = load_config(
-        overrides={
-            "model": str(model_dir),
-            "dtype": "float32",
-            "device": "cpu",
-            "harmful": str(harmful),
-            "harmless": str(harmless),
-            "evaluation.prompts": str(harmful),
-            "evaluation.harmless": str(harmless),
-            "evaluation.n_prompts": 2,
-            "evaluation.n_harmless": 2,
-            "batch_size": 4,
-        }
-    )
-    (root / "base" / "direction").mkdir(parents=True)
-    artifacts.write_text(root / "config.yaml", "model: " + str(model_dir) + "\n")
-    direction = torch.randn(64, generator=torch.Generator().manual_seed(7)) * 3.0
-    artifacts.save_tensors(root / "base" / "direction" / "direction.safetensors", {"direction": direction})
-    artifacts.write_json(root / "base" / "direction" / "direction.json", {"layer": 2, "position": -1, "norm": 3.0})
-    shutil.copytree(model_dir, root / "v" / "model")
+    root, cfg = make_tiny_run(tmp_path, tokenizer)
     # a pruned variant: half of every edited matrix is zero
     path = root / "v" / "model" / "model.safetensors"
     sd = load_file(str(path))

@@ -10,50 +10,20 @@ must be the checkpoint's weight, and a scale that changes the logits must change
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from refusalkit.core import artifacts
-from refusalkit.core.settings import load_config
 from refusalkit.repair import job, search
 
-from conftest import HARMFUL, HARMLESS, make_llama
+from conftest import make_tiny_run
 
 
 @pytest.fixture()
 def tiny_run(tmp_path, tokenizer) -> tuple[Path, object]:
-    model_dir = tmp_path / "tiny"
-    make_llama(tokenizer).save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
-    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
-    harmful.write_text("\n".join(HARMFUL) + "\n")
-    harmless.write_text("\n".join(HARMLESS) + "\n")
-    root = tmp_path / "run"
-    cfg = load_config(
-        overrides={
-            "model": str(model_dir),
-            "dtype": "float32",
-            "device": "cpu",
-            "harmful": str(harmful),
-            "harmless": str(harmless),
-            "evaluation.prompts": str(harmful),
-            "evaluation.harmless": str(harmless),
-            "evaluation.n_prompts": 2,
-            "evaluation.n_harmless": 2,
-            "batch_size": 4,
-        }
-    )
-    (root / "base" / "direction").mkdir(parents=True)
-    artifacts.write_text(root / "config.yaml", "model: " + str(model_dir) + "\n")
-    direction = torch.randn(64, generator=torch.Generator().manual_seed(7)) * 3.0
-    artifacts.save_tensors(root / "base" / "direction" / "direction.safetensors", {"direction": direction})
-    artifacts.write_json(root / "base" / "direction" / "direction.json", {"layer": 2, "position": -1, "norm": 3.0})
-    shutil.copytree(model_dir, root / "v" / "model")
-    return root, cfg
+    return make_tiny_run(tmp_path, tokenizer)
 
 
 def test_curve_measures_the_edited_model(tiny_run, monkeypatch, one_thread):

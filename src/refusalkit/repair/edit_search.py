@@ -32,7 +32,14 @@ from typing import Any
 
 from refusalkit.core import artifacts
 from refusalkit.repair.screen import refusal_screen
-from refusalkit.repair.search import CURVE_MEASURES, CurveContext, _cached_point, _store_point, within_budgets
+from refusalkit.repair.search import (
+    CURVE_MEASURES,
+    CurveContext,
+    _cached_point,
+    _store_point,
+    _unrepaired,
+    within_budgets,
+)
 
 
 @dataclass(frozen=True)
@@ -76,12 +83,7 @@ def _references(ctx: CurveContext, state: dict[str, Any], path: Path) -> None:
         finally:
             owner.use(ctx.variant)
         state["base"] = base
-    if "unrepaired" not in state:
-        ref = _cached_point(ctx.layout, f"{ctx.variant}.unrepaired", settings)
-        if ref is None:
-            ref = ctx.measure()
-            _store_point(ctx.layout, f"{ctx.variant}.unrepaired", settings, ref)
-        state["unrepaired"] = ref
+    state["unrepaired"] = _unrepaired(ctx, state)
     if "unrepaired_screen" not in state:
         state["unrepaired_screen"] = _screen(ctx)
     artifacts.write_json(path, state)
