@@ -204,6 +204,16 @@ def draw_curve_references(ax: Any, curve: dict[str, Any]) -> None:
         )
 
 
+def alpha_axis(ax: Any, scales: list[float], ylabel: str) -> None:
+    """A log α-scale x axis ticked at ``scales`` and a [0, 1] rate axis."""
+    ax.set_xscale("log")
+    ax.set_xticks(scales, [f"{x:g}" for x in scales])
+    ax.minorticks_off()
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("alpha scale (multiple of the paper's alphas)")
+    ax.set_ylabel(ylabel)
+
+
 def plot_alpha_curve(run: Run, v: Variant) -> Figure | None:
     """Repaired variant ``v``'s α curve: rates (left axis) and perplexity (right axis) against the α scale."""
     curve = v.repair["curve"]
@@ -216,12 +226,7 @@ def plot_alpha_curve(run: Run, v: Variant) -> Figure | None:
         pts = [(x, rate(p)) for x, p in zip(xs, points) if rate(p) is not None]
         if pts:
             ax.plot(*zip(*pts), style, markersize=4, label=label)
-    ax.set_xscale("log")
-    ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.minorticks_off()
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("alpha scale (multiple of the paper's alphas)")
-    ax.set_ylabel("rate")
+    alpha_axis(ax, xs, "rate")
     ax.axvline(v.repair["alpha_scale"], color="k", lw=0.8, ls=":", label=f"used (×{v.repair['alpha_scale']:g})")
     if isinstance(curve, dict):  # references: the unrepaired variant's ASR and the target
         draw_curve_references(ax, curve)
@@ -261,13 +266,7 @@ def plot_edit_search(run: Run, v: Variant) -> Figure | None:
         ax.plot(*zip(*conf), "k*", markersize=10, linestyle="none", label="confirmed: 1 − ASR (generation)")
     ax.axhline(search["base_screen"]["harmful"]["refusing"], color="tab:green", lw=0.8, ls="--", label="base (screen)")
     ax.axhline(1 - search["target_asr"], color="k", lw=0.8, ls="--", label="target: 1 − base ASR")
-    ax.set_xscale("log")
-    xs = sorted({x for pts in lines.values() for x, _ in pts})
-    ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.minorticks_off()
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("alpha scale (multiple of the paper's alphas)")
-    ax.set_ylabel("harmful prompts refused")
+    alpha_axis(ax, sorted({x for pts in lines.values() for x, _ in pts}), "harmful prompts refused")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(f"{v.name}: search over edits (chosen: {v.repair['placement']}, ×{v.repair['alpha_scale']:g})")
     return report_figure(
