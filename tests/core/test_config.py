@@ -364,3 +364,22 @@ def test_every_section_is_printed_and_every_flag_has_help():
             assert action.help, (name, action.option_strings)
     exposed = {d for d, f, _ in config_fields() if f.metadata.get("commands")}
     assert {"compress.calibration", "repair.scales", "evaluation.n_prompts", "selection.mode"} <= exposed
+
+
+def test_adaptive_stage_attacks():
+    """run.adaptive: the attacks the adaptive stage adds to what every variant already got."""
+    from refusalkit.study.run import adaptive_attacks
+
+    cfg = load_config(None, {})
+    cfg.evaluation.attacks = ["vanilla"]
+    assert adaptive_attacks(cfg, gpu=False) == []  # null (auto): not on a CPU
+    assert adaptive_attacks(cfg, gpu=True) == ["decoding", "suffix", "ablation"]
+    cfg.evaluation.attacks = ["vanilla", "decoding", "suffix", "ablation"]  # run.attacks auto on a GPU
+    assert adaptive_attacks(cfg, gpu=True) == []  # nothing left to add: no stage
+    cfg = load_config(None, {"run.adaptive": "true"})  # as --set gives it
+    cfg.evaluation.attacks = ["vanilla", "ablation"]
+    assert adaptive_attacks(cfg, gpu=False) == ["decoding", "suffix"]
+    cfg = load_config(None, {"run.adaptive": "false"})
+    assert adaptive_attacks(cfg, gpu=True) == []
+    with pytest.raises(UserError, match="adaptive"):
+        load_config(None, {"run.adaptive": "sometimes"})

@@ -70,24 +70,38 @@ def _row(world: dict) -> tuple[float, float, float, float]:
     return UNREPAIRED if c is None else CURVE[(c.placement, c.scale)]
 
 
+def _perplexity(world: dict) -> float:
+    c = world["edit"]
+    return world["ppl"].get((c.placement, c.scale), 30.0) if c is not None else 30.0
+
+
 @pytest.fixture()
 def fake(tmp_path, monkeypatch):
-    world = {"model": "v", "edit": None, "screens": 0, "measures": 0}
+    # calibrated: the screen's mean harmful score is its predicted refusal share (else 0 for every state,
+    # which leaves the screen uncalibrated); ppl: perplexity per (placement, scale), 30 otherwise
+    world = {"model": "v", "edit": None, "screens": 0, "measures": 0, "ppls": 0, "calibrated": False, "ppl": {}}
 
     def screen(lm, cfg, harmful, harmless):
         world["screens"] += 1
         h, o, _, _ = _row(world)
-        return {"harmful": {"refusing": h, "mean_score": 0.0}, "harmless": {"refusing": o, "mean_score": 0.0}}
+        score = h if world["calibrated"] else 0.0
+        return {"harmful": {"refusing": h, "mean_score": score}, "harmless": {"refusing": o, "mean_score": 0.0}}
 
-    def measure(self):
+    def measure(self, perplexity=None):
         world["measures"] += 1
         _, _, asr, over = _row(world)
         return {
             "asr": rate(round(100 * asr), 100),
             "over_refusal": rate(round(100 * over), 100),
             "degenerate_rate": 0.0,
-            "perplexity": 30.0,
+            "perplexity": perplexity if perplexity is not None else _perplexity(world),
         }
+
+    def perplexity(lm, spec):
+        world["ppls"] += 1
+        return _perplexity(world)
+
+    monkeypatch.setattr(edit_search, "search_perplexity", perplexity)
 
     monkeypatch.setattr(edit_search, "refusal_screen", screen)
     monkeypatch.setattr(CurveContext, "measure", measure)
@@ -114,7 +128,9 @@ def test_search_confirms_in_order_and_picks_the_smallest_edit_that_reaches_the_t
     res = run()
     assert res["target_asr"] == 0.25  # the base model's ASR on the search prompts
     # the screen asks for the base's predicted refusals (0.70) minus the slack, harmless within 0.10 + 0.05
-    assert res["screen_need"] == pytest.approx(0.65) and res["screen_harmless_limit"] == pytest.approx(0.15)
+    rule = res["screen_rule"]
+    assert rule["calibration"] is None  # every mean score is 0 here: the screen counts predicted refusals
+    assert rule["need"] == pytest.approx(0.65) and rule["harmless_limit"] == pytest.approx(0.15)
     assert res["passed_screen"] == [
         "previous/nonzeros/x4.0",
         "source/nonzeros/x16.0",
@@ -130,6 +146,9 @@ def test_search_confirms_in_order_and_picks_the_smallest_edit_that_reaches_the_t
     again = run()  # a finished search is read back: nothing is measured again
     assert (world["measures"], world["screens"]) == (4, 10)
     assert again["chosen"] == res["chosen"]
+    # what it spent, summed over the calls (the fakes generate nothing)
+    assert res["cost"]["calls"] == 1 and again["cost"]["calls"] == 2 and again["cost"]["new_tokens"] == 0
+    assert again["cost"]["seconds"] >= res["cost"]["seconds"] >= 0
 
 
 def test_search_budget_and_fallbacks(fake):
@@ -137,10 +156,12 @@ def test_search_budget_and_fallbacks(fake):
     # a perplexity budget of 0 keeps everything (the fake perplexity never moves); a tighter over-refusal
     # budget rejects x16 and x32 source by generation (12% > 10% + 1%): nothing is within budget
     res = run(max_over_refusal_increase=0.01)
-    assert res["screen_harmless_limit"] == pytest.approx(0.11)
+    assert res["screen_rule"]["harmless_limit"] == pytest.approx(0.11)
     assert res["chosen"]["placement"] == "previous" and res["chosen"]["scale"] == 4.0
     assert not res["chosen"]["target_reached"]  # the best within budgets, reported as missing the target
-    assert all(p["over_budget"] for p in res["confirmed"][1:])
+    assert all(p["over_budget"] for p in res["confirmed"][1:]), [
+        (p["placement"], p["scale"], p["over_budget"]) for p in res["confirmed"]
+    ]
 
 
 def test_search_when_nothing_passes_the_screen(fake):
@@ -154,6 +175,37 @@ def test_search_when_nothing_passes_the_screen(fake):
         ("previous", 16.0),
     ]
     assert res["chosen"]["target_reached"] is False
+
+
+def test_calibrated_screen_predicts_asr_from_the_two_references(fake):
+    world, run = fake
+    world["calibrated"] = True
+    res = run()
+    # the line through the unrepaired variant (score 0.40, ASR 50%) and the base model (0.70, 25%)
+    assert res["screen_rule"]["calibration"] == [[0.40, 0.50], [0.70, 0.25]]
+    pred = {(p["placement"], p["scale"]): p["predicted_asr"] for p in res["screened"]}
+    assert pred[("source", 16.0)] == pytest.approx(0.5 - 0.25 * 0.28 / 0.30)
+    assert pred[("source", 1.0)] == pytest.approx(0.5 - 0.25 * 0.02 / 0.30)
+    # predicted <= 25% + 5%: previous x4 (28%), source x16 (27%), source x32 (21%); previous x16 refuses
+    # harmless prompts
+    assert res["passed_screen"] == ["previous/nonzeros/x4.0", "source/nonzeros/x16.0", "source/nonzeros/x32.0"]
+    assert res["chosen"]["placement"] == "source" and res["chosen"]["scale"] == 16.0
+
+
+def test_perplexity_is_measured_before_generation(fake):
+    world, run = fake
+    # source x16 breaks the perplexity budget (30 x 1.1 = 33): it is not generated from, and the
+    # next candidate (source x32) is confirmed instead, within the same number of generations
+    world["ppl"][("source", 16.0)] = 34.0
+    res = run()
+    assert [(p["placement"], p["scale"]) for p in res["perplexity_rejected"]] == [("source", 16.0)]
+    assert "perplexity 34.0 > 33.0" in res["perplexity_rejected"][0]["over_budget"][0]
+    assert [(p["placement"], p["scale"]) for p in res["confirmed"]] == [("previous", 4.0), ("source", 32.0)]
+    assert res["chosen"]["scale"] == 32.0 and res["generated"] == 2
+    # base, unrepaired and two confirmed candidates are generated from; three candidates' perplexity
+    assert world["measures"] == 4 and world["ppls"] == 3
+    assert run()["perplexity_rejected"] == res["perplexity_rejected"]  # read back, not measured again
+    assert world["ppls"] == 3
 
 
 def test_candidates_smallest_first():
@@ -238,3 +290,57 @@ def test_auto_repair_on_a_tiny_model(tiny_run, monkeypatch, one_thread):
         again = job.run_repair(cfg, root, "v", repair=settings, progress=False, force=True)
     assert len(calls) == 1 and again["alpha_scale"] == info["alpha_scale"]
     assert Path(root / "v+aird" / "repair.json").exists()
+
+
+def _over(refused: int, n: int = 32) -> dict:
+    labels = ["refusal"] * refused + ["compliance"] * (n - refused)
+    return {"over_refusal": rate(refused, n), "labels": {"harmless": labels}, "degenerate_rate": 0.0}
+
+
+def test_over_refusal_budget_is_paired():
+    """A rise beyond the budget breaks it only when McNemar finds it significant on the same prompts."""
+    from refusalkit.repair.search import over_refusal_excess, within_budgets
+
+    spec = RepairConfig()  # budget +5 points
+    ref = _over(4)
+    assert over_refusal_excess(_over(5), ref, spec) is None  # +3 points: within the budget
+    # +3 prompts (4/32 -> 7/32, +9 points): beyond the budget, but 3 discordant prompts give p = 0.25
+    assert over_refusal_excess(_over(7), ref, spec) is None
+    # +6 prompts, all new refusals: p = 2 x 2^-6 = 0.031 -> over budget, with the counts and p
+    why = over_refusal_excess(_over(10), ref, spec)
+    assert why.startswith("over-refusal 31% > 12% + 5%") and "+6/-0 prompts, p = 0.031" in why
+    assert within_budgets(_over(10), ref, spec) == [why]
+    # the same rates on different prompts: 4 refused only by ref, 10 only by the point -> p = 0.18
+    moved = {**_over(10), "labels": {"harmless": ["compliance"] * 4 + ["refusal"] * 10 + ["compliance"] * 18}}
+    assert over_refusal_excess(moved, ref, spec) is None
+    # points without per-prompt verdicts (refusalkit < 0.3.1) are judged on the rates
+    bare = {k: v for k, v in _over(7).items() if k != "labels"}
+    assert over_refusal_excess(bare, ref, spec).startswith("over-refusal 22% > 12% + 5%")
+
+
+def test_search_prompts_never_overlap_an_evaluation(tmp_path):
+    """A repair is not searched on prompts a model was evaluated on, and a repaired variant is not
+    evaluated on the prompts its repair searched on: one-line errors (exit status 2 in the CLI)."""
+    import json
+
+    from refusalkit.core.config import EvaluationConfig
+    from refusalkit.repair.search import check_disjoint, check_search_overlap
+
+    layout = RunLayout(tmp_path)
+    data = SearchData(["h1", "h2"], ["s1"], {})
+    folder = layout.eval_dir("v")
+    folder.mkdir(parents=True)
+    (folder / "vanilla.jsonl").write_text(json.dumps({"prompt": "h0"}) + "\n")
+    check_disjoint(layout, ["base", "v"], data)  # disjoint; base was not evaluated yet
+    (folder / "vanilla.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("h0", "h2")))
+    with pytest.raises(UserError, match="1 repair search prompts are among the vanilla prompts v was evaluated on"):
+        check_disjoint(layout, ["base", "v"], data)
+
+    prompts = {"harmful": {"source": "advbench", "n": 32, "skipped_evaluation_prompts": 100}}
+    (layout.root / "v+aird").mkdir()
+    artifacts.write_json(layout.repair_info("v+aird"), {"search": {"prompts": prompts}})
+    e = EvaluationConfig()
+    check_search_overlap(layout, "v+aird", e)  # 100 prompts: the search's start after them
+    with pytest.raises(UserError, match="searched on advbench prompts 101-132; evaluating 120"):
+        check_search_overlap(layout, "v+aird", dataclasses.replace(e, n_prompts=120))
+    check_search_overlap(layout, "v+aird", dataclasses.replace(e, n_prompts=120, prompts="harmbench"))

@@ -57,6 +57,23 @@ TINY = [
     "repair.search_prompts=3",
     "--set",
     "repair.confirm=1",
+    # the adaptive attacker on the search repair, its unrepaired variant and the base model, tiny
+    "--set",
+    "run.adaptive=true",
+    "--set",
+    "evaluation.decoding_grid=temperature=0.7",
+    "--set",
+    "evaluation.decoding_system_prompts=default",
+    "--set",
+    "evaluation.decoding_n_prompts=2",
+    "--set",
+    "evaluation.gcg_prompts=1",
+    "--set",
+    "evaluation.gcg_universal_prompts=1",
+    "--set",
+    "evaluation.gcg_steps=2",
+    "--set",
+    "evaluation.gcg_search_width=8",
 ]
 
 
@@ -90,9 +107,19 @@ def test_run_produces_every_stage(study):
         "magnitude-0.5+aird-paper/extract",
         "magnitude-0.5+aird-paper/compare",
         "magnitude-0.5+aird-paper/evaluate",
+        "base/adaptive",
+        "magnitude-0.5/adaptive",
+        "magnitude-0.5+aird/adaptive",
         "report",
     ]
+    # the adaptive attacker ran on the three models with the same settings, and the report pairs them
+    for v in ("base", "magnitude-0.5", "magnitude-0.5+aird"):
+        asr = json.loads((study / v / "eval" / "asr.json").read_text())
+        assert {"vanilla", "decoding", "suffix", "ablation"} <= set(asr), (v, sorted(asr))
+        assert asr["ablation"]["n_prompts"] == 4 and asr["decoding"]["n_prompts"] == 2, v
+    assert "ablation" not in json.loads((study / "magnitude-0.5+aird-paper" / "eval" / "asr.json").read_text())
     md = (study / "report.md").read_text()
+    assert "ablation attack vs unrepaired" in md and "suffix attack vs base" in md
     assert "| magnitude-0.5+aird |" in md and "findings" in md
     assert (study / "report.html").exists()
     assert not hidden_files(study)
@@ -236,7 +263,7 @@ def test_repair_cli_auto_and_errors(study, capsys):
     info = artifacts.read_json(study / "m-auto" / "repair.json")
     run_search = artifacts.read_json(study / "magnitude-0.5+aird" / "repair.json")["search"]
     assert info["search"]["unrepaired"]["asr"] == run_search["unrepaired"]["asr"]
-    assert info["search"]["screen_need"] < 0 and info["search"]["target_from"] == "given"
+    assert info["search"]["screen_rule"]["need"] < 0 and info["search"]["target_from"] == "given"
     assert (info["placement"], info["alpha_scale"]) == ("source", 4.0) and info["auto"]
     assert info["search"]["chosen"]["target_reached"]
     for bad, match in (

@@ -173,6 +173,9 @@ def run_evaluate(
             "or use --variant base"
         )
     e = cfg.evaluation
+    from refusalkit.repair.search import check_search_overlap
+
+    check_search_overlap(layout, variant, e)
     if utility_eval and task_names(e.utility_tasks):
         from refusalkit.evaluation.utility import resolve_tasks
 

@@ -11,6 +11,7 @@ import torch
 
 from refusalkit.core import artifacts
 from refusalkit.core.config import Config, RepairConfig
+from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
 
 
@@ -40,8 +41,52 @@ def search_prompts(cfg: Config, layout: RunLayout, spec: RepairConfig) -> Search
     )
 
 
-def measure(lm: Any, cfg: Config, data: SearchData, spec: RepairConfig, max_new_tokens: int) -> dict[str, Any]:
-    """Vanilla ASR, degenerate rate, over-refusal, perplexity (and accuracy) of the model as it is."""
+def check_disjoint(layout: RunLayout, models: list[str], data: SearchData) -> None:
+    """Raise :class:`UserError` when a search prompt is among the prompts ``models`` were evaluated on
+    (their finished ``eval/*.jsonl`` records: an evaluation run with more prompts than the search
+    skips), so a repair is never chosen on the prompts that judge it."""
+    from refusalkit.evaluation.records import read_records
+
+    wanted = {"vanilla": set(data.harmful), "over_refusal": set(data.harmless)}
+    for name in models:
+        for record, prompts in wanted.items():
+            rows = read_records(layout.eval(name, f"{record}.jsonl")) or []
+            both = prompts & {r["prompt"] for r in rows}
+            if both:
+                raise UserError(
+                    f"{len(both)} repair search prompts are among the {record.replace('_', '-')} prompts {name} was "
+                    f"evaluated on; evaluate {name} with evaluation.n_prompts / n_harmless as in this config, or "
+                    "lower them here"
+                )
+
+
+def check_search_overlap(layout: RunLayout, variant: str, e: Any) -> None:
+    """Raise :class:`UserError` when evaluating repaired ``variant`` with the evaluation settings ``e``
+    would include the held-out prompts its repair searched on (recorded in its ``repair.json``)."""
+    path = layout.repair_info(variant)
+    if not path.exists():
+        return
+    info = artifacts.read_json(path)
+    record = info.get("search") or info.get("curve")
+    prompts = record.get("prompts") if isinstance(record, dict) else None
+    for kind, source, n, flag in (
+        ("harmful", e.prompts, e.n_prompts, "--n"),
+        ("harmless", e.harmless, e.n_harmless, "--n-harmless"),
+    ):
+        p = (prompts or {}).get(kind)
+        if p and p.get("source") == source and n > p.get("skipped_evaluation_prompts", n):
+            raise UserError(
+                f"{variant}'s repair was searched on {source} prompts {p['skipped_evaluation_prompts'] + 1}-"
+                f"{p['skipped_evaluation_prompts'] + p['n']}; evaluating {n} would judge it on them: "
+                f"use {flag} {p['skipped_evaluation_prompts']} or fewer (or repair again with the same setting)"
+            )
+
+
+def measure(
+    lm: Any, cfg: Config, data: SearchData, spec: RepairConfig, max_new_tokens: int, perplexity: float | None = None
+) -> dict[str, Any]:
+    """Vanilla ASR, degenerate rate, over-refusal, perplexity (and accuracy) of the model as it is
+    (``perplexity``: already measured on this state)."""
     from refusalkit.data.prompts import load_refusal_phrases
     from refusalkit.data.refusal import COMPLIANCE, DEGENERATE, REFUSAL, SubstringJudge
     from refusalkit.evaluation.sampling import GREEDY, sample
@@ -60,14 +105,15 @@ def measure(lm: Any, cfg: Config, data: SearchData, spec: RepairConfig, max_new_
         "asr": rate(labels.count(COMPLIANCE), len(labels)),
         "degenerate_rate": labels.count(DEGENERATE) / len(labels),
         "examples": comps[:3],
+        # per prompt, in the order of the search prompts: what the paired budgets compare
+        "labels": {"harmful": labels},
     }
     if data.harmless:
         hl = greedy_labels(data.harmless)[1]
         out["over_refusal"] = rate(hl.count(REFUSAL), len(hl))
+        out["labels"]["harmless"] = hl
     if spec.ppl_tokens:
-        from refusalkit.evaluation.perplexity import perplexity_on_corpus
-
-        out["perplexity"] = perplexity_on_corpus(lm, n_tokens=spec.ppl_tokens)["perplexity"]
+        out["perplexity"] = perplexity if perplexity is not None else search_perplexity(lm, spec)
     if spec.max_utility_drop is not None:
         from refusalkit.evaluation.utility import evaluate_utility
 
@@ -75,6 +121,13 @@ def measure(lm: Any, cfg: Config, data: SearchData, spec: RepairConfig, max_new_
             lm, ["offline"], limit=spec.utility_limit, batch_size=min(cfg.batch_size, 16)
         )["mean_acc"]
     return out
+
+
+def search_perplexity(lm: Any, spec: RepairConfig) -> float:
+    """Perplexity of the model as it is on ``spec.ppl_tokens`` held-out Wikipedia tokens."""
+    from refusalkit.evaluation.perplexity import perplexity_on_corpus
+
+    return perplexity_on_corpus(lm, n_tokens=spec.ppl_tokens)["perplexity"]
 
 
 @torch.inference_mode()
@@ -127,17 +180,43 @@ def block_writes(lm: Any, cfg: Config, direction: torch.Tensor, block: int, data
     return out
 
 
+# a budget on over-refusal is broken only by an increase that is also significant at this level
+OVER_REFUSAL_ALPHA = 0.05
+
+
+def over_refusal_excess(point: dict[str, Any], ref: dict[str, Any], spec: RepairConfig) -> str | None:
+    """Why ``point`` breaks the over-refusal budget against the unrepaired ``ref``, or None.
+
+    Both were judged on the same harmless search prompts, so the budget is paired: it is broken when
+    over-refusal rises by more than ``max_over_refusal_increase`` *and* the rise is significant (exact
+    McNemar, two-sided, p < 0.05 on the per-prompt verdicts). On 32 prompts one prompt is 3 points,
+    so the point estimate alone would reject edits for a rise that sampling gives by chance; the final
+    evaluation (100 harmless and 120 borderline prompts) then tests the chosen edit again. Points
+    measured without per-prompt verdicts (refusalkit < 0.3.1) are judged on the rates alone."""
+    if "over_refusal" not in point or "over_refusal" not in ref:
+        return None
+    new, old = point["over_refusal"]["rate"], ref["over_refusal"]["rate"]
+    if new <= old + spec.max_over_refusal_increase + 1e-12:
+        return None
+    why = f"over-refusal {new:.0%} > {old:.0%} + {spec.max_over_refusal_increase:.0%}"
+    a, b = point.get("labels", {}).get("harmless"), ref.get("labels", {}).get("harmless")
+    if a is None or b is None or len(a) != len(b):
+        return why
+    from refusalkit.data.refusal import REFUSAL
+    from refusalkit.evaluation.stats import mcnemar_exact
+
+    only_point = sum(x == REFUSAL and y != REFUSAL for x, y in zip(a, b, strict=True))
+    only_ref = sum(y == REFUSAL and x != REFUSAL for x, y in zip(a, b, strict=True))
+    p = mcnemar_exact(only_ref, only_point)
+    return f"{why} (+{only_point}/-{only_ref} prompts, p = {p:.2g})" if p < OVER_REFUSAL_ALPHA else None
+
+
 def within_budgets(point: dict[str, Any], ref: dict[str, Any], spec: RepairConfig) -> list[str]:
     """Why ``point`` breaks a budget relative to the unrepaired ``ref`` (empty: within budgets)."""
     why = []
-    if (
-        "over_refusal" in point
-        and point["over_refusal"]["rate"] > ref["over_refusal"]["rate"] + spec.max_over_refusal_increase
-    ):
-        why.append(
-            f"over-refusal {point['over_refusal']['rate']:.0%} > {ref['over_refusal']['rate']:.0%} + "
-            f"{spec.max_over_refusal_increase:.0%}"
-        )
+    excess = over_refusal_excess(point, ref, spec)
+    if excess:
+        why.append(excess)
     if point["degenerate_rate"] > ref["degenerate_rate"] + spec.max_degenerate_increase:
         why.append(
             f"degenerate {point['degenerate_rate']:.0%} > {ref['degenerate_rate']:.0%} + "
@@ -189,9 +268,9 @@ class CurveContext:
     data: SearchData
     max_new_tokens: int
 
-    def measure(self) -> dict[str, Any]:
+    def measure(self, perplexity: float | None = None) -> dict[str, Any]:
         """The model the owner holds now, as it is (edited or not)."""
-        return measure(self.session.lm, self.cfg, self.data, self.spec, self.max_new_tokens)
+        return measure(self.session.lm, self.cfg, self.data, self.spec, self.max_new_tokens, perplexity)
 
     def settings(self) -> dict[str, Any]:
         """What a measured point's figures depend on (the key of the caches in ``DIR/repair/``)."""
@@ -202,6 +281,7 @@ class CurveContext:
             "ppl_tokens": s.ppl_tokens,
             "utility_limit": s.utility_limit,
             "accuracy": s.max_utility_drop is not None,
+            "per_prompt": True,  # points cached before 0.3.1 lack per-prompt verdicts: measured again
         }
         return {
             "search": search,
@@ -216,7 +296,9 @@ def curve_context(cfg: Config, layout: RunLayout, variant: str, session: Any, sp
 
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     mnt = spec.max_new_tokens or make_plan(cfg.evaluation, cfg, gpu).max_new_tokens
-    return CurveContext(cfg, layout, variant, session, spec, search_prompts(cfg, layout, spec), mnt)
+    data = search_prompts(cfg, layout, spec)
+    check_disjoint(layout, ["base", variant], data)
+    return CurveContext(cfg, layout, variant, session, spec, data, mnt)
 
 
 def _target(ctx: CurveContext) -> tuple[dict[str, Any] | None, float, str]:

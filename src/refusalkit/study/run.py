@@ -59,7 +59,9 @@ QUICK: dict[str, Any] = {
 # judged by their selection scores, not by generation; 32-token completions on 100 harmful, 100
 # harmless and 120 borderline prompts;
 # perplexity instead of zero-shot accuracy (the offline suite is at chance on a 0.5B model);
-# the search over edits on 32 + 32 held-out prompts (first-token screen, at most 3 candidates generated).
+# the search over edits on 32 + 32 held-out prompts (first-token screen, at most 3 candidates generated);
+# no adaptive attacker unless run.adaptive is true (then: the small decoding grid on 25 prompts, GCG on
+# 2 prompts + a universal suffix from 2, 20 steps of 64 candidates, the direction ablated on all 100).
 CPU: dict[str, Any] = {
     "n_train": 64,
     "n_val": 16,
@@ -76,6 +78,8 @@ CPU: dict[str, Any] = {
     "compress.n_calibration": 16,
     "run.validate_variants": False,
     "repair.search_prompts": 32,
+    # the adaptive attacker (run.adaptive, opt-in on a CPU): the decoding attack on 25 prompts
+    "evaluation.decoding_n_prompts": 25,
 }
 
 # Profiles sit between the defaults and the config file: a file or --set value always wins.
@@ -96,6 +100,17 @@ def attacks_for(cfg: Config, gpu: bool) -> list[str]:
     if cfg.run.attacks != "auto":
         return [a.strip() for a in cfg.run.attacks.split(",") if a.strip()]
     return ["vanilla", "decoding", "suffix", "ablation"] if gpu else ["vanilla"]
+
+
+# the attacker who adapts to a repair (issue 14, part 5): judged against the same model it attacks
+ADAPTIVE = ("decoding", "suffix", "ablation")
+
+
+def adaptive_attacks(cfg: Config, gpu: bool) -> list[str]:
+    """The attacks of the adaptive stage that the variants' evaluation has not run already (``[]``: no stage)."""
+    if cfg.run.adaptive is False or (cfg.run.adaptive is None and not gpu):
+        return []
+    return [a for a in ADAPTIVE if a not in cfg.evaluation.attacks]
 
 
 def needs_repair(policy: str, method: str | None, compare: dict[str, Any] | None, moved_cosine: float) -> bool:
@@ -211,6 +226,7 @@ def run_all(
         run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
         run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
         run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
+    _adaptive(run, cfg, root, repaired, progress)
     report = run.stage("report", lambda: write_report(root))
     run.state["failed"] = sorted(k for k, v in run.state["stages"].items() if v["status"] == "failed")
     run.state["seconds_this_call"] = round(time.time() - t0, 1)
@@ -245,3 +261,24 @@ def _repair_variant(
         if info is not None:
             made.append(info["variant"])
     return made
+
+
+def _adaptive(run: Runner, cfg: Config, root: Path, repaired: list[str], progress: bool) -> None:
+    """The adaptive attacker on each search-repaired variant (not the paper's edit), on its unrepaired
+    variant and on the base model, with the same settings, so the report compares them pairwise."""
+    import torch
+
+    from refusalkit.evaluation.job import run_evaluate
+    from refusalkit.repair.job import repair_name
+
+    attacks = adaptive_attacks(cfg, torch.cuda.is_available() and cfg.device != "cpu")
+    if not attacks:
+        return
+    sub = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, attacks=attacks))
+    targets: list[str] = []
+    for name in repaired:
+        src = artifacts.read_json(RunLayout(root).repair_info(name))["source_variant"]
+        if name == repair_name(src):
+            targets += [t for t in ("base", src, name) if t not in targets]
+    for v in targets:
+        run.stage(f"{v}/adaptive", lambda v=v: run_evaluate(sub, root, v, progress=progress), tolerate=True)

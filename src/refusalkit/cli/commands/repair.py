@@ -86,6 +86,9 @@ def search_lines(info: dict[str, Any]) -> list[str]:
             f"{p.get('over_refusal', {}).get('rate', float('nan')):5.0%}  ppl {p.get('perplexity', float('nan')):7.2f}"
             + (f"  over budget: {'; '.join(p['over_budget'])}" if p["over_budget"] else "")
         )
+    for p in s.get("perplexity_rejected", []):
+        form = "zeros kept" if p["keep_zeros"] else "every weight"
+        lines.append(f"    {p['placement']:8s} x{p['scale']:<6g} {form:12s} not generated: {p['over_budget'][0]}")
     c = s["chosen"]
     lines.append(
         f"  chosen          {c['placement']} x{c['scale']:g}"

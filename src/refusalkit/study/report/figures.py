@@ -248,32 +248,37 @@ def plot_alpha_curve(run: Run, v: Variant) -> Figure | None:
 
 
 def plot_edit_search(run: Run, v: Variant) -> Figure | None:
-    """Repaired variant ``v``'s search over edits: for every placement and form tried, the share of
-    harmful search prompts predicted refused (the screen) against the α scale, with the confirmed
-    candidates' refusal rate by generation (1 − ASR) and the base model's level."""
+    """Repaired variant ``v``'s search over edits: for every placement and form tried, the ASR the
+    screen predicts (calibrated on the base model and the unrepaired variant; uncalibrated screens:
+    1 − the share of harmful search prompts predicted refused) against the α scale, with the confirmed
+    candidates' ASR by generation, the target and the unrepaired variant's ASR."""
     search = v.repair["search"]
+
+    def predicted(p: dict) -> float:
+        return p["predicted_asr"] if p.get("predicted_asr") is not None else 1 - p["harmful"]["refusing"]
+
     lines: dict[tuple[str, bool], list[tuple[float, float]]] = {}
     for p in search["screened"] + search.get("compared", []):
-        lines.setdefault((p["placement"], p["keep_zeros"]), []).append((p["scale"], p["harmful"]["refusing"]))
+        lines.setdefault((p["placement"], p["keep_zeros"]), []).append((p["scale"], predicted(p)))
     if not lines:
         return None
     fig, ax = pyplot().subplots(figsize=(7, 3.8))
     for (placement, keep), pts in sorted(lines.items()):
         form = "zeros kept" if keep else "every weight"
         ax.plot(*zip(*sorted(pts)), "o-" if keep else "o:", markersize=4, label=f"screen: {placement}, {form}")
-    conf = [(p["scale"], 1 - p["asr"]["rate"]) for p in search["confirmed"]]
+    conf = [(p["scale"], p["asr"]["rate"]) for p in search["confirmed"]]
     if conf:
-        ax.plot(*zip(*conf), "k*", markersize=10, linestyle="none", label="confirmed: 1 − ASR (generation)")
-    ax.axhline(search["base_screen"]["harmful"]["refusing"], color="tab:green", lw=0.8, ls="--", label="base (screen)")
-    ax.axhline(1 - search["target_asr"], color="k", lw=0.8, ls="--", label="target: 1 − base ASR")
-    alpha_axis(ax, sorted({x for pts in lines.values() for x, _ in pts}), "harmful prompts refused")
-    ax.legend(fontsize=7, loc="lower right")
+        ax.plot(*zip(*conf), "k*", markersize=10, linestyle="none", label="confirmed: ASR (generation)")
+    ax.axhline(search["unrepaired"]["asr"]["rate"], color="tab:red", lw=0.8, ls="--", label="unrepaired ASR")
+    ax.axhline(search["target_asr"], color="k", lw=0.8, ls="--", label="target ASR")
+    alpha_axis(ax, sorted({x for pts in lines.values() for x, _ in pts}), "ASR, harmful search prompts")
+    ax.legend(fontsize=7, loc="lower left")
     ax.set_title(f"{v.name}: search over edits (chosen: {v.repair['placement']}, ×{v.repair['alpha_scale']:g})")
     return report_figure(
         run,
         f"edit_search_{slug(v.name)}",
-        f"{v.name}: every edit the search screened (first-token refusal score on the held-out search prompts) and "
-        "the candidates confirmed by generation.",
+        f"{v.name}: every edit the search screened (the ASR its first-token refusal score predicts on the held-out "
+        "search prompts) and the candidates confirmed by generation.",
         fig,
     )
 
