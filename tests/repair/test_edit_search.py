@@ -81,7 +81,7 @@ def fake(tmp_path, monkeypatch):
     # which leaves the screen uncalibrated); ppl: perplexity per (placement, scale), 30 otherwise
     world = {"model": "v", "edit": None, "screens": 0, "measures": 0, "ppls": 0, "calibrated": False, "ppl": {}}
 
-    def screen(lm, cfg, harmful, harmless):
+    def screen(lm, cfg, harmful, harmless, inputs=None):
         world["screens"] += 1
         h, o, _, _ = _row(world)
         score = h if world["calibrated"] else 0.0
@@ -290,6 +290,13 @@ def test_auto_repair_on_a_tiny_model(tiny_run, monkeypatch, one_thread):
         again = job.run_repair(cfg, root, "v", repair=settings, progress=False, force=True)
     assert len(calls) == 1 and again["alpha_scale"] == info["alpha_scale"]
     assert Path(root / "v+aird" / "repair.json").exists()
+    # without the other form's screens: the settings change, the screens already made are kept
+    calls.clear()
+    fewer = dataclasses.replace(settings, compare_forms=False)
+    with one_thread():
+        third = job.run_repair(cfg, root, "v", repair=fewer, progress=False, force=True)
+    assert third["search"]["compared"] == [] and len(third["search"]["screened"]) == 4
+    assert len(calls) == third["search"]["generated"] + 1  # generation again (new settings), no screen
 
 
 def _over(refused: int, n: int = 32) -> dict:

@@ -120,6 +120,7 @@ class RepairConfig:
     direction: str = _f("raw", "AIRD's r: raw (the difference in means, gain alpha*||r||^2) or unit (gain alpha).", choices=("raw", "unit"), commands=REPAIR)
     placement: str = _f("auto", "AIRD's block: source (block `layer` of the direction, the paper's index), previous (block layer-1, whose output is the stream read), or auto (both searched; needs alpha_scale auto).", choices=("auto", "source", "previous"), commands=REPAIR)
     keep_zeros: bool = _f(True, "Pruned variants: the edit changes no pruned zero (sparsity-preserving AIRD), so the variant keeps its exact sparsity.", commands=REPAIR)
+    compare_forms: bool = _f(True, "auto, pruned variants: also screen the edit in the other form (every weight, or the non-zeros only) for the record; never chosen.", commands=REPAIR)
     requantize: bool = _f(True, "AWQ / RTN variants: put the edit back on the quantization grid.", commands=REPAIR)
     curve: bool = _f(False, "With a given alpha_scale: also measure the alpha curve by generation (ASR, over-refusal, degenerate rate, perplexity against alpha).", commands=REPAIR)
     scales: list[float] = _f([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], "Alpha scales of the search (and of the curve).", commands=REPAIR)

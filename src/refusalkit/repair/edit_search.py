@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from refusalkit.core import artifacts
-from refusalkit.repair.screen import refusal_screen
+from refusalkit.repair.screen import BlockInputs, refusal_screen
 from refusalkit.repair.search import (
     CURVE_MEASURES,
     CurveContext,
@@ -179,15 +179,25 @@ def screen_rule(state: dict[str, Any], target: float, spec: Any) -> ScreenRule:
 
 
 def _screen_all(
-    ctx: CurveContext, state: dict[str, Any], path: Any, edit_for: Callable[[Candidate], Any], cands: list[Candidate]
+    ctx: CurveContext,
+    state: dict[str, Any],
+    path: Any,
+    edit_for: Callable[[Candidate], Any],
+    cands: list[Candidate],
+    first_block: int,
 ) -> None:
+    """Screen every candidate not screened yet; the blocks before ``first_block`` (which no candidate
+    edits) run once for all of them (:class:`~refusalkit.repair.screen.BlockInputs`)."""
     bar = ctx.session.progress.bar(len(cands), f"{ctx.variant}: edit screen", unit="edit")
+    inputs = None
     try:
         for c in cands:
             if c.key not in state["screen"]:
+                if inputs is None:
+                    inputs = BlockInputs(ctx.session.lm, ctx.cfg, ctx.data.harmful, ctx.data.harmless, first_block)
                 edit = edit_for(c)
                 try:
-                    sc = _screen(ctx)
+                    sc = refusal_screen(ctx.session.lm, ctx.cfg, ctx.data.harmful, ctx.data.harmless, inputs)
                 finally:
                     edit.remove()
                 state["screen"][c.key] = {**sc, **c.to_json(), "gain": {k: r["gain"] for k, r in edit.records.items()}}
@@ -262,10 +272,11 @@ def search_edits(
     chosen_from: list[Candidate],
     compared: list[Candidate],
     path: Path,
+    first_block: int = 0,
 ) -> dict[str, Any]:
     """Run the search of this module, resumable from ``path``; ``compared`` are screened for the record
     but never chosen (the plain edit of a pruned variant whose zeros are kept). ``edit_for(c)`` edits
-    the owner's model."""
+    the owner's model; no candidate edits a block before ``first_block``."""
     s = ctx.spec
     settings = {
         **ctx.settings(),
@@ -290,7 +301,7 @@ def search_edits(
     base = state.get("base")
     target = float(s.target_asr) if s.target_asr is not None else base["asr"]["rate"]
     rule = screen_rule(state, target, s)
-    _screen_all(ctx, state, path, edit_for, chosen_from + compared)
+    _screen_all(ctx, state, path, edit_for, chosen_from + compared, first_block)
     passing = [c for c in chosen_from if rule.passes(state["screen"][c.key])]
     # passing candidates smallest first; then, should none of them reach the target, the best-rated rest
     rest = sorted(

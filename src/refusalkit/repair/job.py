@@ -135,9 +135,10 @@ def _search(
     keep = r.keep_zeros and pruned
     scales = _curve_scales(r, r.direction == "unit", norm)
     chosen_from = candidates(placements, [keep], scales)
-    compared = candidates(placements, [not keep], scales) if pruned else []
+    compared = candidates(placements, [not keep], scales) if pruned and r.compare_forms else []
     ctx = curve_context(s.cfg, s.layout, s.variant, s, r)
-    return search_edits(ctx, edit_for, chosen_from, compared, s.layout.edit_search(name))
+    first = min((edit_block_index(layer, p, s.lm.n_layers) for p in placements), default=0)
+    return search_edits(ctx, edit_for, chosen_from, compared, s.layout.edit_search(name), first_block=first)
 
 
 def _chosen_edit(

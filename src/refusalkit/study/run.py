@@ -59,7 +59,8 @@ QUICK: dict[str, Any] = {
 # judged by their selection scores, not by generation; 32-token completions on 100 harmful, 100
 # harmless and 120 borderline prompts;
 # perplexity instead of zero-shot accuracy (the offline suite is at chance on a 0.5B model);
-# the search over edits on 32 + 32 held-out prompts (first-token screen, at most 3 candidates generated);
+# the search over edits on 32 + 32 held-out prompts (first-token screen of the variant's form only, at
+# most 3 candidates generated);
 # no adaptive attacker unless run.adaptive is true (then: the small decoding grid on 25 prompts, GCG on
 # 2 prompts + a universal suffix from 2, 20 steps of 64 candidates, the direction ablated on all 100).
 CPU: dict[str, Any] = {
@@ -78,6 +79,7 @@ CPU: dict[str, Any] = {
     "compress.n_calibration": 16,
     "run.validate_variants": False,
     "repair.search_prompts": 32,
+    "repair.compare_forms": False,  # the plain edit's screens are for the record (README: what keeping zeros costs)
     # the adaptive attacker (run.adaptive, opt-in on a CPU): the decoding attack on 25 prompts
     "evaluation.decoding_n_prompts": 25,
 }
