@@ -62,7 +62,7 @@ QUICK: dict[str, Any] = {
 # the search over edits on 32 + 32 held-out prompts (first-token screen of the variant's form only, at
 # most 3 candidates generated);
 # no adaptive attacker unless run.adaptive is true (then: the small decoding grid on 25 prompts, GCG on
-# 2 prompts + a universal suffix from 2, 20 steps of 64 candidates, the direction ablated on all 100).
+# 2 prompts + a universal suffix from 2, 10 steps of 16 candidates, the direction ablated on all 100).
 CPU: dict[str, Any] = {
     "n_train": 64,
     "n_val": 16,
@@ -80,8 +80,11 @@ CPU: dict[str, Any] = {
     "run.validate_variants": False,
     "repair.search_prompts": 32,
     "repair.compare_forms": False,  # the plain edit's screens are for the record (README: what keeping zeros costs)
-    # the adaptive attacker (run.adaptive, opt-in on a CPU): the decoding attack on 25 prompts
+    # the adaptive attacker (run.adaptive, opt-in on a CPU): the decoding attack on 25 prompts; GCG at
+    # 10 steps of 16 candidates (about 10 s a step here; 20 x 64 took 37 s a step, 37 minutes a model)
     "evaluation.decoding_n_prompts": 25,
+    "evaluation.gcg_steps": "10",
+    "evaluation.gcg_search_width": "16",
 }
 
 # Profiles sit between the defaults and the config file: a file or --set value always wins.
