@@ -28,6 +28,13 @@ def test_wilson_interval_contains_rate_and_shrinks_with_n():
     for k, n in [(1, 10), (5, 10), (9, 10), (50, 100), (13, 519)]:
         lo, hi = wilson_interval(k, n)
         assert lo <= k / n <= hi
+    # every k of every n up to 120: the bounds hold the rate, exactly 0 / 1 at the ends (25/25 rounded
+    # to 0.9999999999999999 and broke the report's error bars)
+    for n in range(1, 121):
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n)
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
     w_small = wilson_interval(12, 24)
     w_large = wilson_interval(50, 100)
     assert (w_large[1] - w_large[0]) < (w_small[1] - w_small[0])

@@ -153,7 +153,7 @@ def draw_before_after_bars(ax: Any, pairs: list[tuple[Variant, Variant]], attack
                 0.4,
                 color=color,
                 label=None if i else ("before", "after")[which],
-                yerr=[[r["rate"] - lo], [hi - r["rate"]]],
+                yerr=[[max(0.0, r["rate"] - lo)], [max(0.0, hi - r["rate"])]],
                 capsize=3,
             )
 
