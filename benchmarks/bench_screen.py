@@ -7,8 +7,7 @@ that starts at the first edited block (0.4.0, ``refusalkit.repair.screen.BlockIn
 Loads the variant, takes its held-out search prompts as ``refusalkit repair`` does, applies the
 paper's edit at the direction's block (``source``) at ``--scale`` times the paper's alphas (zeros
 kept), and times the screen both ways (median of ``--repeats``), with the one-off pass that keeps
-the block inputs, and the prompt tokens each runs. Prints both screens' figures, which must agree
-(within float rounding: the full forward shares the chat template's prefix, the other does not).
+the block inputs, and the prompt tokens each runs. Prints both screens' figures, which must be equal.
 """
 
 from __future__ import annotations

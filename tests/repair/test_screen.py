@@ -17,7 +17,8 @@ from conftest import HARMFUL, HARMLESS, N_LAYERS
 @pytest.mark.parametrize("first", [1, 2, N_LAYERS - 1])
 def test_skipping_the_unedited_blocks_is_exact(tiny_lm, rand_dir, first):
     """For an edit at block ``first`` (and one after it), each kind's logits from a pass that starts
-    at block ``first`` equal a full forward of the edited model bit for bit, batch by batch."""
+    at block ``first`` (after the shared prefix, which runs through every block) equal a full
+    forward of the edited model bit for bit, batch by batch."""
     cfg = dataclasses.replace(Config(), batch_size=3)  # several batches of unequal lengths
     inputs = BlockInputs(tiny_lm, cfg, HARMFUL, HARMLESS, first)
     assert len(inputs.outputs["harmful"]) == -(-len(HARMFUL) // 3)
@@ -29,9 +30,8 @@ def test_skipping_the_unedited_blocks_is_exact(tiny_lm, rand_dir, first):
     ]
     try:
         for kind, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS)):
-            full = _forward(tiny_lm, cfg, prompts, share_prefix=False)
-            with inputs.skipping(tiny_lm, kind):
-                skipped = _forward(tiny_lm, cfg, prompts, share_prefix=False)
+            full = _forward(tiny_lm, cfg, prompts)
+            skipped = _forward(tiny_lm, cfg, prompts, around_batches=lambda kind=kind: inputs.skipping(tiny_lm, kind))
             assert torch.equal(full, skipped), kind
         edited = refusal_screen(tiny_lm, cfg, HARMFUL, HARMLESS, inputs)
         assert edited != unedited  # the edit changes the scores, and the skipping pass sees it
@@ -40,16 +40,12 @@ def test_skipping_the_unedited_blocks_is_exact(tiny_lm, rand_dir, first):
             e.remove()
     # every block runs its own forward again
     assert all("forward" not in vars(layer) for layer in tiny_lm.model.model.layers)
-    # the shared-prefix full forward agrees within float rounding
-    ref = refusal_screen(tiny_lm, cfg, HARMFUL, HARMLESS)
-    for kind in ("harmful", "harmless"):
-        assert ref[kind]["mean_score"] == pytest.approx(unedited[kind]["mean_score"], abs=1e-4)
+    assert refusal_screen(tiny_lm, cfg, HARMFUL, HARMLESS) == unedited  # the full forward, unedited
 
 
 def test_skipping_checks_the_batches(tiny_lm):
     cfg = dataclasses.replace(Config(), batch_size=3)
     inputs = BlockInputs(tiny_lm, cfg, HARMFUL, [], 1)
-    with pytest.raises(RuntimeError, match="batches"):
-        with inputs.skipping(tiny_lm, "harmful"):
-            _forward(tiny_lm, cfg, HARMFUL[:3], share_prefix=False)  # one batch of the kept ones
+    with pytest.raises(RuntimeError, match="batches"):  # one batch of the kept ones
+        _forward(tiny_lm, cfg, HARMFUL[:3], around_batches=lambda: inputs.skipping(tiny_lm, "harmful"))
     assert all("forward" not in vars(layer) for layer in tiny_lm.model.model.layers)

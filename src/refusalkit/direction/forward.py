@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ def forward_last(
     want_logits: bool = True,
     groups: list[int] | None = None,
     rows: RowGroups | None = None,
+    around_batches: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> torch.Tensor | None:
     """Run every prompt; return float32 last-position logits ``[n, vocab]`` (or None).
 
@@ -64,6 +66,7 @@ def forward_last(
     activations. ``keep_suffix`` is the number of trailing tokens that must stay outside the
     shared prefix (at least the post-instruction tokens). Cached forwards pass the KV cache under
     the keyword the installed transformers expects (:mod:`refusalkit.models.kv_cache`).
+    ``around_batches()``: a context entered after the shared prefix has run, around the batches.
     """
     device = model.get_input_embeddings().weight.device
     P = common_prefix_len(ids, keep_suffix) if share_prefix else 0
@@ -75,28 +78,29 @@ def forward_last(
     keyword = cache_keyword(model)
     with add_hooks(*hooks):
         prefix_cache = _prefix_cache(model, ids[0][:P], groups, rows, device) if P else None
-        for sl in batches(len(order), batch_size):
-            suffixes = [ids[i][P:] for i in order[sl]]
-            x, mask = pad_left(suffixes, pad_id, device)
-            pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
-            STATS["tokens"] += int(mask.sum())
-            STATS["padded_tokens"] += x.numel()
-            kwargs = {}
-            group_index = torch.tensor([groups[i] for i in order[sl]]) if groups is not None else None
-            if rows is not None:
-                rows.index = group_index
-            if prefix_cache is not None:
-                kwargs = cache_kwargs(_batch_cache(prefix_cache, group_index, x.shape[0]), keyword)
-                mask = torch.cat([torch.ones((x.shape[0], P), dtype=mask.dtype, device=device), mask], dim=1)
-            res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kwargs)
-            if want_logits:
-                last = res.logits[:, -1, :]
-                if logits is None:
-                    logits = torch.empty((len(ids), last.shape[-1]), dtype=torch.float32)
-                logits[torch.tensor(order[sl])] = last.float().cpu()
-            del res
-            if on_batch is not None:
-                on_batch(len(suffixes))
+        with around_batches() if around_batches is not None else nullcontext():
+            for sl in batches(len(order), batch_size):
+                suffixes = [ids[i][P:] for i in order[sl]]
+                x, mask = pad_left(suffixes, pad_id, device)
+                pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
+                STATS["tokens"] += int(mask.sum())
+                STATS["padded_tokens"] += x.numel()
+                kwargs = {}
+                group_index = torch.tensor([groups[i] for i in order[sl]]) if groups is not None else None
+                if rows is not None:
+                    rows.index = group_index
+                if prefix_cache is not None:
+                    kwargs = cache_kwargs(_batch_cache(prefix_cache, group_index, x.shape[0]), keyword)
+                    mask = torch.cat([torch.ones((x.shape[0], P), dtype=mask.dtype, device=device), mask], dim=1)
+                res = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kwargs)
+                if want_logits:
+                    last = res.logits[:, -1, :]
+                    if logits is None:
+                        logits = torch.empty((len(ids), last.shape[-1]), dtype=torch.float32)
+                    logits[torch.tensor(order[sl])] = last.float().cpu()
+                del res
+                if on_batch is not None:
+                    on_batch(len(suffixes))
     return logits
 
 

@@ -14,7 +14,7 @@ candidate's pass starts at the first edited block: the earlier blocks return the
 once (the model's own forward still builds the masks and position embeddings). Exact: the kept
 output is the one the unedited blocks would compute again, for the same batches (tested
 bit-for-bit against a full forward). On the default model (24 blocks, edits at 13 and 14) it runs
-11 of 24 blocks per candidate.
+11 of 24 blocks per candidate, apart from the shared prefix of the chat template.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from refusalkit.models.structure import decoder_layers
 KINDS = ("harmful", "harmless")
 
 
-def _forward(lm: Any, cfg: Any, prompts: list[str], share_prefix: bool) -> torch.Tensor:
+def _forward(lm: Any, cfg: Any, prompts: list[str], around_batches: Any = None) -> torch.Tensor:
     from refusalkit.direction.forward import forward_last
     from refusalkit.models.chat import tokenize_instructions
 
@@ -39,7 +39,7 @@ def _forward(lm: Any, cfg: Any, prompts: list[str], share_prefix: bool) -> torch
         tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt),
         pad_id=lm.tokenizer.pad_token_id,
         batch_size=cfg.batch_size,
-        share_prefix=share_prefix,
+        around_batches=around_batches,
     )
 
 
@@ -52,8 +52,10 @@ def _summary(logits: torch.Tensor, ids: list[int]) -> dict[str, float]:
 
 class BlockInputs:
     """The output of block ``first − 1`` of the unedited model on the search prompts, batch by batch
-    as :func:`~refusalkit.direction.forward.forward_last` runs them (no shared prefix: every block
-    from ``first`` on sees whole prompts)."""
+    as :func:`~refusalkit.direction.forward.forward_last` runs them. The chat template's shared
+    prefix runs through every block in each pass (a few tokens, once: its keys and values at the
+    edited blocks change with the edit); the kept outputs stand in for the earlier blocks in the
+    batches that follow it."""
 
     def __init__(self, lm: Any, cfg: Any, harmful: list[str], harmless: list[str], first: int):
         self.first = first
@@ -67,11 +69,16 @@ class BlockInputs:
             if not prompts:
                 continue
             kept: list[Any] = []
-            handle = block.register_forward_hook(lambda m, i, out, kept=kept: kept.append(out))
-            try:
-                logits = _forward(lm, cfg, prompts, share_prefix=False)
-            finally:
-                handle.remove()
+
+            @contextmanager
+            def keeping(kept: list[Any] = kept) -> Iterator[None]:
+                handle = block.register_forward_hook(lambda m, i, out: kept.append(out))
+                try:
+                    yield
+                finally:
+                    handle.remove()
+
+            logits = _forward(lm, cfg, prompts, around_batches=keeping)
             self.outputs[kind] = kept
             self.screen[kind] = _summary(logits, ids)
 
@@ -120,10 +127,7 @@ def refusal_screen(
     for kind, prompts in zip(KINDS, (harmful, harmless), strict=True):
         if not prompts:
             continue
-        if inputs is None:
-            logits = _forward(lm, cfg, prompts, share_prefix=True)
-        else:
-            with inputs.skipping(lm, kind):
-                logits = _forward(lm, cfg, prompts, share_prefix=False)
+        around = None if inputs is None else (lambda kind=kind: inputs.skipping(lm, kind))
+        logits = _forward(lm, cfg, prompts, around_batches=around)
         out[kind] = _summary(logits, ids)
     return out
