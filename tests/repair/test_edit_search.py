@@ -331,7 +331,8 @@ def test_search_prompts_never_overlap_an_evaluation(tmp_path):
     import json
 
     from refusalkit.core.config import EvaluationConfig
-    from refusalkit.repair.search import check_disjoint, check_search_overlap
+    from refusalkit.evaluation.plan import check_search_overlap
+    from refusalkit.repair.search import check_disjoint
 
     layout = RunLayout(tmp_path)
     data = SearchData(["h1", "h2"], ["s1"], {})

@@ -38,7 +38,7 @@ from refusalkit.evaluation.attacks import (
     attack_vanilla,
     over_refusal,
 )
-from refusalkit.evaluation.plan import held_out, make_plan
+from refusalkit.evaluation.plan import check_search_overlap, held_out, make_plan
 from refusalkit.evaluation.runner import EvalContext
 
 if TYPE_CHECKING:
@@ -173,8 +173,6 @@ def run_evaluate(
             "or use --variant base"
         )
     e = cfg.evaluation
-    from refusalkit.repair.search import check_search_overlap
-
     check_search_overlap(layout, variant, e)
     if utility_eval and task_names(e.utility_tasks):
         from refusalkit.evaluation.utility import resolve_tasks

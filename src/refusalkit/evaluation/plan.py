@@ -121,3 +121,27 @@ def held_out(source: str, n: int, splits: dict[str, Any] | None, kind: str) -> t
             f"but {n} were asked for; lower the number or give a larger prompt source"
         )
     return kept[:n], {"source": source, "n": n, "excluded_direction_prompts": len(used), "order": "source order"}
+
+
+def check_search_overlap(layout: Any, variant: str, e: EvaluationConfig) -> None:
+    """Raise :class:`UserError` when evaluating repaired ``variant`` with the evaluation settings ``e``
+    would include the held-out prompts its repair searched on (recorded in its ``repair.json``)."""
+    from refusalkit.core import artifacts
+
+    path = layout.repair_info(variant)
+    if not path.exists():
+        return
+    info = artifacts.read_json(path)
+    record = info.get("search") or info.get("curve")
+    prompts = record.get("prompts") if isinstance(record, dict) else None
+    for kind, source, n, flag in (
+        ("harmful", e.prompts, e.n_prompts, "--n"),
+        ("harmless", e.harmless, e.n_harmless, "--n-harmless"),
+    ):
+        p = (prompts or {}).get(kind)
+        if p and p.get("source") == source and n > p.get("skipped_evaluation_prompts", n):
+            raise UserError(
+                f"{variant}'s repair was searched on {source} prompts {p['skipped_evaluation_prompts'] + 1}-"
+                f"{p['skipped_evaluation_prompts'] + p['n']}; evaluating {n} would judge it on them: "
+                f"use {flag} {p['skipped_evaluation_prompts']} or fewer (or repair again with the same setting)"
+            )

@@ -60,28 +60,6 @@ def check_disjoint(layout: RunLayout, models: list[str], data: SearchData) -> No
                 )
 
 
-def check_search_overlap(layout: RunLayout, variant: str, e: Any) -> None:
-    """Raise :class:`UserError` when evaluating repaired ``variant`` with the evaluation settings ``e``
-    would include the held-out prompts its repair searched on (recorded in its ``repair.json``)."""
-    path = layout.repair_info(variant)
-    if not path.exists():
-        return
-    info = artifacts.read_json(path)
-    record = info.get("search") or info.get("curve")
-    prompts = record.get("prompts") if isinstance(record, dict) else None
-    for kind, source, n, flag in (
-        ("harmful", e.prompts, e.n_prompts, "--n"),
-        ("harmless", e.harmless, e.n_harmless, "--n-harmless"),
-    ):
-        p = (prompts or {}).get(kind)
-        if p and p.get("source") == source and n > p.get("skipped_evaluation_prompts", n):
-            raise UserError(
-                f"{variant}'s repair was searched on {source} prompts {p['skipped_evaluation_prompts'] + 1}-"
-                f"{p['skipped_evaluation_prompts'] + p['n']}; evaluating {n} would judge it on them: "
-                f"use {flag} {p['skipped_evaluation_prompts']} or fewer (or repair again with the same setting)"
-            )
-
-
 def measure(
     lm: Any, cfg: Config, data: SearchData, spec: RepairConfig, max_new_tokens: int, perplexity: float | None = None
 ) -> dict[str, Any]:
