@@ -580,6 +580,13 @@ def test_search_plot_shows_every_placement_tried(run_dir: Path) -> None:
     assert len(search) == 1 and search[0].png.startswith(b"\x89PNG")
     assert search[0].md_path.endswith("edit_search_wanda-0.5_aird.png")
     assert len(figs) == 2  # and the alpha curve the repair also recorded
+    # a 0.4.0 search: the calibrated screen's predicted ASR and the unrepaired variant's level
+    s = v.repair["search"]
+    for p, pred in zip(s["screened"], (0.5, 0.35, 0.48, 0.3), strict=True):
+        p["predicted_asr"] = pred
+    s["unrepaired"] = {"asr": {"rate": 0.52}}
+    again = [f for f in plot_alpha_curves(run) if "every edit the search screened" in f.caption]
+    assert len(again) == 1 and again[0].png.startswith(b"\x89PNG") and again[0].png != search[0].png
 
 
 def test_stronger_attacks_are_compared_pairwise(run_dir: Path) -> None:

@@ -269,7 +269,8 @@ def plot_edit_search(run: Run, v: Variant) -> Figure | None:
     conf = [(p["scale"], p["asr"]["rate"]) for p in search["confirmed"]]
     if conf:
         ax.plot(*zip(*conf), "k*", markersize=10, linestyle="none", label="confirmed: ASR (generation)")
-    ax.axhline(search["unrepaired"]["asr"]["rate"], color="tab:red", lw=0.8, ls="--", label="unrepaired ASR")
+    if search.get("unrepaired"):
+        ax.axhline(search["unrepaired"]["asr"]["rate"], color="tab:red", lw=0.8, ls="--", label="unrepaired ASR")
     ax.axhline(search["target_asr"], color="k", lw=0.8, ls="--", label="target ASR")
     alpha_axis(ax, sorted({x for pts in lines.values() for x, _ in pts}), "ASR, harmful search prompts")
     ax.legend(fontsize=7, loc="lower left")
