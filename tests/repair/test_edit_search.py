@@ -177,6 +177,24 @@ def test_search_when_nothing_passes_the_screen(fake):
     assert res["chosen"]["target_reached"] is False
 
 
+def test_screens_of_a_0_3_0_search_are_kept(fake, tmp_path):
+    """A search state written by 0.3.0 (no screen_settings, points without per-prompt verdicts): its
+    generated points are measured again under the new settings, its screens are not."""
+    world, run = fake
+    run()
+    path = tmp_path / "run" / "repair" / "v+aird.json"
+    state = artifacts.read_json(path)
+    del state["screen_settings"]
+    state["settings"]["screen"] = {"score": "first-token refusal log-odds > 0", "slack": 0.05}  # 0.3.0's
+    artifacts.write_json(path, state)
+    screens, measures = world["screens"], world["measures"]
+    res = run()
+    assert world["screens"] == screens  # every screen read back
+    assert world["measures"] == measures + 2  # the two confirmed candidates generated again (no base or
+    # unrepaired: their caches in repair/ are keyed by the same measurement settings)
+    assert res["chosen"]["scale"] == 16.0
+
+
 def test_calibrated_screen_predicts_asr_from_the_two_references(fake):
     world, run = fake
     world["calibrated"] = True

@@ -294,7 +294,18 @@ def search_edits(
     }
     state = artifacts.read_json(path) if path.exists() else {}
     if state.get("settings") != settings:
-        kept = {k: state[k] for k in SCREENS if k in state} if state.get("screen_settings") == screen_settings else {}
+        # a 0.3.0 search has no screen_settings: its screens were made on the prompts its settings name
+        old = state.get("settings", {})
+        made_on = state.get("screen_settings") or (
+            {
+                "prompts": old.get("prompts"),
+                "system_prompt": old.get("system_prompt"),
+                "score": screen_settings["score"],
+            }
+            if "prompts" in old
+            else None
+        )
+        kept = {k: state[k] for k in SCREENS if k in state} if made_on == screen_settings else {}
         state = {"settings": settings, "screen_settings": screen_settings, "screen": {}, "points": {}, **kept}
     start = _counters()
     _references(ctx, state, path)
