@@ -181,12 +181,12 @@ def over_refusal_excess(point: dict[str, Any], ref: dict[str, Any], spec: Repair
     if a is None or b is None or len(a) != len(b):
         return why
     from refusalkit.data.refusal import REFUSAL
-    from refusalkit.evaluation.stats import mcnemar_exact
+    from refusalkit.evaluation.stats import paired
 
-    only_point = sum(x == REFUSAL and y != REFUSAL for x, y in zip(a, b, strict=True))
-    only_ref = sum(y == REFUSAL and x != REFUSAL for x, y in zip(a, b, strict=True))
-    p = mcnemar_exact(only_ref, only_point)
-    return f"{why} (+{only_point}/-{only_ref} prompts, p = {p:.2g})" if p < OVER_REFUSAL_ALPHA else None
+    res = paired({i: y == REFUSAL for i, y in enumerate(b)}, {i: x == REFUSAL for i, x in enumerate(a)})
+    if res["p"] >= OVER_REFUSAL_ALPHA:
+        return None
+    return f"{why} (+{res['only_second']}/-{res['only_first']} prompts, p = {res['p']:.2g})"
 
 
 def within_budgets(point: dict[str, Any], ref: dict[str, Any], spec: RepairConfig) -> list[str]:
