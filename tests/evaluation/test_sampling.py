@@ -14,7 +14,7 @@ from refusalkit.direction.hooks import add_hooks, addition_hooks
 from refusalkit.evaluation import vllm_backend
 from refusalkit.evaluation.sampling import huang_grid, sample, sample_ids, small_grid
 from refusalkit.models import generation
-from refusalkit.models.generation import default_stop_ids, pad_left, plan_batches
+from refusalkit.models.generation import common_prefix_len, default_stop_ids, pad_left, plan_batches
 from refusalkit.models.sampler import (
     GREEDY,
     Decoding,
@@ -400,7 +400,7 @@ def test_forced_eos_ends_the_batch_after_the_prefill(llama_lm, prompts):
         hooks=([], [(llama_lm.model.get_output_embeddings(), force_eos), count]),
     )
     assert out == [[[eos]] * len(MIXED)] * len(prompts)
-    assert len(calls) == 1  # one prefill (every prompt and config fits one batch), no decode step
+    assert len(calls) == 2  # the shared prefix, one prefill (every prompt and config fits one batch), no step
     text = sample(
         llama_lm,
         prompts[:1],
@@ -417,9 +417,24 @@ def test_prefill_runs_once_per_prompt_batch(llama_lm, prompts):
     seen: list[int] = []
     sample_ids(llama_lm, prompts, MIXED, max_new_tokens=3, stop_ids=[], hooks=([], [hook]), progress=seen.append)
     n = len(prompts) * len(MIXED)
-    assert calls[0] == (len(prompts), max(len(p) for p in prompts))  # one prefill of the prompts only
-    assert calls[1:] == [(n, 1), (n, 1)]  # then one-token steps over prompts x configs
+    shared = common_prefix_len(prompts, 1)
+    assert shared >= generation.MIN_PREFIX  # the chat template's tokens before the instruction
+    assert calls[0] == (1, shared)  # the shared prefix once
+    assert calls[1] == (len(prompts), max(len(p) for p in prompts) - shared)  # one prefill of the suffixes
+    assert calls[2:] == [(n, 1), (n, 1)]  # then one-token steps over prompts x configs
     assert sum(seen) == len(prompts) * len(MIXED)
+
+
+def test_shared_prefix_runs_once_per_call_and_changes_no_token(llama_lm, prompts):
+    calls = []
+    hook = (llama_lm.model.model, lambda m, a, o: calls.append(tuple(o.last_hidden_state.shape[:2])))
+    kw = dict(max_new_tokens=N_NEW, stop_ids=[], batch_size=2)
+    shared = sample_ids(llama_lm, prompts, MIXED[:2], hooks=([], [hook]), **kw)
+    prefills = [c for c in calls if c[1] > 1]
+    assert prefills[0] == (1, common_prefix_len(prompts, 1))
+    assert len(prefills) == 1 + len(prompts)  # the prefix once, then one prefill per batch of one prompt
+    # the same tokens as prefilling every whole prompt (greedy and seeded sampling)
+    assert shared == sample_ids(llama_lm, prompts, MIXED[:2], share_prefix=False, **kw)
 
 
 def test_empty_inputs(llama_lm, prompts):

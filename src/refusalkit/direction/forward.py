@@ -23,24 +23,12 @@ from typing import Any
 import torch
 
 from refusalkit.direction.hooks import Hook, RowGroups, add_hooks
-from refusalkit.models.generation import batches, pad_left
+from refusalkit.models.generation import batches, common_prefix_len, pad_left
 from refusalkit.models.kv_cache import cache_keyword, cache_kwargs, new_cache
 
 # Tokens actually run through the model by forward_last (prefix once per call + suffixes,
 # padding included); the benchmark reads it to compute achieved FLOP/s.
 STATS = {"tokens": 0, "padded_tokens": 0}
-
-
-def common_prefix_len(ids: list[list[int]], keep: int) -> int:
-    """Length of the token prefix shared by all rows, leaving at least ``keep`` tokens per row."""
-    if not ids:
-        return 0
-    first = ids[0]
-    n = min(len(r) for r in ids) - keep
-    p = 0
-    while p < n and all(r[p] == first[p] for r in ids):
-        p += 1
-    return max(p, 0)
 
 
 @torch.inference_mode()

@@ -95,9 +95,10 @@ def sample_ids(
     hooks: tuple[list[Hook], list[Hook]] = ([], []),
     progress: Callable[[int], None] | None = None,
     stop_ids: list[int] | None = None,
+    share_prefix: bool = True,
 ) -> list[list[list[int]]]:
     """New token ids ``[prompt i][decoding j]``, each up to and including its stop token (at most
-    ``max_new_tokens``); the arguments are :func:`sample`'s."""
+    ``max_new_tokens``); the arguments are :func:`sample`'s (``share_prefix``: :func:`generate_ids`')."""
     with add_hooks(*hooks):
         return generate_ids(
             lm,
@@ -109,6 +110,7 @@ def sample_ids(
             batch_size=batch_size,
             progress=progress,
             stop_ids=stop_ids,
+            share_prefix=share_prefix,
         )
 
 

@@ -7,8 +7,14 @@ wrap the call in ``add_hooks``), so this module needs no intervention code.
 
 The loop is its own (not ``model.generate``) so that the expensive part is shared:
 
-* Prompts of a batch are left-padded (explicit ``position_ids``) and **prefilled once**; the
-  prompt's KV cache (a transformers ``DynamicCache``) is then repeated over the configurations
+* **Shared prefix.** Chat templates put the same tokens before every instruction (Qwen's default
+  system prompt and template: about 25 of a 42-token AdvBench prompt). The prefix the prompts of
+  one call share is run once and its KV cache copied into every batch; only the suffixes are
+  prefilled per prompt (as :func:`refusalkit.direction.forward.forward_last` does). Hooks are
+  active for the prefix too, so an intervention changes its keys and values as in a full prefill.
+* The suffixes of a batch are left-padded (padding sits between the prefix and the suffix,
+  masked out, with explicit ``position_ids``) and **prefilled once**; the prompt's KV cache (a
+  transformers ``DynamicCache``) is then repeated over the configurations
   (``batch_repeat_interleave``), so rows ``(prompt p, config c)`` sit at ``p * C + c`` and the
   prompt forward is never repeated per configuration.
 * Every step computes only the last position's logits (``logits_to_keep=1``), in float32, and
@@ -60,6 +66,22 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(s, min(n, s + batch_size))
 
 
+def common_prefix_len(ids: list[list[int]], keep: int) -> int:
+    """Length of the token prefix shared by all rows, leaving at least ``keep`` tokens per row."""
+    if not ids:
+        return 0
+    first = ids[0]
+    n = min(len(r) for r in ids) - keep
+    p = 0
+    while p < n and all(r[p] == first[p] for r in ids):
+        p += 1
+    return max(p, 0)
+
+
+# A shared prefix shorter than this is prefilled with each prompt (copying its cache costs more).
+MIN_PREFIX = 4
+
+
 def default_stop_ids(lm: LoadedModel) -> list[int]:
     """``tokenizer.eos_token_id`` plus ``model.generation_config.eos_token_id`` (an int or a list)."""
     ids: list[int] = []
@@ -84,12 +106,28 @@ def plan_batches(n_prompts: int, n_configs: int, batch_size: int) -> tuple[int, 
     return max(1, min(n_prompts, batch_size // per)), chunks
 
 
-def _prefill(model: Any, rows: list[list[int]], pad_id: int, device: torch.device):
-    """One forward over the left-padded prompts: ``(cache, mask [P, L], last positions [P, 1],
-    last-position float32 logits [P, V])``."""
-    x, mask = pad_left(rows, pad_id, device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+def _prefix_cache(model: Any, prefix: list[int], device: torch.device) -> Any:
+    """The KV cache of the prompts' shared ``prefix`` (one row)."""
     cache = new_cache(model)
+    if prefix:
+        model(input_ids=torch.tensor([prefix], device=device), logits_to_keep=1,
+              **cache_kwargs(cache, cache_keyword(model)))  # fmt: skip
+    return cache
+
+
+def _prefill(model: Any, rows: list[list[int]], pad_id: int, device: torch.device, prefix: tuple[int, Any] = (0, None)):
+    """One forward over the left-padded prompt suffixes ``rows`` after the shared prefix
+    ``(length, one-row cache)``: ``(cache, mask [P, L], last positions [P, 1], last-position
+    float32 logits [P, V])``; ``mask`` and the cache cover the prefix too."""
+    n_prefix, prefix_cache = prefix
+    x, mask = pad_left(rows, pad_id, device)
+    pos = (n_prefix + mask.cumsum(-1) - 1).clamp(min=n_prefix)
+    if n_prefix:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(rows))
+        mask = torch.cat([mask.new_ones((len(rows), n_prefix)), mask], dim=-1)
+    else:
+        cache = new_cache(model)
     res = model(
         input_ids=x,
         attention_mask=mask,
@@ -169,6 +207,7 @@ def generate_ids(
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
     stop_ids: list[int] | None = None,
+    share_prefix: bool = True,
 ) -> list[list[list[int]]]:
     """New token ids ``[prompt i][decoding j]`` of the token-id prompts ``ids`` under ``decodings``,
     each up to and including its stop token (at most ``max_new_tokens``).
@@ -177,7 +216,8 @@ def generate_ids(
     runs that resume). ``batch_size`` bounds the rows (prompts × configs) of one decode batch;
     prompts of similar length share a batch. ``progress(n)`` gets the rows finished by each
     batch. ``stop_ids`` defaults to :func:`default_stop_ids`. Runs under whatever hooks the
-    caller has registered.
+    caller has registered. ``share_prefix``: run the prompts' shared prefix once (exact up to
+    float rounding; the module docstring).
     """
     keys = _row_keys(ids, keys)
     if not ids or not decodings or max_new_tokens <= 0:
@@ -189,10 +229,13 @@ def generate_ids(
     stop = torch.tensor(stop_ids if stop_ids is not None else default_stop_ids(lm), dtype=torch.long, device=device)
     per_batch, chunks = plan_batches(len(ids), len(decodings), batch_size)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
+    n_prefix = common_prefix_len(ids, 1) if share_prefix else 0
+    n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
+    prefix = (n_prefix, _prefix_cache(model, ids[0][:n_prefix], device) if n_prefix else None)
     out: list[list[list[int]]] = [[[] for _ in decodings] for _ in ids]
     for s in range(0, len(order), per_batch):
         idx = order[s : s + per_batch]
-        cache, mask, pos, logits = _prefill(model, [ids[i] for i in idx], pad_id, device)
+        cache, mask, pos, logits = _prefill(model, [ids[i][n_prefix:] for i in idx], pad_id, device, prefix)
         for n_chunk, chunk in enumerate(chunks):
             decs = decodings[chunk]
             c = len(decs)

@@ -59,11 +59,14 @@ QUICK: dict[str, Any] = {
 # judged by their selection scores, not by generation; 32-token completions on 100 harmful, 100
 # harmless and 120 borderline prompts;
 # perplexity instead of zero-shot accuracy (the offline suite is at chance on a 0.5B model);
+# 128 rows per forward instead of 64 (a decode step costs 17 instead of 25 ms a row here: the matrix
+# products of a small batch use the 2 cores poorly; README, "Changes");
 # the search over edits on 32 + 32 held-out prompts (first-token screen of the variant's form only, at
 # most 3 candidates generated);
 # no adaptive attacker unless run.adaptive is true (then: the small decoding grid on 25 prompts, GCG on
 # 2 prompts + a universal suffix from 2, 10 steps of 16 candidates, the direction ablated on all 100).
 CPU: dict[str, Any] = {
+    "batch_size": 128,
     "n_train": 64,
     "n_val": 16,
     "n_test": 32,
