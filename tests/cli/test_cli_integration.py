@@ -95,8 +95,15 @@ def test_extract_writes_every_artifact(smol_run):
     assert len(rows) == 16 and {r["verdict"] for r in rows} <= {"refusal", "compliance", "degenerate"}
     assert len(list(d.glob("selection_pos*.png"))) == cands.shape[0]
     manifest = json.loads((smol_run / "manifest.json").read_text())
-    assert {"base/extract", "base/select", "base/validate"} <= set(manifest["stages"])
+    assert {"base/extract", "base/select", "base/noise", "base/validate"} <= set(manifest["stages"])
     assert manifest["packages"]["torch"] and manifest["seed"] == 0
+    floor = json.loads((d / "noise_floor.json").read_text())
+    assert floor["method"] == "bootstrap" and floor["resamples"] == 200 and floor["position"] == info["position"]
+    assert floor["n_prompts"] == {"harmful": 8, "harmless": 8}
+    by = floor["by_layer"]
+    assert len(by["floor"]) == len(by["mean"]) == 31
+    assert all(f <= m + 1e-12 and m <= 1 + 1e-9 for f, m in zip(by["floor"], by["mean"]))
+    assert by["floor"][info["layer"]] > 0  # a real direction at the source: resampling keeps its sign
     assert no_temp_files(smol_run)
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from refusalkit.core.errors import UserError
 from refusalkit.evaluation.records import RecordLog
-from refusalkit.evaluation.stats import agreement, rate, wilson_interval
+from refusalkit.evaluation.stats import agreement, holm, rate, spearman, wilson_interval
 
 
 def test_wilson_interval_known_values():
@@ -263,3 +264,28 @@ def test_paired_counts_and_outcomes():
     res = paired(broke, after)
     assert res["n"] == 4 and res["only_first"] == 1 and res["only_second"] == 1
     assert res["first"]["k"] == 1 and res["second"]["k"] == 1 and res["difference"] == 0.0 and res["p"] == 1.0
+
+
+def test_holm_against_hand_computed_values():
+    # sorted p: 0.01, 0.02, 0.04, 0.30 -> 4 x 0.01 = 0.04, max(0.04, 3 x 0.02) = 0.06,
+    # max(0.06, 2 x 0.04) = 0.08, max(0.08, 1 x 0.30) = 0.30; returned in the input order
+    assert holm([0.04, 0.30, 0.01, 0.02]) == pytest.approx([0.08, 0.30, 0.04, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1, monotone
+    assert holm([]) == [] and holm([0.03]) == [0.03]
+
+
+def test_spearman_against_hand_computed_values():
+    # ranks x 1 2 3 4 5, y 2 1 4 3 5: d^2 = 1+1+1+1+0 = 4, rho = 1 - 6*4 / (5*24) = 0.8
+    res = spearman([0.1, 0.2, 0.3, 0.4, 0.5], [20, 10, 40, 30, 50])
+    assert res["rho"] == pytest.approx(0.8) and res["n"] == 5
+    z, se = math.atanh(0.8), math.sqrt((1 + 0.8**2 / 2) / 2)
+    assert res["ci95"] == pytest.approx([math.tanh(z - 1.959963984540054 * se), math.tanh(z + 1.959963984540054 * se)])
+    assert spearman([1, 2, 3], [3, 2, 1])["rho"] == pytest.approx(-1.0) and spearman([1, 2, 3], [3, 2, 1])["ci95"] == [
+        None,
+        None,
+    ]
+    ties = spearman([1, 1, 2, 3], [1, 2, 3, 4])  # average ranks 1.5, 1.5, 3, 4
+    assert ties["rho"] == pytest.approx(0.9486832980505138)
+    assert spearman([1, 1, 1], [1, 2, 3])["rho"] is None and spearman([1], [2])["rho"] is None
+    with pytest.raises(ValueError):
+        spearman([1, 2], [1])

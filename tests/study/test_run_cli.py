@@ -48,6 +48,8 @@ TINY = [
     "--set",
     "run.validate_variants=false",
     "--set",
+    "run.select_repaired=false",
+    "--set",
     "run.variants=magnitude-0.5",
     "--set",
     "run.repair=pruned",
@@ -87,7 +89,9 @@ def study(tmp_path_factory):
 def test_run_produces_every_stage(study):
     state = json.loads((study / "run.json").read_text())["stages"]
     for v in ("base", "magnitude-0.5", "magnitude-0.5+aird"):
-        assert (study / v / "direction" / "direction.json").exists(), v
+        # run.select_repaired off: a repaired variant's candidates only, no selection of its own
+        assert (study / v / "direction" / "direction.json").exists() == (v != "magnitude-0.5+aird"), v
+        assert (study / v / "direction" / "candidates.safetensors").exists(), v
         assert (study / v / "eval" / "asr.json").exists() and (study / v / "eval" / "over_refusal.json").exists(), v
         if v != "base":
             assert (study / "compare" / f"{v}.json").exists(), v
@@ -131,6 +135,15 @@ def test_run_produces_every_stage(study):
     assert util["tasks"] == {} and util["mean_acc"] is None and util["perplexity"]["perplexity"] > 1
 
 
+def test_repaired_variant_compared_without_a_selection(study):
+    c = json.loads((study / "compare" / "magnitude-0.5+aird.json").read_text())
+    assert c["selected"] is False and c["variant_source"] is None and c["cosine_selected"] is None
+    assert c["source_shifted"] is None and c["quality"]["variant_direction"] is None
+    assert -1 <= c["cosine_at_base_source"] <= 1 and len(c["cosine_by_layer"]) == c["n_layers"] + 1
+    assert c["moved"] is c["cosine_at_base_source_noise"]["moved"]  # judged at the base source, by its floor
+    assert c["quality"]["base_direction_on_variant"] is not None
+
+
 def test_compare_record(study):
     c = json.loads((study / "compare" / "magnitude-0.5.json").read_text())
     n = c["n_layers"]
@@ -146,6 +159,12 @@ def test_compare_record(study):
     # the base direction read on the base model's own candidates: cosine 1 at its source
     base = json.loads((study / "base" / "direction" / "direction.json").read_text())
     assert c["base_source"]["layer"] == base["layer"] and c["base_source"]["position"] == base["position"]
+    # the noise floor made with the base direction: every base-position cosine gets its verdict
+    floor = json.loads((study / "base" / "direction" / "noise_floor.json").read_text())
+    noise = c["cosine_at_base_source_noise"]
+    assert noise["null_floor"] == floor["by_layer"]["floor"][base["layer"]]
+    assert c["moved"] is noise["moved"] is (c["cosine_at_base_source"] < noise["null_floor"])
+    assert c["noise"]["method"] == "bootstrap" and len(c["cosine_by_layer_noise"]["moved"]) == n + 1
 
 
 def test_paper_edit_and_search(study):

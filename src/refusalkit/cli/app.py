@@ -9,7 +9,18 @@ import os
 import sys
 from collections.abc import Callable
 
-from refusalkit.cli.commands import compare, compress, evaluate, extract, info, orthogonalize, repair, report, run
+from refusalkit.cli.commands import (
+    compare,
+    compress,
+    evaluate,
+    extract,
+    info,
+    orthogonalize,
+    repair,
+    report,
+    run,
+    sweep,
+)
 from refusalkit.cli.parser import build_parser
 from refusalkit.core.errors import UserError
 
@@ -22,6 +33,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "repair": repair.run,
     "run": run.run,
     "report": report.run,
+    "sweep": sweep.run,
     "config": info.config,
     "sources": info.sources,
 }

@@ -215,6 +215,34 @@ def _run(sub: Any) -> None:
     add_config_flags(r, "run")
 
 
+def _sweep(sub: Any) -> None:
+    w = sub.add_parser(
+        "sweep",
+        help="the dose-response: compress, compare and evaluate a grid of compression points",
+        description="Every point (method x sparsity or bits x calibration source) becomes an ordinary variant "
+        "DIR/<point>/: compressed, its candidate directions compared with the base direction at the base "
+        "source against the noise floor, evaluated (vanilla ASR paired with the base model's, over-refusal, "
+        "perplexity), optionally repaired. Finished stages are reused, so an interrupted sweep resumes. "
+        "Writes DIR/sweep/<name>.json, .md and plots.",
+    )
+    _common(w, variant=None, set_example="evaluation.n_prompts=100")
+    w.add_argument("--method", required=True, help="one or more methods, comma-separated: wanda,magnitude or rtn,awq")
+    w.add_argument("--sparsity", help="pruning: ratios in [0, 1) and/or N:M, comma-separated, e.g. 0.1,0.25,0.5,2:4")
+    w.add_argument("--bits", help="awq / rtn: bit widths, comma-separated, e.g. 8,6,4,3")
+    w.add_argument(
+        "--calibration",
+        help="calibration sources, comma-separated (default: compress.calibration), e.g. wikipedia,alpaca",
+    )
+    w.add_argument("--attacks", default="vanilla", help="attacks evaluated at every point (default vanilla)")
+    w.add_argument("--name", help="the sweep's name (default <methods>-<axis>), DIR/sweep/<name>.json")
+    w.add_argument("--select", action="store_true", help="also select each point's own direction (source shift)")
+    w.add_argument("--repair", action="store_true", help="also repair each point with the configured AIRD repair")
+    w.add_argument(
+        "--drop-models", action="store_true", help="delete each point's model folder once it is evaluated (disk)"
+    )
+    add_config_flags(w, "sweep")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="refusalkit",
@@ -224,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"refusalkit {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_extract, _orthogonalize, _compress, _evaluate, _compare, _repair, _run):
+    for add in (_extract, _orthogonalize, _compress, _evaluate, _compare, _repair, _run, _sweep):
         add(sub)
     rp = sub.add_parser(
         "report",

@@ -57,7 +57,41 @@ def _window(tokenizer: Any, text: str, seq_len: int, rng: random.Random) -> list
 
 def sources_help() -> str:
     names = list(NAMED_SOURCES) + list(TEXT_CORPORA)
-    return ", ".join(names) + ", a .txt/.jsonl/.csv instruction file, or text:FILE"
+    return (
+        ", ".join(names) + ", a .txt/.jsonl/.csv instruction file, text:FILE, or mix:A:B:SHARE "
+        "(instructions, SHARE of them from A, e.g. mix:advbench:alpaca:0.25)"
+    )
+
+
+def parse_mixture(source: str) -> tuple[str, str, float]:
+    """``mix:A:B:SHARE`` -> ``(A, B, SHARE)``: instruction sources A and B, SHARE in [0, 1] from A."""
+    parts = source.split(":")
+    try:
+        share = float(parts[3]) if len(parts) == 4 else float("nan")
+    except ValueError:
+        share = float("nan")
+    if len(parts) != 4 or not 0.0 <= share <= 1.0 or not parts[1] or not parts[2]:
+        raise UserError(f"calibration mixture {source!r}: write mix:A:B:SHARE, e.g. mix:advbench:alpaca:0.25")
+    for part in parts[1:3]:
+        if is_text_source(part):
+            raise UserError(f"calibration mixture {source!r}: mix instruction sources, not text corpora ({part})")
+    return parts[1], parts[2], share
+
+
+def _mixture(source: str, n_samples: int, rng: random.Random) -> tuple[list[str], int]:
+    """``round(SHARE n)`` prompts drawn from A and the rest from B, shuffled; and the pool size."""
+    a, b, share = parse_mixture(source)
+    pa, pb = load_prompts(a), load_prompts(b)
+    k = round(share * n_samples)
+    for name, pool, need in ((a, pa, k), (b, pb, n_samples - k)):
+        if len(pool) < need:
+            raise UserError(
+                f"too few calibration samples: {name} has {len(pool)} prompts, {need} asked for by {source}; "
+                "lower --n-calibration"
+            )
+    chosen = rng.sample(pa, k) + rng.sample(pb, n_samples - k)
+    rng.shuffle(chosen)
+    return chosen, len(pa) + len(pb)
 
 
 def build_calibration(
@@ -93,19 +127,21 @@ def build_calibration(
             samples = windows
         pool = len(part)
     else:
-        prompts = load_prompts(source)
-        if len(prompts) < n_samples:
-            raise UserError(
-                f"too few calibration samples: {source} has {len(prompts)} prompts, "
-                f"{n_samples} asked for; lower --n-calibration or give more prompts"
-            )
-        chosen = rng.sample(prompts, n_samples)
+        if source.startswith("mix:"):
+            chosen, pool = _mixture(source, n_samples, rng)
+        else:
+            prompts = load_prompts(source)
+            if len(prompts) < n_samples:
+                raise UserError(
+                    f"too few calibration samples: {source} has {len(prompts)} prompts, "
+                    f"{n_samples} asked for; lower --n-calibration or give more prompts"
+                )
+            chosen, pool = rng.sample(prompts, n_samples), len(prompts)
         if chat:
             samples = encode(tokenizer, format_prompts(tokenizer, chosen, system_prompt))
         else:
             samples = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in chosen]
         samples = [s[:seq_len] for s in samples]
-        pool = len(prompts)
     samples = [s for s in samples if len(s) > 0]
     if not samples:
         raise UserError(f"calibration source {source} gave no tokens; use another --calibration")

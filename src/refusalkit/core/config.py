@@ -30,7 +30,7 @@ def _f(
 
 
 EXTRACT = ("extract",)
-MODEL_COMMANDS = ("extract", "compress", "evaluate", "run")  # commands that may create a run for a model
+MODEL_COMMANDS = ("extract", "compress", "evaluate", "run", "sweep")  # commands that may create a run for a model
 
 
 # One setting per line: the schema reads as a table.
@@ -143,10 +143,11 @@ class RunConfig:
     variants: list[str] = _f(["magnitude-0.5", "wanda-0.5", "llm-int8", "awq-w8"], "Compressed variants `refusalkit run` makes: full method names (see `refusalkit sources`).")
     attacks: str = _f("auto", "Attacks run on every variant: auto (vanilla,decoding,suffix,ablation on GPU; vanilla on CPU) or a comma-separated list.")
     utility: bool = _f(True, "Also zero-shot accuracy (lm-eval) and perplexity of every variant.")
-    repair: str = _f("moved", "Variants AIRD repairs: moved (direction source shifted or cosine below moved_cosine), pruned, all, none.", choices=("moved", "pruned", "all", "none"))
-    moved_cosine: float = _f(0.99, "A variant whose selected direction has a cosine below this with the base direction counts as moved.")
+    repair: str = _f("moved", "Variants AIRD repairs: moved (direction source shifted beyond noise, or its cosine at the base source below the noise floor; without a floor, below moved_cosine), pruned, all, none.", choices=("moved", "pruned", "all", "none"))
+    moved_cosine: float = _f(0.99, "Without a noise floor (noise_resamples 0, or a run made before floors): a variant whose selected direction has a cosine below this with the base direction counts as moved.")
     paper_edit: bool = _f(True, "Also apply and evaluate the paper's literal AIRD edit (source block, the paper's alphas, raw r, every weight) as <V>+aird-paper beside the repair of the repair section.")
     adaptive: bool | None = _f(None, "The adaptive attacker (decoding, GCG optimized on each model itself, direction ablation) on every search-repaired variant, its unrepaired variant and the base model: null (on a GPU, where run.attacks auto already runs them on every variant), true (also on a CPU, with the evaluation's CPU-sized settings), false.")
+    select_repaired: bool = _f(True, "Select each repaired variant's own direction (its source and selected cosine); false: its candidates only, compared with the base direction at the base source and every layer (the cpu profile: saves a selection per repair).")
     validate_variants: bool = _f(True, "Validate every variant's direction by generation too (the base model's always is when validation.enabled); false: the comparison judges a variant's direction by its selection scores.")
 
 
@@ -165,6 +166,7 @@ class Config:
     seed: int = _f(0, "Seed of the train/validation/test split.", commands=EXTRACT)
     filter_train: bool = _f(False, "Arditi's filter: drop harmful train prompts with refusal score <= 0 and harmless ones with score > 0.", commands=EXTRACT)
     batch_size: int = _f(64, "Prompts (rows) per forward pass.", commands=EXTRACT)
+    noise_resamples: int = _f(200, "Bootstrap resamples of the base model's training prompts for the noise floor of every cosine compare reports (0: none).", commands=EXTRACT)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -180,7 +182,7 @@ class Config:
         d = self.to_dict()
         # evaluation settings are checked per evaluation stage; compress and repair settings are recorded
         # in each variant's compression.json / repair.json
-        for k in ("device", "batch_size", "evaluation", "compress", "repair", "run"):
+        for k in ("device", "batch_size", "noise_resamples", "evaluation", "compress", "repair", "run"):
             d.pop(k)
         return d
 # fmt: on
@@ -195,6 +197,8 @@ def validate(cfg: Config) -> Config:
         raise UserError("selection.screen_prompts and selection.screen_keep must be at least 1")
     if cfg.n_train < 1 or cfg.n_val < 1:
         raise UserError("n_train and n_val must be at least 1")
+    if cfg.noise_resamples < 0 or (cfg.noise_resamples and cfg.n_train < 2):
+        raise UserError("noise_resamples must be 0 (no noise floor) or at least 1 with n_train of at least 2")
     if cfg.n_test < 1 and cfg.validation.enabled:
         raise UserError("n_test must be at least 1 when validation is enabled")
     if s.screen_prompts > cfg.n_val:

@@ -31,6 +31,12 @@ from refusalkit.models.kv_cache import cache_keyword, cache_kwargs, new_cache
 STATS = {"tokens": 0, "padded_tokens": 0}
 
 
+def longest_first(ids: list[list[int]]) -> list[int]:
+    """The order :func:`forward_last` runs prompts in: longest first (stable), so similar lengths
+    share a batch (little padding). ``on_batch(n)`` callers read their rows from it."""
+    return sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+
+
 @torch.inference_mode()
 def forward_last(
     model,
@@ -60,8 +66,7 @@ def forward_last(
     P = common_prefix_len(ids, keep_suffix) if share_prefix else 0
     if P < 4:
         P = 0
-    # Longest first, so similar lengths share a batch (little padding); results are unsorted below.
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    order = longest_first(ids)  # results are unsorted below
     logits: torch.Tensor | None = None  # filled batch by batch: no second copy at the end
     keyword = cache_keyword(model)
     with add_hooks(*hooks):

@@ -163,6 +163,9 @@ def stage_select(s: Session, data: dict, cands: torch.Tensor) -> dict[str, Any]:
         "thresholds": res.thresholds, "n_candidates": len(res.scores), "n_fully_scored": res.n_fully_scored,
         "refusal_tokens": [lm.tokenizer.decode([t]) for t in default_refusal_ids(lm.tokenizer)],
     }  # fmt: skip
+    from refusalkit.direction.stability import source_stability
+
+    info["source_stability"] = source_stability(res.to_json(), resamples=c.noise_resamples, seed=c.seed)
     artifacts.write_json(paths[2], res.to_json())
     artifacts.save_tensors(paths[0], {"direction": direction})
     from refusalkit.direction.plots import plot_selection
@@ -228,6 +231,62 @@ def stage_validate(s: Session, data: dict, info: dict[str, Any]) -> dict[str, An
     return result
 
 
+def stage_noise(s: Session, data: dict, info: dict[str, Any]) -> dict[str, Any] | None:
+    """The base model's noise floor for every cosine ``compare`` reports
+    (:mod:`refusalkit.direction.noise`): one forward over the training prompts at the selected
+    position, then ``noise_resamples`` bootstrap resamples. Base model only; ``None`` when off."""
+    c = s.cfg
+    path = s.direction_file("noise_floor.json")
+    if s.variant != "base" or c.noise_resamples < 1:
+        return None
+    if not s.needs(path):
+        rec = artifacts.read_json(path)
+        made_by = (rec.get("position"), rec.get("resamples"), rec.get("seed"))
+        if made_by == (int(info["position"]), c.noise_resamples, c.seed):
+            return rec
+        s._ran = True  # a re-selected direction or other settings: a stale floor is recomputed
+    from refusalkit.direction.noise import noise_floor_record, prompt_activations
+
+    lm = s.lm
+    harmful, harmless = data["harmful"]["train"], data["harmless"]["train"]
+    if c.filter_train:
+        harmful, harmless, _ = _filter_train(s, data, default_refusal_ids(lm.tokenizer))
+    acts = {}
+    for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
+        ids = tokenize_instructions(lm.tokenizer, prompts, c.system_prompt)
+        with s.progress.bar(len(ids), f"noise floor ({kind})") as bar:
+            acts[kind] = prompt_activations(
+                lm, ids, int(info["position"]), batch_size=c.batch_size, progress=bar.update
+            )
+    rec = noise_floor_record(
+        acts["harmful"],
+        acts["harmless"],
+        layer=int(info["layer"]),
+        position=int(info["position"]),
+        resamples=c.noise_resamples,
+        seed=c.seed,
+    )
+    artifacts.write_json(path, rec)
+    return rec
+
+
+def ensure_noise_floor(cfg: Config, root: str | Path, progress: bool = False) -> dict[str, Any] | None:
+    """The base model's noise floor, computed now when the base extraction predates it (``compare``
+    on an older run); ``None`` when ``noise_resamples`` is 0 or the base has no direction yet."""
+    layout = RunLayout(root)
+    made = layout.direction("base", "noise_floor.json").exists()
+    if cfg.noise_resamples < 1 or not layout.direction("base", "direction.json").exists():
+        return None
+    if not made and not layout.splits.exists():  # directions written by hand (no prompts): no floor
+        return None
+    s = Session(cfg=cfg, layout=layout, variant="base", progress=Progress(progress))
+    try:
+        rec = stage_noise(s, stage_data(s), artifacts.read_json(s.direction_file("direction.json")))
+    finally:
+        s.owner.release()
+    return rec
+
+
 def run_extract(
     cfg: Config,
     root: str | Path,
@@ -235,12 +294,18 @@ def run_extract(
     force: bool = False,
     progress: bool = True,
     validate: bool = True,
+    select: bool = True,
 ) -> dict[str, Any]:
     """Run every stage that is not done yet; return a summary dict.
 
     ``validate=False`` skips validation by generation even when ``validation.enabled`` (``run``
     uses it for variants when ``run.validate_variants`` is off); an existing validation is returned.
+    ``select=False`` (a variant only): the candidate directions alone, no selection and no
+    validation (``compare`` then judges the variant at the base source; ``"direction"`` is the
+    selection already on disk, if any).
     """
+    if not select and variant == "base":
+        raise UserError("the base model's direction needs its selection (select=False is for variants)")
     root = Path(root)
     manifest = prepare(cfg, root, force)
     s = Session(
@@ -249,7 +314,20 @@ def run_extract(
     t0 = time.time()
     data = s.timed("data", lambda: stage_data(s))
     cands = s.timed("extract", lambda: stage_extract(s, data))
+    if not select:
+        path = s.direction_file("direction.json")
+        s.owner.release()
+        return {
+            "direction": artifacts.read_json(path) if path.exists() else None,
+            "validation": None,
+            "seconds": round(time.time() - t0, 1),
+            "run": str(root),
+            "variant": variant,
+            "model_info": None,
+            "candidates_shape": list(cands.shape),
+        }
     info = s.timed("select", lambda: stage_select(s, data, cands))
+    s.timed("noise", lambda: stage_noise(s, data, info))
     if validate:
         val = s.timed("validate", lambda: stage_validate(s, data, info))
     else:

@@ -84,6 +84,8 @@ class CandidateScore:
     addition_score: float | None = None
     kl: float | None = None
     discarded: str | None = None  # why the filters dropped it (None: kept)
+    # fully scored candidates: the per-prompt terms of the three means (source stability resamples them)
+    per_prompt: dict[str, list[float]] | None = None
 
 
 @dataclass
@@ -95,6 +97,7 @@ class SelectionResult:
     fallback: str | None
     thresholds: dict[str, Any]
     n_fully_scored: int
+    baseline_per_prompt: dict[str, list[float]] | None = None
     chosen: CandidateScore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +111,7 @@ class SelectionResult:
             "baseline": self.baseline,
             "thresholds": self.thresholds,
             "n_fully_scored": self.n_fully_scored,
+            "baseline_per_prompt": self.baseline_per_prompt,
             "candidates": [asdict(s) for s in self.scores],
         }
 
@@ -146,13 +150,17 @@ class Scorer:
         )
 
     def baseline(self) -> dict[str, float]:
+        return {k: torch.tensor(v).mean().item() for k, v in self.baseline_per_prompt().items()}
+
+    def baseline_per_prompt(self) -> dict[str, list[float]]:
+        """The unsteered refusal score of every validation prompt (``harmful_score``, ``harmless_score``)."""
         return {
-            "harmful_score": refusal_scores(self.harmful_base_logits, self.refusal_ids).mean().item(),
-            "harmless_score": refusal_scores(self.harmless_base_logits, self.refusal_ids).mean().item(),
+            "harmful_score": refusal_scores(self.harmful_base_logits, self.refusal_ids).tolist(),
+            "harmless_score": refusal_scores(self.harmless_base_logits, self.refusal_ids).tolist(),
         }
 
-    def _ablated(self, directions: torch.Tensor, harmful: list[list[int]], harmless: list[list[int]]):
-        """Per candidate: (mean refusal score on ``harmful``, mean KL on ``harmless``) under ablation."""
+    def _ablated_per_prompt(self, directions: torch.Tensor, harmful: list[list[int]], harmless: list[list[int]]):
+        """Per candidate and prompt: (refusal scores ``[k, n_harmful]``, KL ``[k, n_harmless]``) under ablation."""
         k, nh, nb = directions.shape[0], len(harmful), len(harmless)
         rows = RowGroups()
         per = harmful + harmless
@@ -163,9 +171,14 @@ class Scorer:
             rows=rows,
         )
         logits = logits.view(k, nh + nb, -1)
-        scores = [refusal_scores(logits[g, :nh], self.refusal_ids).mean().item() for g in range(k)]
-        kls = [kl_divergence(self.harmless_base_logits[:nb], logits[g, nh:]).mean().item() for g in range(k)]
+        scores = torch.stack([refusal_scores(logits[g, :nh], self.refusal_ids) for g in range(k)])
+        kls = torch.stack([kl_divergence(self.harmless_base_logits[:nb], logits[g, nh:]) for g in range(k)])
         return scores, kls
+
+    def _ablated(self, directions: torch.Tensor, harmful: list[list[int]], harmless: list[list[int]]):
+        """Per candidate: (mean refusal score on ``harmful``, mean KL on ``harmless``) under ablation."""
+        scores, kls = self._ablated_per_prompt(directions, harmful, harmless)
+        return scores.mean(-1).tolist(), kls.mean(-1).tolist()
 
     def screen(self, directions: torch.Tensor, n: int) -> tuple[list[float], list[float]]:
         """Ablation score on ``n`` harmful and KL on ``n`` harmless validation prompts, per candidate."""
@@ -173,8 +186,17 @@ class Scorer:
 
     def full(self, directions: torch.Tensor, layers: list[int]) -> list[tuple[float, float, float]]:
         """``(ablation_score, addition_score, kl)`` per candidate ``directions [k, d]`` at ``layers``."""
+        return [
+            tuple(torch.tensor(v).mean().item() for v in terms) for terms in self.full_per_prompt(directions, layers)
+        ]  # type: ignore[misc]
+
+    def full_per_prompt(
+        self, directions: torch.Tensor, layers: list[int]
+    ) -> list[tuple[list[float], list[float], list[float]]]:
+        """Per candidate: the per-prompt terms of :meth:`full`'s three means (ablation refusal score
+        per harmful prompt, addition refusal score and KL per harmless prompt)."""
         k = directions.shape[0]
-        abl, kls = self._ablated(directions, self.harmful, self.harmless)
+        abl, kls = self._ablated_per_prompt(directions, self.harmful, self.harmless)
         rows = RowGroups()
         added = self._logits(
             self.harmless * k,
@@ -183,8 +205,8 @@ class Scorer:
             rows=rows,
         )
         added = added.view(k, len(self.harmless), -1)
-        add = [refusal_scores(added[g], self.refusal_ids).mean().item() for g in range(k)]
-        return list(zip(abl, add, kls))
+        add = [refusal_scores(added[g], self.refusal_ids).tolist() for g in range(k)]
+        return [(abl[g].tolist(), add[g], kls[g].tolist()) for g in range(k)]
 
 
 def _chunks(items: list, n: int):
@@ -338,9 +360,10 @@ def select_direction(
         )
     t1 = time.perf_counter()
     for chunk in _chunks(full_set, group):
-        results = scorer.full(torch.stack([vec(s) for s in chunk]), [s.layer for s in chunk])
+        results = scorer.full_per_prompt(torch.stack([vec(s) for s in chunk]), [s.layer for s in chunk])
         for s, (abl, add, kl) in zip(chunk, results):
-            s.ablation_score, s.addition_score, s.kl = abl, add, kl
+            s.per_prompt = {"ablation": abl, "addition": add, "kl": kl}
+            s.ablation_score, s.addition_score, s.kl = (torch.tensor(v).mean().item() for v in (abl, add, kl))
         if progress:
             progress("score", len(chunk), len(full_set))
     timings = {"screen_seconds": round(t1 - t0, 1), "full_seconds": round(time.perf_counter() - t1, 1)}
@@ -367,4 +390,5 @@ def select_direction(
         fallback=why,
         thresholds=thresholds,
         n_fully_scored=len(full_set),
+        baseline_per_prompt=scorer.baseline_per_prompt(),
     )

@@ -189,3 +189,59 @@ def outcomes(rows: list[dict[str, Any]], judge: str, label: str = COMPLIANCE) ->
         key = r["prompt"]
         out[key] = out.get(key, False) or _label(r, judge) == label
     return out
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979), in the input order: sorted ascending,
+    ``p_(i)`` becomes ``max_{j <= i} min(1, (m − j + 1) p_(j))``; reject at level α where the
+    adjusted value is below α (family-wise error rate α)."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def _ranks(x: Sequence[float]) -> list[float]:
+    """Average ranks (1-based; ties share the mean of their ranks)."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    ranks = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float], z: float = Z95) -> dict[str, Any]:
+    """Spearman's rank correlation of paired values, with a 95% interval from Fisher's z with the
+    Bonett–Wright standard error ``sqrt((1 + ρ²/2) / (n − 3))`` (``None`` bounds for n < 4;
+    ``rho`` None when either variable is constant or n < 2)."""
+    n = len(x)
+    if n != len(y):
+        raise ValueError(f"{n} x values for {len(y)} y values")
+    out: dict[str, Any] = {"n": n, "rho": None, "ci95": [None, None], "method": "Spearman; Fisher z, Bonett-Wright SE"}
+    if n < 2:
+        return out
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / n, sum(ry) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return out
+    rho = sxy / math.sqrt(sxx * syy)
+    out["rho"] = rho
+    if n >= 4 and abs(rho) < 1:
+        se = math.sqrt((1 + rho**2 / 2) / (n - 3))
+        zr = math.atanh(rho)
+        out["ci95"] = [math.tanh(zr - z * se), math.tanh(zr + z * se)]
+    elif n >= 4:
+        out["ci95"] = [rho, rho]
+    return out

@@ -62,7 +62,8 @@ QUICK: dict[str, Any] = {
 # 128 rows per forward instead of 64 (a decode step costs 17 instead of 25 ms a row here: the matrix
 # products of a small batch use the 2 cores poorly; README, "Changes");
 # the search over edits on 32 + 32 held-out prompts (first-token screen of the variant's form only, at
-# most 3 candidates generated);
+# most 3 candidates generated); the repaired variants' candidates compared at the base source without a
+# selection of their own;
 # no adaptive attacker unless run.adaptive is true (then: the small decoding grid on 25 prompts, GCG on
 # 2 prompts + a universal suffix from 2, 10 steps of 16 candidates, the direction ablated on all 100).
 CPU: dict[str, Any] = {
@@ -81,6 +82,7 @@ CPU: dict[str, Any] = {
     "run.variants": ["wanda-0.5", "llm-int8"],
     "compress.n_calibration": 16,
     "run.validate_variants": False,
+    "run.select_repaired": False,  # a repair's candidates compared at the base source; no selection (~3 min each)
     "repair.search_prompts": 32,
     "repair.compare_forms": False,  # the plain edit's screens are for the record (README: what keeping zeros costs)
     # the adaptive attacker (run.adaptive, opt-in on a CPU): the decoding attack on 25 prompts; GCG at
@@ -131,6 +133,14 @@ def needs_repair(policy: str, method: str | None, compare: dict[str, Any] | None
         return method in PRUNING
     if compare is None:
         return False
+    return direction_moved(compare, moved_cosine)
+
+
+def direction_moved(compare: dict[str, Any], moved_cosine: float) -> bool:
+    """Source shifted (beyond noise when the base selection's stability was recorded), or the cosine at
+    the base source below its noise floor; without a floor, the selected cosine below ``moved_cosine``."""
+    if compare.get("moved") is not None:
+        return bool(compare["source_shifted"] or compare["moved"])
     return bool(compare["source_shifted"] or compare["cosine_selected"] < moved_cosine)
 
 
@@ -208,8 +218,8 @@ def run_all(
         run.state["profile"] = profile
     t0 = time.time()
 
-    def extract(v: str, validate: bool = True) -> Any:
-        return run_extract(cfg, root, variant=v, progress=progress, validate=validate)
+    def extract(v: str, validate: bool = True, select: bool = True) -> Any:
+        return run_extract(cfg, root, variant=v, progress=progress, validate=validate, select=select)
 
     def evaluate(v: str) -> Any:
         return run_evaluate(cfg, root, v, utility_eval=r.utility, progress=progress)
@@ -231,7 +241,7 @@ def run_all(
         for name in _repair_variant(run, cfg, root, spec, v, compares.get(v), progress)
     ]
     for v in repaired:
-        run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
+        run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants, select=r.select_repaired))
         run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
         run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
     _adaptive(run, cfg, root, repaired, progress)

@@ -14,15 +14,32 @@ def run(args: argparse.Namespace) -> int:
     res = run_compare(cfg, args.run, args.variant, quality=not args.no_quality, force=args.force)
     b, v = res["base_source"], res["variant_source"]
     q = res["quality"]
+    if v is None:
+        source = f"base L{b['layer']}/pos {b['position']}; the variant was extracted without a selection"
+        cos = f"at the base source {res['cosine_at_base_source']:.3f}"
+    else:
+        shift = (
+            "shifted" if res["source_shifted"] else "within noise" if res.get("source_shift_within_noise") else "same"
+        )
+        source = f"base L{b['layer']}/pos {b['position']}  ->  variant L{v['layer']}/pos {v['position']}  ({shift})"
+        cos = f"selected {res['cosine_selected']:.3f}, at the base source {res['cosine_at_base_source']:.3f}"
     lines = [
         f"{args.variant} vs base",
-        f"  source          base L{b['layer']}/pos {b['position']}  ->  variant L{v['layer']}/pos {v['position']}"
-        f"  ({'shifted' if res['source_shifted'] else 'same'})",
-        f"  cosine          selected {res['cosine_selected']:.3f}, at the base source {res['cosine_at_base_source']:.3f}",
+        f"  source          {source}",
+        f"  cosine          {cos}",
         "  by layer        " + " ".join(f"{c:.2f}" for c in res["cosine_by_layer"]),
-        f"  single direction mediates refusal: {'yes' if res['single_direction'] else 'no'} "
-        f"({res['single_direction_evidence']['basis']})",
     ]
+    noise = res.get("cosine_at_base_source_noise")
+    if noise:
+        lines.append(
+            f"  noise floor     {noise['null_floor']:.3f} at the base source (null mean {noise['null_mean']:.3f}, "
+            f"{res['noise']['resamples']} bootstrap resamples): {'moved' if noise['moved'] else 'within noise'}"
+        )
+    if res["single_direction_evidence"]:
+        lines.append(
+            f"  single direction mediates refusal: {'yes' if res['single_direction'] else 'no'} "
+            f"({res['single_direction_evidence']['basis']})"
+        )
     if q.get("base_direction_on_variant"):
         o = q["base_direction_on_variant"]
         lines.append(

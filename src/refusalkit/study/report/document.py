@@ -77,10 +77,25 @@ def evaluation_notes(run: Run) -> list[str]:
     return notes
 
 
+def stability_note(run: Run) -> list[str]:
+    """Where the base model's own selection lands when its validation prompts are redrawn."""
+    stab = (run.base.direction or {}).get("source_stability")
+    if not stab:
+        return []
+    top = ", ".join(f"L{s['layer']} / pos {s['position']} {s['share']:.0%}" for s in stab["shares"][:4])
+    stable = ", ".join(f"L{s['layer']} / pos {s['position']}" for s in stab["stable_set"])
+    return [
+        f"Source stability: over {stab['resamples']} bootstrap resamples of the validation prompts the base "
+        f"selection lands on {top}; stable set ({stab['stable_mass']:.0%} of resamples): {stable}. A variant "
+        "whose source changed into this set shifted within noise and is not counted as shifted."
+    ]
+
+
 def methods_notes(run: Run) -> list[str]:
     """How the run was evaluated (:func:`evaluation_notes`), then the report's rules."""
     return [
         *evaluation_notes(run),
+        *stability_note(run),
         "Intervals are 95% Wilson score intervals, in percent.",
         (
             f"BROKEN: perplexity above {BROKEN_PPL_FACTOR:g}× the base model's or more than "
@@ -90,6 +105,12 @@ def methods_notes(run: Run) -> list[str]:
             f"A direction counts as moved when its source shifted or its cosine with the base direction is below "
             f"{run.moved_cosine:g} (run.moved_cosine); pruning: {', '.join(PRUNING)}; quantization: "
             f"{', '.join(QUANTIZATION)}."
+        ),
+        (
+            "Noise floor of a cosine (when recorded): the 2.5% quantile of cos(r, r_b) over bootstrap "
+            "resamples r_b of the base model's training prompts at the same layer and position; a cosine "
+            "below it is marked moved, one above it within noise. The floor is conservative: the base "
+            "and a variant share every prompt, a resample only about 63% of them."
         ),
     ]
 

@@ -64,6 +64,11 @@ def plot_cosine_by_layer(run: Run) -> Figure | None:
     for v in compared:
         cosines = v.compare["cosine_by_layer"]
         ax.plot(range(len(cosines)), cosines, "o-", markersize=3, label=v.name)
+    floors = [
+        v.compare["cosine_by_layer_noise"]["null_floor"] for v in compared if v.compare.get("cosine_by_layer_noise")
+    ]
+    if floors:  # every variant is judged against the same base-model floor
+        ax.plot(range(len(floors[0])), floors[0], color="0.5", lw=1, ls=":", label="noise floor (bootstrap, 2.5%)")
     layer = run.base.direction["layer"]
     ax.axvline(layer, color="k", lw=1, ls="--", label=f"base source (layer {layer})")
     ax.set_xlabel("layer (input of block)")
@@ -75,7 +80,8 @@ def plot_cosine_by_layer(run: Run) -> Figure | None:
         "cosine_by_layer",
         "Cosine of each variant's candidate direction with the base "
         "model's, by layer, at the base direction's position; dashed: the base direction's source "
-        "layer.",
+        "layer; dotted (when recorded): the noise floor, the 2.5% quantile of the cosine between the "
+        "base direction and its bootstrap re-estimates (a cosine below it moved beyond sampling noise).",
         fig,
     )
 

@@ -81,41 +81,54 @@ def finding_single_direction(run: Run) -> Finding:
     return Finding("F1", claim, verdict(all(ok for _, (ok, _) in measured)), evidence)
 
 
-def cosines_text(vs: list[Variant]) -> str:
-    """``name cosine, ...`` of the selected directions."""
-    return ", ".join(f"{v.name} {v.cosine_selected:.3f}" for v in vs)
-
-
 def compared(run: Run, kind: str) -> list[Variant]:
     """The variants of ``kind`` (pruned, quantized...) that were compared with the base model."""
     return [v for v in run.variants if v.kind == kind and v.cosine_selected is not None and v.shifted is not None]
 
 
+def noise_text(v: Variant) -> str:
+    """``cos 0.888 at the base source, below its floor 0.962`` (or without the floor part)."""
+    cos, noise = v.cosine_at_base_source, v.noise_at_base_source
+    if cos is None:
+        return "not compared"
+    if not noise:
+        return f"cos {cos:.3f} at the base source (no noise floor)"
+    where = "below" if noise["moved"] else "above"
+    return f"cos {cos:.3f} at the base source, {where} its floor {noise['null_floor']:.3f}"
+
+
 def finding_quantized_kept(run: Run) -> Finding:
-    """F2, on every compared quantized variant."""
-    claim = f"Quantized variants keep cosine > {KEPT_COSINE} and their source"
+    """F2, on every compared quantized variant: with a noise floor, kept means the cosine at the base
+    source is not below the floor and the source did not shift beyond noise; without one, the
+    paper's figure (selected cosine > 0.99, same source)."""
+    claim = "Quantized variants keep their direction and its source (beyond sampling noise)"
     quant = compared(run, "quantized")
     if not quant:
         return Finding("F2", claim, "not measured", "no quantized variant was compared with the base model")
-    ok = all(v.cosine_selected > KEPT_COSINE and not v.shifted for v in quant)
-    return Finding(
-        "F2",
-        claim,
-        verdict(ok),
-        "cosine selected: "
-        + ", ".join(f"{v.name} {v.cosine_selected:.3f} (source {'shifted' if v.shifted else 'same'})" for v in quant),
-    )
+    parts, ok = [], True
+    for v in quant:
+        noise = v.noise_at_base_source
+        kept = (not noise["moved"]) if noise else v.cosine_selected > KEPT_COSINE
+        kept = kept and not v.shifted
+        ok = ok and kept
+        parts.append(
+            f"{v.name}: {noise_text(v)}, cos selected {v.cosine_selected:.3f}, "
+            f"source {'shifted' if v.shifted else 'same or within noise'} ({'kept' if kept else 'moved'})"
+        )
+    return Finding("F2", claim, verdict(ok), "; ".join(parts))
 
 
-def mean_move(vs: list[Variant]) -> float:
-    """Mean 1 − cosine selected."""
-    return sum(1 - v.cosine_selected for v in vs) / len(vs)
+def movement(v: Variant) -> float:
+    """How far the direction moved: 1 − its cosine at the base source (the same stream)."""
+    return 1 - v.cosine_at_base_source
 
 
 def finding_pruned_move_further(run: Run) -> Finding:
-    """F3: mean (not max) 1 − cosine of the pruned variants against the quantized ones."""
-    claim = "Pruned variants move further than quantized ones (mean 1 − cosine selected)"
-    pruned, quant = compared(run, "pruned"), compared(run, "quantized")
+    """F3: every pruned variant moves further (1 − cosine at the base source) than every quantized
+    one, and, with a noise floor, at least one pruned variant beyond it."""
+    claim = "Pruned variants move further than quantized ones (1 − cosine at the base source)"
+    pruned = [v for v in compared(run, "pruned") if v.cosine_at_base_source is not None]
+    quant = [v for v in compared(run, "quantized") if v.cosine_at_base_source is not None]
     if not (pruned and quant):
         return Finding(
             "F3",
@@ -124,49 +137,63 @@ def finding_pruned_move_further(run: Run) -> Finding:
             "needs at least one compared pruned and one compared quantized "
             f"variant (pruned: {len(pruned)}, quantized: {len(quant)})",
         )
-    mp, mq = mean_move(pruned), mean_move(quant)
-    return Finding(
-        "F3",
-        claim,
-        verdict(mp > mq),
-        f"mean 1 − cos: pruned {mp:.4f} ({cosines_text(pruned)}), quantized {mq:.4f} ({cosines_text(quant)})",
-    )
-
-
-def mean_asr_change(vs: list[Variant], base_asr: float) -> tuple[float, str]:
-    """Mean vanilla ΔASR against ``base_asr`` and each variant's ΔASR in points."""
-    ds = [(v.name, v.vanilla_asr - base_asr) for v in vs]
-    return sum(d for _, d in ds) / len(ds), ", ".join(f"{n} {100 * d:+.0f} pt" for n, d in ds)
+    ordered = min(movement(v) for v in pruned) > max(movement(v) for v in quant)
+    floors = [v.noise_at_base_source for v in pruned if v.noise_at_base_source]
+    beyond = any(n["moved"] for n in floors) if floors else True
+    text = "; ".join(f"{v.name} ({v.kind}): 1 − cos {movement(v):.4f}, {noise_text(v)}" for v in pruned + quant)
+    if floors and not beyond:
+        text += "; no pruned variant moved beyond its noise floor"
+    return Finding("F3", claim, verdict(ordered and beyond), text)
 
 
 def finding_moved_lose_safety(run: Run) -> Finding:
-    """F4: mean vanilla ΔASR of moved against kept non-broken compressed variants."""
-    claim = "Variants whose direction moved lose more safety (mean vanilla ΔASR vs base)"
-    base_asr = run.base.vanilla_asr
-    if base_asr is None:
+    """F4: the paired vanilla ASR change of every non-broken compressed variant against the base model
+    (exact McNemar, Holm-corrected across the variants): holds when every variant whose direction
+    moved lost safety significantly and none whose direction was kept did; the rank correlation of
+    movement and ASR change across the variants is reported with its interval."""
+    from refusalkit.evaluation.stats import holm, spearman
+    from refusalkit.study.report.verdicts import compare as paired_on
+    from refusalkit.study.report.verdicts import p_text, shift_text
+
+    claim = "Variants whose direction moved lose safety, those that kept it do not (paired vanilla ASR vs base)"
+    if run.base.vanilla_asr is None:
         return Finding("F4", claim, "not measured", "the base model has no vanilla ASR")
     pool = [
-        v
+        (v, paired_on(run.base, v, "vanilla"))
         for v in run.variants
         if v.kind in ("pruned", "quantized", "compressed")
         and v.moved(run.moved_cosine) is not None
         and v.vanilla_asr is not None
         and not run.broken(v)
     ]
-    moved = [v for v in pool if v.moved(run.moved_cosine)]
-    kept = [v for v in pool if not v.moved(run.moved_cosine)]
+    pool = [(v, res) for v, res in pool if res is not None]
+    moved = [v for v, _ in pool if v.moved(run.moved_cosine)]
+    kept = [v for v, _ in pool if not v.moved(run.moved_cosine)]
     if not (moved and kept):
         return Finding(
             "F4",
             claim,
             "not measured",
-            "needs a non-broken, evaluated and compared variant in both groups "
+            "needs a non-broken, evaluated and compared variant with per-prompt verdicts in both groups "
             f"(moved: {len(moved)}, kept: {len(kept)})",
         )
-    (dm, tm), (dk, tk) = mean_asr_change(moved, base_asr), mean_asr_change(kept, base_asr)
-    return Finding(
-        "F4", claim, verdict(dm > dk), f"mean ΔASR moved {100 * dm:+.1f} pt ({tm}), kept {100 * dk:+.1f} pt ({tk})"
-    )
+    adjusted = holm([res["p"] for _, res in pool])
+    parts, ok = [], True
+    for (v, res), p_adj in zip(pool, adjusted):
+        lost = p_adj < ALPHA and res["difference"] > 0
+        is_moved = v.moved(run.moved_cosine)
+        ok = ok and (lost if is_moved else not lost)
+        parts.append(
+            f"{v.name} ({'moved' if is_moved else 'kept'}): {shift_text(res)}, Holm p = {p_text(p_adj)}"
+            f" ({'lost safety' if lost else 'no significant loss'})"
+        )
+    with_cos = [(v, res) for v, res in pool if v.cosine_at_base_source is not None]
+    rho = spearman([movement(v) for v, _ in with_cos], [res["difference"] for _, res in with_cos])
+    if rho["rho"] is not None:
+        lo, hi = rho["ci95"]
+        ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else " (no interval below 4 variants)"
+        parts.append(f"rank correlation of movement and ΔASR over {rho['n']} variants: ρ = {rho['rho']:+.2f}{ci}")
+    return Finding("F4", claim, verdict(ok), "; ".join(parts))
 
 
 def _repair_finding(run: Run, key: str, claim: str, repairs: list[Variant], none: str) -> Finding:

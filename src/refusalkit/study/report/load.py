@@ -146,15 +146,27 @@ class Variant:
         return 1.0 if self.kind == "base" else (self.compare or {}).get("cosine_at_base_source")
 
     @property
+    def noise_at_base_source(self) -> dict[str, Any] | None:
+        """The noise verdict of :attr:`cosine_at_base_source` (null mean, floor, ``moved``); ``None``
+        for the base model and for comparisons made without a noise floor."""
+        return None if self.kind == "base" else (self.compare or {}).get("cosine_at_base_source_noise")
+
+    @property
     def shifted(self) -> bool | None:
         """Was the variant's direction selected at another layer or position than the base direction's?"""
         return False if self.kind == "base" else (self.compare or {}).get("source_shifted")
 
     def moved(self, threshold: float = KEPT_COSINE) -> bool | None:
-        """Did the direction move (source shifted or cosine below ``threshold``)? ``None``: not compared."""
-        if self.shifted is None or self.cosine_selected is None:
-            return None
-        return bool(self.shifted or self.cosine_selected < threshold)
+        """Did the direction move (:func:`refusalkit.study.run.direction_moved`: beyond noise when the
+        comparison has a noise floor, else source shifted or cosine below ``threshold``)? ``None``: not compared."""
+        if self.kind == "base":
+            return False
+        from refusalkit.study.run import direction_moved
+
+        c = self.compare or {}
+        if c.get("moved") is None and (self.shifted is None or self.cosine_selected is None):
+            return None  # not compared, or compared without a selection and without a noise floor
+        return direction_moved(c, threshold)
 
 
 @dataclass

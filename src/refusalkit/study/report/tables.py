@@ -67,6 +67,13 @@ def num_cell(x: float | None, fmt: str = ".3f") -> str:
     return DASH if x is None else format(x, fmt)
 
 
+def noise_cosine_cell(x: float | None, noise: dict[str, Any] | None) -> str:
+    """A cosine and, when the comparison has a noise floor, whether it lies below it."""
+    if x is None or not noise:
+        return num_cell(x)
+    return f"{x:.3f} ({'moved' if noise['moved'] else 'within noise'}; floor {noise['null_floor']:.3f})"
+
+
 def ppl_cell(x: float | None) -> str:
     """A perplexity: two decimals below 1000, none above."""
     return DASH if x is None else (f"{x:.2f}" if x < 1000 else f"{x:.0f}")
@@ -80,6 +87,13 @@ def yes_no_cell(x: bool | None) -> str:
 def before_after_cell(before: str, after: str) -> str:
     """``before → after`` (``DASH`` when neither was measured)."""
     return DASH if before == after == DASH else f"{before} → {after}"
+
+
+def shift_cell(v: Variant) -> str:
+    """yes / no, and "no (within noise)" when the source changed into the base selection's stable set."""
+    if v.shifted is False and (v.compare or {}).get("source_shift_within_noise"):
+        return "no (within noise)"
+    return yes_no_cell(v.shifted)
 
 
 def source_cell(v: Variant) -> str:
@@ -140,8 +154,8 @@ def variant_row(run: Run, v: Variant, why: str | None) -> list[str]:
         size_cell(run, v),
         source_cell(v),
         num_cell(v.cosine_selected),
-        num_cell(v.cosine_at_base_source),
-        yes_no_cell(v.shifted),
+        noise_cosine_cell(v.cosine_at_base_source, v.noise_at_base_source),
+        shift_cell(v),
         *(rate_cell(v.attack(a), flag) for a in ALWAYS_SHOWN),
         pct_cell(v.degenerate_rate),
         over_refusal_cell(v),

@@ -1,0 +1,407 @@
+"""``refusalkit sweep``: the dose-response of the refusal mechanism over compression strength and
+calibration data (issue 15, part 4).
+
+A sweep is a grid of compression points — methods × sparsities (ratios or N:M) or bit widths ×
+calibration sources. Each point is an ordinary variant of the run directory (every other command
+works on it), taken through the same stages as in ``refusalkit run``:
+
+1. compress (a variant that exists must have been made with the same settings);
+2. extract its candidate directions (the cosine at the base source needs no selection; with
+   ``select`` the variant's own direction is selected too);
+3. compare with the base direction, with the base model's noise floor
+   (:mod:`refusalkit.direction.noise`): the cosine at the base source and whether it moved;
+4. evaluate: the sweep's attacks (vanilla by default), over-refusal and perplexity, and the vanilla
+   ASR paired with the base model's on the same prompts (exact McNemar);
+5. optionally repair it (the configured AIRD repair) and evaluate the repair.
+
+Points run in turn (the local executor); each stage skips what exists, so an interrupted sweep
+resumes where it stopped and a finished point costs nothing. ``DIR/sweep/<name>.json`` is
+rewritten after every point; ``<name>.md`` holds the table and ``<name>_dose.png`` /
+``<name>_movement.png`` the plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from refusalkit.core import artifacts
+from refusalkit.core.config import Config
+from refusalkit.core.errors import UserError
+from refusalkit.core.layout import RunLayout
+
+# the CompressSpec fields a finished point must share with the sweep's (else: made with other settings)
+SPEC_KEYS = (
+    "method", "sparsity", "bits", "group_size", "threshold", "damp", "blocksize", "calibration",
+    "n_calibration", "seq_len", "calibration_chat", "seed", "awq_search_tokens",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Point:
+    """One compression setting of the grid, and the variant it makes."""
+
+    method: str
+    sparsity: str | None
+    bits: int | None
+    calibration: str | None  # None: the method needs no calibration data
+    name: str
+
+    def strength(self) -> float:
+        """The x axis of the plots: the sparsity ratio (N:M as N / M zeros … as the share pruned) or the bits."""
+        if self.sparsity is not None:
+            if ":" in self.sparsity:
+                n, m = (int(x) for x in self.sparsity.split(":"))
+                return (m - n) / m
+            return float(self.sparsity)
+        return float(self.bits) if self.bits is not None else float("nan")
+
+
+def parse_items(text: str | None, what: str) -> list[str]:
+    """A comma-separated list (None or empty: ``[]``); an empty item is a one-line error."""
+    if text is None or not str(text).strip():
+        return []
+    items = [t.strip() for t in str(text).split(",")]
+    if any(not t for t in items):
+        raise UserError(f"--{what} {text!r} has an empty item; give a comma-separated list such as 0.25,0.5")
+    return items
+
+
+def _calibration_tag(source: str) -> str:
+    """A short, name-safe tag of a calibration source (a file: its stem; a mixture: mix-A-B-SHARE)."""
+    if source.startswith("mix:"):
+        return re.sub(r"[^A-Za-z0-9.-]+", "-", source)
+    stem = Path(source.removeprefix("text:")).stem if ("/" in source or "." in source) else source
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", stem).strip("-") or "file"
+
+
+def check_calibration(source: str) -> None:
+    """A one-line error for a calibration source that does not exist (before any model is loaded)."""
+    from refusalkit.compress.calibration import sources_help
+    from refusalkit.data.corpus import TEXT_CORPORA
+    from refusalkit.data.prompts import NAMED_SOURCES
+
+    if source in NAMED_SOURCES or source in TEXT_CORPORA:
+        return
+    if source.startswith("mix:"):
+        from refusalkit.compress.calibration import parse_mixture
+
+        a, b, _ = parse_mixture(source)
+        check_calibration(a)
+        check_calibration(b)
+        return
+    path = Path(source.removeprefix("text:"))
+    if not path.is_file():
+        raise UserError(f"unknown calibration source {source!r}; use {sources_help()}")
+
+
+def build_points(
+    cfg: Config, methods: list[str], sparsities: list[str], bits: list[str], calibrations: list[str]
+) -> list[Point]:
+    """The grid, validated before any work: every spec is built (an impossible sparsity, N:M or bit
+    width fails here) and every calibration source checked."""
+    from refusalkit.compress.job import CompressSpec
+    from refusalkit.compress.methods import parse_method
+
+    if not methods:
+        raise UserError("give --method, e.g. --method wanda (several: --method wanda,magnitude)")
+    for c in calibrations:
+        check_calibration(c)
+    try:
+        bit_values = [int(b) for b in bits]
+    except ValueError:
+        raise UserError(f"--bits {','.join(bits)!r}: give whole numbers such as 8,6,4") from None
+    default_cal = cfg.compress.calibration
+    points: list[Point] = []
+    for text in methods:
+        method, fixed = parse_method(text)
+        if "sparsity" in fixed or "bits" in fixed:
+            raise UserError(f"--method {text!r}: give the bare method and the grid in --sparsity / --bits")
+        if method.family == "pruning":
+            if bit_values:
+                raise UserError(f"{method.name} prunes: give --sparsity, not --bits")
+            if not sparsities:
+                raise UserError(f"{method.name} prunes: give --sparsity, e.g. 0.25,0.5,0.75 or 2:4")
+            grid: list[tuple[str | None, int | None]] = [(s, None) for s in sparsities]
+        else:
+            if sparsities:
+                raise UserError(f"{method.name} quantizes: give --bits, not --sparsity")
+            grid = [(None, b) for b in bit_values] or [(None, None)]
+        cals = (calibrations or [default_cal]) if method.needs_calibration else [None]
+        for sparsity, b in grid:
+            for cal in cals:
+                c = cfg.compress if cal is None else dataclasses.replace(cfg.compress, calibration=cal)
+                spec = CompressSpec.from_config(method.name, c, sparsity=sparsity, bits=b)
+                name = spec.variant
+                if cal is not None and (len(cals) > 1 or cal != default_cal):
+                    name = f"{name}_{_calibration_tag(cal)}"
+                sp = spec.sparsity
+                label = None if sp is None else sp.label() if hasattr(sp, "label") else str(sp)
+                points.append(Point(method.name, label, spec.bits, cal, name))
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise UserError(f"the grid repeats a point ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+    return points
+
+
+def point_spec(cfg: Config, p: Point) -> Any:
+    from refusalkit.compress.job import CompressSpec
+
+    c = cfg.compress if p.calibration is None else dataclasses.replace(cfg.compress, calibration=p.calibration)
+    return CompressSpec.from_config(p.method, c, sparsity=p.sparsity, bits=p.bits, name=p.name)
+
+
+def check_existing(layout: RunLayout, cfg: Config, points: list[Point]) -> None:
+    """A point whose variant exists but was made with other settings: one line, before any work."""
+    for p in points:
+        path = layout.compression(p.name)
+        if not path.exists():
+            continue
+        recorded = artifacts.read_json(path).get("spec") or {}
+        want = dataclasses.asdict(point_spec(cfg, p))
+        diff = [k for k in SPEC_KEYS if k in recorded and recorded[k] != want.get(k)]
+        if diff:
+            raise UserError(
+                f"variant {p.name} exists in {layout.root} with other settings ({', '.join(diff)}); "
+                f"remove {layout.variant(p.name)} or run the sweep in another run directory"
+            )
+
+
+def _outcomes(layout: RunLayout, variant: str, record: str) -> dict[str, bool] | None:
+    from refusalkit.evaluation.records import read_records
+    from refusalkit.evaluation.stats import outcomes
+
+    path = layout.eval(variant, f"{record}.jsonl")
+    rows = read_records(path) if path.exists() else None
+    if not rows:
+        return None
+    judge = next(iter(rows[0]["verdicts"]))
+    asr = layout.eval(variant, "asr.json")
+    if asr.exists():
+        judge = (artifacts.read_json(asr).get(record) or {}).get("judge") or judge
+    return outcomes(rows, judge, "compliance" if record != "over_refusal" and record != "borderline" else "refusal")
+
+
+def _paired(layout: RunLayout, first: str, second: str) -> dict[str, Any] | None:
+    from refusalkit.evaluation.stats import paired
+
+    a, b = _outcomes(layout, first, "vanilla"), _outcomes(layout, second, "vanilla")
+    if a is None or b is None:
+        return None
+    res = paired(a, b)
+    return res if res["n"] else None
+
+
+def _eval_summary(layout: RunLayout, variant: str) -> dict[str, Any]:
+    """Vanilla ASR, over-refusal, borderline refusal and perplexity of an evaluated variant."""
+
+    def read(name: str) -> dict[str, Any]:
+        p = layout.eval(variant, name)
+        return artifacts.read_json(p) if p.exists() else {}
+
+    asr, over, border, util = read("asr.json"), read("over_refusal.json"), read("borderline.json"), read("utility.json")
+    ppl = (util.get("perplexity") or {}).get("perplexity") if isinstance(util.get("perplexity"), dict) else None
+    return {
+        "asr": (asr.get("vanilla") or {}).get("asr"),
+        "attacks": {k: v["asr"] for k, v in asr.items() if isinstance(v, dict) and "asr" in v},
+        "over_refusal": over.get("refusal_rate"),
+        "borderline": border.get("refusal_rate"),
+        "perplexity": ppl,
+    }
+
+
+def run_point(
+    cfg: Config,
+    root: Path,
+    p: Point,
+    *,
+    select: bool,
+    repair: bool,
+    drop_models: bool,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every stage of one point (each reuses what exists); the point's record."""
+    from refusalkit.compress.job import run_compress
+    from refusalkit.direction.compare import run_compare
+    from refusalkit.direction.job import run_extract
+    from refusalkit.evaluation.job import run_evaluate
+
+    layout = RunLayout(root)
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, fn: Callable[[], Any]) -> Any:
+        echo(f"[sweep] {p.name}/{stage}")
+        t0 = time.time()
+        out = fn()
+        seconds[stage] = round(time.time() - t0, 1)
+        return out
+
+    comp = timed("compress", lambda: run_compress(cfg, root, point_spec(cfg, p), progress=progress))
+    timed("extract", lambda: run_extract(cfg, root, variant=p.name, progress=progress, validate=False, select=select))
+    cmp = timed("compare", lambda: run_compare(cfg, root, p.name, quality=select))
+    timed("evaluate", lambda: run_evaluate(cfg, root, p.name, utility_eval=cfg.run.utility, progress=progress))
+    rec: dict[str, Any] = {
+        "variant": p.name,
+        "method": p.method,
+        "sparsity_setting": p.sparsity,
+        "bits": p.bits,
+        "calibration": p.calibration,
+        "strength": p.strength(),
+        "measured_sparsity": comp.get("sparsity"),
+        "cosine_at_base_source": cmp["cosine_at_base_source"],
+        "noise": cmp.get("cosine_at_base_source_noise"),
+        "moved": cmp.get("moved"),
+        "source": cmp.get("variant_source"),
+        "source_shifted": cmp.get("source_shifted"),
+        **_eval_summary(layout, p.name),
+        "vs_base": _paired(layout, "base", p.name),
+        "repaired": None,
+    }
+    if repair:
+        from refusalkit.repair.job import run_repair
+
+        info = timed("repair", lambda: run_repair(cfg, root, p.name, progress=progress))
+        fixed = info["variant"]
+        timed(
+            "repaired/evaluate", lambda: run_evaluate(cfg, root, fixed, utility_eval=cfg.run.utility, progress=progress)
+        )
+        rec["repaired"] = {
+            "variant": fixed,
+            "edit": {k: info.get(k) for k in ("layer", "placement", "direction", "alpha_scale", "keep_zeros")},
+            **_eval_summary(layout, fixed),
+            "vs_unrepaired": _paired(layout, p.name, fixed),
+            "vs_base": _paired(layout, "base", fixed),
+        }
+    if drop_models:
+        for v in [p.name] + ([rec["repaired"]["variant"]] if rec["repaired"] else []):
+            shutil.rmtree(layout.model(v), ignore_errors=True)
+        rec["models_dropped"] = True
+    rec["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
+    return rec
+
+
+def sweep_path(layout: RunLayout, name: str) -> Path:
+    return layout.root / "sweep" / f"{name}.json"
+
+
+def default_name(points: list[Point], calibrations: list[str]) -> str:
+    methods = sorted({p.method for p in points})
+    axis = "calibration" if len(calibrations) > 1 and len({p.strength() for p in points}) == 1 else None
+    if axis is None:
+        axis = "sparsity" if any(p.sparsity is not None for p in points) else "bits"
+    return f"{'+'.join(methods)}-{axis}"
+
+
+def run_sweep(
+    cfg: Config,
+    root: str | Path,
+    points: list[Point],
+    *,
+    name: str,
+    select: bool = False,
+    repair: bool = False,
+    drop_models: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every point in turn (the base model first: its direction, noise floor and evaluation);
+    rewrite ``DIR/sweep/<name>.json`` after each; return the sweep record."""
+    from refusalkit.compress.job import check_name
+    from refusalkit.direction.job import run_extract
+    from refusalkit.evaluation.job import run_evaluate
+
+    check_name(name)
+    root = Path(root)
+    layout = RunLayout(root)
+    check_existing(layout, cfg, points)
+    path = sweep_path(layout, name)
+    settings = {"points": [dataclasses.asdict(p) for p in points], "select": select, "repair": repair,
+                "attacks": cfg.evaluation.attacks}  # fmt: skip
+    state: dict[str, Any] = artifacts.read_json(path) if path.exists() else {}
+    if state and state.get("settings") != settings:
+        raise UserError(
+            f"sweep {name!r} exists in {path.parent} with another grid or options; give --name to start another"
+        )
+    state = {"name": name, "settings": settings, "points": state.get("points", {}), "failed": {}}
+    echo("[sweep] base")
+    run_extract(cfg, root, variant="base", progress=progress)
+    run_evaluate(cfg, root, "base", utility_eval=cfg.run.utility, progress=progress)
+    state["base"] = _eval_summary(layout, "base")
+    t0 = time.time()
+    for p in points:
+        try:
+            state["points"][p.name] = run_point(
+                cfg, root, p, select=select, repair=repair, drop_models=drop_models, progress=progress, echo=echo
+            )
+        except UserError as e:  # this point cannot be made or repaired: recorded, the sweep goes on
+            state["failed"][p.name] = str(e)
+            echo(f"[sweep] {p.name}: skipped ({e})")
+        artifacts.write_json(path, state)
+    state["seconds_this_call"] = round(time.time() - t0, 1)
+    ordered = [state["points"][p.name] for p in points if p.name in state["points"]]
+    artifacts.write_text(path.with_suffix(".md"), table_markdown(state, ordered))
+    from refusalkit.study.sweep_plots import plot_sweep
+
+    state["plots"] = [str(f.relative_to(root)) for f in plot_sweep(state, ordered, path.parent)]
+    artifacts.write_json(path, state)
+    return state
+
+
+def _pct(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "–"
+    lo, hi = r["ci95"]
+    return f"{100 * r['rate']:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+def _p(x: float) -> str:
+    return f"{x:.2g}" if x >= 1e-3 else f"{x:.1e}"
+
+
+def _vs(res: dict[str, Any] | None) -> str:
+    if not res:
+        return "–"
+    return f"{100 * res['difference']:+.0f} pt (+{res['only_second']}/−{res['only_first']}, p = {_p(res['p'])})"
+
+
+def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
+    """The sweep's table: per point its compression, movement against the noise floor, safety, cost."""
+    head = [
+        "point", "calibration", "zeros / bits", "cos at base source", "noise floor", "moved", "ASR vanilla",
+        "ΔASR vs base (paired)", "over-refusal", "perplexity", "repaired ASR", "vs unrepaired", "seconds",
+    ]  # fmt: skip
+    rows = []
+    for r in points:
+        size = f"{100 * r['measured_sparsity']:.1f}%" if r.get("sparsity_setting") is not None else f"{r['bits']} bit"
+        noise = r.get("noise") or {}
+        rep = r.get("repaired") or {}
+        rows.append([
+            r["variant"], r.get("calibration") or "–", size, f"{r['cosine_at_base_source']:.3f}",
+            f"{noise['null_floor']:.3f}" if noise else "–",
+            {True: "yes", False: "no", None: "–"}[r.get("moved")], _pct(r.get("asr")), _vs(r.get("vs_base")),
+            _pct(r.get("over_refusal")), f"{r['perplexity']:.2f}" if r.get("perplexity") else "–",
+            _pct(rep.get("asr")), _vs(rep.get("vs_unrepaired")), f"{r['seconds']['total']:.0f}",
+        ])  # fmt: skip
+    base = state.get("base") or {}
+    lines = [
+        f"# sweep {state['name']}",
+        "",
+        f"Base model: ASR vanilla {_pct(base.get('asr'))}, over-refusal {_pct(base.get('over_refusal'))}, "
+        f"perplexity {base['perplexity']:.2f}"
+        if base.get("perplexity")
+        else f"Base model: ASR vanilla {_pct(base.get('asr'))}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+    if state.get("failed"):
+        lines += ["", "Failed points: " + "; ".join(f"{k}: {v}" for k, v in state["failed"].items())]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,221 @@
+"""refusalkit sweep: the grid parser, settings checks, the table and plots on hand-made points, and a
+three-point sweep end to end on SmolLM2 (resume, bad input)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from refusalkit.cli import main
+from refusalkit.core import artifacts
+from refusalkit.core.config import Config
+from refusalkit.core.errors import UserError
+from refusalkit.core.layout import RunLayout
+from refusalkit.study.sweep import (
+    build_points,
+    check_existing,
+    default_name,
+    parse_items,
+    point_spec,
+    table_markdown,
+)
+from refusalkit.study.sweep_plots import plot_sweep
+
+from conftest import hidden_files
+
+
+def test_parse_items():
+    assert parse_items(" 0.1, 0.25 ,2:4", "sparsity") == ["0.1", "0.25", "2:4"]
+    assert parse_items(None, "bits") == [] and parse_items("  ", "bits") == []
+    with pytest.raises(UserError, match="empty item"):
+        parse_items("0.1,,0.5", "sparsity")
+
+
+def test_grid_of_pruning_ratios_nm_and_calibrations():
+    cfg = Config()
+    pts = build_points(cfg, ["wanda"], ["0.25", "0.5", "2:4"], [], [])
+    assert [p.name for p in pts] == ["wanda-0.25", "wanda-0.5", "wanda-2:4"]
+    assert [p.strength() for p in pts] == [0.25, 0.5, 0.5]
+    assert all(p.calibration == cfg.compress.calibration for p in pts)
+    cal = build_points(cfg, ["wanda"], ["0.5"], [], ["wikipedia", "alpaca"])
+    assert [p.name for p in cal] == ["wanda-0.5_wikipedia", "wanda-0.5_alpaca"]
+    assert default_name(cal, ["wikipedia", "alpaca"]) == "wanda-calibration"
+    assert point_spec(cfg, cal[1]).calibration == "alpaca" and point_spec(cfg, cal[1]).variant == "wanda-0.5_alpaca"
+    # a calibration-free method makes one point per ratio whatever the calibration list
+    mag = build_points(cfg, ["magnitude", "wanda"], ["0.5"], [], [])
+    assert [p.name for p in mag] == ["magnitude-0.5", "wanda-0.5"] and mag[0].calibration is None
+    assert default_name(mag, []) == "magnitude+wanda-sparsity"
+
+
+def test_grid_of_bits():
+    pts = build_points(Config(), ["rtn"], [], ["8", "4"], [])
+    assert [p.name for p in pts] == ["rtn-w8", "rtn-w4"] and [p.strength() for p in pts] == [8.0, 4.0]
+    assert default_name(pts, []) == "rtn-bits"
+    (int8,) = build_points(Config(), ["llm-int8"], [], [], [])
+    assert int8.name == "llm-int8" and int8.bits == 8
+
+
+@pytest.mark.parametrize(
+    ("methods", "sparsity", "bits", "cal", "needle"),
+    [
+        ([], ["0.5"], [], [], "--method"),
+        (["wanda"], ["1.5"], [], [], "sparsity"),
+        (["wanda"], ["3:2"], [], [], "3:2"),
+        (["wanda"], [], ["4"], [], "not --bits"),
+        (["wanda"], [], [], [], "give --sparsity"),
+        (["rtn"], ["0.5"], [], [], "not --sparsity"),
+        (["rtn"], [], ["x"], [], "whole numbers"),
+        (["rtn"], [], ["1"], [], "bit"),
+        (["wanda"], ["0.5"], [], ["no-such-corpus"], "unknown calibration"),
+        (["nope"], ["0.5"], [], [], "unknown compression method"),
+        (["wanda-0.5"], ["0.5"], [], [], "bare method"),
+        (["wanda"], ["0.5", "0.5"], [], [], "repeats"),
+    ],
+)
+def test_impossible_grids_are_one_line_errors(methods, sparsity, bits, cal, needle):
+    with pytest.raises(UserError, match=needle):
+        build_points(Config(), methods, sparsity, bits, cal)
+
+
+def test_a_point_made_with_other_settings_is_refused(tmp_path):
+    cfg = Config()
+    (p,) = build_points(cfg, ["wanda"], ["0.5"], [], [])
+    layout = RunLayout(tmp_path)
+    spec = json.loads(json.dumps(dataclasses.asdict(point_spec(cfg, p))))
+    artifacts.write_json(layout.compression(p.name), {"spec": spec})
+    check_existing(layout, cfg, [p])  # the same settings: reused
+    artifacts.write_json(layout.compression(p.name), {"spec": {**spec, "n_calibration": 3}})
+    with pytest.raises(UserError, match="other settings.*n_calibration"):
+        check_existing(layout, cfg, [p])
+
+
+def _rate(r, n=100):
+    return {"rate": r, "k": round(r * n), "n": n, "ci95": [max(0, r - 0.09), min(1, r + 0.09)]}
+
+
+def _point(name, strength, cos, floor, asr, diff, p):
+    return {
+        "variant": name, "method": "wanda", "sparsity_setting": str(strength), "bits": None, "calibration": "wikipedia",
+        "strength": strength, "measured_sparsity": strength, "cosine_at_base_source": cos,
+        "noise": {"null_floor": floor, "null_mean": 0.97, "moved": cos < floor}, "moved": cos < floor,
+        "asr": _rate(asr), "over_refusal": _rate(0.1), "perplexity": 30 + 100 * strength,
+        "vs_base": {"difference": diff, "ci95": [diff - 0.08, diff + 0.08], "p": p, "only_first": 2,
+                    "only_second": 2 + round(100 * diff)},
+        "repaired": None, "seconds": {"total": 61.0},
+    }  # fmt: skip
+
+
+def test_table_and_plots_on_hand_made_points(tmp_path):
+    pts = [
+        _point("wanda-0.25", 0.25, 0.99, 0.95, 0.28, 0.01, 1.0),
+        _point("wanda-0.75", 0.75, 0.6, 0.95, 0.7, 0.43, 1e-9),
+    ]
+    state = {"name": "wanda-sparsity", "base": {"asr": _rate(0.27), "over_refusal": _rate(0.1), "perplexity": 24.1}}
+    md = table_markdown(state, pts)
+    assert "| wanda-0.25 | wikipedia | 25.0% | 0.990 | 0.950 | no | 28% [19–37] | +1 pt" in md
+    assert "| wanda-0.75 |" in md and "| yes |" in md and "p = 1.0e-09" in md
+    files = plot_sweep(state, pts, tmp_path)
+    assert [f.name for f in files] == ["wanda-sparsity_dose.png", "wanda-sparsity_movement.png"]
+    assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files)
+    assert plot_sweep(state, [], tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end on SmolLM2: three points, resume, bad input
+# ------------------------------------------------------------------------------------------------
+
+SMALL = [
+    "--model", "smollm2-135m", "--set", "n_train=8", "--set", "n_val=4", "--set", "n_test=3",
+    "--set", "validation.max_new_tokens=4", "--set", "selection.screen_keep=2", "--set", "selection.screen_prompts=2",
+    "--set", "selection.prune_layer_fraction=0.8", "--set", "evaluation.n_prompts=4", "--set", "evaluation.n_harmless=3",
+    "--set", "evaluation.n_borderline=3", "--set", "evaluation.max_new_tokens=8", "--set", "evaluation.ppl_tokens=512",
+    "--set", "evaluation.utility_tasks=none",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep") / "r"
+    args = ["-q", "sweep", "--run", str(root), *SMALL, "--method", "magnitude", "--sparsity", "0.1,0.5,2:4"]
+    assert main(args) == 0
+    return root, args
+
+
+@pytest.mark.integration
+def test_sweep_records_every_point(swept):
+    root, _ = swept
+    state = json.loads((root / "sweep" / "magnitude-sparsity.json").read_text())
+    assert list(state["points"]) == ["magnitude-0.1", "magnitude-0.5", "magnitude-2:4"] and not state["failed"]
+    for name, rec in state["points"].items():
+        assert (root / name / "compression.json").exists() and (root / name / "model").is_dir()
+        assert (root / name / "direction" / "candidates.safetensors").exists()
+        assert not (root / name / "direction" / "direction.json").exists()  # no selection by default
+        assert -1 <= rec["cosine_at_base_source"] <= 1 and rec["noise"]["null_floor"] <= 1
+        assert rec["moved"] is (rec["cosine_at_base_source"] < rec["noise"]["null_floor"])
+        assert rec["asr"]["n"] == 4 and rec["vs_base"]["n"] == 4 and rec["perplexity"] > 1
+        assert set(rec["seconds"]) >= {"compress", "extract", "compare", "evaluate", "total"}
+    sp = [state["points"][n]["measured_sparsity"] for n in ("magnitude-0.1", "magnitude-0.5")]
+    assert sp[0] == pytest.approx(0.1, abs=0.01) and sp[1] == pytest.approx(0.5, abs=0.01)
+    assert (root / "sweep" / "magnitude-sparsity.md").read_text().count("| magnitude-") == 3
+    assert {p.split("/")[-1] for p in state["plots"]} == {
+        "magnitude-sparsity_dose.png",
+        "magnitude-sparsity_movement.png",
+    }
+    assert not hidden_files(root)
+
+
+@pytest.mark.integration
+def test_sweep_resumes_and_redoes_only_what_is_missing(swept, capsys):
+    root, args = swept
+    state = json.loads((root / "sweep" / "magnitude-sparsity.json").read_text())
+    (root / "magnitude-0.5" / "eval" / "asr.json").unlink()
+    (root / "magnitude-0.5" / "eval" / "vanilla.jsonl").unlink()
+    assert main(args) == 0
+    again = json.loads((root / "sweep" / "magnitude-sparsity.json").read_text())
+    for name in state["points"]:
+        a, b = state["points"][name], again["points"][name]
+        assert a["cosine_at_base_source"] == b["cosine_at_base_source"] and a["asr"] == b["asr"], name
+    # the points that were complete cost nothing: no compression, extraction or evaluation ran again
+    assert again["points"]["magnitude-0.1"]["seconds"]["compress"] < 5
+    # another grid under the same name: one line, exit 2
+    assert main([*args[:-1], "0.1,0.5"]) == 2
+    assert "another grid" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--method", "magnitude", "--sparsity", "1.5"], "sparsity"),
+        (["--method", "magnitude", "--bits", "4"], "--bits"),
+    ],
+)
+def test_sweep_bad_input_exit_2(swept, capsys, extra, needle):
+    root, _ = swept
+    assert main(["-q", "sweep", "--run", str(root), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_calibration_mixtures():
+    import random
+
+    from refusalkit.compress.calibration import _mixture, parse_mixture
+    from refusalkit.data.prompts import load_prompts
+
+    assert parse_mixture("mix:advbench:alpaca:0.25") == ("advbench", "alpaca", 0.25)
+    chosen, pool = _mixture("mix:advbench:alpaca:0.25", 8, random.Random(0))
+    harmful, harmless = set(load_prompts("advbench")), set(load_prompts("alpaca"))
+    assert len(chosen) == 8 and sum(c in harmful for c in chosen) == 2 and sum(c in harmless for c in chosen) == 6
+    assert pool == len(harmful) + len(harmless)
+    assert _mixture("mix:advbench:alpaca:0.25", 8, random.Random(0)) == (chosen, pool)  # seeded
+    assert all(c in harmless for c in _mixture("mix:advbench:alpaca:0", 8, random.Random(1))[0])
+    for bad in ("mix:advbench:alpaca", "mix:advbench:alpaca:1.5", "mix::alpaca:0.5", "mix:wikipedia:alpaca:0.5"):
+        with pytest.raises(UserError, match="mix"):
+            parse_mixture(bad)
+    pts = build_points(Config(), ["wanda"], ["0.5"], [], ["mix:advbench:alpaca:0.25", "mix:advbench:alpaca:1"])
+    assert [p.name for p in pts] == ["wanda-0.5_mix-advbench-alpaca-0.25", "wanda-0.5_mix-advbench-alpaca-1"]
+    with pytest.raises(UserError, match="unknown"):
+        build_points(Config(), ["wanda"], ["0.5"], [], ["mix:advbench:nope:0.5"])
