@@ -120,6 +120,16 @@ def test_table_and_plots_on_hand_made_points(tmp_path):
     assert [f.name for f in files] == ["wanda-sparsity_dose.png", "wanda-sparsity_movement.png"]
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files)
     assert plot_sweep(state, [], tmp_path) == []
+    # a calibration sweep (one strength): the calibration sources are the x axis, one line per method
+    cal = [
+        {**_point(f"wanda-0.5_{c}", 0.5, 0.9, 0.95, 0.5, 0.2, 0.01), "calibration": c} for c in ("wikipedia", "alpaca")
+    ]
+    from refusalkit.study.sweep_plots import _categories, _series, _x
+
+    assert _categories(cal) == ["wikipedia", "alpaca"] and list(_series(cal, True)) == ["wanda"]
+    assert _x(cal, ["wikipedia", "alpaca"]) == ([0.0, 1.0], "calibration data")
+    assert _categories(pts) is None and _x(pts, None)[1] == "share of weights pruned"
+    assert len(plot_sweep({**state, "name": "cal"}, cal, tmp_path)) == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,3 +229,36 @@ def test_calibration_mixtures():
     assert [p.name for p in pts] == ["wanda-0.5_mix-advbench-alpaca-0.25", "wanda-0.5_mix-advbench-alpaca-1"]
     with pytest.raises(UserError, match="unknown"):
         build_points(Config(), ["wanda"], ["0.5"], [], ["mix:advbench:nope:0.5"])
+
+
+def test_shipped_sweep_files_build_their_grids(tmp_path):
+    from pathlib import Path
+
+    from refusalkit.study.sweep import read_grid
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
+    sizes = {}
+    for f in sorted(root.glob("*.yaml")):
+        g = read_grid(f)
+        pts = build_points(
+            Config(),
+            parse_items(g.get("method"), "method"),
+            parse_items(g.get("sparsity"), "sparsity"),
+            parse_items(g.get("bits"), "bits"),
+            parse_items(g.get("calibration"), "calibration"),
+        )
+        sizes[g["name"]] = [p.name for p in pts]
+    assert (
+        sizes["calibration-study"][2] == "wanda-0.5_mix-advbench-alpaca-0.25" and len(sizes["calibration-study"]) == 5
+    )
+    assert sizes["wanda-sparsity"] == ["wanda-0.1", "wanda-0.25", "wanda-0.5", "wanda-0.75", "wanda-0.9"]
+    assert sizes["rtn-bits"] == ["rtn-w8", "rtn-w6", "rtn-w4", "rtn-w3"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: wanda\nsparsities: 0.5\n")
+    with pytest.raises(UserError, match="unknown key"):
+        read_grid(bad)
+    bad.write_text("method: [wanda\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        read_grid(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        read_grid(tmp_path / "missing.yaml")

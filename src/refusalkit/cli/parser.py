@@ -226,14 +226,17 @@ def _sweep(sub: Any) -> None:
         "Writes DIR/sweep/<name>.json, .md and plots.",
     )
     _common(w, variant=None, set_example="evaluation.n_prompts=100")
-    w.add_argument("--method", required=True, help="one or more methods, comma-separated: wanda,magnitude or rtn,awq")
+    w.add_argument(
+        "--grid", help="a sweep file (YAML: method, sparsity, bits, calibration, name, ...; configs/sweeps/)"
+    )
+    w.add_argument("--method", help="one or more methods, comma-separated: wanda,magnitude or rtn,awq")
     w.add_argument("--sparsity", help="pruning: ratios in [0, 1) and/or N:M, comma-separated, e.g. 0.1,0.25,0.5,2:4")
     w.add_argument("--bits", help="awq / rtn: bit widths, comma-separated, e.g. 8,6,4,3")
     w.add_argument(
         "--calibration",
         help="calibration sources, comma-separated (default: compress.calibration), e.g. wikipedia,alpaca",
     )
-    w.add_argument("--attacks", default="vanilla", help="attacks evaluated at every point (default vanilla)")
+    w.add_argument("--attacks", help="attacks evaluated at every point (default vanilla)")
     w.add_argument("--name", help="the sweep's name (default <methods>-<axis>), DIR/sweep/<name>.json")
     w.add_argument("--select", action="store_true", help="also select each point's own direction (source shift)")
     w.add_argument("--repair", action="store_true", help="also repair each point with the configured AIRD repair")

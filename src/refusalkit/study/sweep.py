@@ -73,6 +73,33 @@ def parse_items(text: str | None, what: str) -> list[str]:
     return items
 
 
+GRID_KEYS = ("name", "method", "sparsity", "bits", "calibration", "attacks", "select", "repair")
+
+
+def read_grid(path: str | Path) -> dict[str, Any]:
+    """A sweep file (YAML): the grid and options of ``refusalkit sweep`` (``configs/sweeps/``); list
+    values become the comma-separated strings the flags take. Unknown keys are one-line errors."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"sweep file {path} does not exist; see configs/sweeps/ for examples")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"sweep file {path} is not valid YAML ({e.__class__.__name__}); fix it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"sweep file {path} must be a mapping of {', '.join(GRID_KEYS)}")
+    unknown = sorted(set(data) - set(GRID_KEYS))
+    if unknown:
+        raise UserError(f"sweep file {path}: unknown key(s) {', '.join(unknown)}; use {', '.join(GRID_KEYS)}")
+    return {
+        k: (",".join(str(x) for x in v) if isinstance(v, list) else v if isinstance(v, bool) else str(v))
+        for k, v in data.items()
+        if v is not None
+    }
+
+
 def _calibration_tag(source: str) -> str:
     """A short, name-safe tag of a calibration source (a file: its stem; a mixture: mix-A-B-SHARE)."""
     if source.startswith("mix:"):

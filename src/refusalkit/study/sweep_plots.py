@@ -11,24 +11,29 @@ from refusalkit.core import artifacts
 from refusalkit.study.report.figures import png_bytes, pyplot
 
 
-def _series(points: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Points grouped into lines: one per method and calibration source, in grid order."""
+def _categories(points: list[dict[str, Any]]) -> list[str] | None:
+    """The calibration sources, when the sweep varies only them (one strength): a categorical x axis."""
+    cals = list(dict.fromkeys(r.get("calibration") or "–" for r in points))
+    return cals if len({r["strength"] for r in points}) == 1 and len(cals) > 1 else None
+
+
+def _series(points: list[dict[str, Any]], categorical: bool) -> dict[str, list[dict[str, Any]]]:
+    """Points grouped into lines, in grid order: one per method (and calibration source, unless the
+    calibration is the x axis)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for r in points:
-        key = r["method"] + (f" ({r['calibration']})" if r.get("calibration") else "")
+        key = r["method"] + (f" ({r['calibration']})" if r.get("calibration") and not categorical else "")
         out.setdefault(key, []).append(r)
     return out
 
 
-def _x(points: list[dict[str, Any]]) -> tuple[list[float], str, list[str] | None]:
-    """x values, axis label and category labels (calibration sweeps at one strength are categorical)."""
-    strengths = {r["strength"] for r in points}
-    if len(strengths) == 1 and len({r.get("calibration") for r in points}) > 1:
-        labels = [r.get("calibration") or "–" for r in points]
-        return list(range(len(points))), "calibration data", labels
-    if all(r.get("sparsity_setting") is not None for r in points):
-        return [r["strength"] for r in points], "share of weights pruned", None
-    return [r["strength"] for r in points], "bits per weight", None
+def _x(rows: list[dict[str, Any]], categories: list[str] | None) -> tuple[list[float], str]:
+    """x values and the axis label of one line."""
+    if categories:
+        return [float(categories.index(r.get("calibration") or "–")) for r in rows], "calibration data"
+    if all(r.get("sparsity_setting") is not None for r in rows):
+        return [r["strength"] for r in rows], "share of weights pruned"
+    return [r["strength"] for r in rows], "bits per weight"
 
 
 def _rate(r: dict[str, Any] | None) -> tuple[float, float, float] | None:
@@ -46,10 +51,9 @@ def plot_sweep(state: dict[str, Any], points: list[dict[str, Any]], out_dir: Pat
     name = state["name"]
     written = []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    categorical = None
-    for label, rows in _series(points).items():
-        xs, xlabel, cats = _x(rows)
-        categorical = cats
+    categorical = _categories(points)
+    for label, rows in _series(points, categorical is not None).items():
+        xs, xlabel = _x(rows, categorical)
         cos = [r["cosine_at_base_source"] for r in rows]
         axes[0].plot(xs, cos, "o-", label=label)
         floors = [(x, r["noise"]["null_floor"]) for x, r in zip(xs, rows) if r.get("noise")]

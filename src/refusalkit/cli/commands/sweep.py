@@ -8,27 +8,32 @@ from refusalkit.cli.settings import asked_to_create, command_config
 
 
 def run(args: argparse.Namespace) -> int:
-    from refusalkit.study.sweep import build_points, default_name, parse_items, run_sweep, sweep_path
+    from refusalkit.study.sweep import build_points, default_name, parse_items, read_grid, run_sweep, sweep_path
+
+    grid = read_grid(args.grid) if args.grid else {}
+
+    def pick(key: str) -> str | None:  # a flag wins over the grid file
+        value = getattr(args, key)
+        return value if value is not None else grid.get(key)
 
     cfg, layout = command_config(args, may_create=asked_to_create(args))
-    attacks = parse_items(args.attacks, "attacks") or ["vanilla"]
-    cfg.evaluation.attacks = attacks
-    calibrations = parse_items(args.calibration, "calibration")
+    cfg.evaluation.attacks = parse_items(pick("attacks"), "attacks") or ["vanilla"]
+    calibrations = parse_items(pick("calibration"), "calibration")
     points = build_points(
         cfg,
-        parse_items(args.method, "method"),
-        parse_items(args.sparsity, "sparsity"),
-        parse_items(args.bits, "bits"),
+        parse_items(pick("method"), "method"),
+        parse_items(pick("sparsity"), "sparsity"),
+        parse_items(pick("bits"), "bits"),
         calibrations,
     )
-    name = args.name or default_name(points, calibrations)
+    name = pick("name") or default_name(points, calibrations)
     state = run_sweep(
         cfg,
         layout.root,
         points,
         name=name,
-        select=args.select,
-        repair=args.repair,
+        select=args.select or bool(grid.get("select")),
+        repair=args.repair or bool(grid.get("repair")),
         drop_models=args.drop_models,
         progress=not args.quiet,
     )
