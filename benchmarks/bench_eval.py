@@ -5,7 +5,8 @@
 Prints, on the same model in the same process:
 
 * greedy generation throughput (new tokens per second) of refusalkit's batched sampler (left
-  padding, one prefill per prompt, every row decoded together), of Hugging Face ``generate`` on
+  padding, the shared chat-template prefix run once, one prefill per prompt suffix, every row
+  decoded together; and the same with whole prompts prefilled, as before 0.5.0), of Hugging Face ``generate`` on
   the same batches, and of a one-prompt-at-a-time ``generate`` loop — the completions of the
   three paths are checked to be identical;
 * the decoding attack's throughput with the prompt's cache shared across configurations;
@@ -66,6 +67,18 @@ def main() -> int:
     dt = time.time() - t
     n_tok = _tokens(tok, ours)
     rows.append(("refusalkit sampler, batched", len(ids), n_tok, dt))
+
+    # the shared chat-template prefix run once (0.5.0) against every prompt prefilled whole (before)
+    from refusalkit.evaluation.sampling import sample_ids
+
+    t = time.time()
+    whole = sample_ids(lm, ids, [GREEDY], max_new_tokens=T, batch_size=args.batch_size, share_prefix=False)
+    dt = time.time() - t
+    whole_text = [tok.decode(r[0], skip_special_tokens=True).strip() for r in whole]
+    rows.append(
+        ("refusalkit sampler, batched, whole prompts prefilled (before 0.5.0)", len(ids), _tokens(tok, whole_text), dt)
+    )
+    same_prefix = sum(a == b for a, b in zip(ours, whole_text))
 
     stop = set(default_stop_ids(lm))
 
@@ -136,7 +149,7 @@ def main() -> int:
         print(f"| {name} | {n} | {ntok} | {dt:.1f} | {ntok / dt:.1f} |")
     print(
         f"\nidentical greedy completions: sampler vs HF batched {same}/{len(ours)}, "
-        f"sampler vs one-at-a-time {same_single}/{k}"
+        f"sampler vs one-at-a-time {same_single}/{k}, shared prefix vs whole prompts {same_prefix}/{len(ours)}"
     )
     vanilla = rows[0][3] / rows[0][1]
     print("\n| attack | cost per prompt |")

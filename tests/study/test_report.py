@@ -449,7 +449,8 @@ def test_compat_run_markdown_is_unchanged() -> None:
     def comparable(md: str) -> str:
         md = re.sub(r"^- run directory: .*$", "- run directory: DIR", md, flags=re.MULTILINE)
         md = re.sub(r"^## Verdicts\n.*?(?=^## )", "", md, flags=re.MULTILINE | re.DOTALL)
-        return re.sub(r"^- \*\*F[56]\*\* .*$\n", "", md, flags=re.MULTILINE)
+        # F5, F6 (0.3.0) and F2-F4 (0.5.0: tests against noise, paired and Holm-corrected) changed on purpose
+        return re.sub(r"^- \*\*F[2-6]\*\* .*$\n", "", md, flags=re.MULTILINE)
 
     new = render_md(blocks)
     assert "## Verdicts" in new and "- **F6** " in new

@@ -106,12 +106,20 @@ def methods_notes(run: Run) -> list[str]:
             f"{run.moved_cosine:g} (run.moved_cosine); pruning: {', '.join(PRUNING)}; quantization: "
             f"{', '.join(QUANTIZATION)}."
         ),
-        (
-            "Noise floor of a cosine (when recorded): the 2.5% quantile of cos(r, r_b) over bootstrap "
-            "resamples r_b of the base model's training prompts at the same layer and position; a cosine "
-            "below it is marked moved, one above it within noise. The floor is conservative: the base "
-            "and a variant share every prompt, a resample only about 63% of them."
-        ),
+        *noise_note(run),
+    ]
+
+
+def noise_note(run: Run) -> list[str]:
+    """What a noise floor is, when a comparison of the run has one."""
+    if not any((v.compare or {}).get("cosine_at_base_source_noise") for v in run.variants):
+        return []
+    return [
+        "Noise floor of a cosine: the 2.5% quantile of cos(r, r_b) over bootstrap resamples r_b of the base "
+        "model's training prompts at the same layer and position; a cosine below it is marked moved, one above "
+        "it within noise. The floor is conservative: the base and a variant share every prompt, a resample "
+        "only about 63% of them. With a floor, a direction counts as moved when its source shifted beyond "
+        "noise or its cosine at the base source is below the floor (run.moved_cosine is not used)."
     ]
 
 

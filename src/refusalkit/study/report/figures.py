@@ -80,8 +80,13 @@ def plot_cosine_by_layer(run: Run) -> Figure | None:
         "cosine_by_layer",
         "Cosine of each variant's candidate direction with the base "
         "model's, by layer, at the base direction's position; dashed: the base direction's source "
-        "layer; dotted (when recorded): the noise floor, the 2.5% quantile of the cosine between the "
-        "base direction and its bootstrap re-estimates (a cosine below it moved beyond sampling noise).",
+        "layer."
+        + (
+            " Dotted: the noise floor, the 2.5% quantile of the cosine between the base direction and its "
+            "bootstrap re-estimates (a cosine below it moved beyond sampling noise)."
+            if floors
+            else ""
+        ),
         fig,
     )
 
