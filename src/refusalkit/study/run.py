@@ -52,7 +52,7 @@ QUICK: dict[str, Any] = {
     "repair.search_prompts": 8,
 }
 
-# The default on a machine without a GPU: the whole study on the default model in about 20 minutes
+# The default on a machine without a GPU: the whole study on the default model in about an hour
 # on 2 cores (README, "refusalkit run"). What it trades off: one pruned and one quantized variant
 # instead of four; half the training prompts and a lighter selection (16 validation prompts, a
 # 2-prompt screen, 4 candidates scored in full); 16 calibration samples; variants' directions
