@@ -22,6 +22,46 @@ from refusalkit.models.loading import LoadedModel
 from refusalkit.models.structure import decoder_layers
 
 
+def capture_streams(
+    lm: LoadedModel,
+    ids: list[list[int]],
+    select: Callable[[torch.Tensor], torch.Tensor],
+    consume: Callable[[list[torch.Tensor], int], None],
+    *,
+    batch_size: int,
+    keep_suffix: int,
+) -> None:
+    """Run every prompt (in :func:`~refusalkit.direction.forward.forward_last`'s order) and, after each
+    batch, call ``consume(streams, n_rows)``: ``streams[l]`` is ``select`` of the residual stream at the
+    input of block ``l`` for ``l < L``, and of the last block's output for ``l = L``."""
+    blocks = decoder_layers(lm.model)
+    L = len(blocks)
+    last: dict[int, torch.Tensor] = {}
+
+    def grab(layer: int):
+        def pre(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            last[layer] = select(x)
+
+        return pre
+
+    def grab_out(module, args, output):
+        x = output[0] if isinstance(output, tuple) else output
+        last[L] = select(x)
+
+    pre_hooks = [(b, grab(i)) for i, b in enumerate(blocks)]
+    with add_hooks(pre_hooks=pre_hooks, fwd_hooks=[(blocks[-1], grab_out)]):
+        forward_last(
+            lm.model,
+            ids,
+            pad_id=lm.tokenizer.pad_token_id,
+            batch_size=batch_size,
+            on_batch=lambda n_rows: consume([last[layer] for layer in range(L + 1)], n_rows),
+            keep_suffix=keep_suffix,
+            want_logits=False,
+        )
+
+
 @torch.inference_mode()
 def mean_activations(
     lm: LoadedModel,
@@ -32,40 +72,15 @@ def mean_activations(
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Mean residual stream over prompts at the last ``n_pos`` positions: ``[n_pos, L + 1, d]`` float64."""
-    blocks = decoder_layers(lm.model)
-    L = len(blocks)
-    last: dict[int, torch.Tensor] = {}
+    total = torch.zeros((n_pos, lm.n_layers + 1, lm.d_model), dtype=torch.float64)
 
-    def grab(layer: int):
-        def pre(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            last[layer] = x[:, -n_pos:, :]
-
-        return pre
-
-    def grab_out(module, args, output):
-        x = output[0] if isinstance(output, tuple) else output
-        last[L] = x[:, -n_pos:, :]
-
-    total = torch.zeros((n_pos, L + 1, lm.d_model), dtype=torch.float64)
-
-    def on_batch(n_rows: int) -> None:
-        for layer in range(L + 1):
-            total[:, layer, :] += last[layer].double().sum(0).cpu()
+    def consume(streams: list[torch.Tensor], n_rows: int) -> None:
+        for layer, x in enumerate(streams):
+            total[:, layer, :] += x.double().sum(0).cpu()
         if progress is not None:
             progress(n_rows)
 
-    pre_hooks = [(b, grab(i)) for i, b in enumerate(blocks)]
-    with add_hooks(pre_hooks=pre_hooks, fwd_hooks=[(blocks[-1], grab_out)]):
-        forward_last(
-            lm.model,
-            ids,
-            pad_id=lm.tokenizer.pad_token_id,
-            batch_size=batch_size,
-            on_batch=on_batch,
-            keep_suffix=n_pos,
-            want_logits=False,
-        )
+    capture_streams(lm, ids, lambda x: x[:, -n_pos:, :], consume, batch_size=batch_size, keep_suffix=n_pos)
     return total / len(ids)
 
 

@@ -32,10 +32,9 @@ from typing import Any
 
 import torch
 
-from refusalkit.direction.forward import forward_last, longest_first
-from refusalkit.direction.hooks import add_hooks
+from refusalkit.direction.extract import capture_streams
+from refusalkit.direction.forward import longest_first
 from refusalkit.models.loading import LoadedModel
-from refusalkit.models.structure import decoder_layers
 
 METHOD = "bootstrap"
 QUANTILE = 0.025
@@ -53,43 +52,19 @@ def prompt_activations(
     """The residual stream of every prompt at position ``offset`` (< 0, from the end) at the input
     of every block and the final stream: ``[n_prompts, L + 1, d]`` float32, in input order (the
     layers of :func:`refusalkit.direction.extract.mean_activations`)."""
-    blocks = decoder_layers(lm.model)
-    L = len(blocks)
-    out = torch.zeros((len(ids), L + 1, lm.d_model), dtype=torch.float32)
+    out = torch.zeros((len(ids), lm.n_layers + 1, lm.d_model), dtype=torch.float32)
     order = longest_first(ids)
     done = [0]
-    last: dict[int, torch.Tensor] = {}
 
-    def grab(layer: int):
-        def pre(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            last[layer] = x[:, offset, :]
-
-        return pre
-
-    def grab_out(module, args, output):
-        x = output[0] if isinstance(output, tuple) else output
-        last[L] = x[:, offset, :]
-
-    def on_batch(n_rows: int) -> None:
+    def consume(streams: list[torch.Tensor], n_rows: int) -> None:
         rows = torch.tensor(order[done[0] : done[0] + n_rows])
-        for layer in range(L + 1):
-            out[rows, layer] = last[layer].float().cpu()
+        for layer, x in enumerate(streams):
+            out[rows, layer] = x.float().cpu()
         done[0] += n_rows
         if progress is not None:
             progress(n_rows)
 
-    pre_hooks = [(b, grab(i)) for i, b in enumerate(blocks)]
-    with add_hooks(pre_hooks=pre_hooks, fwd_hooks=[(blocks[-1], grab_out)]):
-        forward_last(
-            lm.model,
-            ids,
-            pad_id=lm.tokenizer.pad_token_id,
-            batch_size=batch_size,
-            on_batch=on_batch,
-            keep_suffix=-offset,
-            want_logits=False,
-        )
+    capture_streams(lm, ids, lambda x: x[:, offset, :], consume, batch_size=batch_size, keep_suffix=-offset)
     return out
 
 
