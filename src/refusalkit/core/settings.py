@@ -121,17 +121,18 @@ def apply_settings(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, k, _check_type(f"{prefix}{k}", value, f.type, f.metadata.get("choices")))
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML configuration file as a mapping (a missing, unreadable or non-mapping file is a UserError)."""
+def read_config_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file of settings as a mapping (a missing, unreadable or non-mapping file is a UserError
+    naming it as ``what``: a config file, a sweep file)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {path} does not exist; give an existing YAML file")
+        raise UserError(f"{what} {path} does not exist; give an existing YAML file")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix it") from e
+        raise UserError(f"{what} {path} is not valid YAML ({str(e).splitlines()[0]}); fix it") from e
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must be a mapping of settings")
+        raise UserError(f"{what} {path} must be a mapping of settings")
     return data
 
 

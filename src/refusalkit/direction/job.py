@@ -71,6 +71,18 @@ def _filter_train(s: Session, data: dict, refusal_ids: list[int]) -> tuple[list[
     return kept["harmful"], kept["harmless"], {k: len(v) for k, v in kept.items()}
 
 
+def _train_ids(s: Session, data: dict) -> tuple[dict[str, list[list[int]]], dict[str, int]]:
+    """The training prompts the difference in means uses (after Arditi's filter when
+    ``filter_train``), chat-formatted and tokenized per kind, and their counts."""
+    c, tok = s.cfg, s.lm.tokenizer
+    harmful, harmless = data["harmful"]["train"], data["harmless"]["train"]
+    counts = {"harmful": len(harmful), "harmless": len(harmless)}
+    if c.filter_train:
+        harmful, harmless, counts = _filter_train(s, data, default_refusal_ids(tok))
+    ids = {k: tokenize_instructions(tok, p, c.system_prompt) for k, p in (("harmful", harmful), ("harmless", harmless))}
+    return ids, counts
+
+
 def stage_extract(s: Session, data: dict) -> torch.Tensor:
     cand_path, meta_path = s.direction_file("candidates.safetensors"), s.direction_file("candidates.json")
     if not s.needs(cand_path, meta_path):
@@ -78,15 +90,11 @@ def stage_extract(s: Session, data: dict) -> torch.Tensor:
     lm, c = s.lm, s.cfg
     post = post_instruction_ids(lm.tokenizer, c.system_prompt)
     n_pos = len(post)
-    harmful, harmless = data["harmful"]["train"], data["harmless"]["train"]
-    counts = {"harmful": len(harmful), "harmless": len(harmless)}
-    if c.filter_train:
-        harmful, harmless, counts = _filter_train(s, data, default_refusal_ids(lm.tokenizer))
+    ids, counts = _train_ids(s, data)
     means = {}
-    for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
-        ids = tokenize_instructions(lm.tokenizer, prompts, c.system_prompt)
-        with s.progress.bar(len(ids), f"activations ({kind})") as bar:
-            means[kind] = mean_activations(lm, ids, n_pos, batch_size=c.batch_size, progress=bar.update)
+    for kind in ("harmful", "harmless"):
+        with s.progress.bar(len(ids[kind]), f"activations ({kind})") as bar:
+            means[kind] = mean_activations(lm, ids[kind], n_pos, batch_size=c.batch_size, progress=bar.update)
     cands = candidate_directions(means["harmful"], means["harmless"])
     artifacts.save_tensors(
         cand_path,
@@ -248,15 +256,12 @@ def stage_noise(s: Session, data: dict, info: dict[str, Any]) -> dict[str, Any] 
     from refusalkit.direction.noise import noise_floor_record, prompt_activations
 
     lm = s.lm
-    harmful, harmless = data["harmful"]["train"], data["harmless"]["train"]
-    if c.filter_train:
-        harmful, harmless, _ = _filter_train(s, data, default_refusal_ids(lm.tokenizer))
+    ids, _ = _train_ids(s, data)
     acts = {}
-    for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
-        ids = tokenize_instructions(lm.tokenizer, prompts, c.system_prompt)
-        with s.progress.bar(len(ids), f"noise floor ({kind})") as bar:
+    for kind in ("harmful", "harmless"):
+        with s.progress.bar(len(ids[kind]), f"noise floor ({kind})") as bar:
             acts[kind] = prompt_activations(
-                lm, ids, int(info["position"]), batch_size=c.batch_size, progress=bar.update
+                lm, ids[kind], int(info["position"]), batch_size=c.batch_size, progress=bar.update
             )
     rec = noise_floor_record(
         acts["harmful"],

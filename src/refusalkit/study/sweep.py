@@ -79,17 +79,9 @@ GRID_KEYS = ("name", "method", "sparsity", "bits", "calibration", "attacks", "se
 def read_grid(path: str | Path) -> dict[str, Any]:
     """A sweep file (YAML): the grid and options of ``refusalkit sweep`` (``configs/sweeps/``); list
     values become the comma-separated strings the flags take. Unknown keys are one-line errors."""
-    import yaml
+    from refusalkit.core.settings import read_config_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"sweep file {path} does not exist; see configs/sweeps/ for examples")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"sweep file {path} is not valid YAML ({e.__class__.__name__}); fix it") from None
-    if not isinstance(data, dict):
-        raise UserError(f"sweep file {path} must be a mapping of {', '.join(GRID_KEYS)}")
+    data = read_config_file(path, what="sweep file")
     unknown = sorted(set(data) - set(GRID_KEYS))
     if unknown:
         raise UserError(f"sweep file {path}: unknown key(s) {', '.join(unknown)}; use {', '.join(GRID_KEYS)}")
