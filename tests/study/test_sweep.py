@@ -40,7 +40,7 @@ def test_grid_of_pruning_ratios_nm_and_calibrations():
     assert [p.strength() for p in pts] == [0.25, 0.5, 0.5]
     assert all(p.calibration == cfg.compress.calibration for p in pts)
     cal = build_points(cfg, ["wanda"], ["0.5"], [], ["wikipedia", "alpaca"])
-    assert [p.name for p in cal] == ["wanda-0.5_wikipedia", "wanda-0.5_alpaca"]
+    assert [p.name for p in cal] == ["wanda-0.5", "wanda-0.5_alpaca"]
     assert default_name(cal, ["wikipedia", "alpaca"]) == "wanda-calibration"
     assert point_spec(cfg, cal[1]).calibration == "alpaca" and point_spec(cfg, cal[1]).variant == "wanda-0.5_alpaca"
     # a calibration-free method makes one point per ratio whatever the calibration list

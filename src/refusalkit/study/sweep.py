@@ -158,7 +158,7 @@ def build_points(
                 c = cfg.compress if cal is None else dataclasses.replace(cfg.compress, calibration=cal)
                 spec = CompressSpec.from_config(method.name, c, sparsity=sparsity, bits=b)
                 name = spec.variant
-                if cal is not None and (len(cals) > 1 or cal != default_cal):
+                if cal is not None and cal != default_cal:  # the default keeps the plain name (run's variant)
                     name = f"{name}_{_calibration_tag(cal)}"
                 sp = spec.sparsity
                 label = None if sp is None else sp.label() if hasattr(sp, "label") else str(sp)
