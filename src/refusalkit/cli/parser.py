@@ -241,7 +241,9 @@ def _sweep(sub: Any) -> None:
     w.add_argument("--select", action="store_true", help="also select each point's own direction (source shift)")
     w.add_argument("--repair", action="store_true", help="also repair each point with the configured AIRD repair")
     w.add_argument(
-        "--drop-models", action="store_true", help="delete each point's model folder once it is evaluated (disk)"
+        "--drop-models",
+        action="store_true",
+        help="delete the model folder of each point this sweep made once it is evaluated (disk)",
     )
     add_config_flags(w, "sweep")
 

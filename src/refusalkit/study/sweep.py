@@ -262,6 +262,7 @@ def run_point(
         seconds[stage] = round(time.time() - t0, 1)
         return out
 
+    made_here = not layout.model(p.name).exists()  # --drop-models never deletes a variant made before
     comp = timed("compress", lambda: run_compress(cfg, root, point_spec(cfg, p), progress=progress))
     timed("extract", lambda: run_extract(cfg, root, variant=p.name, progress=progress, validate=False, select=select))
     cmp = timed("compare", lambda: run_compare(cfg, root, p.name, quality=select))
@@ -286,6 +287,7 @@ def run_point(
     if repair:
         from refusalkit.repair.job import run_repair
 
+        repaired_before = {v for v in layout.variants() if v.startswith(f"{p.name}+")}
         info = timed("repair", lambda: run_repair(cfg, root, p.name, progress=progress))
         fixed = info["variant"]
         timed(
@@ -299,9 +301,12 @@ def run_point(
             "vs_base": _paired(layout, "base", fixed),
         }
     if drop_models:
-        for v in [p.name] + ([rec["repaired"]["variant"]] if rec["repaired"] else []):
+        made = [p.name] if made_here else []
+        if rec["repaired"] and rec["repaired"]["variant"] not in repaired_before:
+            made.append(rec["repaired"]["variant"])
+        for v in made:
             shutil.rmtree(layout.model(v), ignore_errors=True)
-        rec["models_dropped"] = True
+        rec["models_dropped"] = made
     rec["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
     return rec
 
