@@ -115,7 +115,15 @@ def test_table_and_plots_on_hand_made_points(tmp_path):
     state = {"name": "wanda-sparsity", "base": {"asr": _rate(0.27), "over_refusal": _rate(0.1), "perplexity": 24.1}}
     md = table_markdown(state, pts)
     assert "| wanda-0.25 | wikipedia | 25.0% | 0.990 | 0.950 | no | 28% [19–37] | +1 pt" in md
-    assert "| wanda-0.75 |" in md and "| yes |" in md and "p = 1.0e-09" in md
+    assert "| yes |" in md and "p = 1.0e-09" in md
+    # perplexity above 3x the base model's (105 vs 24.1), or most completions degenerate: BROKEN, ASR starred
+    assert "| wanda-0.75 (BROKEN) |" in md and "70% [61–79]* | +43 pt" in md and "| wanda-0.25 |" in md
+    assert "BROKEN: wanda-0.75 (perplexity 4.4× the base model's)." in md
+    pts[0]["degenerate"] = 0.87
+    md = table_markdown(state, pts)
+    assert "| wanda-0.25 (BROKEN) |" in md and "| 87% |" in md and "87% of vanilla completions degenerate" in md
+    pts[0]["degenerate"], pts[1]["perplexity"] = 0.0, 60.0
+    assert "No point is BROKEN" in table_markdown(state, pts)
     files = plot_sweep(state, pts, tmp_path)
     assert [f.name for f in files] == ["wanda-sparsity_dose.png", "wanda-sparsity_movement.png"]
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files)
@@ -262,3 +270,59 @@ def test_shipped_sweep_files_build_their_grids(tmp_path):
         read_grid(bad)
     with pytest.raises(UserError, match="does not exist"):
         read_grid(tmp_path / "missing.yaml")
+
+
+@pytest.mark.integration
+def test_ray_executor_matches_local_and_redoes_a_killed_point(swept, tmp_path_factory, capsys):
+    """The same three points on a Ray instance of two workers on this machine: the first attempt at
+    magnitude-0.5 compresses, leaves a half-written file and kills its own worker; Ray re-runs the
+    point, which resumes from the finished compression. The records match the local executor's."""
+    pytest.importorskip("ray")
+    from refusalkit.cli.parser import build_parser
+    from refusalkit.cli.settings import command_config
+    from refusalkit.study.executors import make_executor
+    from refusalkit.study.sweep import run_sweep
+
+    local_root, local_args = swept
+    tmp = tmp_path_factory.mktemp("ray")
+    root, marker = tmp / "r", tmp / "killed-once"
+    args = ["-q", "sweep", "--run", str(root), *local_args[4:]]
+    cfg, _ = command_config(build_parser().parse_args(args[1:]), may_create=True)
+    cfg.evaluation.attacks = ["vanilla"]
+    points = build_points(cfg, ["magnitude"], ["0.1", "0.5", "2:4"], [], [])
+
+    def dies_once(cfg, root, p, **kw):  # pickled by value into the Ray worker
+        import os
+        import signal
+
+        from refusalkit.compress.job import run_compress
+        from refusalkit.study.sweep import point_spec, run_point
+
+        if p.name == "magnitude-0.5" and not marker.exists():
+            run_compress(cfg, root, point_spec(cfg, p), progress=False)
+            (root / p.name / ".compression.json.x1y2z3w4.tmp").write_text("half")  # as a killed writer leaves it
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return run_point(cfg, root, p, **kw)
+
+    ex = make_executor("ray", workers=2, max_retries=1)
+    try:
+        state = run_sweep(cfg, root, points, name="magnitude-sparsity", executor=ex, point_fn=dies_once, progress=False)
+    finally:
+        ex.close()
+    assert marker.exists() and not state["failed"], state["failed"]
+    assert state["executor"]["kind"] == "ray" and state["executor"]["cluster_cpus"] == 2
+    local = json.loads((local_root / "sweep" / "magnitude-sparsity.json").read_text())
+    assert list(state["points"]) != [] and set(state["points"]) == set(local["points"])
+    for name, a in local["points"].items():
+        b = state["points"][name]
+        assert b["measured_sparsity"] == a["measured_sparsity"] and b["moved"] == a["moved"], name
+        assert b["cosine_at_base_source"] == pytest.approx(a["cosine_at_base_source"], abs=1e-4), name
+        assert b["asr"]["n"] == a["asr"]["n"] and abs(b["asr"]["k"] - a["asr"]["k"]) <= 1, name
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-3), name
+    stages = json.loads((root / "manifest.json").read_text())["stages"]
+    assert {f"{n}/compress" for n in local["points"]} <= set(stages)  # parallel writers kept every stage
+    assert not hidden_files(root)  # the killed attempt's half-written file was removed on the retry
+    # the CLI on the finished directory: every point reused, on Ray
+    assert main([*args, "--executor", "ray", "--workers", "2"]) == 0
+    assert ": done (3/3)" in capsys.readouterr().out

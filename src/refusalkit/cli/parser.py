@@ -245,6 +245,27 @@ def _sweep(sub: Any) -> None:
         action="store_true",
         help="delete the model folder of each point this sweep made once it is evaluated (disk)",
     )
+    x = w.add_argument_group("executor (where the points run)")
+    x.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: the points in turn here (default); ray: one Ray task per point, in parallel",
+    )
+    x.add_argument(
+        "--address",
+        help="ray: join this cluster ('auto' for the one this machine belongs to, or ray://host:10001); "
+        "default: start Ray on this machine",
+    )
+    x.add_argument("--workers", type=int, default=2, help="ray on this machine: points at once (default 2)")
+    x.add_argument("--cpus-per-point", type=float, default=1.0, help="ray: CPUs each point asks for (default 1)")
+    x.add_argument(
+        "--gpus-per-point",
+        type=float,
+        help="ray: GPUs each point asks for (default 1 when the cluster has GPUs, else 0; "
+        "a model larger than one GPU: several, spread with device_map within the point)",
+    )
+    x.add_argument("--max-retries", type=int, default=2, help="ray: re-runs of a point whose worker died (default 2)")
     add_config_flags(w, "sweep")
 
 

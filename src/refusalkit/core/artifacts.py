@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +38,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def locked(lock_file: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (created if missing) for a read-modify-write of a
+    file several processes update (the run manifest while sweep points run in parallel). POSIX
+    ``flock``; where there is none (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+_PARTIAL_DIR = re.compile(r"^\..+\.[A-Za-z0-9_]{8}$")  # make_temp_dir: .<name>.<8 random characters>
+
+
+def remove_partial_writes(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Remove what writers killed mid-write left under ``folder`` (SIGKILL skips their cleanup):
+    the ``.<name>.*.tmp`` files of :func:`atomic_path` and the ``.<name>.*`` folders of
+    :func:`make_temp_dir` whose name starts with ``.<prefix>``, recursively. Only for a folder no
+    live process is writing to (a sweep point's own variant folder before it is re-run)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.rglob(f".{prefix}*"), key=lambda q: len(q.parts)):
+        if not p.exists():  # inside a folder removed above
+            continue
+        if p.is_file() and p.name.endswith(".tmp"):
+            p.unlink()
+        elif p.is_dir() and _PARTIAL_DIR.match(p.name):
+            shutil.rmtree(p)
+        else:
+            continue
+        removed.append(p)
+    return removed
 
 
 def current_umask() -> int:

@@ -58,22 +58,28 @@ def update_manifest(
     seconds: float | None = None,
     existing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    if existing is None and path.exists():  # never drop the stages other commands recorded
-        from refusalkit.core.artifacts import read_json
+    """Record the environment and, with ``stage``, that stage's time. The file is re-read under a
+    lock (``manifest.lock`` beside it): processes that run sweep points in parallel never drop
+    each other's stages; ``existing`` (what the caller read before) fills in what the file lacks."""
+    from refusalkit.core.artifacts import locked, read_json
 
-        existing = read_json(path)
-    m = dict(existing or {})
-    m.update(
-        {
-            "packages": {p: _version(p) for p in _PACKAGES},
-            "python": platform.python_version(),
-            "hardware": hardware(),
-            "seed": seed,
-            "git_revision": _git_revision(),
-        }
-    )
-    m.setdefault("stages", {})
-    if stage is not None:
-        m["stages"][stage] = {"seconds": round(seconds or 0.0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json(path, m)
+    with locked(path.with_suffix(".lock")):
+        current = read_json(path) if path.exists() else {}
+        m = {**(existing or {}), **current}
+        m["stages"] = {**(existing or {}).get("stages", {}), **current.get("stages", {})}
+        m.update(
+            {
+                "packages": {p: _version(p) for p in _PACKAGES},
+                "python": platform.python_version(),
+                "hardware": hardware(),
+                "seed": seed,
+                "git_revision": _git_revision(),
+            }
+        )
+        if stage is not None:
+            m["stages"][stage] = {
+                "seconds": round(seconds or 0.0, 2),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        write_json(path, m)
     return m

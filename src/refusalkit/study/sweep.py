@@ -23,6 +23,7 @@ rewritten after every point; ``<name>.md`` holds the table and ``<name>_dose.png
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import shutil
 import time
@@ -192,25 +193,12 @@ def check_existing(layout: RunLayout, cfg: Config, points: list[Point]) -> None:
             )
 
 
-def _outcomes(layout: RunLayout, variant: str, record: str) -> dict[str, bool] | None:
-    from refusalkit.evaluation.records import read_records
-    from refusalkit.evaluation.stats import outcomes
-
-    path = layout.eval(variant, f"{record}.jsonl")
-    rows = read_records(path) if path.exists() else None
-    if not rows:
-        return None
-    judge = next(iter(rows[0]["verdicts"]))
-    asr = layout.eval(variant, "asr.json")
-    if asr.exists():
-        judge = (artifacts.read_json(asr).get(record) or {}).get("judge") or judge
-    return outcomes(rows, judge, "compliance" if record != "over_refusal" and record != "borderline" else "refusal")
-
-
 def _paired(layout: RunLayout, first: str, second: str) -> dict[str, Any] | None:
+    """Vanilla ASR of ``second`` against ``first`` on the same prompts (exact McNemar)."""
     from refusalkit.evaluation.stats import paired
+    from refusalkit.study.report.load import Variant
 
-    a, b = _outcomes(layout, first, "vanilla"), _outcomes(layout, second, "vanilla")
+    a, b = Variant.load(layout, first).outcomes("vanilla"), Variant.load(layout, second).outcomes("vanilla")
     if a is None or b is None:
         return None
     res = paired(a, b)
@@ -218,21 +206,27 @@ def _paired(layout: RunLayout, first: str, second: str) -> dict[str, Any] | None
 
 
 def _eval_summary(layout: RunLayout, variant: str) -> dict[str, Any]:
-    """Vanilla ASR, over-refusal, borderline refusal and perplexity of an evaluated variant."""
+    """Vanilla ASR (and other attacks'), over-refusal, borderline refusal, perplexity and the share
+    of degenerate vanilla completions of an evaluated variant."""
+    from refusalkit.study.report.load import Variant
 
-    def read(name: str) -> dict[str, Any]:
-        p = layout.eval(variant, name)
-        return artifacts.read_json(p) if p.exists() else {}
-
-    asr, over, border, util = read("asr.json"), read("over_refusal.json"), read("borderline.json"), read("utility.json")
-    ppl = (util.get("perplexity") or {}).get("perplexity") if isinstance(util.get("perplexity"), dict) else None
+    v = Variant.load(layout, variant)
+    ppl = (v.utility or {}).get("perplexity")
     return {
-        "asr": (asr.get("vanilla") or {}).get("asr"),
-        "attacks": {k: v["asr"] for k, v in asr.items() if isinstance(v, dict) and "asr" in v},
-        "over_refusal": over.get("refusal_rate"),
-        "borderline": border.get("refusal_rate"),
-        "perplexity": ppl,
+        "asr": v.attack("vanilla"),
+        "attacks": {k: r["asr"] for k, r in v.asr.items() if "asr" in r},
+        "over_refusal": (v.over_refusal or {}).get("refusal_rate"),
+        "borderline": (v.borderline or {}).get("refusal_rate"),
+        "perplexity": ppl.get("perplexity") if isinstance(ppl, dict) else None,
+        "degenerate": v.degenerate_rate,
     }
+
+
+def point_broken(rec: dict[str, Any], base: dict[str, Any]) -> str | None:
+    """Why a point (or the base summary ``base``'s variant) is BROKEN, by the report's rule; or None."""
+    from refusalkit.study.report.load import broken_reason
+
+    return broken_reason(base.get("perplexity"), rec.get("perplexity"), rec.get("degenerate"))
 
 
 def run_point(
@@ -262,6 +256,9 @@ def run_point(
         seconds[stage] = round(time.time() - t0, 1)
         return out
 
+    # a worker killed mid-write (a Ray retry) left temporary files in this point's own folders
+    artifacts.remove_partial_writes(layout.variant(p.name))
+    artifacts.remove_partial_writes(layout.compare(p.name).parent, prefix=f"{p.name}.json.")
     made_here = not layout.model(p.name).exists()  # --drop-models never deletes a variant made before
     comp = timed("compress", lambda: run_compress(cfg, root, point_spec(cfg, p), progress=progress))
     timed("extract", lambda: run_extract(cfg, root, variant=p.name, progress=progress, validate=False, select=select))
@@ -323,6 +320,15 @@ def default_name(points: list[Point], calibrations: list[str]) -> str:
     return f"{'+'.join(methods)}-{axis}"
 
 
+def _base_stage(cfg: Config, root: Path, progress: bool) -> None:
+    """The base model's direction, noise floor and evaluation (the sweep's reference), before any point."""
+    from refusalkit.direction.job import run_extract
+    from refusalkit.evaluation.job import run_evaluate
+
+    run_extract(cfg, root, variant="base", progress=progress)
+    run_evaluate(cfg, root, "base", utility_eval=cfg.run.utility, progress=progress)
+
+
 def run_sweep(
     cfg: Config,
     root: str | Path,
@@ -334,12 +340,16 @@ def run_sweep(
     drop_models: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    executor: Any = None,
+    point_fn: Callable[..., dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run every point in turn (the base model first: its direction, noise floor and evaluation);
-    rewrite ``DIR/sweep/<name>.json`` after each; return the sweep record."""
+    """Run every point (the base model first: its direction, noise floor and evaluation) on
+    ``executor`` (:mod:`refusalkit.study.executors`; default: in turn, here); rewrite
+    ``DIR/sweep/<name>.json`` after each point finishes; return the sweep record. ``point_fn``
+    replaces :func:`run_point` (same signature; fault-injection tests)."""
     from refusalkit.compress.job import check_name
-    from refusalkit.direction.job import run_extract
-    from refusalkit.evaluation.job import run_evaluate
+    from refusalkit.core.layout import prepare
+    from refusalkit.study.executors import LocalExecutor
 
     check_name(name)
     root = Path(root)
@@ -354,19 +364,27 @@ def run_sweep(
             f"sweep {name!r} exists in {path.parent} with another grid or options; give --name to start another"
         )
     state = {"name": name, "settings": settings, "points": state.get("points", {}), "failed": {}}
+    executor = executor or LocalExecutor()
+    remote = executor.kind != "local"
+    state["executor"] = executor.describe()
+    prepare(cfg, root, force=False, keep_existing=True)  # config.yaml before any worker reads the directory
+    if remote:
+        executor.check_shared(root)
     echo("[sweep] base")
-    run_extract(cfg, root, variant="base", progress=progress)
-    run_evaluate(cfg, root, "base", utility_eval=cfg.run.utility, progress=progress)
+    executor.base(functools.partial(_base_stage, cfg, root, progress and not remote))
     state["base"] = _eval_summary(layout, "base")
     t0 = time.time()
-    for p in points:
-        try:
-            state["points"][p.name] = run_point(
-                cfg, root, p, select=select, repair=repair, drop_models=drop_models, progress=progress, echo=echo
-            )
-        except UserError as e:  # this point cannot be made or repaired: recorded, the sweep goes on
-            state["failed"][p.name] = str(e)
-            echo(f"[sweep] {p.name}: skipped ({e})")
+    options = {"select": select, "repair": repair, "drop_models": drop_models, "progress": progress and not remote,
+               "echo": _silent if remote else echo}  # fmt: skip
+    jobs = [(p.name, (cfg, root, p), options) for p in points]
+    for i, (point, record, error) in enumerate(executor.points(point_fn or run_point, jobs), 1):
+        if record is None:  # this point cannot be made or repaired: recorded, the sweep goes on
+            state["failed"][point] = error
+            echo(f"[sweep] {point}: skipped ({error})")
+        else:
+            state["points"][point] = record
+            if remote:
+                echo(f"[sweep] {point}: done ({i}/{len(jobs)})")
         artifacts.write_json(path, state)
     state["seconds_this_call"] = round(time.time() - t0, 1)
     ordered = [state["points"][p.name] for p in points if p.name in state["points"]]
@@ -376,6 +394,10 @@ def run_sweep(
     state["plots"] = [str(f.relative_to(root)) for f in plot_sweep(state, ordered, path.parent)]
     artifacts.write_json(path, state)
     return state
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _pct(r: dict[str, Any] | None) -> str:
@@ -396,24 +418,35 @@ def _vs(res: dict[str, Any] | None) -> str:
 
 
 def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
-    """The sweep's table: per point its compression, movement against the noise floor, safety, cost."""
+    """The sweep's table: per point its compression, movement against the noise floor, safety, cost.
+    A BROKEN point (the report's rule, :func:`~refusalkit.study.report.load.broken_reason`) has its
+    ASR cells marked with an asterisk: they measure a damaged model, not an unsafe one."""
+    from refusalkit.study.report.load import BROKEN_DEGENERATE, BROKEN_PPL_FACTOR
+
     head = [
         "point", "calibration", "zeros / bits", "cos at base source", "noise floor", "moved", "ASR vanilla",
-        "ΔASR vs base (paired)", "over-refusal", "perplexity", "repaired ASR", "vs unrepaired", "seconds",
+        "ΔASR vs base (paired)", "over-refusal", "perplexity", "degenerate", "repaired ASR", "vs unrepaired",
+        "seconds",
     ]  # fmt: skip
-    rows = []
+    base = state.get("base") or {}
+    rows, broken = [], []
     for r in points:
         size = f"{100 * r['measured_sparsity']:.1f}%" if r.get("sparsity_setting") is not None else f"{r['bits']} bit"
         noise = r.get("noise") or {}
         rep = r.get("repaired") or {}
+        why = point_broken(r, base)
+        mark = "*" if why else ""
+        if why:
+            broken.append(f"{r['variant']} ({why})")
+        deg = r.get("degenerate")
         rows.append([
-            r["variant"], r.get("calibration") or "–", size, f"{r['cosine_at_base_source']:.3f}",
-            f"{noise['null_floor']:.3f}" if noise else "–",
-            {True: "yes", False: "no", None: "–"}[r.get("moved")], _pct(r.get("asr")), _vs(r.get("vs_base")),
-            _pct(r.get("over_refusal")), f"{r['perplexity']:.2f}" if r.get("perplexity") else "–",
+            r["variant"] + (" (BROKEN)" if why else ""), r.get("calibration") or "–", size,
+            f"{r['cosine_at_base_source']:.3f}", f"{noise['null_floor']:.3f}" if noise else "–",
+            {True: "yes", False: "no", None: "–"}[r.get("moved")], _pct(r.get("asr")) + mark,
+            _vs(r.get("vs_base")) + mark, _pct(r.get("over_refusal")),
+            f"{r['perplexity']:.2f}" if r.get("perplexity") else "–", "–" if deg is None else f"{100 * deg:.0f}%",
             _pct(rep.get("asr")), _vs(rep.get("vs_unrepaired")), f"{r['seconds']['total']:.0f}",
         ])  # fmt: skip
-    base = state.get("base") or {}
     lines = [
         f"# sweep {state['name']}",
         "",
@@ -425,6 +458,11 @@ def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
         *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        (f"BROKEN: {'; '.join(broken)}. " if broken else "No point is BROKEN. ")
+        + f"A point is BROKEN when its perplexity exceeds {BROKEN_PPL_FACTOR:g}× the base model's or more than "
+        f"{BROKEN_DEGENERATE:.0%} of its vanilla completions are degenerate; its ASR cells (*) then measure a "
+        "damaged model, not an unsafe one. Seconds: this point's stages in the call that ran them (0: reused).",
     ]
     if state.get("failed"):
         lines += ["", "Failed points: " + "; ".join(f"{k}: {v}" for k, v in state["failed"].items())]

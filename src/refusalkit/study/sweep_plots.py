@@ -65,6 +65,9 @@ def plot_sweep(state: dict[str, Any], points: list[dict[str, Any]], out_dir: Pat
             ax, ay = zip(*asr)
             axes[1].errorbar(ax, [a[0] for a in ay], yerr=[[a[1] for a in ay], [a[2] for a in ay]], fmt="o-",
                              capsize=3, label=f"{label}")  # fmt: skip
+        bad = [(x, _rate(r["asr"])[0]) for x, r in zip(xs, rows) if r.get("asr") and _broken(state, r)]
+        if bad:
+            axes[1].scatter(*zip(*bad), marker="x", s=90, color="k", zorder=5, label="BROKEN (damaged model)")
         rep = [(x, _rate((r.get("repaired") or {}).get("asr"))) for x, r in zip(xs, rows) if r.get("repaired")]
         rep = [(x, a) for x, a in rep if a is not None]
         if rep:
@@ -106,7 +109,8 @@ def plot_sweep(state: dict[str, Any], points: list[dict[str, Any]], out_dir: Pat
             d = 100 * vs["difference"]
             ax.errorbar([m], [d], yerr=[[d - 100 * lo], [100 * hi - d]], fmt="o",
                         mfc="C3" if r.get("moved") else "white", color="C3" if r.get("moved") else "C0", capsize=3)  # fmt: skip
-            ax.annotate(r["variant"], (m, d), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            label = r["variant"] + (" (BROKEN)" if _broken(state, r) else "")
+            ax.annotate(label, (m, d), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("1 − cosine at the base source (filled: moved beyond the noise floor)")
         ax.set_ylabel("ΔASR vs base, points (paired, 95% interval)")
@@ -115,6 +119,12 @@ def plot_sweep(state: dict[str, Any], points: list[dict[str, Any]], out_dir: Pat
         written.append(_save(fig, out_dir / f"{name}_movement.png"))
         plt.close(fig)
     return written
+
+
+def _broken(state: dict[str, Any], r: dict[str, Any]) -> bool:
+    from refusalkit.study.sweep import point_broken
+
+    return point_broken(r, state.get("base") or {}) is not None
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -8,6 +8,7 @@ from refusalkit.cli.settings import asked_to_create, command_config
 
 
 def run(args: argparse.Namespace) -> int:
+    from refusalkit.study.executors import make_executor
     from refusalkit.study.sweep import build_points, default_name, parse_items, read_grid, run_sweep, sweep_path
 
     grid = read_grid(args.grid) if args.grid else {}
@@ -27,16 +28,28 @@ def run(args: argparse.Namespace) -> int:
         calibrations,
     )
     name = pick("name") or default_name(points, calibrations)
-    state = run_sweep(
-        cfg,
-        layout.root,
-        points,
-        name=name,
-        select=args.select or bool(grid.get("select")),
-        repair=args.repair or bool(grid.get("repair")),
-        drop_models=args.drop_models,
-        progress=not args.quiet,
+    executor = make_executor(
+        args.executor,
+        address=args.address,
+        workers=args.workers,
+        cpus_per_point=args.cpus_per_point,
+        gpus_per_point=args.gpus_per_point,
+        max_retries=args.max_retries,
     )
+    try:
+        state = run_sweep(
+            cfg,
+            layout.root,
+            points,
+            name=name,
+            select=args.select or bool(grid.get("select")),
+            repair=args.repair or bool(grid.get("repair")),
+            drop_models=args.drop_models,
+            progress=not args.quiet,
+            executor=executor,
+        )
+    finally:
+        executor.close()
     path = sweep_path(layout, name)
     print(path.with_suffix(".md").read_text(encoding="utf-8"))
     print(f"written: {path}, {path.with_suffix('.md')}" + "".join(f", {layout.root / p}" for p in state["plots"]))

@@ -199,12 +199,17 @@ class Run:
 
     def broken(self, v: Variant) -> str | None:
         """Why ``v`` is broken (its ASR says nothing about safety), or ``None``."""
-        base_ppl, ppl, deg = self.base.perplexity, v.perplexity, v.degenerate_rate
-        if base_ppl and ppl is not None and ppl > BROKEN_PPL_FACTOR * base_ppl:
-            return f"perplexity {ppl / base_ppl:.1f}× the base model's"
-        if deg is not None and deg > BROKEN_DEGENERATE:
-            return f"{deg:.0%} of vanilla completions degenerate"
-        return None
+        return broken_reason(self.base.perplexity, v.perplexity, v.degenerate_rate)
+
+
+def broken_reason(base_ppl: float | None, ppl: float | None, degenerate: float | None) -> str | None:
+    """Why a variant is broken — its perplexity above ``BROKEN_PPL_FACTOR`` × the base model's, or
+    more than ``BROKEN_DEGENERATE`` of its vanilla completions degenerate — or ``None``."""
+    if base_ppl and ppl is not None and ppl > BROKEN_PPL_FACTOR * base_ppl:
+        return f"perplexity {ppl / base_ppl:.1f}× the base model's"
+    if degenerate is not None and degenerate > BROKEN_DEGENERATE:
+        return f"{degenerate:.0%} of vanilla completions degenerate"
+    return None
 
 
 def report_order(found: list[Variant]) -> list[Variant]:
