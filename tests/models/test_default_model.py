@@ -1,8 +1,8 @@
 """The mechanism on the embedded default model (Qwen2.5-Coder-0.5B-Instruct, dequantized Q4_K_M).
 
-A reduced configuration of the default job (64 + 64 training prompts, 16 + 16 validation
-prompts, 32 + 32 held-out test prompts, 32 new tokens) so the test stays within a few minutes on
-2 CPU cores. The README's figures come from the full default configuration.
+A reduced configuration of the default job — the ``cpu`` profile's extraction: 64 + 64 training
+prompts, 16 + 16 validation prompts (a 2-prompt screen keeping 4 candidates), 32 + 32 held-out test
+prompts, 32 new tokens, 128-row batches — so the test stays within a few minutes on 2 CPU cores. The README's figures come from the full default configuration.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ def default_run(tmp_path_factory):
             "32",
             "--max-new-tokens",
             "32",
+            # the cpu profile's lighter selection and wider batches (refusalkit run's default without a GPU)
+            "--set",
+            "selection.screen_prompts=2",
+            "--set",
+            "selection.screen_keep=4",
+            "--set",
+            "batch_size=128",
         ]
     )
     assert code == 0

@@ -278,6 +278,8 @@ def test_ray_executor_matches_local_and_redoes_a_killed_point(swept, tmp_path_fa
     magnitude-0.5 compresses, leaves a half-written file and kills its own worker; Ray re-runs the
     point, which resumes from the finished compression. The records match the local executor's."""
     pytest.importorskip("ray")
+    import shutil
+
     from refusalkit.cli.parser import build_parser
     from refusalkit.cli.settings import command_config
     from refusalkit.study.executors import make_executor
@@ -286,6 +288,10 @@ def test_ray_executor_matches_local_and_redoes_a_killed_point(swept, tmp_path_fa
     local_root, local_args = swept
     tmp = tmp_path_factory.mktemp("ray")
     root, marker = tmp / "r", tmp / "killed-once"
+    root.mkdir()
+    for name in ("data", "base"):  # the base model's stages are reused (the Ray task finds them done)
+        shutil.copytree(local_root / name, root / name)
+    shutil.copy2(local_root / "config.yaml", root / "config.yaml")
     args = ["-q", "sweep", "--run", str(root), *local_args[4:]]
     cfg, _ = command_config(build_parser().parse_args(args[1:]), may_create=True)
     cfg.evaluation.attacks = ["vanilla"]

@@ -14,6 +14,7 @@ summary (:func:`~refusalkit.evaluation.stats.summarize_rows` plus the prompts an
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import TYPE_CHECKING, Any
 
 from refusalkit.core import artifacts
@@ -288,6 +289,7 @@ def over_refusal(
     sub = dataclasses.replace(ctx, judges=[j for j in ctx.judges if j.name == "substring"])
     items = [Item(p, p, p, "default", GREEDY, {}) for p in prompts]
     settings = {**sub.base_settings(), "attack": name}
+    t0 = time.time()
     rows = run_items(sub, name, items, settings)
     labels = [r["verdicts"]["substring"]["label"] for r in rows]
     res = {
@@ -297,6 +299,7 @@ def over_refusal(
         "judge": "substring",
         "prompts": info,
         "settings": settings,
+        "seconds": round(time.time() - t0, 1),  # this call's (reused records: little)
     }
     artifacts.write_json(ctx.file(f"{name}.json"), res)
     return res
