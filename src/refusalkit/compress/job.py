@@ -201,6 +201,21 @@ def _save_model(lm: LoadedModel, model_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _refuse_fused(lm: LoadedModel, spec: CompressSpec) -> None:
+    """Compression acts on ``nn.Linear`` layers: a model with fused expert tensors (a mixture of
+    experts in transformers 5) would come back with its experts untouched. One line instead."""
+    from refusalkit.models.structure import fused_weights
+
+    for i, block in enumerate(decoder_layers(lm.model)):
+        fused = fused_weights(block)
+        if fused:
+            raise UserError(
+                f"{spec.method} cannot compress this model yet: block {i} keeps its experts in fused tensors "
+                f"({', '.join(fused[:2])}{', …' if len(fused) > 2 else ''}) and refusalkit prunes and quantizes "
+                "nn.Linear layers only (issue 16)"
+            )
+
+
 def _compressed_model(
     cfg: Config, spec: CompressSpec, progress: bool
 ) -> tuple[LoadedModel, dict[str, Any], Calibration | None, str | None]:
@@ -212,8 +227,10 @@ def _compressed_model(
 
     if method.whole_model is not None:
         lm, result, backend = method.whole_model(spec, load)
+        _refuse_fused(lm, spec)
         return lm, result, None, backend
     lm = load()
+    _refuse_fused(lm, spec)
     cal = None
     if method.needs_calibration:
         cal = build_calibration(

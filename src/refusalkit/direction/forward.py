@@ -24,7 +24,14 @@ import torch
 
 from refusalkit.direction.hooks import Hook, RowGroups, add_hooks
 from refusalkit.models.generation import batches, common_prefix_len, pad_left
-from refusalkit.models.kv_cache import cache_keyword, cache_kwargs, new_cache
+from refusalkit.models.kv_cache import (
+    cache_keyword,
+    cache_kwargs,
+    new_cache,
+    prefix_padding_is_exact,
+    repeat_rows,
+    select_rows,
+)
 
 # Tokens actually run through the model by forward_last (prefix once per call + suffixes,
 # padding included); the benchmark reads it to compute achieved FLOP/s.
@@ -63,7 +70,7 @@ def forward_last(
     ``around_batches()``: a context entered after the shared prefix has run, around the batches.
     """
     device = model.get_input_embeddings().weight.device
-    P = common_prefix_len(ids, keep_suffix) if share_prefix else 0
+    P = common_prefix_len(ids, keep_suffix) if share_prefix and prefix_padding_is_exact(model) else 0
     if P < 4:
         P = 0
     order = longest_first(ids)  # results are unsorted below
@@ -116,7 +123,7 @@ def _batch_cache(prefix_cache: Any, group_index: torch.Tensor | None, n_rows: in
     """A copy of the prefix cache with one row per batch row (its group's, or the one prefix repeated)."""
     cache = copy.deepcopy(prefix_cache)
     if group_index is not None:
-        cache.batch_select_indices(group_index)  # a CPU index works for caches on any device
+        select_rows(cache, group_index)  # a CPU index works for caches on any device
     else:
-        cache.batch_repeat_interleave(n_rows)
+        repeat_rows(cache, n_rows)
     return cache

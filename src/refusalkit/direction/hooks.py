@@ -7,8 +7,9 @@ Notation (Arditi et al. 2024, §2.4): ``r`` is a difference-in-means direction a
 ``r̂ = r / ‖r‖``.
 
 * Directional ablation (their Eq. 4): ``x' = x − r̂ r̂ᵀ x`` applied to the input of every
-  decoder block and to the outputs of every attention and MLP module, so no component along
-  ``r̂`` is ever written to the residual stream.
+  decoder block and to every output added to the residual stream — of each attention, MLP (or
+  mixture of experts) and state-space mixer, after its post-norm where a block has one — so no
+  component along ``r̂`` is ever written to the residual stream.
 * Activation addition (their Eq. 5): ``x' = x + α r`` at the input of the source block only,
   at every token position, with the raw (un-normalized) ``r`` and ``α = 1`` by default.
 """
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from refusalkit.models.structure import attn_module, decoder_layers, mlp_module
+from refusalkit.models.structure import branches, decoder_layers, post_norms
 
 Hook = tuple[nn.Module, Callable]
 
@@ -101,12 +102,17 @@ def _edit_output(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     return hook
 
 
+def residual_outputs(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are added to the residual stream: each branch of each block
+    (attention, MLP or mixture of experts, state-space mixer), or its post-norm where it has one."""
+    norms = post_norms(model)
+    return [norms.get(id(br), br) for b in decoder_layers(model) for _, br in branches(b)]
+
+
 def _ablation(model: nn.Module, units: Callable) -> tuple[list[Hook], list[Hook]]:
     ablate = lambda x: project_out(x, units(x))  # noqa: E731
-    blocks = decoder_layers(model)
-    pre = [(b, _edit_input(ablate)) for b in blocks]
-    fwd = [(attn_module(b), _edit_output(ablate)) for b in blocks]
-    fwd += [(mlp_module(b), _edit_output(ablate)) for b in blocks]
+    pre = [(b, _edit_input(ablate)) for b in decoder_layers(model)]
+    fwd = [(m, _edit_output(ablate)) for m in residual_outputs(model)]
     return pre, fwd
 
 

@@ -38,7 +38,15 @@ from typing import Any
 
 import torch
 
-from refusalkit.models.kv_cache import cache_keyword, cache_kwargs, new_cache
+from refusalkit.models.kv_cache import (
+    cache_keyword,
+    cache_kwargs,
+    has_attention_layers,
+    new_cache,
+    prefix_padding_is_exact,
+    repeat_rows,
+    select_rows,
+)
 from refusalkit.models.loading import LoadedModel
 from refusalkit.models.sampler import Decoding, RowParams, next_tokens, row_uniforms
 
@@ -124,7 +132,7 @@ def _prefill(model: Any, rows: list[list[int]], pad_id: int, device: torch.devic
     pos = (n_prefix + mask.cumsum(-1) - 1).clamp(min=n_prefix)
     if n_prefix:
         cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(len(rows))
+        repeat_rows(cache, len(rows))
         mask = torch.cat([mask.new_ones((len(rows), n_prefix)), mask], dim=-1)
     else:
         cache = new_cache(model)
@@ -155,6 +163,7 @@ def _decode(
     ``logits [R, V]``, ``uniforms [R, max_new_tokens]``). Returns each row's new tokens, up to
     and including its stop token."""
     n = logits.shape[0]
+    attends = has_attention_layers(model)  # a pure state-space model takes no mask once decoding
     keyword = cache_keyword(model)
     out: list[list[int]] = [[] for _ in range(n)]
     alive = torch.arange(n)  # original row of each batch row
@@ -170,14 +179,14 @@ def _decode(
             break
         if int(done.sum()) >= COMPACT_SHARE * len(alive):
             keep = (~done).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
+            select_rows(cache, keep)
             mask, pos, tok, params, done = mask[keep], pos[keep], tok[keep], params.select(keep), done[keep]
             alive = alive[keep.cpu()]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         pos = pos + 1
         res = model(
             input_ids=tok.unsqueeze(-1),
-            attention_mask=mask,
+            attention_mask=mask if attends else None,
             position_ids=pos,
             logits_to_keep=1,
             **cache_kwargs(cache, keyword),
@@ -229,7 +238,7 @@ def generate_ids(
     stop = torch.tensor(stop_ids if stop_ids is not None else default_stop_ids(lm), dtype=torch.long, device=device)
     per_batch, chunks = plan_batches(len(ids), len(decodings), batch_size)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
-    n_prefix = common_prefix_len(ids, 1) if share_prefix else 0
+    n_prefix = common_prefix_len(ids, 1) if share_prefix and prefix_padding_is_exact(model) else 0
     n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
     prefix = (n_prefix, _prefix_cache(model, ids[0][:n_prefix], device) if n_prefix else None)
     out: list[list[list[int]]] = [[[] for _ in decodings] for _ in ids]
@@ -241,7 +250,7 @@ def generate_ids(
             c = len(decs)
             # the last chunk takes the prefill cache itself; earlier ones a copy
             rep = cache if n_chunk == len(chunks) - 1 else copy.deepcopy(cache)
-            rep.batch_repeat_interleave(c)
+            repeat_rows(rep, c)
             params = RowParams.of([d for _ in idx for d in decs], device)
             uniforms = torch.stack([row_uniforms(seed, keys[i], d.name, max_new_tokens) for i in idx for d in decs])
             rows = _decode(

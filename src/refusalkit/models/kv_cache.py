@@ -57,3 +57,62 @@ def new_cache(model: Any) -> Any:
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
+
+
+def _rows(cache: Any) -> int:
+    """The batch size of a filled cache (attention keys, or a state-space layer's states)."""
+    import torch
+
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.numel():
+            return keys.shape[0]
+        for states in (getattr(layer, "conv_states", None), getattr(layer, "recurrent_states", None)):
+            for s in states.values() if isinstance(states, dict) else states or []:
+                if isinstance(s, torch.Tensor) and s.numel():
+                    return s.shape[0]
+    raise ValueError("the cache holds no rows yet")
+
+
+def _every_layer_has(cache: Any, method: str) -> bool:
+    return all(hasattr(layer, method) for layer in getattr(cache, "layers", []))
+
+
+def repeat_rows(cache: Any, n: int) -> None:
+    """Repeat every row of ``cache`` ``n`` times in place (row ``i`` becomes rows ``i·n … i·n+n−1``).
+    Attention layers use ``batch_repeat_interleave``; layers without it (a state-space model's
+    conv and recurrent states) are re-indexed through ``reorder_cache``, which every layer has."""
+    if n == 1:
+        return
+    if _every_layer_has(cache, "batch_repeat_interleave"):
+        cache.batch_repeat_interleave(n)
+        return
+    import torch
+
+    cache.reorder_cache(torch.arange(_rows(cache)).repeat_interleave(n))
+
+
+def select_rows(cache: Any, index: Any) -> None:
+    """Keep rows ``index`` (a CPU LongTensor, repeats allowed) of ``cache`` in place."""
+    if _every_layer_has(cache, "batch_select_indices"):
+        cache.batch_select_indices(index)
+    else:
+        cache.reorder_cache(index)
+
+
+def prefix_padding_is_exact(model: Any) -> bool:
+    """Whether a shared prefix may be followed by left padding: true when every layer of the
+    model's cache is attention (the padding is masked out). A state-space layer (conv and
+    recurrent states) runs its recurrence through padding placed after a prefix — its state decays
+    over the pad steps — so such models prefill whole prompts, whose padding sits before the first
+    token, where a zero state stays zero."""
+    return not any(hasattr(layer, "conv_states") for layer in getattr(new_cache(model), "layers", []))
+
+
+def has_attention_layers(model: Any) -> bool:
+    """Whether any layer of the model's cache is attention (keys and values; not only the conv and
+    recurrent states of a state-space layer). A decode step of a model without one takes no
+    attention mask: its mixers multiply their input by the mask, which must then cover the new
+    token only (transformers' own generation passes none)."""
+    layers = getattr(new_cache(model), "layers", [])
+    return not layers or any(not hasattr(layer, "conv_states") for layer in layers)

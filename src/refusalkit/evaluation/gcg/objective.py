@@ -13,7 +13,7 @@ import torch
 from refusalkit.core.errors import UserError
 from refusalkit.evaluation.gcg.candidates import target_loss
 from refusalkit.evaluation.gcg.tokens import SuffixCodec, make_segments
-from refusalkit.models.kv_cache import cache_keyword, cache_kwargs, new_cache
+from refusalkit.models.kv_cache import cache_keyword, cache_kwargs, new_cache, repeat_rows
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ class GCGObjective(SuffixCodec):
         if prefix is None:
             return {}
         cache = copy.deepcopy(prefix)
-        if batch > 1:
-            cache.batch_repeat_interleave(batch)
+        repeat_rows(cache, batch)
         return cache_kwargs(cache, self.cache_keyword)
 
     def _tail(self, g: int) -> torch.Tensor:
