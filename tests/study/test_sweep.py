@@ -197,6 +197,9 @@ def test_sweep_resumes_and_redoes_only_what_is_missing(swept, capsys):
         assert a["cosine_at_base_source"] == b["cosine_at_base_source"] and a["asr"] == b["asr"], name
     # the points that were complete cost nothing: no compression, extraction or evaluation ran again
     assert again["points"]["magnitude-0.1"]["seconds"]["compress"] < 5
+    # the seconds of the call that made the point are kept
+    made = again["points"]["magnitude-0.1"]["seconds_when_made"]
+    assert made == state["points"]["magnitude-0.1"]["seconds_when_made"] and made["total"] > 1
     # another grid under the same name: one line, exit 2
     assert main([*args[:-1], "0.1,0.5"]) == 2
     assert "another grid" in capsys.readouterr().err

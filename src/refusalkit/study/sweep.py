@@ -382,7 +382,7 @@ def run_sweep(
             state["failed"][point] = error
             echo(f"[sweep] {point}: skipped ({error})")
         else:
-            state["points"][point] = record
+            state["points"][point] = _keep_first_seconds(state["points"].get(point), record)
             if remote:
                 echo(f"[sweep] {point}: done ({i}/{len(jobs)})")
         artifacts.write_json(path, state)
@@ -394,6 +394,15 @@ def run_sweep(
     state["plots"] = [str(f.relative_to(root)) for f in plot_sweep(state, ordered, path.parent)]
     artifacts.write_json(path, state)
     return state
+
+
+def _keep_first_seconds(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``seconds`` is what this call spent on the point (a reused stage: about 0);
+    ``seconds_when_made`` keeps the call that spent the most on it — the one that made it."""
+    made = (old or {}).get("seconds_when_made") or (old or {}).get("seconds")
+    if not made or made["total"] < new["seconds"]["total"]:
+        made = new["seconds"]
+    return {**new, "seconds_when_made": made}
 
 
 def _silent(_: str) -> None:
@@ -445,7 +454,8 @@ def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
             {True: "yes", False: "no", None: "–"}[r.get("moved")], _pct(r.get("asr")) + mark,
             _vs(r.get("vs_base")) + mark, _pct(r.get("over_refusal")),
             f"{r['perplexity']:.2f}" if r.get("perplexity") else "–", "–" if deg is None else f"{100 * deg:.0f}%",
-            _pct(rep.get("asr")), _vs(rep.get("vs_unrepaired")), f"{r['seconds']['total']:.0f}",
+            _pct(rep.get("asr")), _vs(rep.get("vs_unrepaired")),
+            f"{(r.get('seconds_when_made') or r['seconds'])['total']:.0f}",
         ])  # fmt: skip
     lines = [
         f"# sweep {state['name']}",
@@ -462,7 +472,7 @@ def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
         (f"BROKEN: {'; '.join(broken)}. " if broken else "No point is BROKEN. ")
         + f"A point is BROKEN when its perplexity exceeds {BROKEN_PPL_FACTOR:g}× the base model's or more than "
         f"{BROKEN_DEGENERATE:.0%} of its vanilla completions are degenerate; its ASR cells (*) then measure a "
-        "damaged model, not an unsafe one. Seconds: this point's stages in the call that ran them (0: reused).",
+        "damaged model, not an unsafe one. Seconds: the point's stages in the call that made it.",
     ]
     if state.get("failed"):
         lines += ["", "Failed points: " + "; ".join(f"{k}: {v}" for k, v in state["failed"].items())]
