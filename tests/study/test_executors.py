@@ -86,8 +86,9 @@ def test_remove_partial_writes(tmp_path):
         f.write_text("half")
     (v / ".model.k3j2h1g0").mkdir()  # a half-saved model folder
     (v / ".model.k3j2h1g0" / "model.safetensors").write_bytes(b"\0" * 16)
+    (v / ".model.old-1764500000").mkdir()  # a replaced model folder not yet removed
     removed = artifacts.remove_partial_writes(v)
-    assert sorted(removed) == sorted([*left, v / ".model.k3j2h1g0"])
+    assert sorted(removed) == sorted([*left, v / ".model.k3j2h1g0", v / ".model.old-1764500000"])
     assert all(f.exists() for f in keep) and not (v / ".model.k3j2h1g0").exists()
     # with a prefix: only that variant's leftovers in a shared folder
     cmp = tmp_path / "compare"

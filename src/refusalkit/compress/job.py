@@ -9,6 +9,7 @@ the measured sparsity (overall and per layer), bits, size on disk, wall time and
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import resource
@@ -170,16 +171,23 @@ def compress_model(
     per_layer: dict[str, dict[str, float]] = {}
     notes: dict[str, Any] = {}
     inputs = capture_inputs(model, cal.samples, spec.batch_size) if method.needs_calibration else None
-    for i, layer in enumerate(decoder_layers(model)):
-        lins = linear_layers(layer)
-        before = {n: lin.weight.detach().clone() for n, lin in lins.items()}
-        inputs = method.compress_block(BlockStep(i, layer, lins, inputs, spec, notes))
-        for n, lin in lins.items():
-            per_layer[f"{i}.{n}"] = layer_record(before[n], lin.weight)
-        del before
-        release_memory()
-        if progress:
-            progress(1)
+    # The objects alive now (the model, tokenizer, imported modules) are moved out of the collector's
+    # reach, so the full collection after each block only walks what that block made: it took 17%
+    # of a SmolLM2 sweep's time walking every object of the process (measured with cProfile).
+    gc.freeze()
+    try:
+        for i, layer in enumerate(decoder_layers(model)):
+            lins = linear_layers(layer)
+            before = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+            inputs = method.compress_block(BlockStep(i, layer, lins, inputs, spec, notes))
+            for n, lin in lins.items():
+                per_layer[f"{i}.{n}"] = layer_record(before[n], lin.weight)
+            del before
+            release_memory()
+            if progress:
+                progress(1)
+    finally:
+        gc.unfreeze()
     return {"per_layer": per_layer, "notes": notes}
 
 

@@ -60,7 +60,8 @@ def locked(lock_file: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-_PARTIAL_DIR = re.compile(r"^\..+\.[A-Za-z0-9_]{8}$")  # make_temp_dir: .<name>.<8 random characters>
+# make_temp_dir: .<name>.<8 random characters>; a replaced model folder being removed: .<name>.old-<time>
+_PARTIAL_DIR = re.compile(r"^\..+\.([A-Za-z0-9_]{8}|old-\d+)$")
 
 
 def remove_partial_writes(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
