@@ -144,7 +144,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not out_dir.is_dir():  # not another process's finished copy (parallel sweep points)
+                raise
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the converter is the user's file
