@@ -335,3 +335,27 @@ def test_ray_executor_matches_local_and_redoes_a_killed_point(swept, tmp_path_fa
     # the CLI on the finished directory: every point reused, on Ray
     assert main([*args, "--executor", "ray", "--workers", "2"]) == 0
     assert ": done (3/3)" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_a_dropped_finished_point_is_not_redone(swept, tmp_path):
+    """--drop-models deletes a point's model once it is evaluated; running the sweep again reads
+    the point's records instead of compressing it again (which would discard them)."""
+    import shutil
+
+    local_root, local_args = swept
+    root = tmp_path / "r"
+    root.mkdir()
+    for name in ("data", "base"):
+        shutil.copytree(local_root / name, root / name)
+    shutil.copy2(local_root / "config.yaml", root / "config.yaml")
+    args = ["-q", "sweep", "--run", str(root), *local_args[4:-4], "--method", "magnitude", "--sparsity", "0.5"]
+    assert main([*args, "--drop-models"]) == 0
+    assert not (root / "magnitude-0.5" / "model").exists()
+    stamp = (root / "magnitude-0.5" / "compression.json").stat().st_mtime_ns
+    first = json.loads((root / "sweep" / "magnitude-sparsity.json").read_text())["points"]["magnitude-0.5"]
+    assert main(args) == 0
+    again = json.loads((root / "sweep" / "magnitude-sparsity.json").read_text())["points"]["magnitude-0.5"]
+    assert (root / "magnitude-0.5" / "compression.json").stat().st_mtime_ns == stamp
+    assert again["seconds"]["total"] < 1 and again["asr"] == first["asr"]
+    assert again["cosine_at_base_source"] == first["cosine_at_base_source"]

@@ -229,6 +229,17 @@ def point_broken(rec: dict[str, Any], base: dict[str, Any]) -> str | None:
     return broken_reason(base.get("perplexity"), rec.get("perplexity"), rec.get("degenerate"))
 
 
+def _dropped_and_finished(layout: RunLayout, name: str, select: bool, attacks: list[str]) -> bool:
+    """A point whose model folder ``--drop-models`` removed after every stage this sweep asks for
+    had finished: its records stand (re-compressing it would discard them and redo the point)."""
+    done = [layout.compression(name), layout.compare(name), layout.eval(name, "asr.json")]
+    if select:
+        done.append(layout.direction(name, "direction.json"))
+    if layout.has_model(name) or not all(f.is_file() for f in done):
+        return False
+    return set(attacks) <= set(artifacts.read_json(layout.eval(name, "asr.json")))
+
+
 def run_point(
     cfg: Config,
     root: Path,
@@ -260,10 +271,17 @@ def run_point(
     artifacts.remove_partial_writes(layout.variant(p.name))
     artifacts.remove_partial_writes(layout.compare(p.name).parent, prefix=f"{p.name}.json.")
     made_here = not layout.model(p.name).exists()  # --drop-models never deletes a variant made before
-    comp = timed("compress", lambda: run_compress(cfg, root, point_spec(cfg, p), progress=progress))
-    timed("extract", lambda: run_extract(cfg, root, variant=p.name, progress=progress, validate=False, select=select))
-    cmp = timed("compare", lambda: run_compare(cfg, root, p.name, quality=select))
-    timed("evaluate", lambda: run_evaluate(cfg, root, p.name, utility_eval=cfg.run.utility, progress=progress))
+    if _dropped_and_finished(
+        layout, p.name, select, cfg.evaluation.attacks
+    ):  # --drop-models deleted it after it was done
+        comp, cmp = artifacts.read_json(layout.compression(p.name)), artifacts.read_json(layout.compare(p.name))
+        seconds.update(compress=0.0, extract=0.0, compare=0.0, evaluate=0.0)
+    else:
+        comp = timed("compress", lambda: run_compress(cfg, root, point_spec(cfg, p), progress=progress))
+        timed("extract", lambda: run_extract(cfg, root, variant=p.name, progress=progress, validate=False,
+                                             select=select))  # fmt: skip
+        cmp = timed("compare", lambda: run_compare(cfg, root, p.name, quality=select))
+        timed("evaluate", lambda: run_evaluate(cfg, root, p.name, utility_eval=cfg.run.utility, progress=progress))
     rec: dict[str, Any] = {
         "variant": p.name,
         "method": p.method,
