@@ -114,7 +114,9 @@ def test_table_and_plots_on_hand_made_points(tmp_path):
     ]
     state = {"name": "wanda-sparsity", "base": {"asr": _rate(0.27), "over_refusal": _rate(0.1), "perplexity": 24.1}}
     md = table_markdown(state, pts)
-    assert "| wanda-0.25 | wikipedia | 25.0% | 0.990 | 0.950 | no | 28% [19–37] | +1 pt" in md
+    assert "| wanda-0.25 | wikipedia | 25.0% | 0.990 | 0.950 | no | – | 28% [19–37] | +1 pt" in md
+    pts[1]["source"], pts[1]["source_shifted"] = {"layer": 13, "position": -1}, True
+    assert "| yes | L13/-1 (shifted) |" in table_markdown(state, pts)
     assert "| yes |" in md and "p = 1.0e-09" in md
     # perplexity above 3x the base model's (105 vs 24.1), or most completions degenerate: BROKEN, ASR starred
     assert "| wanda-0.75 (BROKEN) |" in md and "70% [61–79]* | +43 pt" in md and "| wanda-0.25 |" in md

@@ -444,6 +444,14 @@ def _vs(res: dict[str, Any] | None) -> str:
     return f"{100 * res['difference']:+.0f} pt (+{res['only_second']}/−{res['only_first']}, p = {_p(res['p'])})"
 
 
+def _source(r: dict[str, Any]) -> str:
+    """The point's own source (with ``--select``), and whether it left the base's stable set."""
+    src = r.get("source")
+    if not src:
+        return "–"
+    return f"L{src['layer']}/{src['position']}" + (" (shifted)" if r.get("source_shifted") else " (within noise)")
+
+
 def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
     """The sweep's table: per point its compression, movement against the noise floor, safety, cost.
     A BROKEN point (the report's rule, :func:`~refusalkit.study.report.load.broken_reason`) has its
@@ -451,7 +459,7 @@ def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
     from refusalkit.study.report.load import BROKEN_DEGENERATE, BROKEN_PPL_FACTOR
 
     head = [
-        "point", "calibration", "zeros / bits", "cos at base source", "noise floor", "moved", "ASR vanilla",
+        "point", "calibration", "zeros / bits", "cos at base source", "noise floor", "moved", "source", "ASR vanilla",
         "ΔASR vs base (paired)", "over-refusal", "perplexity", "degenerate", "repaired ASR", "vs unrepaired",
         "seconds",
     ]  # fmt: skip
@@ -469,7 +477,7 @@ def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
         rows.append([
             r["variant"] + (" (BROKEN)" if why else ""), r.get("calibration") or "–", size,
             f"{r['cosine_at_base_source']:.3f}", f"{noise['null_floor']:.3f}" if noise else "–",
-            {True: "yes", False: "no", None: "–"}[r.get("moved")], _pct(r.get("asr")) + mark,
+            {True: "yes", False: "no", None: "–"}[r.get("moved")], _source(r), _pct(r.get("asr")) + mark,
             _vs(r.get("vs_base")) + mark, _pct(r.get("over_refusal")),
             f"{r['perplexity']:.2f}" if r.get("perplexity") else "–", "–" if deg is None else f"{100 * deg:.0f}%",
             _pct(rep.get("asr")), _vs(rep.get("vs_unrepaired")),
