@@ -177,7 +177,9 @@ def _call(fn: Callable[[], Any]) -> None:
 
 def _sees(root: str) -> bool:
     """In a worker: the driver's run directory is there (its config file, written by the driver)."""
-    return (Path(root) / "config.yaml").is_file()
+    from refusalkit.core.layout import RunLayout
+
+    return RunLayout(Path(root)).config.is_file()
 
 
 def make_executor(
