@@ -158,12 +158,13 @@ def _decode(
     max_new_tokens: int,
     pad_id: int,
     stop: torch.Tensor,
+    attends: bool,
 ) -> list[list[int]]:
     """Decode ``R`` rows whose prompts are in ``cache`` (``mask [R, L]``, ``pos [R, 1]``, first-step
     ``logits [R, V]``, ``uniforms [R, max_new_tokens]``). Returns each row's new tokens, up to
-    and including its stop token."""
+    and including its stop token. ``attends`` (:func:`has_attention_layers`): False for a pure
+    state-space model, whose decode steps take no attention mask."""
     n = logits.shape[0]
-    attends = has_attention_layers(model)  # a pure state-space model takes no mask once decoding
     keyword = cache_keyword(model)
     out: list[list[int]] = [[] for _ in range(n)]
     alive = torch.arange(n)  # original row of each batch row
@@ -241,6 +242,7 @@ def generate_ids(
     n_prefix = common_prefix_len(ids, 1) if share_prefix and prefix_padding_is_exact(model) else 0
     n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
     prefix = (n_prefix, _prefix_cache(model, ids[0][:n_prefix], device) if n_prefix else None)
+    attends = has_attention_layers(model)
     out: list[list[list[int]]] = [[[] for _ in decodings] for _ in ids]
     for s in range(0, len(order), per_batch):
         idx = order[s : s + per_batch]
@@ -264,6 +266,7 @@ def generate_ids(
                 max_new_tokens=max_new_tokens,
                 pad_id=pad_id,
                 stop=stop,
+                attends=attends,
             )
             for r, new in enumerate(rows):
                 out[idx[r // c]][chunk.start + r % c] = new

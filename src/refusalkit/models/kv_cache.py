@@ -100,13 +100,20 @@ def select_rows(cache: Any, index: Any) -> None:
         cache.reorder_cache(index)
 
 
+def _state_space_layers(model: Any) -> tuple[int, int]:
+    """(layers holding a state-space layer's conv and recurrent states, all layers) of the
+    model's cache."""
+    layers = getattr(new_cache(model), "layers", [])
+    return sum(hasattr(layer, "conv_states") for layer in layers), len(layers)
+
+
 def prefix_padding_is_exact(model: Any) -> bool:
     """Whether a shared prefix may be followed by left padding: true when every layer of the
     model's cache is attention (the padding is masked out). A state-space layer (conv and
     recurrent states) runs its recurrence through padding placed after a prefix — its state decays
     over the pad steps — so such models prefill whole prompts, whose padding sits before the first
     token, where a zero state stays zero."""
-    return not any(hasattr(layer, "conv_states") for layer in getattr(new_cache(model), "layers", []))
+    return _state_space_layers(model)[0] == 0
 
 
 def has_attention_layers(model: Any) -> bool:
@@ -114,5 +121,5 @@ def has_attention_layers(model: Any) -> bool:
     recurrent states of a state-space layer). A decode step of a model without one takes no
     attention mask: its mixers multiply their input by the mask, which must then cover the new
     token only (transformers' own generation passes none)."""
-    layers = getattr(new_cache(model), "layers", [])
-    return not layers or any(not hasattr(layer, "conv_states") for layer in layers)
+    n_ssm, n = _state_space_layers(model)
+    return n == 0 or n_ssm < n
