@@ -16,60 +16,9 @@ from refusalkit.direction.hooks import ablation_hooks, add_hooks, residual_outpu
 from refusalkit.direction.orthogonalize import orthogonalize
 from refusalkit.models.structure import block_writers, decoder_layers, fused_weights, mlp_down_proj, post_norms
 
-from conftest import HIDDEN, VOCAB
+from conftest import HIDDEN
+from families import FAMILIES, E, make
 
-E = 4  # experts
-
-
-def _cfg(cls, tokenizer, **kw):
-    base = dict(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False,
-    )  # fmt: skip
-    return cls(**{**base, **kw})
-
-
-def make(family: str, tokenizer, seed: int = 0):
-    import transformers as T
-
-    specs = {
-        "mixtral": (T.MixtralConfig, dict(num_local_experts=E, num_experts_per_tok=2)),
-        "qwen2_moe": (
-            T.Qwen2MoeConfig,
-            dict(num_experts=E, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
-        ),
-        "qwen3_moe": (T.Qwen3MoeConfig, dict(num_experts=E, num_experts_per_tok=2, moe_intermediate_size=32)),
-        "olmoe": (T.OlmoeConfig, dict(num_experts=E, num_experts_per_tok=2)),
-        "gemma2": (T.Gemma2Config, dict(head_dim=16)),
-        "olmo2": (T.Olmo2Config, dict()),
-        "mamba": (T.MambaConfig, dict(state_size=8, expand=2, conv_kernel=4)),
-        "jamba": (
-            T.JambaConfig,
-            dict(
-                num_experts=2,
-                num_experts_per_tok=1,
-                attn_layer_period=2,
-                attn_layer_offset=1,
-                expert_layer_period=2,
-                expert_layer_offset=1,
-                mamba_d_state=8,
-                use_mamba_kernels=False,
-            ),
-        ),  # fmt: skip
-    }
-    cls, kw = specs[family]
-    torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(_cfg(cls, tokenizer, **kw)).float().eval()
-    model.requires_grad_(False)
-    with torch.no_grad():  # random init leaves norms at their identity: make their gains matter
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.add_(torch.rand_like(p) * 0.5 - 0.1)
-    return model
-
-
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gemma2", "olmo2", "mamba", "jamba"]
 POST_NORM = {"gemma2", "olmo2"}
 
 
@@ -112,7 +61,7 @@ def test_writers_cover_every_expert_shared_expert_and_mixer(family_model):
     counts = [len(block_writers(b, HIDDEN)) for b in decoder_layers(model)]
     expected = {
         "mixtral": [1 + E] * 3, "qwen2_moe": [1 + E + 1] * 3, "qwen3_moe": [1 + E] * 3, "olmoe": [1 + E] * 3,
-        "gemma2": [2] * 3, "olmo2": [2] * 3, "mamba": [1] * 3,
+        "gemma2": [2] * 3, "olmo2": [2] * 3, "phi3": [2] * 3, "gpt2": [2] * 3, "gpt_neox": [2] * 3, "mamba": [1] * 3,
         "jamba": [2, 1 + 2, 2],  # mamba + MLP, attention + 2 experts, mamba + MLP
     }[family]  # fmt: skip
     assert counts == expected
@@ -141,7 +90,50 @@ def test_ablation_and_orthogonalization_write_nothing_along_r(family_model, toke
         assert max(float((o - h).abs().max()) for o, h in zip(ortho_logits, hook_logits)) > 1e-6
 
 
-def test_operations_without_a_faithful_form_yet_are_one_line_errors(tokenizer):
+def test_aird_edits_every_writer_with_rank_one_and_the_paper_gain_and_is_removed_bit_for_bit(family_model, rand_dir):
+    """Eq. 4 on every writer of the block (each expert, a shared expert, an SSM output projection,
+    a Conv1D): ΔW = α r rᵀ W has rank one, scales the writer's output along r by 1 + α‖r‖² and
+    leaves the rest (the router included) alone; removal restores every tensor bit for bit."""
+    from refusalkit.repair.aird import PAPER_ALPHAS, apply_aird
+
+    family, model = family_model
+    r = rand_dir(seed=9, scale=2.0).double()
+    block = decoder_layers(model)[1]
+    writers = block_writers(block, HIDDEN)
+    before_w = [w.weight().clone().double() for w in writers]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    edit = apply_aird(model, r.float(), 1)
+    try:
+        assert len(edit.records) == len(writers)
+        for w, w0 in zip(writers, before_w):
+            alpha = PAPER_ALPHAS["mlp_down" if w.kind == "mlp" else "attn_out"]
+            delta = w.weight().double() - w0
+            torch.testing.assert_close(delta, alpha * torch.outer(r, r @ w0), atol=1e-5, rtol=1e-4)
+            assert torch.linalg.matrix_rank(delta, rtol=1e-4) == 1, w.name
+            x = torch.randn(w0.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            gain = float(r @ (w.weight().double() @ x)) / float(r @ (w0 @ x))
+            assert gain == pytest.approx(1 + alpha * float(r @ r), rel=1e-4), w.name
+        assert edit.per_role("gain") == pytest.approx(
+            {
+                ("mlp_down" if w.kind == "mlp" else "attn_out"): PAPER_ALPHAS[
+                    "mlp_down" if w.kind == "mlp" else "attn_out"
+                ]
+                * float(r @ r)
+                for w in writers
+            }
+        )
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+        assert (
+            changed
+            and all(".1." in k for k in changed)
+            and not any("gate.weight" in k or "router" in k for k in changed)
+        )
+    finally:
+        edit.remove()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_the_dense_only_helpers_refuse_a_block_of_several_writers(tokenizer):
     model = make("mixtral", tokenizer)
     block = decoder_layers(model)[0]
     assert fused_weights(block) == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -222,29 +214,6 @@ def test_extract_and_orthogonalize_cli_on_a_saved_tiny_model(family, tokenizer, 
     ortho = load_model(str(out), chat_template=str(template)).model
     xs, _ = _block_inputs(ortho, _ids(tokenizer))
     assert _component(xs, r / r.norm()) < 1e-4
-
-
-@pytest.mark.parametrize("method", ["magnitude", "rtn"])
-def test_compressing_fused_experts_is_refused_in_one_line(method, tokenizer, tmp_path, capsys):
-    """Pruning and quantization act on nn.Linear layers; a mixture of experts whose experts sit in
-    fused tensors would come back with them untouched: exit 2, one line, no variant folder."""
-    from refusalkit.cli import main
-
-    from conftest import CHATML_TEMPLATE
-
-    model_dir = tmp_path / "model"
-    make("mixtral", tokenizer).save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
-    template = tmp_path / "chat.jinja"
-    template.write_text(CHATML_TEMPLATE)
-    root = tmp_path / "run"
-    extra = ["--sparsity", "0.5"] if method == "magnitude" else ["--bits", "4"]
-    code = main(["-q", "compress", "--run", str(root), "--model", str(model_dir), "--chat-template", str(template),
-                 "--method", method, *extra])  # fmt: skip
-    err = capsys.readouterr().err
-    assert code == 2 and "fused tensors (mlp.experts.gate_up_proj, mlp.experts.down_proj)" in err, err
-    assert len(err.strip().splitlines()) == 1
-    assert not [p for p in root.iterdir() if p.is_dir() and p.name not in ("data",)] if root.exists() else True
 
 
 def test_the_post_norm_probe_never_runs_the_hooks_already_on_the_model(tokenizer):

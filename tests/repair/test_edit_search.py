@@ -23,6 +23,7 @@ from refusalkit.core.progress import Progress
 from refusalkit.core.settings import load_config
 from refusalkit.evaluation.stats import rate
 from refusalkit.repair import edit_search, job
+from refusalkit.repair.aird import AirdEdit
 from refusalkit.repair.edit_search import Candidate, candidates, search_edits
 from refusalkit.repair.search import CurveContext, SearchData
 
@@ -48,7 +49,9 @@ class FakeEdit:
         assert world["edit"] is None, "an edit was not removed before the next"
         world["edit"] = c
         self.world = world
-        self.records = {"attn_out": {"gain": 0.1 * c.scale, "alpha": 0.02 * c.scale}}
+        self.records = {"attn_out": {"role": "attn_out", "gain": 0.1 * c.scale, "alpha": 0.02 * c.scale}}
+
+    per_role = AirdEdit.per_role
 
     def remove(self) -> None:
         self.world["edit"] = None

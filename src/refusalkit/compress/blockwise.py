@@ -5,18 +5,28 @@ each block runs on the stored hidden states, its linear layers' input statistics
 with hooks, the block is compressed, and its outputs become the next block's inputs. Peak
 memory is the model plus one block's calibration activations, never a second copy of the
 model; with ``device_map='auto'`` each block runs on its own device.
+
+Weights that are not ``nn.Linear`` layers reach the methods as :class:`AliasLinear` views of the
+same storage, so every in-place edit lands in the model: each expert's slice of a fused
+``[experts, out, in]`` tensor (a mixture of experts in transformers 5), and GPT-2's ``Conv1D``
+(``[in, out]``). An expert's inputs are the tokens the router sent to it, caught where its slice
+enters ``F.linear`` (:func:`functional_inputs`); the experts run their eager loop meanwhile
+(:func:`eager_experts`), whose per-expert calls are what makes the routing visible.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from refusalkit.models.structure import decoder_layers
+from refusalkit.models.structure import decoder_layers, fused_expert_params, is_conv1d
 
 
 class _Stop(Exception):
@@ -102,39 +112,143 @@ def run_block(layer: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     return outs
 
 
-def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside a decoder block, by qualified name (what pruning touches)."""
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+class AliasLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is a view of another module's storage: edits through it land in
+    the model. ``fused`` is ``(parameter, expert)`` for one expert's slice of a fused expert tensor;
+    ``source`` the module whose forward sees its inputs (a ``Conv1D``), None for a fused slice."""
+
+    def __init__(self, weight: torch.Tensor, source: nn.Module | None = None, fused: tuple | None = None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None
+        object.__setattr__(self, "source", source)  # not a submodule: the alias owns nothing
+        object.__setattr__(self, "fused", fused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # only for tests; the model calls its own module
+        return F.linear(x, self.weight)
+
+
+def linear_layers(block: nn.Module, aliases: bool = True) -> dict[str, nn.Linear]:
+    """Every linear map inside a decoder block, by qualified name (what compression touches): the
+    ``nn.Linear`` layers and, with ``aliases``, :class:`AliasLinear` views of ``Conv1D`` layers and of
+    each expert of a fused expert tensor (named ``<tensor>.<expert>``, e.g. ``mlp.experts.down_proj.3``).
+    A fused tensor the experts apply transposed (``is_transposed``) is viewed ``[out, in]`` too."""
+    out: dict[str, nn.Linear] = {}
+    for n, m in block.named_modules():
+        if isinstance(m, nn.Linear):
+            out[n] = m
+        elif aliases and is_conv1d(m):
+            out[n] = AliasLinear(m.weight.data.t(), source=m)
+    if aliases:
+        for qual, m, p in fused_expert_params(block):
+            transposed = bool(getattr(m, "is_transposed", False))
+            for e in range(p.shape[0]):
+                w = p.data[e].t() if transposed else p.data[e]
+                out[f"{qual}.{e}"] = AliasLinear(w, fused=(p, e))
+    return out
+
+
+@contextlib.contextmanager
+def eager_experts(model: nn.Module) -> Iterator[None]:
+    """Run a transformers mixture of experts with its eager per-expert loop (``grouped_mm`` and other
+    kernels hide which tokens each expert gets); the model's own setting is restored after."""
+    get = getattr(model, "get_experts_implementation", None)
+    if get is None or not any(fused_expert_params(b) for b in decoder_layers(model)):
+        yield
+        return
+    before = get()
+    model.set_experts_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
+
+
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+
+class _Functional(TorchFunctionMode):
+    """Inputs that reach a weight without a module's forward. Calls ``record(name, x)``
+
+    * when a slice of a fused expert tensor enters ``F.linear``: ``x`` is exactly the tokens routed
+      to that expert (after the gate's activation, for a down projection);
+    * when an ``nn.Linear``'s weight is applied directly as ``W @ X`` (a state-space block's time-step
+      projection): ``x`` is ``Xᵀ``, one row per token."""
+
+    def __init__(self, linears: dict[str, nn.Linear], record: Callable[[str, torch.Tensor], None]):
+        super().__init__()
+        self.record = record
+        self.slices: dict[tuple[int, tuple[int, ...]], str] = {}
+        self.weights: dict[int, str] = {}
+        for name, lin in linears.items():
+            if isinstance(lin, AliasLinear):
+                if lin.fused is not None:
+                    p, e = lin.fused
+                    w = p.data[e]
+                    self.slices[(w.data_ptr(), tuple(w.shape))] = name
+            else:
+                self.weights[id(lin.weight)] = name
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and self.slices:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            name = self.slices.get((w.data_ptr(), tuple(w.shape))) if isinstance(w, torch.Tensor) else None
+            if name is not None:
+                self.record(name, args[0] if args else kwargs["input"])
+        elif func in _MATMULS and len(args) == 2 and id(args[0]) in self.weights:
+            self.record(self.weights[id(args[0])], args[1].transpose(-1, -2))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def functional_inputs(linears: dict[str, nn.Linear], record: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While inside, the inputs :class:`_Functional` sees go to ``record``."""
+    with _Functional(linears, record):
+        yield
 
 
 class InputStats:
-    """Per-linear statistics of the inputs a block's linears see, gathered by forward hooks.
+    """Per-linear statistics of the inputs a block's linears see, gathered by forward hooks (on the
+    ``Conv1D`` behind an alias) and, for fused experts and weights applied without their module, by :func:`functional_inputs`.
 
     ``update(name, x)`` is called with the 2-D input ``[tokens, in_features]`` (float32).
     Linears that receive the very same input tensor (q/k/v, gate/up) share one statistic:
-    ``owner[name]`` is the linear whose statistic is used.
+    ``owner[name]`` is the linear whose statistic is used. ``tokens[name]`` counts the rows seen; an
+    expert the router never chose has none.
     """
 
     def __init__(self, linears: dict[str, nn.Linear], update: Callable[[str, torch.Tensor], None]):
         self.linears = linears
         self.update = update
         self.owner: dict[str, str] = {}
+        self.tokens: dict[str, int] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.owner:
+            owner = next((n for t, n in self._seen if t is x), name)
+            self.owner[name] = owner
+        self._seen.append((x, name))  # keeps x alive for the batch: identity checks stay valid
+        rows = x.detach().reshape(-1, x.shape[-1])
+        self.tokens[name] = self.tokens.get(name, 0) + rows.shape[0]
+        if self.owner[name] == name and rows.shape[0]:
+            self.update(name, rows.float())
 
     def _hook(self, name: str) -> Callable:
         def fn(_mod: nn.Module, inp: tuple, _out: Any) -> None:
-            x = inp[0]
-            if name not in self.owner:
-                owner = next((n for t, n in self._seen if t is x), name)
-                self.owner[name] = owner
-            self._seen.append((x, name))  # keeps x alive for the batch: identity checks stay valid
-            if self.owner[name] == name:
-                self.update(name, x.detach().reshape(-1, x.shape[-1]).float())
+            self.record(name, inp[0])
 
         return fn
 
     def hooks(self) -> Iterator[Any]:
-        return (m.register_forward_hook(self._hook(n)) for n, m in self.linears.items())
+        for n, m in self.linears.items():
+            if isinstance(m, AliasLinear):
+                if m.source is not None:
+                    yield m.source.register_forward_hook(self._hook(n))
+            else:
+                yield m.register_forward_hook(self._hook(n))
 
     def end_batch(self) -> None:
         self._seen.clear()
@@ -146,9 +260,10 @@ def gather(layer: nn.Module, inputs: BlockInputs, stats: InputStats) -> None:
     handles = list(stats.hooks())
     dev = module_device(layer)
     try:
-        for h, kw in zip(inputs.hidden, inputs.kwargs):
-            layer(h.to(dev), **_to(kw, dev))
-            stats.end_batch()
+        with functional_inputs(stats.linears, stats.record):
+            for h, kw in zip(inputs.hidden, inputs.kwargs):
+                layer(h.to(dev), **_to(kw, dev))
+                stats.end_batch()
     finally:
         for hd in handles:
             hd.remove()

@@ -56,7 +56,7 @@ def int8_model(lm: Any, spec: Any) -> dict[str, Any]:
     skip = skip_modules(model)
     per_layer = {}
     for i, layer in enumerate(decoder_layers(model)):
-        for n, lin in linear_layers(layer).items():
+        for n, lin in linear_layers(layer, aliases=False).items():
             cb_scb = Int8Linear.from_linear(lin, spec.threshold)
             per_layer[f"{i}.{n}"] = layer_record(lin.weight, cb_scb.dequantized().to(lin.weight.dtype))
     replace_linears(model, spec.threshold, skip)

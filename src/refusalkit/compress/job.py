@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusalkit.compress.blockwise import capture_inputs, linear_layers, release_memory
+from refusalkit.compress.blockwise import capture_inputs, eager_experts, linear_layers, release_memory
 from refusalkit.compress.calibration import Calibration, build_calibration
 from refusalkit.compress.int8 import layer_record
 from refusalkit.compress.methods import METHODS, BlockStep, Method, parse_method
@@ -170,24 +170,25 @@ def compress_model(
     _check_shapes(model, spec)
     per_layer: dict[str, dict[str, float]] = {}
     notes: dict[str, Any] = {}
-    inputs = capture_inputs(model, cal.samples, spec.batch_size) if method.needs_calibration else None
-    # The objects alive now (the model, tokenizer, imported modules) are moved out of the collector's
-    # reach, so the full collection after each block only walks what that block made: it took 17%
-    # of a SmolLM2 sweep's time walking every object of the process (measured with cProfile).
-    gc.freeze()
-    try:
-        for i, layer in enumerate(decoder_layers(model)):
-            lins = linear_layers(layer)
-            before = {n: lin.weight.detach().clone() for n, lin in lins.items()}
-            inputs = method.compress_block(BlockStep(i, layer, lins, inputs, spec, notes))
-            for n, lin in lins.items():
-                per_layer[f"{i}.{n}"] = layer_record(before[n], lin.weight)
-            del before
-            release_memory()
-            if progress:
-                progress(1)
-    finally:
-        gc.unfreeze()
+    with eager_experts(model):
+        inputs = capture_inputs(model, cal.samples, spec.batch_size) if method.needs_calibration else None
+        # The objects alive now (the model, tokenizer, imported modules) are moved out of the collector's
+        # reach, so the full collection after each block only walks what that block made: it took 17%
+        # of a SmolLM2 sweep's time walking every object of the process (measured with cProfile).
+        gc.freeze()
+        try:
+            for i, layer in enumerate(decoder_layers(model)):
+                lins = linear_layers(layer)
+                before = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+                inputs = method.compress_block(BlockStep(i, layer, lins, inputs, spec, notes))
+                for n, lin in lins.items():
+                    per_layer[f"{i}.{n}"] = layer_record(before[n], lin.weight)
+                del before
+                release_memory()
+                if progress:
+                    progress(1)
+        finally:
+            gc.unfreeze()
     return {"per_layer": per_layer, "notes": notes}
 
 
@@ -209,18 +210,24 @@ def _save_model(lm: LoadedModel, model_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _refuse_fused(lm: LoadedModel, spec: CompressSpec) -> None:
-    """Compression acts on ``nn.Linear`` layers: a model with fused expert tensors (a mixture of
-    experts in transformers 5) would come back with its experts untouched. One line instead."""
-    from refusalkit.models.structure import fused_weights
+def _refuse_uncovered(lm: LoadedModel, spec: CompressSpec) -> None:
+    """A method that compresses ``nn.Linear`` layers only (AWQ, LLM.int8) would come back with a
+    model's fused expert tensors or ``Conv1D`` layers untouched: one line instead."""
+    from refusalkit.compress.blockwise import AliasLinear
+    from refusalkit.compress.methods import listed
 
+    if spec.registered.covers_views:
+        return
     for i, block in enumerate(decoder_layers(lm.model)):
-        fused = fused_weights(block)
-        if fused:
+        views = [n for n, m in linear_layers(block).items() if isinstance(m, AliasLinear)]
+        if views:
+            fused = any(m.fused is not None for m in linear_layers(block).values() if isinstance(m, AliasLinear))
+            what = "experts in fused tensors" if fused else "Conv1D layers"
+            shown = sorted({n.rsplit(".", 1)[0] if fused else n for n in views})
             raise UserError(
-                f"{spec.method} cannot compress this model yet: block {i} keeps its experts in fused tensors "
-                f"({', '.join(fused[:2])}{', …' if len(fused) > 2 else ''}) and refusalkit prunes and quantizes "
-                "nn.Linear layers only (issue 16)"
+                f"{spec.method} cannot compress this model: block {i} keeps {what} "
+                f"({', '.join(shown[:2])}{', …' if len(shown) > 2 else ''}) and {spec.method} acts on nn.Linear "
+                f"layers only; use {' or '.join(m.name for m in listed() if m.covers_views)}"
             )
 
 
@@ -235,10 +242,10 @@ def _compressed_model(
 
     if method.whole_model is not None:
         lm, result, backend = method.whole_model(spec, load)
-        _refuse_fused(lm, spec)
+        _refuse_uncovered(lm, spec)
         return lm, result, None, backend
     lm = load()
-    _refuse_fused(lm, spec)
+    _refuse_uncovered(lm, spec)
     cal = None
     if method.needs_calibration:
         cal = build_calibration(

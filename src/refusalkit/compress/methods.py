@@ -47,6 +47,9 @@ class Method:
     # or the whole model at once: (spec, load) -> (model, {"per_layer", "notes"}, backend), where
     # load(**kwargs) loads the base model (e.g. with a transformers quantization_config)
     whole_model: Callable[[Any, Callable[..., Any]], tuple[Any, dict[str, Any], str | None]] | None = None
+    # compresses the AliasLinear views of weights that are not nn.Linear layers (each expert of a fused
+    # expert tensor, GPT-2's Conv1D); a method that does not is refused on such models
+    covers_views: bool = False
     aliases: tuple[str, ...] = field(default=())
     rank: int = 100  # where the method is listed (`refusalkit sources`, the report), then by name
 

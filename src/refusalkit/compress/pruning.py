@@ -210,7 +210,12 @@ def _magnitude_block(step: BlockStep) -> Any:
 
 def _calibrated_block(step: BlockStep) -> Any:
     """Wanda (Eq. 1 of Sun et al.: |W| * ||X||, per output row) or SparseGPT (the OBS update on the
-    Hessian X^T X), from the block's calibration inputs; returns the pruned block's outputs."""
+    Hessian X^T X), from the block's calibration inputs; returns the pruned block's outputs.
+
+    An expert of a mixture of experts is calibrated on the tokens the router sent to it. An expert
+    that received none has no statistic: it is pruned by ``|W|`` within each output row (Wanda's
+    score with equal input norms; for SparseGPT, without a weight update) and listed in
+    ``compression.json`` under ``experts``."""
     from refusalkit.compress.blockwise import InputStats, advance, gather, run_block
 
     spec, acc = step.spec, {}
@@ -230,9 +235,12 @@ def _calibrated_block(step: BlockStep) -> Any:
 
     stats = InputStats(step.linears, update)
     gather(step.block, step.inputs, stats)
+    expert_tokens(step, stats)
     for n, lin in step.linears.items():
-        a = acc[stats.owner[n]]
-        if wanda:
+        a = acc.get(stats.owner.get(n, n))
+        if a is None:  # an expert no calibration token reached (checked above: nothing else can be)
+            apply_mask(lin, wanda_mask(lin.weight, torch.ones(lin.in_features), spec.sparse))
+        elif wanda:
             apply_mask(lin, wanda_mask(lin.weight, a, spec.sparse))
         else:  # in place: a loaded checkpoint's weights may be memory-mapped; rebinding would keep them resident
             lin.weight.data.copy_(
@@ -240,6 +248,47 @@ def _calibrated_block(step: BlockStep) -> Any:
             )
     acc.clear()
     return advance(step.inputs, run_block(step.block, step.inputs))
+
+
+UNCALIBRATED_RULE = (
+    "no calibration token was routed to these experts: pruned by |W| within each output row "
+    "(Wanda's score with equal input norms), without a weight update"
+)
+
+
+def expert_tokens(step: BlockStep, stats: Any) -> list[str]:
+    """Record, per fused expert tensor of the block, how many calibration tokens reached each expert
+    (``notes["experts"]``); return the experts that received none. A linear that is not an expert
+    and saw no input, or a fused tensor none of whose experts was ever seen although the block ran,
+    is an error: its layout hides the routing and pruning it blindly would be silent."""
+    from refusalkit.compress.blockwise import AliasLinear
+
+    tensors: dict[str, list[int]] = {}
+    missing: list[str] = []
+    for n, lin in step.linears.items():
+        seen = stats.tokens.get(n, 0)
+        if isinstance(lin, AliasLinear) and lin.fused is not None:
+            qual, e = n.rsplit(".", 1)
+            tensors.setdefault(qual, []).append(seen)
+            if not seen:
+                missing.append(n)
+        elif not seen:
+            raise UserError(
+                f"layer {step.index} {n} received no calibration input, so {step.spec.method} cannot score it; "
+                "this block's layout is not supported"
+            )
+    for qual, counts in tensors.items():
+        if not any(counts):
+            raise UserError(
+                f"cannot see which calibration tokens reach the experts of layer {step.index} {qual} (they do not "
+                f"run through F.linear); {step.spec.method} cannot calibrate them: use magnitude or rtn"
+            )
+        rec = step.notes.setdefault("experts", {"uncalibrated_rule": UNCALIBRATED_RULE, "tensors": {}})
+        rec["tensors"][f"{step.index}.{qual}"] = {
+            "tokens": counts,
+            "uncalibrated": [int(n.rsplit(".", 1)[1]) for n in missing if n.rsplit(".", 1)[0] == qual],
+        }
+    return missing
 
 
 for _rank, (_name, _calibrated, _description, _title) in enumerate(
@@ -277,6 +326,7 @@ for _rank, (_name, _calibrated, _description, _title) in enumerate(
             parameters=_parameters,
             check_linear=lambda spec, lin, where: check_nm(spec.sparse, lin.in_features, where),
             compress_block=_calibrated_block if _calibrated else _magnitude_block,
+            covers_views=True,
             rank=_rank,
         )
     )

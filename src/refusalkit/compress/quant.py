@@ -80,7 +80,13 @@ def group_quant_parameters(spec: Any) -> dict[str, Any]:
 
 
 def group_quant_method(
-    name: str, needs_calibration: bool, block: Any, description: str, title: str, rank: int = 100
+    name: str,
+    needs_calibration: bool,
+    block: Any,
+    description: str,
+    title: str,
+    rank: int = 100,
+    covers_views: bool = False,
 ) -> Method:
     """A group-wise quantization method: ``<name>-w<bits>`` full names, 2-8 bits, group size checked."""
     return Method(
@@ -97,6 +103,7 @@ def group_quant_method(
         ),
         check_linear=lambda spec, lin, where: check_group(lin.in_features, spec.group_size, where),
         compress_block=block,
+        covers_views=covers_views,
         rank=rank,
     )
 
@@ -115,5 +122,6 @@ register(
         "round-to-nearest group-wise asymmetric quantization (the AWQ paper's baseline)",
         "round-to-nearest quantization",
         rank=5,
+        covers_views=True,
     )
 )

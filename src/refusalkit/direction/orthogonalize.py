@@ -1,6 +1,7 @@
 """Weight orthogonalization: directional ablation made permanent (Arditi et al. 2024, Eq. 5–6).
 
-Every matrix that writes to the residual stream — the token embedding, and every writer of every
+Every matrix that writes to the residual stream — the token embedding (and learned position
+embeddings, GPT-2's), and every writer of every
 branch of every block (:mod:`refusalkit.models.structure`: attention output projections, MLP down
 projections, every expert's down projection and a shared expert's in a mixture of experts, a
 state-space block's output projection) — is replaced by ``W ← W − r̂ r̂ᵀ W`` (for the embedding,
@@ -35,6 +36,17 @@ def _orth_out(writer: Writer, unit: torch.Tensor) -> None:
         b.copy_((b32 - (b32 @ u) * u).to(b.dtype))
 
 
+def _residual_embeddings(model: nn.Module, emb: nn.Module, d_model: int) -> list[nn.Module]:
+    """The token embedding and every other embedding table outside the decoder blocks whose rows are
+    residual vectors (GPT-2's learned position embeddings): each adds its rows to the stream."""
+    inside = {id(m) for b in decoder_layers(model) for m in b.modules()}
+    out = [emb]
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m is not emb and id(m) not in inside and m.embedding_dim == d_model:
+            out.append(m)
+    return out
+
+
 @torch.no_grad()
 def orthogonalize(model: nn.Module, direction: torch.Tensor) -> nn.Module:
     """Project ``direction`` out of every residual-writing matrix of ``model`` in place."""
@@ -45,11 +57,12 @@ def orthogonalize(model: nn.Module, direction: torch.Tensor) -> nn.Module:
     if out_emb is not None and out_emb.weight is emb.weight:
         out_emb.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
         model.config.tie_word_embeddings = False
-    e = emb.weight.data
-    u = unit.to(e.device)
-    e32 = e.float()
-    e.copy_((e32 - torch.outer(e32 @ u, u)).to(e.dtype))
-    d_model = e.shape[1]
+    d_model = emb.weight.shape[1]
+    for table in _residual_embeddings(model, emb, d_model):
+        e = table.weight.data
+        u = unit.to(e.device)
+        e32 = e.float()
+        e.copy_((e32 - torch.outer(e32 @ u, u)).to(e.dtype))
     for block in decoder_layers(model):
         targets = {}
         for kind, br in branches(block):

@@ -78,9 +78,19 @@ def branches(block: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer storing its weight ``[in, out]`` (``y = x W + b``)."""
+    w = getattr(m, "weight", None)
+    return type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.ndim == 2
+
+
 def _is_linear(m: nn.Module) -> bool:
-    """``nn.Linear`` (bitsandbytes' layers subclass it) or refusalkit's own ``Int8Linear``."""
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Int8Linear"
+    """``nn.Linear`` (bitsandbytes' layers subclass it), refusalkit's own ``Int8Linear`` or a ``Conv1D``."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Int8Linear" or is_conv1d(m)
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.weight.shape[1] if is_conv1d(m) else m.out_features
 
 
 @dataclass
@@ -97,7 +107,10 @@ class Writer:
     expert: int | None = None
 
     def weight(self) -> torch.Tensor:
+        """The ``[d_model, d_in]`` matrix, a view of the stored one (edits through it land in place)."""
         p = getattr(self.module, self.param)
+        if is_conv1d(self.module):
+            return p.data.t()
         return p.data if self.expert is None else p.data[self.expert]
 
     def bias(self) -> torch.Tensor | None:
@@ -118,7 +131,7 @@ def branch_writers(kind: str, branch: nn.Module, d_model: int, prefix: str = "")
     linears: list[tuple[str, nn.Module]] = []
     for name, m in branch.named_modules():
         last = name.rsplit(".", 1)[-1]
-        if _is_linear(m) and m.out_features == d_model:
+        if _is_linear(m) and _out_features(m) == d_model:
             linears.append((name, m))
             if last in _OUT_PROJ_NAMES:
                 out.append(Writer(f"{prefix}{name}", kind, m))
@@ -167,16 +180,21 @@ def mlp_down_proj(block: nn.Module, d_model: int) -> nn.Linear:
     return _out_proj("mlp", mlp_module(block), d_model, "MLP down projection")
 
 
-def fused_weights(block: nn.Module) -> list[str]:
-    """Parameters of ``block`` with more than two axes outside convolutions (fused expert tensors):
-    what the ``nn.Linear``-based compression methods would silently skip."""
+def fused_expert_params(block: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """``(qualified name, module, parameter)`` of every parameter of ``block`` with more than two
+    axes outside convolutions: experts fused into one tensor (``[experts, out, in]``)."""
     return [
-        f"{mn + '.' if mn else ''}{pn}"
+        (f"{mn + '.' if mn else ''}{pn}", m, p)
         for mn, m in block.named_modules()
         if not isinstance(m, (nn.Conv1d, nn.Conv2d))
         for pn, p in m.named_parameters(recurse=False)
         if p.ndim >= 3
     ]
+
+
+def fused_weights(block: nn.Module) -> list[str]:
+    """The names of :func:`fused_expert_params`: what ``nn.Linear``-based code would silently skip."""
+    return [q for q, _, _ in fused_expert_params(block)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,6 +20,13 @@ why, with measurements):
 
 Beyond the paper:
 
+* Other block layouts (:func:`refusalkit.models.structure.block_writers`): in a mixture of experts
+  every expert's down projection and a shared expert's get the MLP's α (each expert's output along
+  ``r`` is scaled by the same ``1 + α‖r‖²``, so the block's is too, whatever the router chooses;
+  the router is left alone: editing it would change which experts run, not what they write); a
+  state-space block's output projection gets the attention output's α (it is the block's sequence
+  mixer). GPT-2's ``Conv1D`` is edited as the ``[out, in]`` matrix it applies.
+
 * ``keep_zeros`` (sparsity-preserving AIRD): ``ΔW`` is restricted to the non-zero pattern of
   ``W`` (``ΔW ⊙ 1[W ≠ 0]``), so a pruned model keeps its exact sparsity. No longer rank one.
 * Quantized models: an int8 (LLM.int8) matrix is dequantized, edited and requantized row-wise;
@@ -40,7 +47,7 @@ import torch
 from torch import nn
 
 from refusalkit.core.errors import UserError
-from refusalkit.models.structure import attn_out_proj, decoder_layers, mlp_down_proj
+from refusalkit.models.structure import Writer, block_writers, decoder_layers
 
 PAPER_ALPHAS = {"attn_out": 0.02, "mlp_down": 0.01}
 PLACEMENTS = ("source", "previous")
@@ -154,13 +161,36 @@ class Requantize:
 
 
 @dataclass
+class FusedSlice:
+    """One expert's slice of a fused ``[experts, out, in]`` tensor, before and after an edit (CPU)."""
+
+    tensor: str  # the fused parameter's qualified name, e.g. model.layers.3.mlp.experts.down_proj
+    expert: int
+    block_prefix: str  # the decoder block's qualified name and a dot, e.g. model.layers.3.
+    before: torch.Tensor
+    after: torch.Tensor
+
+
+@dataclass
 class AirdEdit:
     """An applied AIRD edit: per-matrix records, and how to undo it exactly."""
 
     block: int
+    # one record per edited matrix, keyed by its role (attn_out, mlp_down) when the role has one
+    # matrix, else by "<role>:<matrix>" (e.g. "mlp_down:mlp.experts.down_proj[3]")
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module name -> stored tensors
+    # slices of fused expert tensors: a checkpoint may store each expert as its own tensor, under
+    # other names (see repair.checkpoint)
+    slices: list[FusedSlice] = field(default_factory=list)
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def per_role(self, key: str) -> dict[str, Any]:
+        """``{role: record[key]}`` (the same for every matrix of a role: ``alpha``, ``gain``)."""
+        out: dict[str, Any] = {}
+        for rec in self.records.values():
+            out.setdefault(rec["role"], rec[key])
+        return out
 
     def remove(self) -> None:
         """Restore every edited matrix bit for bit (idempotent)."""
@@ -227,12 +257,17 @@ def _edit_int8(
     }
 
 
-def _edit_dense(
-    name: str, mod: nn.Module, target: torch.Tensor, keep_zeros: bool, requantize: Requantize | None, edit: AirdEdit
+def _edit_view(
+    name: str,
+    stored: torch.Tensor,
+    target: torch.Tensor,
+    keep_zeros: bool,
+    requantize: Requantize | None,
+    edit: AirdEdit,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Write ``target`` (back on the quantization grid with ``requantize``) into the layer in place;
-    the original weights are kept on the CPU for removal."""
-    stored = mod.weight.data
+    """Write ``target`` (back on the quantization grid with ``requantize``) into ``stored`` — a layer's
+    weight, a transposed view of a ``Conv1D``'s, or one expert's slice of a fused tensor — in place;
+    the original is kept on the CPU for removal."""
     original = stored.detach().to("cpu", copy=True)
     new_w = target.to(stored.dtype)
     if requantize is not None:
@@ -241,9 +276,14 @@ def _edit_dense(
             new_w = torch.where(stored == 0, torch.zeros_like(new_w), new_w)
     stored.copy_(new_w.to(stored.device))
     edit._undo.append(lambda s=stored, o=original: s.copy_(o.to(s.device)))
-    edit.tensors[name] = {"weight": stored.detach().cpu().clone()}
     storage = "dense" + (f", requantized ({requantize.method}, {requantize.bits} bits)" if requantize else "")
     return stored.float(), {"storage": storage, "sparsity_after": float((stored == 0).double().mean())}
+
+
+def _role(writer: Writer) -> str:
+    """Which of the paper's two α a writer gets: the MLP's (``mlp_down``) for an MLP, an expert or
+    a shared expert; the attention output's (``attn_out``) for attention and a state-space mixer."""
+    return "mlp_down" if writer.kind == "mlp" else "attn_out"
 
 
 @torch.no_grad()
@@ -257,8 +297,10 @@ def apply_aird(
     keep_zeros: bool = False,
     requantize: Requantize | None = None,
 ) -> AirdEdit:
-    """Apply Eq. 4, ``W <- W + alpha r r^T W``, to the attention-output and MLP-down projections of
-    decoder block ``block``.
+    """Apply Eq. 4, ``W <- W + alpha r r^T W``, to every matrix of decoder block ``block`` that writes
+    to the residual stream: the attention-output and MLP-down projections (``alphas["attn_out"]``,
+    ``alphas["mlp_down"]``), and in other layouts every expert's and a shared expert's down
+    projection (the MLP's α) or a state-space mixer's output projection (attention's α).
 
     Dense layers are edited in place (their original weights kept on the CPU for
     :meth:`AirdEdit.remove`); int8 layers are replaced by a pure-PyTorch
@@ -269,24 +311,43 @@ def apply_aird(
     r = direction.detach().double().flatten()
     if unit:
         r = r / r.norm()
-    blk = decoder_layers(model)[block]
+    layers = decoder_layers(model)
+    blk = layers[block]
+    block_prefix = f"{_module_name(model, layers)}.{block}."
+    writers = block_writers(blk, r.numel())
+    per_role: dict[str, int] = {}
+    for wr in writers:
+        per_role[_role(wr)] = per_role.get(_role(wr), 0) + 1
     edit = AirdEdit(block=block)
+    fused: dict[str, torch.Tensor] = {}  # qualified name -> the whole fused parameter
     try:
-        for key, mod in (("attn_out", attn_out_proj(blk, r.numel())), ("mlp_down", mlp_down_proj(blk, r.numel()))):
-            alpha = float(alphas[key])
-            name = _module_name(model, mod)
-            w = dense_weight(mod)
+        for wr in writers:
+            role = _role(wr)
+            alpha = float(alphas[role])
+            mod = wr.module
+            mname = _module_name(model, mod)
+            name = mname if not wr.fused else f"{mname}.{wr.param}[{wr.expert}]"
+            w = dense_weight(mod) if _is_int8(mod) else wr.weight().detach().to(torch.float32, copy=True)
             intended = aird_delta(w, r, alpha, keep_zeros)
             rec: dict[str, Any] = {
                 "module": name,
+                "role": role,
                 "alpha": alpha,
                 "shape": list(w.shape),
-                "sparsity_before": _stored_zeros(mod),
+                "sparsity_before": _stored_zeros(mod) if _is_int8(mod) else float((wr.weight() == 0).double().mean()),
             }
             if _is_int8(mod):
-                after, more = _edit_int8(model, name, mod, w.double() + intended, keep_zeros, edit)
+                after, more = _edit_int8(model, mname, mod, w.double() + intended, keep_zeros, edit)
             else:
-                after, more = _edit_dense(name, mod, w.double() + intended, keep_zeros, requantize, edit)
+                before = wr.weight().detach().to("cpu", copy=True) if wr.fused else None
+                after, more = _edit_view(name, wr.weight(), w.double() + intended, keep_zeros, requantize, edit)
+                if wr.fused:
+                    qual = f"{mname}.{wr.param}"
+                    fused[qual] = getattr(mod, wr.param)
+                    after_w = wr.weight().detach().to("cpu", copy=True)
+                    edit.slices.append(FusedSlice(qual, int(wr.expert), block_prefix, before, after_w))
+                else:
+                    edit.tensors[mname] = {"weight": mod.weight.detach().cpu().clone()}
             rec.update(more)
             if _is_int8(mod) or requantize is not None:
                 rec["quantization"] = survival(w, after, intended)
@@ -297,7 +358,10 @@ def apply_aird(
                 rel_delta=float(realized.norm() / w.double().norm().clamp(min=1e-30)),
                 gain=alpha * float(r @ r),
             )
-            edit.records[key] = rec
+            edit.records[role if per_role[role] == 1 else f"{role}:{wr.name}"] = rec
+        for qual, p in fused.items():
+            mname, _, pname = qual.rpartition(".")
+            edit.tensors.setdefault(mname, {})[pname] = p.detach().cpu().clone()
     except BaseException:
         edit.remove()
         raise

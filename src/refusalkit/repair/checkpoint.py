@@ -7,12 +7,13 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from refusalkit.core import artifacts
 from refusalkit.core.errors import UserError
-from refusalkit.repair.aird import AirdEdit
+from refusalkit.repair.aird import AirdEdit, FusedSlice
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -22,9 +23,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def write_edited_checkpoint(src: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_edited_checkpoint(
+    src: Path, dst: Path, tensors: dict[str, torch.Tensor], slices: list[FusedSlice] = ()
+) -> None:
     """Copy the checkpoint folder ``src`` to ``dst`` with the state-dict entries ``tensors``
-    replaced (same names, dtypes and shapes), atomically. Unchanged files are hard-linked."""
+    replaced (same names, dtypes and shapes), atomically. Unchanged files are hard-linked.
+
+    A fused expert tensor that the checkpoint stores one expert per tensor (transformers 5 saves a
+    model's ``[experts, out, in]`` parameters under their original per-expert names, which may
+    differ from the module path: Mixtral's ``mlp.experts.down_proj[e]`` is
+    ``block_sparse_moe.experts.<e>.w2.weight``) is written through ``slices``: see
+    :func:`_expert_keys`."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -37,6 +46,11 @@ def write_edited_checkpoint(src: Path, dst: Path, tensors: dict[str, torch.Tenso
             weight_map = {k: "model.safetensors" for k in f.keys()}
     else:
         raise UserError(f"{src} has no safetensors checkpoint; re-create the variant with refusalkit compress --force")
+    tensors = dict(tensors)
+    for q in {s.tensor for s in slices}:
+        if q not in weight_map:
+            tensors.pop(q, None)
+            tensors.update(_expert_keys(src, weight_map, [s for s in slices if s.tensor == q]))
     missing = [k for k in tensors if k not in weight_map]
     if missing:
         raise UserError(f"the checkpoint in {src} has no tensor {missing[0]}; re-create the variant with --force")
@@ -68,6 +82,58 @@ def write_edited_checkpoint(src: Path, dst: Path, tensors: dict[str, torch.Tenso
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _expert_keys(src: Path, weight_map: dict[str, str], slices: list[FusedSlice]) -> dict[str, torch.Tensor]:
+    """The checkpoint entries holding the edited experts, with their new values: for each slice, the
+    tensor of its decoder block (``block_prefix``) whose values equal the slice before the edit, or
+    its transpose (compared first on one row, read without loading the tensor, then in full); among
+    several equal ones, the one naming the expert's index. No match, or several, is an error."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    handles: dict[str, Any] = {}
+
+    def handle(k: str) -> Any:
+        fname = weight_map[k]
+        if fname not in handles:
+            handles[fname] = safe_open(str(src / fname), "pt")
+        return handles[fname]
+
+    try:
+        for sl in slices:
+            keys = [k for k in weight_map if k.startswith(sl.block_prefix) and k not in out]
+            hits = []
+            for transposed in (False, True):
+                ref = sl.before.t() if transposed else sl.before
+                for k in keys:
+                    part = handle(k).get_slice(k)
+                    if tuple(part.get_shape()) != tuple(ref.shape):
+                        continue
+                    if not torch.equal(part[0:1].to(ref.dtype), ref[0:1]):
+                        continue
+                    if torch.equal(handle(k).get_tensor(k).to(ref.dtype), ref):
+                        hits.append((k, transposed))
+                if hits:
+                    break
+            named = [h for h in hits if f".{sl.expert}." in h[0]]
+            if len(hits) > 1 and len(named) == 1:
+                hits = named
+            if len(hits) != 1:
+                raise UserError(
+                    f"cannot tell which tensor of the checkpoint in {src} holds expert {sl.expert} of {sl.tensor} "
+                    f"({'none' if not hits else 'several'} match its weights); re-create the variant with --force"
+                )
+            k, transposed = hits[0]
+            dtype = handle(k).get_slice(k).get_dtype()
+            new = sl.after.t() if transposed else sl.after
+            out[k] = new.to(_DTYPES.get(dtype, new.dtype)).contiguous()
+    finally:
+        handles.clear()
+    return out
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def checkpoint_tensors(edit: AirdEdit) -> dict[str, torch.Tensor]:

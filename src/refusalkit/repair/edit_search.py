@@ -200,7 +200,7 @@ def _screen_all(
                     sc = refusal_screen(ctx.session.lm, ctx.cfg, ctx.data.harmful, ctx.data.harmless, inputs)
                 finally:
                     edit.remove()
-                state["screen"][c.key] = {**sc, **c.to_json(), "gain": {k: r["gain"] for k, r in edit.records.items()}}
+                state["screen"][c.key] = {**sc, **c.to_json(), "gain": edit.per_role("gain")}
                 artifacts.write_json(path, state)
             bar.update(1)
     finally:
@@ -243,7 +243,7 @@ def _confirm(
                     point = ctx.measure(perplexity=ppl)
             finally:
                 edit.remove()
-            point.update(c.to_json(), alphas={k: r["alpha"] for k, r in edit.records.items()})
+            point.update(c.to_json(), alphas=edit.per_role("alpha"))
             state["points"][c.key] = point
             artifacts.write_json(path, state)
         if point.get("generated", True) is False:

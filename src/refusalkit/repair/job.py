@@ -195,10 +195,10 @@ def run_repair(
     layout.discard_analyses(name)  # the analyses of a replaced repaired variant no longer apply
     session = Session(cfg=cfg, layout=layout, variant=variant, progress=Progress(progress))
     try:
-        info, tensors = _repair(session, r, name)
+        info, tensors, slices = _repair(session, r, name)
     finally:
         session.owner.release()  # before the checkpoint is rewritten: one copy of the weights in memory
-    write_edited_checkpoint(layout.model(variant), layout.model(name), tensors)
+    write_edited_checkpoint(layout.model(variant), layout.model(name), tensors, slices)
     info["seconds"] = round(time.time() - t0, 1)
     artifacts.write_json(layout.repair_info(name), info)
     update_manifest(layout.manifest, cfg.seed, f"{name}/repair", info["seconds"])
@@ -206,9 +206,9 @@ def run_repair(
     return info
 
 
-def _repair(s: Session, r: RepairConfig, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Choose α and apply the edit to the owner's model; the record and the edited state-dict entries
-    (CPU copies; the model is restored exactly)."""
+def _repair(s: Session, r: RepairConfig, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], list]:
+    """Choose α and apply the edit to the owner's model; the record, the edited state-dict entries
+    and fused experts' edited slices (CPU copies; the model is restored exactly)."""
     layout, unit = s.layout, r.direction == "unit"
     base_info = artifacts.read_json(layout.direction("base", "direction.json"))
     direction = artifacts.load_tensors(layout.direction("base", "direction.safetensors"))["direction"]
@@ -237,7 +237,7 @@ def _repair(s: Session, r: RepairConfig, name: str) -> tuple[dict[str, Any], dic
     edit = edit_for(cand)
     try:
         sparsity_after = model_sparsity(s.lm.model)
-        tensors = checkpoint_tensors(edit)
+        tensors, slices = checkpoint_tensors(edit), list(edit.slices)
     finally:
         edit.remove()
     info = _record(name, s.variant, r, base_info, cand, norm, edit, requant, compression)
@@ -249,12 +249,12 @@ def _repair(s: Session, r: RepairConfig, name: str) -> tuple[dict[str, Any], dic
         model_sparsity_after=sparsity_after,
         writes_along_r={
             **writes,
-            "meaning": "mean r-hat component of what the edited block's two projections "
+            "meaning": "mean r-hat component of what the edited block's attention (or mixer) and MLP "
             "write at the post-instruction positions of the search prompts, before the edit",
         },
         predicted_gap_change=_predicted_gap_change(writes, edit.records),
     )
-    return info, tensors
+    return info, tensors, slices
 
 
 def _record(
@@ -285,11 +285,11 @@ def _record(
         ),
         "direction": r.direction,
         "direction_norm": norm,
-        "alphas": {k: x["alpha"] for k, x in recs.items()},
+        "alphas": edit.per_role("alpha"),
         "paper_alphas": dict(PAPER_ALPHAS),
         "alpha_scale": cand.scale,
         "auto": alpha_scale(r.alpha_scale) == "auto",
-        "gain": {k: x["gain"] for k, x in recs.items()},
+        "gain": edit.per_role("gain"),
         "sparsity_preserving": cand.keep_zeros,
         "matrices": recs,
         "quantization": None,
@@ -308,6 +308,7 @@ def _record(
 def _predicted_gap_change(writes: dict[str, Any], recs: dict[str, Any]) -> float | None:
     """First-order change of the harmful − harmless gap along r̂ at the edited block's output."""
     try:
-        return sum(recs[k]["gain"] * (w["harmful"] - w["harmless"]) for k, w in writes.items())
+        gains = {rec["role"]: rec["gain"] for rec in recs.values()}
+        return sum(gains[k] * (w["harmful"] - w["harmless"]) for k, w in writes.items())
     except KeyError:
         return None  # no harmless search prompts

@@ -113,34 +113,35 @@ def block_writes(lm: Any, cfg: Config, direction: torch.Tensor, block: int, data
     """What the edited block writes along ``r̂``, before the edit (a diagnostic of the placement).
 
     The mean of ``r̂ᵀ·out`` over the post-instruction positions of the harmful and of the harmless
-    search prompts, for the attention output and the MLP down projection of block ``block``. AIRD
+    search prompts, for what block ``block``'s attention (``attn_out``; a state-space mixer's output
+    counts here too) and its MLP or mixture of experts (``mlp_down``) write. AIRD
     turns each such component ``c`` into ``(1 + α‖r‖²)·c``, so ``α‖r‖²·(c_harmful − c_harmless)``
     is the first-order change of the harmful − harmless gap along ``r̂`` at the block's output: a
     block that writes against ``r`` (negative gap) is pushed *away* from refusal by the edit.
     """
     from refusalkit.direction.forward import forward_last
     from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
-    from refusalkit.models.structure import attn_out_proj, decoder_layers, mlp_down_proj
+    from refusalkit.models.structure import branches, decoder_layers
 
     u = direction.detach().double() / direction.double().norm()
     n_pos = len(post_instruction_ids(lm.tokenizer, cfg.system_prompt))
     blk = decoder_layers(lm.model)[block]
-    mods = {"attn_out": attn_out_proj(blk, lm.d_model), "mlp_down": mlp_down_proj(blk, lm.d_model)}
-    out: dict[str, Any] = {k: {} for k in mods}
+    mods = [("mlp_down" if kind == "mlp" else "attn_out", m) for kind, m in branches(blk)]
+    out: dict[str, Any] = {k: {} for k, _ in mods}
     for kind, prompts in (("harmful", data.harmful), ("harmless", data.harmless)):
         if not prompts:
             continue
-        sums = {k: [0.0, 0] for k in mods}
+        sums = {k: [0.0, 0] for k in out}
 
         def hook(key: str, sums: dict[str, list[float]] = sums):
             def fn(module, inputs, output):
-                y = output[:, -n_pos:, :].double()
+                y = (output[0] if isinstance(output, (tuple, list)) else output)[:, -n_pos:, :].double()
                 sums[key][0] += float((y @ u.to(y.device)).sum())
                 sums[key][1] += y.shape[0] * y.shape[1]
 
             return fn
 
-        handles = [m.register_forward_hook(hook(k)) for k, m in mods.items()]
+        handles = [m.register_forward_hook(hook(k)) for k, m in mods]
         try:
             forward_last(
                 lm.model,
@@ -318,8 +319,8 @@ def _measure_points(
                     point = ctx.measure()
                 finally:
                     edit.remove()
-                point["alphas"] = {k: r["alpha"] for k, r in edit.records.items()}
-                point["gain"] = {k: r["gain"] for k, r in edit.records.items()}
+                point["alphas"] = edit.per_role("alpha")
+                point["gain"] = edit.per_role("gain")
                 state["points"][key] = point
                 artifacts.write_json(path, state)
             bar.update(1)

@@ -1,0 +1,231 @@
+"""Compression of weights that are not ``nn.Linear`` layers (issue 16): each expert of a fused
+``[experts, out, in]`` tensor, calibrated on the tokens its router sent it; a state-space block's
+time-step projection applied as ``W @ X``; GPT-2's ``Conv1D``. Methods that act on ``nn.Linear``
+layers only refuse such models in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refusalkit.compress.blockwise import AliasLinear, linear_layers
+from refusalkit.compress.calibration import Calibration
+from refusalkit.compress.job import CompressSpec, compress_model
+from refusalkit.compress.pruning import Sparsity, wanda_mask
+from refusalkit.compress.quant import quantize_groupwise
+from refusalkit.models.loading import LoadedModel
+from refusalkit.models.structure import decoder_layers
+
+from conftest import HARMFUL, HARMLESS
+from families import FAMILIES, E, make
+
+
+@pytest.fixture(scope="module")
+def cal(tokenizer) -> Calibration:
+    return Calibration([tokenizer(t)["input_ids"] for t in HARMFUL + HARMLESS])
+
+
+def _lm(model, tokenizer) -> LoadedModel:
+    return LoadedModel(model=model, tokenizer=tokenizer, spec="tiny", source="memory")
+
+
+def _routed_reference(model, cal: Calibration, block: int = 0):
+    """Per expert of ``block``: the sum of squared inputs of its gate/up and of its down projection
+    over the tokens routed to it, computed from the router's choice and the expert's weights (the
+    eager experts loop, written out here for Mixtral's layout)."""
+    experts = decoder_layers(model)[block].mlp.experts
+    gu, dn = experts.gate_up_proj.data, experts.down_proj.data
+    sq_in = torch.zeros(E, gu.shape[2])
+    sq_mid = torch.zeros(E, dn.shape[2])
+    counts = [0] * E
+
+    def grab(_m, args):
+        x, idx = args[0], args[1]
+        for e in range(E):
+            rows = (idx == e).any(-1)
+            xe = x[rows].float()
+            counts[e] += int(rows.sum())
+            sq_in[e] += (xe * xe).sum(0)
+            g, u = (xe @ gu[e].t().float()).chunk(2, dim=-1)
+            mid = experts.act_fn(g) * u
+            sq_mid[e] += (mid * mid).sum(0)
+
+    h = experts.register_forward_pre_hook(grab)
+    try:
+        model.set_experts_implementation("eager")
+        with torch.no_grad():
+            for s in cal.samples:
+                model(torch.tensor([s]))
+    finally:
+        h.remove()
+    return sq_in, sq_mid, counts
+
+
+def test_wanda_calibrates_each_expert_on_the_tokens_routed_to_it(tokenizer, cal, one_thread):
+    with one_thread():
+        ref = make("mixtral", tokenizer)
+        sq_in, sq_mid, counts = _routed_reference(ref, cal)
+        model = make("mixtral", tokenizer)
+        res = compress_model(_lm(model, tokenizer), CompressSpec(method="wanda-0.5"), cal)
+    assert model.get_experts_implementation() == make("mixtral", tokenizer).get_experts_implementation()  # restored
+    rec = res["notes"]["experts"]["tensors"]
+    assert rec["0.mlp.experts.gate_up_proj"] == {"tokens": counts, "uncalibrated": []}
+    assert sum(counts) == 2 * sum(len(s) for s in cal.samples)  # every token reached its top-2 experts
+    orig = make("mixtral", tokenizer)
+    ex, ex0 = decoder_layers(model)[0].mlp.experts, decoder_layers(orig)[0].mlp.experts
+    sp = Sparsity(0.5)
+    for e in range(E):
+        for got, w, sq in ((ex.gate_up_proj, ex0.gate_up_proj, sq_in), (ex.down_proj, ex0.down_proj, sq_mid)):
+            want = wanda_mask(w.data[e], sq[e], sp)
+            assert torch.equal(got.data[e] == 0, want), e
+            assert ((got.data[e] == 0).sum(1) == w.shape[2] // 2).all()  # exact per-row sparsity
+        assert res["per_layer"][f"0.mlp.experts.down_proj.{e}"]["sparsity"] == pytest.approx(0.5)
+    # the scores used the routed tokens, not every token: another expert's statistic gives another mask
+    assert not torch.equal(ex.down_proj.data[0] == 0, wanda_mask(ex0.down_proj.data[0], sq_mid[1], sp))
+
+
+def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude_and_reported(tokenizer, cal, one_thread):
+    with one_thread():
+        model = make("mixtral", tokenizer)
+        orig = make("mixtral", tokenizer)
+        experts = decoder_layers(model)[0].mlp.experts
+
+        def never_three(_m, args):  # the router of block 0 never picks expert 3
+            idx = args[1].clone()
+            idx[idx == E - 1] = 0
+            return (args[0], idx, *args[2:])
+
+        h = experts.register_forward_pre_hook(never_three)
+        try:
+            res = compress_model(_lm(model, tokenizer), CompressSpec(method="sparsegpt-0.5"), cal)
+        finally:
+            h.remove()
+    rec = res["notes"]["experts"]
+    assert rec["tensors"]["0.mlp.experts.down_proj"]["tokens"][E - 1] == 0
+    assert rec["tensors"]["0.mlp.experts.down_proj"]["uncalibrated"] == [E - 1]
+    assert rec["tensors"]["1.mlp.experts.down_proj"]["uncalibrated"] == []
+    assert "|W| within each output row" in rec["uncalibrated_rule"]
+    w0 = decoder_layers(orig)[0].mlp.experts.down_proj.data[E - 1]
+    got = experts.down_proj.data[E - 1]
+    want = wanda_mask(w0, torch.ones(w0.shape[1]), Sparsity(0.5))
+    assert torch.equal(got == 0, want)
+    assert torch.equal(got[~want], w0[~want])  # no weight update without a Hessian
+
+
+@pytest.mark.parametrize("method", ["rtn-w4", "magnitude-2:4", "sparsegpt-0.5"])
+def test_every_expert_is_compressed(method, tokenizer, cal, one_thread):
+    with one_thread():
+        model = make("qwen2_moe", tokenizer)
+        orig = make("qwen2_moe", tokenizer)
+        res = compress_model(_lm(model, tokenizer), CompressSpec(method=method, group_size=16), cal)
+    for i, (b, b0) in enumerate(zip(decoder_layers(model), decoder_layers(orig))):
+        for name in ("gate_up_proj", "down_proj"):
+            p, p0 = getattr(b.mlp.experts, name).data, getattr(b0.mlp.experts, name).data
+            for e in range(E):
+                assert not torch.equal(p[e], p0[e]), (i, name, e)
+                if method.startswith("rtn"):  # on the 4-bit grid: quantizing again changes nothing
+                    torch.testing.assert_close(quantize_groupwise(p[e], 4, 16), p[e], atol=1e-6, rtol=0)
+                elif method.startswith("magnitude"):
+                    assert ((p[e] != 0).reshape(p.shape[1], -1, 4).sum(-1) <= 2).all()
+                assert f"{i}.mlp.experts.{name}.{e}" in res["per_layer"]
+        assert not torch.equal(b.mlp.shared_expert.down_proj.weight, b0.mlp.shared_expert.down_proj.weight)
+
+
+def test_state_space_and_conv1d_weights_get_their_inputs(tokenizer, cal, one_thread):
+    """Mamba applies its time-step projection as ``W @ X`` (never calling the module) and GPT-2 keeps
+    ``Conv1D`` layers: Wanda still sees their inputs and prunes each row exactly."""
+    with one_thread():
+        for family in ("mamba", "gpt2"):
+            model = make(family, tokenizer)
+            lins = linear_layers(decoder_layers(model)[0])
+            if family == "gpt2":
+                assert all(isinstance(m, AliasLinear) and m.source is not None for m in lins.values())
+            res = compress_model(_lm(model, tokenizer), CompressSpec(method="wanda-0.5"), cal)
+            for layer in decoder_layers(model):
+                for n, lin in linear_layers(layer).items():
+                    w = lin.weight.data
+                    assert ((w == 0).sum(1) == w.shape[1] // 2).all(), (family, n)
+            assert len(res["per_layer"]) == 3 * len(lins)
+
+
+@pytest.mark.parametrize("family,method", [("mixtral", "awq"), ("mixtral", "llm-int8"), ("gpt2", "awq")])
+def test_methods_for_linear_layers_only_refuse_in_one_line(family, method, tokenizer, tmp_path, capsys):
+    from refusalkit.cli import main
+
+    from conftest import CHATML_TEMPLATE
+
+    model_dir = tmp_path / "model"
+    make(family, tokenizer).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHATML_TEMPLATE)
+    root = tmp_path / "run"
+    capsys.readouterr()  # the save's own progress bar
+    extra = ["--backend", "torch"] if method == "llm-int8" else ["--group-size", "16"]
+    code = main(["-q", "compress", "--run", str(root), "--model", str(model_dir), "--chat-template", str(template),
+                 "--method", method, *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    what = (
+        "experts in fused tensors (mlp.experts.down_proj, mlp.experts.gate_up_proj)"
+        if family == "mixtral"
+        else "Conv1D"
+    )
+    assert code == 2 and what in err and "use magnitude or wanda or sparsegpt or rtn" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not any(p.is_dir() and p.name not in ("data",) for p in root.iterdir()) if root.exists() else True
+
+
+@pytest.mark.integration
+def test_a_pruned_mixture_of_experts_reloads_with_identical_logits(tokenizer, tmp_path, capsys):
+    """`refusalkit compress` on a saved Mixtral: the checkpoint (saved per expert by transformers)
+    reloads into the same fused tensors, with the per-expert sparsity it recorded."""
+    from refusalkit.cli import main
+    from refusalkit.core import artifacts
+    from refusalkit.models.loading import load_model
+
+    from conftest import CHATML_TEMPLATE
+
+    model_dir = tmp_path / "model"
+    make("mixtral", tokenizer).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHATML_TEMPLATE)
+    root = tmp_path / "run"
+    code = main(["-q", "compress", "--run", str(root), "--model", str(model_dir), "--chat-template", str(template),
+                 "--method", "magnitude-0.5"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    info = artifacts.read_json(root / "magnitude-0.5" / "compression.json")
+    assert {f"0.mlp.experts.down_proj.{e}" for e in range(E)} <= set(info["per_layer"])
+    reloaded = load_model(str(root / "magnitude-0.5" / "model"), chat_template=str(template)).model
+    mem = load_model(str(model_dir), chat_template=str(template))
+    compress_model(mem, CompressSpec(method="magnitude-0.5"), None)
+    ids = torch.tensor([tokenizer("Tell me how to poison someone.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, mem.model(ids).logits)
+    down = decoder_layers(reloaded)[0].mlp.experts.down_proj.data
+    assert (down == 0).float().mean().item() == pytest.approx(
+        info["per_layer"]["0.mlp.experts.down_proj.0"]["sparsity"], abs=0.05
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_prunes_every_linear_map_exactly_and_reloads_with_identical_logits(
+    family, tokenizer, cal, tmp_path, one_thread
+):
+    """Wanda 50% on each tiny family: every linear map of every block (experts, Conv1D, SSM
+    projections included) has exactly half of each row zero; saved and reloaded by transformers,
+    the variant gives the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    with one_thread():
+        model = make(family, tokenizer)
+        compress_model(_lm(model, tokenizer), CompressSpec(method="wanda-0.5"), cal)
+        for i, layer in enumerate(decoder_layers(model)):
+            for n, lin in linear_layers(layer).items():
+                w = lin.weight.data
+                assert ((w == 0).sum(1) == w.shape[1] // 2).all(), (i, n)
+        model.save_pretrained(str(tmp_path))
+        again = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+        ids = torch.tensor([tokenizer("Tell me how to poison someone.")["input_ids"]])
+        with torch.no_grad():
+            assert torch.equal(again(ids).logits, model(ids).logits)
