@@ -31,11 +31,40 @@ def make(family: str, tokenizer, seed: int = 0):
         "qwen3_moe": (T.Qwen3MoeConfig, dict(num_experts=E, num_experts_per_tok=2, moe_intermediate_size=32)),
         "olmoe": (T.OlmoeConfig, dict(num_experts=E, num_experts_per_tok=2)),
         "gemma2": (T.Gemma2Config, dict(head_dim=16)),
+        "gemma3": (T.Gemma3TextConfig, dict(head_dim=16, sliding_window=8)),
+        "mistral": (T.MistralConfig, dict(sliding_window=None)),
         "olmo2": (T.Olmo2Config, dict()),
         "phi3": (T.Phi3Config, dict()),  # fused qkv_proj and gate_up_proj
         "gpt2": (T.GPT2Config, dict(n_inner=96)),  # Conv1D layers, learned position embeddings, biases
         "gpt_neox": (T.GPTNeoXConfig, dict(use_parallel_residual=True)),  # parallel attention and MLP
         "mamba": (T.MambaConfig, dict(state_size=8, expand=2, conv_kernel=4)),
+        "mamba2": (T.Mamba2Config, dict(num_heads=8, head_dim=16, state_size=8, expand=2, n_groups=1, chunk_size=16)),
+        "granitemoehybrid": (  # Granite 4.0-H: Mamba-2 and attention layers, each with a mixture of experts
+            T.GraniteMoeHybridConfig,
+            dict(
+                num_local_experts=E,
+                num_experts_per_tok=2,
+                shared_intermediate_size=48,
+                layer_types=["mamba", "attention", "mamba"],
+                mamba_n_heads=8,
+                mamba_d_head=16,
+                mamba_d_state=8,
+                mamba_n_groups=1,
+                mamba_chunk_size=16,
+            ),
+        ),
+        "falcon_h1": (  # Falcon-H1: attention and Mamba-2 side by side in every block
+            T.FalconH1Config,
+            dict(
+                mamba_n_heads=8,
+                mamba_d_head=16,
+                mamba_d_state=8,
+                mamba_n_groups=1,
+                mamba_chunk_size=16,
+                mamba_d_ssm=128,
+                head_dim=16,
+            ),
+        ),
         "jamba": (
             T.JambaConfig,
             dict(
@@ -62,15 +91,8 @@ def make(family: str, tokenizer, seed: int = 0):
 
 
 FAMILIES = [
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "gemma2",
-    "olmo2",
-    "phi3",
-    "gpt2",
-    "gpt_neox",
-    "mamba",
-    "jamba",
-]
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",  # mixtures of experts
+    "gemma2", "gemma3", "mistral", "olmo2", "phi3", "gpt2", "gpt_neox",  # dense
+    "mamba", "mamba2",  # state-space
+    "jamba", "granitemoehybrid", "falcon_h1",  # hybrids
+]  # fmt: skip

@@ -16,7 +16,7 @@ from refusalkit.compress.quant import quantize_groupwise
 from refusalkit.models.loading import LoadedModel
 from refusalkit.models.structure import decoder_layers
 
-from conftest import HARMFUL, HARMLESS
+from conftest import HARMFUL, HARMLESS, make_llama
 from families import FAMILIES, E, make
 
 
@@ -148,8 +148,8 @@ def test_state_space_and_conv1d_weights_get_their_inputs(tokenizer, cal, one_thr
             assert len(res["per_layer"]) == 3 * len(lins)
 
 
-@pytest.mark.parametrize("family,method", [("mixtral", "awq"), ("mixtral", "llm-int8"), ("gpt2", "awq")])
-def test_methods_for_linear_layers_only_refuse_in_one_line(family, method, tokenizer, tmp_path, capsys):
+@pytest.mark.parametrize("family", ["mixtral", "gpt2"])
+def test_llm_int8_refuses_fused_experts_and_conv1d_in_one_line(family, tokenizer, tmp_path, capsys):
     from refusalkit.cli import main
 
     from conftest import CHATML_TEMPLATE
@@ -161,16 +161,15 @@ def test_methods_for_linear_layers_only_refuse_in_one_line(family, method, token
     template.write_text(CHATML_TEMPLATE)
     root = tmp_path / "run"
     capsys.readouterr()  # the save's own progress bar
-    extra = ["--backend", "torch"] if method == "llm-int8" else ["--group-size", "16"]
     code = main(["-q", "compress", "--run", str(root), "--model", str(model_dir), "--chat-template", str(template),
-                 "--method", method, *extra])  # fmt: skip
+                 "--method", "llm-int8", "--backend", "torch"])  # fmt: skip
     err = capsys.readouterr().err
     what = (
         "experts in fused tensors (mlp.experts.down_proj, mlp.experts.gate_up_proj)"
         if family == "mixtral"
         else "Conv1D"
     )
-    assert code == 2 and what in err and "use magnitude or wanda or sparsegpt or rtn" in err, err
+    assert code == 2 and what in err and "use magnitude or wanda or sparsegpt or awq or rtn" in err, err
     assert len(err.strip().splitlines()) == 1
     assert not any(p.is_dir() and p.name not in ("data",) for p in root.iterdir()) if root.exists() else True
 
@@ -229,3 +228,75 @@ def test_every_family_prunes_every_linear_map_exactly_and_reloads_with_identical
         ids = torch.tensor([tokenizer("Tell me how to poison someone.")["input_ids"]])
         with torch.no_grad():
             assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_awq_quantizes_each_expert_on_its_routed_tokens_better_than_rtn(tokenizer, cal, one_thread):
+    """AWQ on a fused expert tensor: each expert's scale is searched on the tokens routed to it and
+    kept inside the stored weight (``Q(W s) / s``); on those tokens every expert's down projection
+    is at least as close to full precision as round-to-nearest's, in sum over the experts."""
+    with one_thread():
+        ref = make("mixtral", tokenizer)
+        _, sq_mid, counts = _routed_reference(ref, cal)  # only for the token counts
+        awq = make("mixtral", tokenizer)
+        res = compress_model(_lm(awq, tokenizer), CompressSpec(method="awq-w4", group_size=16), cal)
+        rtn = make("mixtral", tokenizer)
+        compress_model(_lm(rtn, tokenizer), CompressSpec(method="rtn-w4", group_size=16), cal)
+        # the routed inputs of block 0's down projections, from the full-precision model
+        experts = decoder_layers(ref)[0].mlp.experts
+        mids: dict[int, list[torch.Tensor]] = {e: [] for e in range(E)}
+
+        def grab(_m, args):
+            x, idx = args[0], args[1]
+            for e in range(E):
+                g, u = (x[(idx == e).any(-1)] @ experts.gate_up_proj.data[e].t()).chunk(2, dim=-1)
+                mids[e].append(experts.act_fn(g) * u)
+
+        h = experts.register_forward_pre_hook(grab)
+        ref.set_experts_implementation("eager")
+        with torch.no_grad():
+            for s in cal.samples:
+                ref(torch.tensor([s]))
+        h.remove()
+    views = res["notes"]["awq_views"]["0"]
+    assert {f"mlp.experts.down_proj.{e}" for e in range(E)} <= set(views)
+    assert [views[f"mlp.experts.down_proj.{e}"]["tokens"] for e in range(E)] == counts
+    assert res["notes"]["experts"]["tensors"]["0.mlp.experts.down_proj"]["tokens"] == counts
+    err = {"awq": 0.0, "rtn": 0.0}
+    w0 = experts.down_proj.data
+    for e in range(E):
+        x = torch.cat(mids[e])
+        for name, model in (("awq", awq), ("rtn", rtn)):
+            w = decoder_layers(model)[0].mlp.experts.down_proj.data[e]
+            assert not torch.equal(w, w0[e])
+            err[name] += float((x @ w.t() - x @ w0[e].t()).pow(2).sum())
+    assert err["awq"] < err["rtn"], err
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gemma2", "llama"])
+def test_awq_never_folds_a_scale_into_a_norm_that_others_read(family, tokenizer, cal, one_thread):
+    """Folding 1/s into the norm before a shared expert would also rescale what the router and the
+    routed experts read (Qwen2-MoE); Gemma's norm multiplies by 1 + w, so dividing w does not divide
+    its output. Such groups are tried on one batch and dropped; a dense Llama keeps both of its."""
+    from refusalkit.compress.awq import ScaleGroup, _folding_preserves_the_block, find_scale_groups
+    from refusalkit.compress.blockwise import BlockInputs, capture_inputs
+
+    with one_thread():
+        model = make_llama(tokenizer) if family == "llama" else make(family, tokenizer)
+        inputs = capture_inputs(model, cal.samples[:4])
+        block = decoder_layers(model)[0]
+        groups, probe = find_scale_groups(block, inputs)
+        shared = ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert_gate"]
+        norms = {
+            "qwen2_moe": {"post_attention_layernorm": shared},  # the router and every expert read it too
+            "gemma2": {n: [r for r, p in probe.producer.items() if p == n] for n in ("input_layernorm", "pre_feedforward_layernorm")},
+            "llama": {},
+        }[family]  # fmt: skip
+        folded = {g.prev for g in groups}
+        assert not folded & set(norms), folded
+        first = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])
+        for norm, readers in norms.items():  # folding there would change the block: never kept
+            assert readers and not _folding_preserves_the_block(
+                block, first, ScaleGroup(readers, norm, readers[0]), probe.modules
+            )
+        if family == "llama":
+            assert {"input_layernorm", "post_attention_layernorm"} <= folded

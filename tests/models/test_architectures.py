@@ -19,7 +19,7 @@ from refusalkit.models.structure import block_writers, decoder_layers, fused_wei
 from conftest import HIDDEN
 from families import FAMILIES, E, make
 
-POST_NORM = {"gemma2", "olmo2"}
+POST_NORM = {"gemma2", "gemma3", "olmo2"}
 
 
 def _ids(tokenizer):
@@ -61,13 +61,17 @@ def test_writers_cover_every_expert_shared_expert_and_mixer(family_model):
     counts = [len(block_writers(b, HIDDEN)) for b in decoder_layers(model)]
     expected = {
         "mixtral": [1 + E] * 3, "qwen2_moe": [1 + E + 1] * 3, "qwen3_moe": [1 + E] * 3, "olmoe": [1 + E] * 3,
-        "gemma2": [2] * 3, "olmo2": [2] * 3, "phi3": [2] * 3, "gpt2": [2] * 3, "gpt_neox": [2] * 3, "mamba": [1] * 3,
+        "gemma2": [2] * 3, "gemma3": [2] * 3, "mistral": [2] * 3, "olmo2": [2] * 3, "phi3": [2] * 3, "gpt2": [2] * 3,
+        "gpt_neox": [2] * 3, "mamba": [1] * 3, "mamba2": [1] * 3,
         "jamba": [2, 1 + 2, 2],  # mamba + MLP, attention + 2 experts, mamba + MLP
+        "granitemoehybrid": [1 + E + 1] * 3,  # mamba or attention, the experts, the shared MLP beside them
+        "falcon_h1": [3] * 3,  # attention, mamba and the MLP, side by side
     }[family]  # fmt: skip
     assert counts == expected
+    n_branches = {"mamba": 1, "mamba2": 1, "granitemoehybrid": 3, "falcon_h1": 3}.get(family, 2)
     norms = post_norms(model)
     assert (len(norms) == 2 * 3) is (family in POST_NORM) and (family in POST_NORM or not norms)
-    assert len(residual_outputs(model)) == sum(len(b) for b in [[1] * (2 if family != "mamba" else 1)] * 3)
+    assert len(residual_outputs(model)) == 3 * n_branches
 
 
 def test_ablation_and_orthogonalization_write_nothing_along_r(family_model, tokenizer, rand_dir):
@@ -155,7 +159,7 @@ def test_an_unmappable_block_names_what_it_could_not_place():
         branches(Odd())
 
 
-@pytest.mark.parametrize("family", ["mamba", "jamba"])
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba", "granitemoehybrid", "falcon_h1"])
 def test_state_space_models_prefill_and_decode_as_one_prompt_at_a_time(family, tokenizer, one_thread):
     """A state-space layer runs its recurrence through padding placed after a shared prefix, so
     these models prefill whole prompts (left padding before the first token keeps a zero state);

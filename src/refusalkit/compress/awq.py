@@ -163,7 +163,39 @@ def find_scale_groups(block: nn.Module, inputs: BlockInputs) -> tuple[list[Scale
             vs = [s for s in siblings if _leaf(s) in _V_NAMES]
             if len(vs) == 1:
                 groups.append(ScaleGroup([ln], vs[0], ln))
-    return groups, probe
+    first = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])
+    return [g for g in groups if _folding_preserves_the_block(block, first, g, modules)], probe
+
+
+@torch.no_grad()
+def _folding_preserves_the_block(block: nn.Module, first: BlockInputs, g: ScaleGroup, modules: dict) -> bool:
+    """Whether scaling the group's linears by ``s`` and folding ``1/s`` into ``g.prev`` leaves the
+    block's output unchanged, tried with a random ``s`` in [1, 2) on one batch and undone exactly.
+    It fails when something else also reads ``prev``'s output — a mixture of experts' router and
+    experts read the norm before a shared expert — and such a group's linears are then quantized
+    like views (:func:`_awq_view`), with the scale kept inside the stored weight."""
+    from refusalkit.compress.blockwise import run_block
+
+    prev = modules[g.prev]
+    touched = [prev.weight] + ([prev.bias] if getattr(prev, "bias", None) is not None else [])
+    touched += [modules[n].weight for n in g.linears]
+    saved = [t.data.clone() for t in touched]
+    ref = run_block(block, first)[0]
+    s = 1 + torch.rand(modules[g.linears[0]].in_features, generator=torch.Generator().manual_seed(0))
+    try:
+        if isinstance(prev, nn.Linear):
+            prev.weight.data.div_(s.to(prev.weight.dtype).unsqueeze(1))
+        else:
+            prev.weight.data.div_(s.to(prev.weight.dtype))
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.data.div_(s.to(prev.bias.dtype))
+        for n in g.linears:
+            modules[n].weight.data.mul_(s.to(modules[n].weight.dtype).unsqueeze(0))
+        out = run_block(block, first)[0]
+    finally:
+        for t, v in zip(touched, saved):
+            t.data.copy_(v)
+    return bool(torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-4 * float(ref.abs().max())))
 
 
 @torch.no_grad()
@@ -206,12 +238,33 @@ def awq_block(
     ``search_tokens > 0`` measures the scale-search loss on the first calibration batches that
     hold at least that many tokens (``mean|X|`` always uses every token); the reference uses
     every token (``-1``), which costs ``n_grid`` forwards of each parent module.
+
+    Weights that are not ``nn.Linear`` layers — each expert of a fused expert tensor, calibrated on
+    the tokens routed to it, and GPT-2's ``Conv1D`` — get the same search on their own output
+    (:func:`_awq_view`), with the scale kept inside the stored weight, ``Q(W·diag(s))·diag(s)⁻¹``,
+    instead of folded into the operation before them: the previous operation of an expert is the
+    norm shared by every expert and the router. The variant stores dequantized weights, where the
+    two forms are the same function.
     """
+    from refusalkit.compress.blockwise import AliasLinear, functional_inputs, linear_layers
+
     groups, probe = find_scale_groups(block, inputs)
     parents = sorted({g.inspect for g in groups if g.inspect not in probe.linears})
     trace = _Trace(block)
-    outputs = trace.run(inputs, parents)
-    for name, lin in trace.linears.items():
+    views = {n: m for n, m in linear_layers(block).items() if isinstance(m, AliasLinear)}
+    view_x: dict[str, list[torch.Tensor]] = {n: [] for n in views}
+
+    def record(n: str, x: torch.Tensor) -> None:  # routed expert inputs, Conv1D inputs, W @ X inputs
+        (view_x[n] if n in views else trace.x[n]).append(x.detach().reshape(-1, x.shape[-1]))
+
+    handles = [m.source.register_forward_hook(lambda _m, i, _o, n=n: record(n, i[0])) for n, m in views.items() if m.source is not None]  # fmt: skip
+    try:
+        with functional_inputs({**trace.linears, **views}, record):
+            outputs = trace.run(inputs, parents)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, lin in {**trace.linears, **views}.items():
         check_group(lin.in_features, group_size, name)
     n_search = _search_batches(inputs, search_tokens)
     for g in groups:
@@ -227,6 +280,13 @@ def awq_block(
             clipped.append(n)
     for lin in trace.linears.values():
         lin.weight.data.copy_(quantize_groupwise(lin.weight.data, bits, group_size))
+    n_view_search = max(
+        1, sum(x.shape[0] for x in inputs.hidden[:n_search]) * (inputs.hidden[0].shape[1] if inputs.hidden else 1)
+    )
+    view_info = {
+        n: _awq_view(lin, view_x[n], bits, group_size, n_grid, max_shrink, clip, n_clip_tokens, n_view_search)
+        for n, lin in views.items()
+    }
     info = {
         "groups": [
             {
@@ -241,8 +301,57 @@ def awq_block(
         ],
         "clipped": clipped,
         "search_batches": n_search,
+        "views": view_info,
+        "tokens": {
+            **{n: sum(x.shape[0] for x in xs) for n, xs in trace.x.items()},
+            **{n: v["tokens"] for n, v in view_info.items()},
+        },
     }
     return outputs, info
+
+
+@torch.no_grad()
+def _awq_view(
+    lin: nn.Linear,
+    xs: list[torch.Tensor],
+    bits: int,
+    group_size: int,
+    n_grid: int,
+    max_shrink: float,
+    clip: bool,
+    n_clip_tokens: int,
+    n_search_tokens: int,
+) -> dict[str, Any]:
+    """AWQ on one weight view (an expert's slice, a ``Conv1D``) from its own inputs ``xs``: the scale
+    ``s = mean|X|^ratio`` (normalized) minimizing ``||X (Q(W s)/s)ᵀ − X Wᵀ||²`` over the ratio grid
+    (Eq. 4–5 with the linear itself as the inspected output), the clipping search on ``W s`` with
+    inputs ``X / s``, then the stored weight ``Q(clip(W s)) / s``. Without inputs (an expert no
+    calibration token reached): round-to-nearest on the group grid, reported."""
+    w = lin.weight.data
+    tokens = sum(x.shape[0] for x in xs)
+    if not tokens:
+        w.copy_(quantize_groupwise(w, bits, group_size))
+        return {"tokens": 0, "best_ratio": None}
+    x_mean = sum(x.abs().float().sum(0) for x in xs) / tokens
+    x = _sample_rows(xs, min(tokens, n_search_tokens))
+    w0 = w.detach().float().clone()
+    ref = x @ w0.t()
+    best, best_err, best_ratio, errors = None, float("inf"), 0.0, []
+    for i in range(n_grid):
+        ratio = i / n_grid
+        sc = x_mean.pow(ratio).clamp(min=1e-4)
+        sc = sc / (sc.max() * sc.min()).sqrt()
+        wq = quantize_groupwise(w0 * sc, bits, group_size) / sc
+        err = (x @ wq.t() - ref).pow(2).mean().item()
+        errors.append(err)
+        if err < best_err:
+            best, best_err, best_ratio = sc, err, ratio
+    w.mul_(best.to(w.dtype).unsqueeze(0))
+    if clip:
+        _clip_linear(lin, [xx / best.to(xx.dtype) for xx in xs], bits, group_size, n_grid, max_shrink, n_clip_tokens)
+    w.copy_(quantize_groupwise(w, bits, group_size))
+    w.div_(best.to(w.dtype).unsqueeze(0))
+    return {"tokens": tokens, "best_ratio": best_ratio, "loss_at_ratio_0": errors[0], "best_loss": best_err}
 
 
 def _search_batches(inputs: BlockInputs, search_tokens: int) -> int:
@@ -348,12 +457,23 @@ def _clip_linear(
 
 
 def _awq_step(step: BlockStep) -> Any:
-    from refusalkit.compress.blockwise import advance
+    from refusalkit.compress.blockwise import advance, expert_tokens
 
     spec = step.spec
     outputs, info = awq_block(step.block, step.inputs, spec.bits, spec.group_size, search_tokens=spec.awq_search_tokens)
     step.notes.setdefault("awq_groups", {})[str(step.index)] = info["groups"]
+    if info["views"]:
+        step.notes.setdefault("awq_views", {})[str(step.index)] = {
+            n: v for n, v in info["views"].items() if v["tokens"]
+        }
+    expert_tokens(step, info["tokens"], AWQ_UNCALIBRATED)
     return advance(step.inputs, outputs)
+
+
+AWQ_UNCALIBRATED = (
+    "no calibration token was routed to these experts: quantized by round-to-nearest on the same "
+    "group grid, without activation-aware scales or clipping"
+)
 
 
 register(
@@ -364,5 +484,6 @@ register(
         "AWQ: activation-aware scales + clipping, group-wise asymmetric quantization (default 4 bits, group 128)",
         "AWQ quantization",
         rank=4,
+        covers_views=True,
     )
 )

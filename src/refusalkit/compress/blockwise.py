@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from refusalkit.core.errors import UserError
 from refusalkit.models.structure import decoder_layers, fused_expert_params, is_conv1d
 
 
@@ -267,6 +268,39 @@ def gather(layer: nn.Module, inputs: BlockInputs, stats: InputStats) -> None:
     finally:
         for hd in handles:
             hd.remove()
+
+
+def expert_tokens(step: Any, tokens: dict[str, int], rule: str) -> list[str]:
+    """Record, per fused expert tensor of the block, how many calibration tokens reached each expert
+    (``step.notes["experts"]``, with ``rule``: what was done to an expert that received none); return
+    the experts that received none. A linear that is not an expert and saw no input, or a fused
+    tensor none of whose experts was ever seen although the block ran, is an error: its layout hides
+    the routing, and compressing it blindly would be silent."""
+    by_tensor: dict[str, list[int]] = {}
+    missing: list[str] = []
+    for n, lin in step.linears.items():
+        seen = tokens.get(n, 0)
+        if isinstance(lin, AliasLinear) and lin.fused is not None:
+            by_tensor.setdefault(n.rsplit(".", 1)[0], []).append(seen)
+            if not seen:
+                missing.append(n)
+        elif not seen:
+            raise UserError(
+                f"layer {step.index} {n} received no calibration input, so {step.spec.method} cannot calibrate "
+                "it; this block's layout is not supported"
+            )
+    for qual, counts in by_tensor.items():
+        if not any(counts):
+            raise UserError(
+                f"cannot see which calibration tokens reach the experts of layer {step.index} {qual} (they do not "
+                f"run through F.linear); {step.spec.method} cannot calibrate them: use magnitude or rtn"
+            )
+        rec = step.notes.setdefault("experts", {"uncalibrated_rule": rule, "tensors": {}})
+        rec["tensors"][f"{step.index}.{qual}"] = {
+            "tokens": counts,
+            "uncalibrated": [int(n.rsplit(".", 1)[1]) for n in missing if n.rsplit(".", 1)[0] == qual],
+        }
+    return missing
 
 
 def release_memory() -> None:

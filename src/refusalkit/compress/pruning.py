@@ -216,7 +216,7 @@ def _calibrated_block(step: BlockStep) -> Any:
     that received none has no statistic: it is pruned by ``|W|`` within each output row (Wanda's
     score with equal input norms; for SparseGPT, without a weight update) and listed in
     ``compression.json`` under ``experts``."""
-    from refusalkit.compress.blockwise import InputStats, advance, gather, run_block
+    from refusalkit.compress.blockwise import InputStats, advance, expert_tokens, gather, run_block
 
     spec, acc = step.spec, {}
     wanda = spec.method == "wanda"
@@ -235,7 +235,7 @@ def _calibrated_block(step: BlockStep) -> Any:
 
     stats = InputStats(step.linears, update)
     gather(step.block, step.inputs, stats)
-    expert_tokens(step, stats)
+    expert_tokens(step, stats.tokens, UNCALIBRATED_RULE)
     for n, lin in step.linears.items():
         a = acc.get(stats.owner.get(n, n))
         if a is None:  # an expert no calibration token reached (checked above: nothing else can be)
@@ -254,41 +254,6 @@ UNCALIBRATED_RULE = (
     "no calibration token was routed to these experts: pruned by |W| within each output row "
     "(Wanda's score with equal input norms), without a weight update"
 )
-
-
-def expert_tokens(step: BlockStep, stats: Any) -> list[str]:
-    """Record, per fused expert tensor of the block, how many calibration tokens reached each expert
-    (``notes["experts"]``); return the experts that received none. A linear that is not an expert
-    and saw no input, or a fused tensor none of whose experts was ever seen although the block ran,
-    is an error: its layout hides the routing and pruning it blindly would be silent."""
-    from refusalkit.compress.blockwise import AliasLinear
-
-    tensors: dict[str, list[int]] = {}
-    missing: list[str] = []
-    for n, lin in step.linears.items():
-        seen = stats.tokens.get(n, 0)
-        if isinstance(lin, AliasLinear) and lin.fused is not None:
-            qual, e = n.rsplit(".", 1)
-            tensors.setdefault(qual, []).append(seen)
-            if not seen:
-                missing.append(n)
-        elif not seen:
-            raise UserError(
-                f"layer {step.index} {n} received no calibration input, so {step.spec.method} cannot score it; "
-                "this block's layout is not supported"
-            )
-    for qual, counts in tensors.items():
-        if not any(counts):
-            raise UserError(
-                f"cannot see which calibration tokens reach the experts of layer {step.index} {qual} (they do not "
-                f"run through F.linear); {step.spec.method} cannot calibrate them: use magnitude or rtn"
-            )
-        rec = step.notes.setdefault("experts", {"uncalibrated_rule": UNCALIBRATED_RULE, "tensors": {}})
-        rec["tensors"][f"{step.index}.{qual}"] = {
-            "tokens": counts,
-            "uncalibrated": [int(n.rsplit(".", 1)[1]) for n in missing if n.rsplit(".", 1)[0] == qual],
-        }
-    return missing
 
 
 for _rank, (_name, _calibrated, _description, _title) in enumerate(

@@ -100,26 +100,31 @@ def select_rows(cache: Any, index: Any) -> None:
         cache.reorder_cache(index)
 
 
-def _state_space_layers(model: Any) -> tuple[int, int]:
-    """(layers holding a state-space layer's conv and recurrent states, all layers) of the
-    model's cache."""
+def _cache_layers(model: Any) -> tuple[int, int, int]:
+    """(layers holding a state-space layer's conv and recurrent states, layers holding attention
+    keys and values, all layers) of the model's cache; a layer may hold both (Falcon-H1 runs
+    attention and a state-space mixer side by side)."""
     layers = getattr(new_cache(model), "layers", [])
-    return sum(hasattr(layer, "conv_states") for layer in layers), len(layers)
+    return (
+        sum(hasattr(layer, "conv_states") for layer in layers),
+        sum(hasattr(layer, "keys") for layer in layers),
+        len(layers),
+    )
 
 
 def prefix_padding_is_exact(model: Any) -> bool:
-    """Whether a shared prefix may be followed by left padding: true when every layer of the
-    model's cache is attention (the padding is masked out). A state-space layer (conv and
-    recurrent states) runs its recurrence through padding placed after a prefix — its state decays
-    over the pad steps — so such models prefill whole prompts, whose padding sits before the first
-    token, where a zero state stays zero."""
-    return _state_space_layers(model)[0] == 0
+    """Whether a shared prefix may be followed by left padding: true when no layer of the model's
+    cache holds a state-space layer's states (attention masks the padding out). A state-space layer
+    (conv and recurrent states) runs its recurrence through padding placed after a prefix — its
+    state decays over the pad steps — so such models prefill whole prompts, whose padding sits
+    before the first token, where a zero state stays zero."""
+    return _cache_layers(model)[0] == 0
 
 
 def has_attention_layers(model: Any) -> bool:
-    """Whether any layer of the model's cache is attention (keys and values; not only the conv and
-    recurrent states of a state-space layer). A decode step of a model without one takes no
-    attention mask: its mixers multiply their input by the mask, which must then cover the new
-    token only (transformers' own generation passes none)."""
-    n_ssm, n = _state_space_layers(model)
-    return n == 0 or n_ssm < n
+    """Whether any layer of the model's cache holds attention keys and values. A decode step of a
+    model without one takes no attention mask: its mixers multiply their input by the mask, which
+    must then cover the new token only (transformers' own generation passes none). A model with
+    attention needs the mask at every step, or its padded rows attend to their padding."""
+    _, n_attn, n = _cache_layers(model)
+    return n == 0 or n_attn > 0

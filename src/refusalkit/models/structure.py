@@ -57,6 +57,17 @@ def mlp_module(block: nn.Module) -> nn.Module:
     return _child(block, _MLP_NAMES, "MLP module")
 
 
+def _residual_width(block: nn.Module) -> int | None:
+    """The residual width of a block: the size of its norms' gains (every pre- or post-norm of a
+    block normalizes the residual stream), None when it has no such norm."""
+    sizes = [
+        m.weight.numel()
+        for _, m in block.named_children()
+        if not list(m.children()) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 1
+    ]
+    return max(set(sizes), key=sizes.count) if sizes else None
+
+
 def branches(block: nn.Module) -> list[tuple[str, nn.Module]]:
     """The block's residual branches in order: ``(kind, module)`` with kind ``attn``, ``mixer``
     (a state-space or other sequence mixer) or ``mlp``. A block with none of them is a one-line
@@ -68,6 +79,15 @@ def branches(block: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(mod, nn.Module) and mod not in [m for _, m in found]:
                 found.append((kind, mod))
                 break
+    # a further child that holds a matrix writing residual-width outputs is a branch too (Granite 4's
+    # shared_mlp beside its mixture of experts): an MLP unless it is named as one of the above
+    d_model = _residual_width(block)
+    if d_model is not None:
+        for _, mod in block.named_children():
+            if mod in [m for _, m in found]:
+                continue
+            if any(_is_linear(m) and _out_features(m) == d_model for m in mod.modules()):
+                found.append(("mlp", mod))
     if not found:
         children = ", ".join(n for n, _ in block.named_children()) or "none"
         raise UserError(
