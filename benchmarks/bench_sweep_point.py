@@ -1,6 +1,7 @@
 """Benchmark: the wall time of one sweep point and what dominates it, one command.
 
     python benchmarks/bench_sweep_point.py --run DIR [--method rtn --bits 4 | --method wanda --sparsity 0.5]
+        [--set KEY=VALUE ...]
 
 DIR is a run directory whose base model is finished (``refusalkit run`` or ``refusalkit sweep``
 made it: base direction, noise floor, base evaluation). The benchmark copies the base's records
@@ -9,6 +10,10 @@ through ``refusalkit sweep``'s stages there — compress, candidate directions, 
 noise floor, evaluation (vanilla ASR, over-refusal, borderline prompts, perplexity) — then prints
 the seconds of each stage, the evaluation's parts, the peak resident memory, and the issue's goal
 (3 minutes a point on 2 cores). Run it alone: another torch process on 2 cores slows both ~10×.
+
+``--set`` changes the point's settings as ``refusalkit sweep --set`` does, e.g. the issue's
+figure set (vanilla ASR on 100 prompts and perplexity, no over-refusal sets):
+``--set evaluation.n_harmless=0 --set evaluation.borderline=none``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def main() -> int:
     ap.add_argument("--sparsity", help="pruning: one ratio or N:M")
     ap.add_argument("--bits", help="quantization: one bit width (default 4 for rtn / awq)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary run directory (printed)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for the point")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,7 +52,11 @@ def main() -> int:
     if not (src.config.is_file() and src.eval("base", "asr.json").is_file()):
         print(f"error: {args.run} has no finished base model; run refusalkit run or sweep there first", file=sys.stderr)
         return 2
+    from refusalkit.cli.parser import set_overrides
+    from refusalkit.core.settings import apply_dotted
+
     cfg = recorded_config(src)
+    apply_dotted(cfg, set_overrides(args.set))
     cfg.evaluation.attacks = ["vanilla"]
     bits = [args.bits] if args.bits else ([] if args.sparsity else ["4"])
     (point,) = build_points(cfg, [args.method], [args.sparsity] if args.sparsity else [], bits, [])

@@ -145,14 +145,15 @@ def load_config(
     """Defaults < ``profile`` (dotted keys) < the YAML ``files`` in order (``path`` first) < ``overrides``
     (dotted keys; ``None`` values are ignored)."""
     cfg = Config()
-    _apply_dotted(cfg, profile or {})
+    apply_dotted(cfg, profile or {})
     for f in ([path] if path else []) + list(files or []):
         apply_settings(cfg, read_config_file(f))
-    _apply_dotted(cfg, overrides or {})
+    apply_dotted(cfg, overrides or {})
     return validate(cfg)
 
 
-def _apply_dotted(cfg: Config, settings: dict[str, Any]) -> None:
+def apply_dotted(cfg: Config, settings: dict[str, Any]) -> None:
+    """Apply settings with dotted keys (``{"evaluation.n_harmless": 0}``) to ``cfg``; None is skipped."""
     for key, value in settings.items():
         if value is None:
             continue
