@@ -300,3 +300,30 @@ def test_awq_never_folds_a_scale_into_a_norm_that_others_read(family, tokenizer,
             )
         if family == "llama":
             assert {"input_layernorm", "post_attention_layernorm"} <= folded
+
+
+def test_aird_on_an_awq_expert_returns_it_to_its_own_grid(tokenizer, cal, one_thread):
+    """An AWQ expert stores Q(W s) / s: AIRD requantizes the edited expert with the same s (saved
+    beside the variant), so it stays on that grid; the plain group grid would re-round the whole
+    matrix, and the realized edit would stray further from the intended one."""
+    from refusalkit.compress.awq import VIEW_SCALES
+    from refusalkit.repair.aird import Requantize, apply_aird
+
+    with one_thread():
+        model = make("mixtral", tokenizer)
+        res = compress_model(_lm(model, tokenizer), CompressSpec(method="awq-w4", group_size=16), cal)
+    scales = res["notes"][VIEW_SCALES]
+    assert set(scales) >= {f"1.mlp.experts.down_proj.{e}" for e in range(E)}
+    info = {"method": "awq", "bits": 4, "parameters": {"group_size": 16}}
+    r = torch.randn(64, generator=torch.Generator().manual_seed(4)) * 3
+    down = decoder_layers(model)[1].mlp.experts.down_proj.data
+    survival = {}
+    for name, rq in (("own", Requantize.from_compression(info, scales)), ("plain", Requantize.from_compression(info))):
+        edit = apply_aird(model, r, 1, alphas={"attn_out": 0.02, "mlp_down": 0.3}, unit=True, requantize=rq)
+        s = scales["1.mlp.experts.down_proj.0"]
+        if name == "own":  # on its grid: W'' s is a group-wise 4-bit matrix
+            torch.testing.assert_close(quantize_groupwise(down[0] * s, 4, 16), down[0] * s, atol=1e-5, rtol=0)
+        survival[name] = edit.records["mlp_down:mlp.experts.down_proj[0]"]["quantization"]
+        edit.remove()
+    # measured: residual 0.86 on its own grid, 1.48 on the plain one (the whole expert re-rounded)
+    assert survival["own"]["residual"] < 0.75 * survival["plain"]["residual"], survival

@@ -351,7 +351,13 @@ def _awq_view(
         _clip_linear(lin, [xx / best.to(xx.dtype) for xx in xs], bits, group_size, n_grid, max_shrink, n_clip_tokens)
     w.copy_(quantize_groupwise(w, bits, group_size))
     w.div_(best.to(w.dtype).unsqueeze(0))
-    return {"tokens": tokens, "best_ratio": best_ratio, "loss_at_ratio_0": errors[0], "best_loss": best_err}
+    return {
+        "tokens": tokens,
+        "best_ratio": best_ratio,
+        "loss_at_ratio_0": errors[0],
+        "best_loss": best_err,
+        "scale": best.detach().float().cpu(),
+    }
 
 
 def _search_batches(inputs: BlockInputs, search_tokens: int) -> int:
@@ -463,12 +469,20 @@ def _awq_step(step: BlockStep) -> Any:
     outputs, info = awq_block(step.block, step.inputs, spec.bits, spec.group_size, search_tokens=spec.awq_search_tokens)
     step.notes.setdefault("awq_groups", {})[str(step.index)] = info["groups"]
     if info["views"]:
+        scales = step.notes.setdefault(VIEW_SCALES, {})  # tensors: the compress job saves them beside the variant
+        for n, v in info["views"].items():
+            if "scale" in v:
+                scales[f"{step.index}.{n}"] = v.pop("scale")
         step.notes.setdefault("awq_views", {})[str(step.index)] = {
             n: v for n, v in info["views"].items() if v["tokens"]
         }
     expert_tokens(step, info["tokens"], AWQ_UNCALIBRATED)
     return advance(step.inputs, outputs)
 
+
+# notes key of the per-view scales s (a view's stored weight is Q(W s) / s): saved by the compress job as
+# <V>/awq_view_scales.safetensors, keyed "<block>.<view>", and read by AIRD to requantize a view on its grid
+VIEW_SCALES = "_awq_view_scales"
 
 AWQ_UNCALIBRATED = (
     "no calibration token was routed to these experts: quantized by round-to-nearest on the same "

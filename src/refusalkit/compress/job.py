@@ -279,6 +279,12 @@ def run_compress(
     compress_seconds = time.time() - t0
     _save_model(lm, layout.model(name))
     layout.discard_analyses(name)  # analyses of the replaced model no longer apply
+    from refusalkit.compress.awq import VIEW_SCALES
+
+    scales = result["notes"].pop(VIEW_SCALES, None)
+    layout.view_scales(name).unlink(missing_ok=True)
+    if scales:
+        artifacts.save_tensors(layout.view_scales(name), scales)
     info = _record(cfg, spec, lm, result, cal, backend, layout.model(name))
     info.update(wall_seconds=round(time.time() - t0, 2), compress_seconds=round(compress_seconds, 2))
     artifacts.write_json(layout.compression(name), info)

@@ -87,6 +87,11 @@ class RunLayout:
     def compression(self, name: str) -> Path:
         return self.root / name / "compression.json"
 
+    def view_scales(self, name: str) -> Path:
+        """``<V>/awq_view_scales.safetensors``: AWQ's scale of each weight view (an expert of a fused
+        tensor, a Conv1D), whose stored weight is ``Q(W s) / s``; keyed ``<block>.<view>``."""
+        return self.root / name / "awq_view_scales.safetensors"
+
     def repair_info(self, name: str) -> Path:
         return self.root / name / "repair.json"
 

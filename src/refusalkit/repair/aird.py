@@ -129,22 +129,33 @@ def _stored_zeros(mod: nn.Module) -> float:
 
 @dataclass
 class Requantize:
-    """How an edited fake-quantized matrix returns to its grid (the variant's ``compression.json``)."""
+    """How an edited fake-quantized matrix returns to its grid (the variant's ``compression.json``).
+
+    ``view_scales`` (AWQ): the scale ``s`` of each weight view (an expert of a fused tensor, a
+    ``Conv1D``), whose stored weight is ``Q(W s) / s``, keyed ``<block>.<view>``; such a matrix
+    returns to its own grid as ``Q(W' s) / s``."""
 
     method: str  # awq | rtn
     bits: int
     group_size: int
+    view_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_compression(cls, info: dict[str, Any] | None) -> Requantize | None:
+    def from_compression(
+        cls, info: dict[str, Any] | None, view_scales: dict[str, torch.Tensor] | None = None
+    ) -> Requantize | None:
         if not info or info.get("method") not in ("awq", "rtn"):
             return None
-        return cls(info["method"], int(info["bits"]), int(info["parameters"].get("group_size", 128)))
+        return cls(info["method"], int(info["bits"]), int(info["parameters"].get("group_size", 128)), view_scales or {})
 
-    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+    def __call__(self, w: torch.Tensor, key: str | None = None) -> torch.Tensor:
         from refusalkit.compress.quant import quantize_groupwise
 
-        return quantize_groupwise(w, self.bits, self.group_size)
+        s = self.view_scales.get(key) if key is not None else None
+        if s is None:
+            return quantize_groupwise(w, self.bits, self.group_size)
+        s = s.to(w.device, torch.float32)
+        return (quantize_groupwise(w.float() * s, self.bits, self.group_size) / s).to(w.dtype)
 
     def describe(self) -> dict[str, Any]:
         how = "round-to-nearest on the same group grid" + (
@@ -264,14 +275,16 @@ def _edit_view(
     keep_zeros: bool,
     requantize: Requantize | None,
     edit: AirdEdit,
+    view_key: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Write ``target`` (back on the quantization grid with ``requantize``) into ``stored`` — a layer's
+    """Write ``target`` (back on the quantization grid with ``requantize``; an AWQ view's own grid by
+    ``view_key``, ``<block>.<view>``) into ``stored`` — a layer's
     weight, a transposed view of a ``Conv1D``'s, or one expert's slice of a fused tensor — in place;
     the original is kept on the CPU for removal."""
     original = stored.detach().to("cpu", copy=True)
     new_w = target.to(stored.dtype)
     if requantize is not None:
-        new_w = requantize(new_w)
+        new_w = requantize(new_w, view_key)
         if keep_zeros:
             new_w = torch.where(stored == 0, torch.zeros_like(new_w), new_w)
     stored.copy_(new_w.to(stored.device))
@@ -340,7 +353,10 @@ def apply_aird(
                 after, more = _edit_int8(model, mname, mod, w.double() + intended, keep_zeros, edit)
             else:
                 before = wr.weight().detach().to("cpu", copy=True) if wr.fused else None
-                after, more = _edit_view(name, wr.weight(), w.double() + intended, keep_zeros, requantize, edit)
+                view = wr.name.replace("[", ".").rstrip("]")  # as compression names it: mlp.experts.down_proj.3
+                after, more = _edit_view(
+                    name, wr.weight(), w.double() + intended, keep_zeros, requantize, edit, f"{block}.{view}"
+                )
                 if wr.fused:
                     qual = f"{mname}.{wr.param}"
                     fused[qual] = getattr(mod, wr.param)

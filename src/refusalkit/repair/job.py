@@ -213,7 +213,8 @@ def _repair(s: Session, r: RepairConfig, name: str) -> tuple[dict[str, Any], dic
     base_info = artifacts.read_json(layout.direction("base", "direction.json"))
     direction = artifacts.load_tensors(layout.direction("base", "direction.safetensors"))["direction"]
     compression = artifacts.read_json(layout.compression(s.variant)) if layout.compression(s.variant).exists() else None
-    requant = Requantize.from_compression(compression) if r.requantize else None
+    scales = artifacts.load_tensors(layout.view_scales(s.variant)) if layout.view_scales(s.variant).exists() else None
+    requant = Requantize.from_compression(compression, scales) if r.requantize else None
     norm = float(direction.float().norm())
     layer = int(base_info["layer"])
     pruned = (compression or {}).get("method") in PRUNING
