@@ -159,7 +159,11 @@ def eager_experts(model: nn.Module) -> Iterator[None]:
         yield
         return
     before = get()
-    model.set_experts_implementation("eager")
+    try:
+        model.set_experts_implementation("eager")
+    except (ValueError, RuntimeError, ImportError):  # locked at load time: the routing check says so in one line
+        yield
+        return
     try:
         yield
     finally:
