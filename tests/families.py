@@ -8,6 +8,9 @@ import torch
 from conftest import HIDDEN, VOCAB
 
 E = 4  # experts
+MAMBA2 = dict(
+    mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16
+)  # a hybrid's Mamba-2 layers
 
 
 def _cfg(cls, tokenizer, **kw):
@@ -46,21 +49,13 @@ def make(family: str, tokenizer, seed: int = 0):
                 num_experts_per_tok=2,
                 shared_intermediate_size=48,
                 layer_types=["mamba", "attention", "mamba"],
-                mamba_n_heads=8,
-                mamba_d_head=16,
-                mamba_d_state=8,
-                mamba_n_groups=1,
-                mamba_chunk_size=16,
+                **MAMBA2,
             ),
         ),
         "falcon_h1": (  # Falcon-H1: attention and Mamba-2 side by side in every block
             T.FalconH1Config,
             dict(
-                mamba_n_heads=8,
-                mamba_d_head=16,
-                mamba_d_state=8,
-                mamba_n_groups=1,
-                mamba_chunk_size=16,
+                **MAMBA2,
                 mamba_d_ssm=128,
                 head_dim=16,
             ),

@@ -278,7 +278,7 @@ def test_awq_never_folds_a_scale_into_a_norm_that_others_read(family, tokenizer,
     routed experts read (Qwen2-MoE); Gemma's norm multiplies by 1 + w, so dividing w does not divide
     its output. Such groups are tried on one batch and dropped; a dense Llama keeps both of its."""
     from refusalkit.compress.awq import ScaleGroup, _folding_preserves_the_block, find_scale_groups
-    from refusalkit.compress.blockwise import BlockInputs, capture_inputs
+    from refusalkit.compress.blockwise import BlockInputs, capture_inputs, run_block
 
     with one_thread():
         model = make_llama(tokenizer) if family == "llama" else make(family, tokenizer)
@@ -296,7 +296,7 @@ def test_awq_never_folds_a_scale_into_a_norm_that_others_read(family, tokenizer,
         first = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])
         for norm, readers in norms.items():  # folding there would change the block: never kept
             assert readers and not _folding_preserves_the_block(
-                block, first, ScaleGroup(readers, norm, readers[0]), probe.modules
+                block, first, run_block(block, first)[0], ScaleGroup(readers, norm, readers[0]), probe.modules
             )
         if family == "llama":
             assert {"input_layernorm", "post_attention_layernorm"} <= folded

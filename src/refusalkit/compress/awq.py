@@ -163,34 +163,32 @@ def find_scale_groups(block: nn.Module, inputs: BlockInputs) -> tuple[list[Scale
             vs = [s for s in siblings if _leaf(s) in _V_NAMES]
             if len(vs) == 1:
                 groups.append(ScaleGroup([ln], vs[0], ln))
+    from refusalkit.compress.blockwise import run_block
+
     first = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])
-    return [g for g in groups if _folding_preserves_the_block(block, first, g, modules)], probe
+    ref = run_block(block, first)[0]
+    return [g for g in groups if _folding_preserves_the_block(block, first, ref, g, modules)], probe
 
 
 @torch.no_grad()
-def _folding_preserves_the_block(block: nn.Module, first: BlockInputs, g: ScaleGroup, modules: dict) -> bool:
+def _folding_preserves_the_block(
+    block: nn.Module, first: BlockInputs, ref: torch.Tensor, g: ScaleGroup, modules: dict
+) -> bool:
     """Whether scaling the group's linears by ``s`` and folding ``1/s`` into ``g.prev`` leaves the
-    block's output unchanged, tried with a random ``s`` in [1, 2) on one batch and undone exactly.
-    It fails when something else also reads ``prev``'s output — a mixture of experts' router and
-    experts read the norm before a shared expert — and such a group's linears are then quantized
-    like views (:func:`_awq_view`), with the scale kept inside the stored weight."""
+    block's output ``ref`` on the batch ``first`` unchanged, tried with a random ``s`` in [1, 2) and
+    undone exactly. It fails when something else also reads ``prev``'s output (a mixture of experts'
+    router and experts reading the norm before a shared expert) or when the norm does not scale its
+    output by its weight (Gemma's ``1 + w``); such a group is dropped, and its linears are clipped and
+    quantized without a scale, like any linear in no group."""
     from refusalkit.compress.blockwise import run_block
 
     prev = modules[g.prev]
     touched = [prev.weight] + ([prev.bias] if getattr(prev, "bias", None) is not None else [])
     touched += [modules[n].weight for n in g.linears]
     saved = [t.data.clone() for t in touched]
-    ref = run_block(block, first)[0]
     s = 1 + torch.rand(modules[g.linears[0]].in_features, generator=torch.Generator().manual_seed(0))
     try:
-        if isinstance(prev, nn.Linear):
-            prev.weight.data.div_(s.to(prev.weight.dtype).unsqueeze(1))
-        else:
-            prev.weight.data.div_(s.to(prev.weight.dtype))
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.data.div_(s.to(prev.bias.dtype))
-        for n in g.linears:
-            modules[n].weight.data.mul_(s.to(modules[n].weight.dtype).unsqueeze(0))
+        _fold(prev, [modules[n] for n in g.linears], s)
         out = run_block(block, first)[0]
     finally:
         for t, v in zip(touched, saved):
@@ -402,21 +400,24 @@ def _search_scale(g: ScaleGroup, trace: _Trace, n_search: int, bits: int, group_
     g.scales = best
 
 
-def _apply_scale(g: ScaleGroup, trace: _Trace) -> None:
-    """``W diag(s)`` on the group's linears and ``1/s`` folded into the module that produces their input."""
-    s = g.scales
-    prev = trace.modules[g.prev]
+def _fold(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
+    """``W diag(s)`` on ``linears`` and ``1/s`` folded into ``prev``, the module producing their input
+    (a linear's output rows, or a norm's gain and bias)."""
     if isinstance(prev, nn.Linear):
         prev.weight.data.div_(s.to(prev.weight.dtype).unsqueeze(1))
-        if prev.bias is not None:
-            prev.bias.data.div_(s.to(prev.bias.dtype))
     else:
         prev.weight.data.div_(s.to(prev.weight.dtype))
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.data.div_(s.to(prev.bias.dtype))
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data.div_(s.to(prev.bias.dtype))
+    for lin in linears:
+        lin.weight.data.mul_(s.to(lin.weight.dtype).unsqueeze(0))
+
+
+def _apply_scale(g: ScaleGroup, trace: _Trace) -> None:
+    """``W diag(s)`` on the group's linears and ``1/s`` folded into the module that produces their input."""
+    _fold(trace.modules[g.prev], [trace.linears[n] for n in g.linears], g.scales)
     for n in g.linears:
-        trace.linears[n].weight.data.mul_(s.to(trace.linears[n].weight.dtype).unsqueeze(0))
-        trace.x[n] = [x / s.to(x.dtype) for x in trace.x[n]]
+        trace.x[n] = [x / g.scales.to(x.dtype) for x in trace.x[n]]
 
 
 def _sample_rows(xs: list[torch.Tensor], n: int) -> torch.Tensor:

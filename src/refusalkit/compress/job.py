@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from refusalkit.compress.awq import VIEW_SCALES
 from refusalkit.compress.blockwise import capture_inputs, eager_experts, linear_layers, release_memory
 from refusalkit.compress.calibration import Calibration, build_calibration
 from refusalkit.compress.int8 import layer_record
@@ -219,9 +220,9 @@ def _refuse_uncovered(lm: LoadedModel, spec: CompressSpec) -> None:
     if spec.registered.covers_views:
         return
     for i, block in enumerate(decoder_layers(lm.model)):
-        views = [n for n, m in linear_layers(block).items() if isinstance(m, AliasLinear)]
+        views = {n: m for n, m in linear_layers(block).items() if isinstance(m, AliasLinear)}
         if views:
-            fused = any(m.fused is not None for m in linear_layers(block).values() if isinstance(m, AliasLinear))
+            fused = any(m.fused is not None for m in views.values())
             what = "experts in fused tensors" if fused else "Conv1D layers"
             shown = sorted({n.rsplit(".", 1)[0] if fused else n for n in views})
             raise UserError(
@@ -279,8 +280,6 @@ def run_compress(
     compress_seconds = time.time() - t0
     _save_model(lm, layout.model(name))
     layout.discard_analyses(name)  # analyses of the replaced model no longer apply
-    from refusalkit.compress.awq import VIEW_SCALES
-
     scales = result["notes"].pop(VIEW_SCALES, None)
     layout.view_scales(name).unlink(missing_ok=True)
     if scales:
