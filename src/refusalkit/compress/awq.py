@@ -278,9 +278,8 @@ def awq_block(
             clipped.append(n)
     for lin in trace.linears.values():
         lin.weight.data.copy_(quantize_groupwise(lin.weight.data, bits, group_size))
-    n_view_search = max(
-        1, sum(x.shape[0] for x in inputs.hidden[:n_search]) * (inputs.hidden[0].shape[1] if inputs.hidden else 1)
-    )
+    # the tokens the scale search of the linears above measures its loss on (batches differ in length)
+    n_view_search = max(1, sum(h.shape[0] * h.shape[1] for h in inputs.hidden[:n_search]))
     view_info = {
         n: _awq_view(lin, view_x[n], bits, group_size, n_grid, max_shrink, clip, n_clip_tokens, n_view_search)
         for n, lin in views.items()
