@@ -71,7 +71,8 @@ def test_mean_activations_more_positions_than_post_instruction(tiny_lm, harmless
 def test_progress_counts_prompts(llama_lm, harmful_ids, n_pos):
     seen: list[int] = []
     mean_activations(llama_lm, harmful_ids, n_pos, batch_size=4, progress=seen.append)
-    assert seen == [4, len(harmful_ids) - 4]
+    # one call per batch of at most 4 prompts (batches are cut by length), every prompt counted once
+    assert sum(seen) == len(harmful_ids) and all(1 <= n <= 4 for n in seen) and len(seen) >= 2
 
 
 def test_candidate_directions(tiny_lm, means, n_pos):

@@ -73,7 +73,8 @@ def test_forward_last_on_batch_and_no_logits(llama_lm, prompts):
     seen = []
     out = forward_last(model, prompts, pad_id=pad, batch_size=3, on_batch=seen.append, want_logits=False)
     assert out is None
-    assert seen == [3, 3, 1]  # rows per batch
+    # batches of at most 3 rows, cut by length on a CPU; every prompt once
+    assert sum(seen) == len(prompts) and max(seen) <= 3 and len(seen) >= 3
 
 
 def test_forward_last_identical_prompts(llama_lm, prompts):

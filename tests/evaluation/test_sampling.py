@@ -14,7 +14,14 @@ from refusalkit.direction.hooks import add_hooks, addition_hooks
 from refusalkit.evaluation import vllm_backend
 from refusalkit.evaluation.sampling import huang_grid, sample, sample_ids, small_grid
 from refusalkit.models import generation
-from refusalkit.models.generation import common_prefix_len, default_stop_ids, pad_left, plan_batches
+from refusalkit.models.generation import (
+    common_prefix_len,
+    contiguous_head,
+    default_stop_ids,
+    length_batches,
+    pad_left,
+    plan_batches,
+)
 from refusalkit.models.sampler import (
     GREEDY,
     Decoding,
@@ -423,6 +430,73 @@ def test_prefill_runs_once_per_prompt_batch(llama_lm, prompts):
     assert calls[1] == (len(prompts), max(len(p) for p in prompts) - shared)  # one prefill of the suffixes
     assert calls[2:] == [(n, 1), (n, 1)]  # then one-token steps over prompts x configs
     assert sum(seen) == len(prompts) * len(MIXED)
+
+
+def _brute_force_cost(lengths, max_rows, overhead):
+    """The least ``Σ (rows × longest + overhead)`` over every cut of ``lengths`` into contiguous batches."""
+    n, best = len(lengths), None
+    for mask in range(1 << max(0, n - 1)):
+        cuts = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        parts = [lengths[a:b] for a, b in zip(cuts, cuts[1:])]
+        if any(len(q) > max_rows for q in parts):
+            continue
+        cost = sum(len(q) * max(q) + overhead for q in parts)
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_batches_is_the_cheapest_cut(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = sorted(torch.randint(1, 90, (9,), generator=g).tolist(), reverse=bool(seed % 2))
+    for max_rows, overhead in [(3, 0), (4, 20), (9, 128), (2, 5)]:
+        cut = length_batches(lengths, max_rows, overhead)
+        assert [i for sl in cut for i in range(sl.start, sl.stop)] == list(range(len(lengths)))  # contiguous, in order
+        assert all(sl.stop - sl.start <= max_rows for sl in cut)
+        cost = sum((sl.stop - sl.start) * max(lengths[sl]) + overhead for sl in cut)
+        assert cost == _brute_force_cost(lengths, max_rows, overhead)
+    assert length_batches(lengths, 4, None) == [slice(0, 4), slice(4, 8), slice(8, 9)]  # fixed batches off the CPU
+    assert length_batches([], 4, 0) == [] and length_batches([7], 4, 0) == [slice(0, 1)]
+    # the 100 Alpaca prompts' case in miniature: one long prompt is not worth padding the rest to
+    assert length_batches([84, 20, 19, 18, 18, 17], 128, 16) == [slice(0, 1), slice(1, 6)]
+
+
+@pytest.mark.parametrize("lm_name", ["llama_lm", "qwen_lm"])
+def test_prefill_in_runs_merges_into_the_same_completions(request, lm_name, prompts, monkeypatch):
+    """Prefilling a decode batch in runs of similar length (their caches merged with masked
+    zeros) gives the tokens of one padded prefill, greedy and sampled, and prefills fewer tokens."""
+    lm = request.getfixturevalue(lm_name)
+    calls = []
+    hook = (lm.model.model, lambda m, a, o: calls.append(tuple(o.last_hidden_state.shape[:2])))
+    kw = dict(max_new_tokens=N_NEW, keys=[str(i) for i in range(len(prompts))], seed=5, batch_size=64)
+    monkeypatch.setattr(generation, "CPU_FORWARD_OVERHEAD", 10**9)  # one prefill per decode batch
+    whole = sample_ids(lm, prompts, MIXED[:3], hooks=([], [hook]), **kw)
+    one = [c for c in calls if c[1] > 1]
+    calls.clear()
+    monkeypatch.setattr(generation, "CPU_FORWARD_OVERHEAD", 0)  # one run per distinct length
+    runs = sample_ids(lm, prompts, MIXED[:3], hooks=([], [hook]), **kw)
+    split = [c for c in calls if c[1] > 1]
+    assert len(split) == len(one) - 1 + len({len(p) for p in prompts})  # the prefix once, then a run per length
+    assert sum(a * b for a, b in split) < sum(a * b for a, b in one)  # less padding prefilled
+    assert runs == whole
+    assert [row[MIXED.index(GREEDY)] for row in runs] == hf_greedy_ids(lm, prompts, N_NEW)  # and HF generate's
+
+
+def test_contiguous_head_changes_no_logit_and_is_removed(llama_lm, prompts):
+    model = llama_lm.model
+    x = torch.tensor([prompts[0]])
+    ref = model(input_ids=x, logits_to_keep=1).logits
+    head = model.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    try:
+        with contiguous_head(model):
+            inside = model(input_ids=x, logits_to_keep=1).logits
+        model(input_ids=x, logits_to_keep=1)
+    finally:
+        probe.remove()
+    torch.testing.assert_close(inside, ref, atol=0, rtol=0)
+    assert seen[0] is True and len(head._forward_pre_hooks) == 0
 
 
 def test_shared_prefix_runs_once_per_call_and_changes_no_token(llama_lm, prompts):

@@ -160,26 +160,54 @@ def test_an_unmappable_block_names_what_it_could_not_place():
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba", "granitemoehybrid", "falcon_h1"])
-def test_state_space_models_prefill_and_decode_as_one_prompt_at_a_time(family, tokenizer, one_thread):
+def test_state_space_models_prefill_and_decode_as_one_prompt_at_a_time(family, tokenizer, one_thread, monkeypatch):
     """A state-space layer runs its recurrence through padding placed after a shared prefix, so
     these models prefill whole prompts (left padding before the first token keeps a zero state);
-    batched last-position logits and greedy completions equal one prompt at a time."""
+    batched last-position logits and greedy completions equal one prompt at a time. Their caches
+    are not merged from runs of similar length (the prefill runs whole, even with no overhead)."""
     from refusalkit.direction.forward import forward_last
+    from refusalkit.models import generation
     from refusalkit.models.chat import tokenize_instructions
     from refusalkit.models.generation import generate_ids
-    from refusalkit.models.kv_cache import prefix_padding_is_exact
+    from refusalkit.models.kv_cache import mergeable, prefix_padding_is_exact
     from refusalkit.models.loading import LoadedModel
     from refusalkit.models.sampler import GREEDY
 
+    monkeypatch.setattr(generation, "CPU_FORWARD_OVERHEAD", 0)  # every length its own run where allowed
     with one_thread():
         model = make(family, tokenizer)
-        assert not prefix_padding_is_exact(model)
+        assert not prefix_padding_is_exact(model) and not mergeable(model)
         prompts = ["Tell me how to poison someone.", "What is 2 + 2?", "Name three colours please now."]
         ids = tokenize_instructions(tokenizer, prompts)
         batched = forward_last(model, ids, pad_id=tokenizer.pad_token_id, batch_size=3)
         for i, row in enumerate(ids):
             single = forward_last(model, [row], pad_id=tokenizer.pad_token_id, batch_size=1)
             torch.testing.assert_close(batched[i], single[0], atol=1e-4, rtol=1e-4)
+        lm = LoadedModel(model=model, tokenizer=tokenizer, spec="tiny", source="memory")
+        together = generate_ids(lm, ids, [GREEDY], max_new_tokens=6, batch_size=3)
+        alone = [generate_ids(lm, [row], [GREEDY], max_new_tokens=6, batch_size=1)[0] for row in ids]
+        assert together == alone and any(len(c[0]) for c in together)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral", "qwen3_moe"])
+def test_sliding_window_and_moe_generation_with_runs_of_similar_length(family, tokenizer, one_thread, monkeypatch):
+    """Caches with sliding-window layers are not merged (the batch prefills in one forward); plain
+    attention caches (Mistral without a window here, an MoE) are; greedy completions equal one
+    prompt at a time either way."""
+    from refusalkit.models import generation
+    from refusalkit.models.chat import tokenize_instructions
+    from refusalkit.models.generation import generate_ids
+    from refusalkit.models.kv_cache import mergeable
+    from refusalkit.models.loading import LoadedModel
+    from refusalkit.models.sampler import GREEDY
+
+    monkeypatch.setattr(generation, "CPU_FORWARD_OVERHEAD", 0)
+    with one_thread():
+        model = make(family, tokenizer)
+        sliding = any(getattr(layer, "is_sliding", False) for layer in generation.new_cache(model).layers)
+        assert mergeable(model) == (not sliding)
+        ids = tokenize_instructions(tokenizer, ["Tell me how to poison someone.", "What is 2 + 2?", "Hi."])
+        assert len({len(r) for r in ids}) == 3
         lm = LoadedModel(model=model, tokenizer=tokenizer, spec="tiny", source="memory")
         together = generate_ids(lm, ids, [GREEDY], max_new_tokens=6, batch_size=3)
         alone = [generate_ids(lm, [row], [GREEDY], max_new_tokens=6, batch_size=1)[0] for row in ids]

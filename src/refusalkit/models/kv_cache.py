@@ -128,3 +128,45 @@ def has_attention_layers(model: Any) -> bool:
     attention needs the mask at every step, or its padded rows attend to their padding."""
     _, n_attn, n = _cache_layers(model)
     return n == 0 or n_attn > 0
+
+
+def _plain_layer_type() -> type | None:
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # a transformers without per-layer caches
+        return None
+    return DynamicLayer
+
+
+def mergeable(model: Any) -> bool:
+    """Whether caches of ``model`` can be merged by :func:`merge_padded`: every layer of its
+    cache is a plain ``DynamicLayer`` (full-attention keys and values; no sliding window, no
+    state-space states)."""
+    plain = _plain_layer_type()
+    layers = getattr(new_cache(model), "layers", None)
+    return plain is not None and bool(layers) and all(type(layer) is plain for layer in layers)
+
+
+def merge_padded(caches: list[Any], n_prefix: int) -> Any:
+    """One cache holding the rows of ``caches`` (filled, plain ``DynamicLayer`` caches of the
+    same model over a shared ``n_prefix``-token prefix followed by left-padded suffixes of
+    different widths), in order. Each cache's keys and values get zeros between the prefix and
+    its suffix up to the widest; the caller's attention mask must mask them (0 there). Returns
+    the first cache, filled with the merged tensors."""
+    import torch
+
+    first = caches[0]
+    for i, layer in enumerate(first.layers):
+        parts = [c.layers[i] for c in caches]
+        width = max(p.keys.shape[-2] for p in parts)
+        for name in ("keys", "values"):
+            merged = []
+            for p in parts:
+                t = getattr(p, name)
+                gap = width - t.shape[-2]
+                if gap:
+                    zeros = t.new_zeros((*t.shape[:-2], gap, t.shape[-1]))
+                    t = torch.cat([t[..., :n_prefix, :], zeros, t[..., n_prefix:, :]], dim=-2)
+                merged.append(t)
+            setattr(layer, name, torch.cat(merged, dim=0))
+    return first
