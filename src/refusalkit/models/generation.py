@@ -67,8 +67,9 @@ from refusalkit.models.sampler import Decoding, RowParams, next_tokens, row_unif
 
 # Compact the decode batch (drop finished rows) once at least this share of its rows has finished.
 COMPACT_SHARE = 0.25
-# New tokens generated and completions made by this process (benchmarks read and reset it).
-STATS = {"new_tokens": 0, "completions": 0}
+# New tokens generated, completions made, and prompt-suffix tokens prefilled (real, and with their
+# padding) by this process; benchmarks read and reset it.
+STATS = {"new_tokens": 0, "completions": 0, "prefill_tokens": 0, "prefill_padded": 0}
 
 
 def pad_left(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +203,8 @@ def _prefill(model: Any, rows: list[list[int]], pad_id: int, device: torch.devic
     float32 logits [P, V])``; ``mask`` and the cache cover the prefix too."""
     n_prefix, prefix_cache = prefix
     x, mask = pad_left(rows, pad_id, device)
+    STATS["prefill_tokens"] += int(mask.sum())
+    STATS["prefill_padded"] += x.numel()
     pos = (n_prefix + mask.cumsum(-1) - 1).clamp(min=n_prefix)
     if n_prefix:
         cache = copy.deepcopy(prefix_cache)
