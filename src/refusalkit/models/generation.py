@@ -25,7 +25,7 @@ The loop is its own (not ``model.generate``) so that the expensive part is share
   (:func:`refusalkit.models.kv_cache.merge_padded`), so the decode steps still see one wide batch.
   Models whose cache is not plain attention keys and values (state-space, sliding-window layers)
   prefill the batch in one forward as before.
-* The output head reads a contiguous copy of its input (:func:`contiguous_head`): transformers
+* In the prefill the output head reads a contiguous copy of its input (:func:`contiguous_head`): transformers
   slices the last position out of the hidden states, and ``F.linear`` on that strided view runs
   as a batched matmul against the head's weight expanded per row, about 8 times slower on a CPU
   than on the copied rows (0.5B model, 100 rows: 3.0 s against 0.38 s).
@@ -212,13 +212,14 @@ def _prefill(model: Any, rows: list[list[int]], pad_id: int, device: torch.devic
         mask = torch.cat([mask.new_ones((len(rows), n_prefix)), mask], dim=-1)
     else:
         cache = new_cache(model)
-    res = model(
-        input_ids=x,
-        attention_mask=mask,
-        position_ids=pos,
-        logits_to_keep=1,
-        **cache_kwargs(cache, cache_keyword(model)),
-    )
+    with contiguous_head(model):  # decode steps hand the head one position: contiguous already
+        res = model(
+            input_ids=x,
+            attention_mask=mask,
+            position_ids=pos,
+            logits_to_keep=1,
+            **cache_kwargs(cache, cache_keyword(model)),
+        )
     return cache, mask, pos[:, -1:], res.logits[:, -1, :].float()
 
 
@@ -231,10 +232,11 @@ def _prefill_runs(
     overhead: int | None,
 ):
     """:func:`_prefill` of ``rows`` (sorted by length), in runs of similar length
-    (:func:`length_batches`) whose caches are merged into one when the cache allows it
-    (:func:`refusalkit.models.kv_cache.mergeable`); the same return value."""
+    (:func:`length_batches`) whose caches are merged into one; the same return value.
+    ``overhead``: None where the caches cannot be merged (:func:`refusalkit.models.kv_cache.mergeable`)
+    or batches keep their size (:func:`forward_overhead`): one prefill."""
     runs = length_batches([len(r) for r in rows], len(rows), overhead)
-    if len(runs) == 1 or not mergeable(model):
+    if len(runs) == 1:
         return _prefill(model, rows, pad_id, device, prefix)
     n_prefix = prefix[0]
     parts = [_prefill(model, rows[sl], pad_id, device, prefix) for sl in runs]
@@ -335,35 +337,6 @@ def generate_ids(
         return [[[] for _ in decodings] for _ in ids]
     if any(len(r) == 0 for r in ids):
         raise ValueError("every prompt needs at least one token")
-    with contiguous_head(lm.model):
-        return _generate_all(
-            lm,
-            ids,
-            decodings,
-            keys,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            batch_size=batch_size,
-            progress=progress,
-            stop_ids=stop_ids,
-            share_prefix=share_prefix,
-        )
-
-
-def _generate_all(
-    lm: LoadedModel,
-    ids: list[list[int]],
-    decodings: Sequence[Decoding],
-    keys: list[str],
-    *,
-    max_new_tokens: int,
-    seed: int,
-    batch_size: int,
-    progress: Callable[[int], None] | None,
-    stop_ids: list[int] | None,
-    share_prefix: bool,
-) -> list[list[list[int]]]:
-    """:func:`generate_ids` once its arguments are checked (its output head made contiguous)."""
     model, device = lm.model, lm.device
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else default_stop_ids(lm)[0]
     stop = torch.tensor(stop_ids if stop_ids is not None else default_stop_ids(lm), dtype=torch.long, device=device)
@@ -373,7 +346,7 @@ def _generate_all(
     n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
     prefix = (n_prefix, _prefix_cache(model, ids[0][:n_prefix], device) if n_prefix else None)
     attends = has_attention_layers(model)
-    overhead = forward_overhead(device)
+    overhead = forward_overhead(device) if mergeable(model) else None
     out: list[list[list[int]]] = [[[] for _ in decodings] for _ in ids]
     for s in range(0, len(order), per_batch):
         idx = order[s : s + per_batch]
