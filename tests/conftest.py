@@ -12,11 +12,50 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs in pytest-xdist workers, one per core (pyproject's addopts): each worker's torch,
+    # and every process it starts, uses one thread. Two processes of two threads on two cores slow
+    # each other about tenfold (OpenMP spin-waits).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from refusalkit.models.loading import LoadedModel
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+# The slowest files (the 0.7.2 suite's --durations, one thread per worker: 100 s to 6 min each),
+# slowest first. They start first, so no worker is left running one of them alone at the end.
+SLOW_FILES = (
+    "tests/models/test_default_model.py",
+    "tests/study/test_run_cli.py",
+    "tests/study/test_sweep.py",
+    "tests/cli/test_cli_integration.py",
+    "tests/evaluation/test_eval_cli.py",
+    "tests/compress/test_compress_integration.py",
+    "tests/study/test_compat.py",
+    "tests/study/test_run_families.py",
+    "tests/models/test_models_unit.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the files in :data:`SLOW_FILES` first, in that order; each file's tests stay together and in
+    their order (a module fixture is built once). The same order in every worker, as xdist requires."""
+    rank = {f: i for i, f in enumerate(SLOW_FILES)}
+    first_seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(item.nodeid.split("::")[0], i)
+
+    def key(item):
+        f = item.nodeid.split("::")[0]
+        return (rank.get(f, len(SLOW_FILES)), first_seen[f])
+
+    items.sort(key=key)  # stable: a file's items keep their order
+
 
 VOCAB = 300  # model vocab; the tokenizer is trained to exactly this many tokens or fewer
 HIDDEN = 64

@@ -42,6 +42,9 @@ def default_run(tmp_path_factory):
             "selection.screen_keep=4",
             "--set",
             "batch_size=128",
+            # no noise floor: nothing here reads it (the SmolLM2 study and tests/direction/test_noise.py test it)
+            "--set",
+            "noise_resamples=0",
         ]
     )
     assert code == 0
