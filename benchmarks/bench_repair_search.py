@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--confirm", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--skip-before", action="store_true", help="only the screened search")
+    ap.add_argument("--skip-after", action="store_true", help="only the generated curves")
     args = ap.parse_args()
     import dataclasses
 
@@ -86,21 +87,24 @@ def main() -> int:
             cfg.repair, scales=scales, search_prompts=args.search_prompts, ppl_tokens=args.ppl_tokens
         )
         after = dataclasses.replace(base, alpha_scale="auto", placement="auto", confirm=args.confirm)
-        info, secs, cost = measured(
-            lambda: run_repair(cfg, root, args.variant, repair=after, name="after", progress=False)
-        )
-        s = info["search"]
-        print(
-            f"after : {secs:7.1f} s, {cost['new_tokens']:7d} new tokens, {cost['completions']:5d} completions, "
-            f"{cost['forward_tokens']:8d} forward tokens; {len(s['screened'])} candidates screened "
-            f"(+{len(s['compared'])} compared), {len(s['passed_screen'])} passed, {s['generated']} generated, "
-            f"{s['not_generated']} removed by the screen; chosen {s['chosen'] and (s['chosen']['placement'], s['chosen']['scale'])}"
-            f" (target reached: {s['chosen'] and s['chosen']['target_reached']})"
-        )
+        if not args.skip_after:
+            info, secs, cost = measured(
+                lambda: run_repair(cfg, root, args.variant, repair=after, name="after", progress=False)
+            )
+            s = info["search"]
+            print(
+                f"after : {secs:7.1f} s, {cost['new_tokens']:7d} new tokens, {cost['completions']:5d} completions, "
+                f"{cost['forward_tokens']:8d} forward tokens; {len(s['screened'])} candidates screened "
+                f"(+{len(s['compared'])} compared), {len(s['passed_screen'])} passed, {s['generated']} generated, "
+                f"{s['not_generated']} removed by the screen; chosen "
+                f"{s['chosen'] and (s['chosen']['placement'], s['chosen']['scale'])}"
+                f" (target reached: {s['chosen'] and s['chosen']['target_reached']})",
+                flush=True,
+            )
         if args.skip_before:
             return 0
         # before: a generation curve per placement (base and unrepaired measured again: fresh caches)
-        shutil.rmtree(root / "repair")
+        shutil.rmtree(root / "repair", ignore_errors=True)
         t_all, c_all, curves = 0.0, {"new_tokens": 0, "completions": 0, "forward_tokens": 0}, {}
         for placement in ("source", "previous"):
             spec = dataclasses.replace(base, alpha_scale="1.0", placement=placement, curve=True)
@@ -116,16 +120,21 @@ def main() -> int:
             t_all += secs
             c_all = {k: c_all[k] + cost[k] for k in c_all}
             curves[placement] = info["curve"]
+        # the search's rule across placements: the smallest scale that reaches the target, else the
+        # lowest ASR within the budgets (comparing scales across placements would pick any ×1)
         picks = []
         for p, c in curves.items():
             ch = choose_scale(c["points"], c["unrepaired"], c["target_asr"], base)
-            picks.append((not ch["target_reached"], ch["scale"] or 1e9, p, ch))
-        best = min(picks) if picks else None
+            if ch["scale"] is None:
+                continue
+            asr = next(q["asr"]["rate"] for q in c["points"] if q["alpha_scale"] == ch["scale"])
+            picks.append((not ch["target_reached"], ch["scale"] if ch["target_reached"] else asr, ch["scale"], p, ch))
+        best = min(picks, key=lambda t: t[:3]) if picks else None
         print(
             f"before: {t_all:7.1f} s, {c_all['new_tokens']:7d} new tokens, {c_all['completions']:5d} completions, "
             f"{c_all['forward_tokens']:8d} forward tokens; {sum(len(c['points']) for c in curves.values())} "
-            f"candidates generated; chosen {best and (best[2], best[3]['scale'])} "
-            f"(target reached: {best and best[3]['target_reached']})"
+            f"candidates generated; chosen {best and (best[3], best[2])} "
+            f"(target reached: {best and best[4]['target_reached']})"
         )
         for p, c in curves.items():
             print(
