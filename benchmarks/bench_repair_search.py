@@ -128,13 +128,14 @@ def main() -> int:
             if ch["scale"] is None:
                 continue
             asr = next(q["asr"]["rate"] for q in c["points"] if q["alpha_scale"] == ch["scale"])
-            picks.append((not ch["target_reached"], ch["scale"] if ch["target_reached"] else asr, ch["scale"], p, ch))
-        best = min(picks, key=lambda t: t[:3]) if picks else None
+            rank = (not ch["target_reached"], ch["scale"] if ch["target_reached"] else asr, ch["scale"])
+            picks.append((rank, p, ch))
+        best = min(picks, key=lambda t: t[0]) if picks else None
         print(
             f"before: {t_all:7.1f} s, {c_all['new_tokens']:7d} new tokens, {c_all['completions']:5d} completions, "
             f"{c_all['forward_tokens']:8d} forward tokens; {sum(len(c['points']) for c in curves.values())} "
-            f"candidates generated; chosen {best and (best[3], best[2])} "
-            f"(target reached: {best and best[4]['target_reached']})"
+            f"candidates generated; chosen {best and (best[1], best[2]['scale'])} "
+            f"(target reached: {best and best[2]['target_reached']})"
         )
         for p, c in curves.items():
             print(

@@ -12,7 +12,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if os.environ.get("PYTEST_XDIST_WORKER"):
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
     # The suite runs in pytest-xdist workers, one per core (pyproject's addopts): each worker's torch,
     # and every process it starts, uses one thread. Two processes of two threads on two cores slow
     # each other about tenfold (OpenMP spin-waits).
@@ -22,9 +23,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from refusalkit.models.loading import LoadedModel
+from refusalkit.models.loading import LoadedModel  # noqa: E402
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if XDIST_WORKER:  # also when a plugin imported torch before the variables above were set
     torch.set_num_threads(1)
 
 # The slowest files (the 0.7.2 suite's --durations, one thread per worker: 100 s to 6 min each),
