@@ -415,3 +415,77 @@ def test_perplexity_matches_manual_cross_entropy(llama_lm):
             logp = torch.log_softmax(llama_lm.model(x).logits[0, :-1].float(), -1)
             nll += [-logp[i, x[0, i + 1]].item() for i in range(15)]
     assert res["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration passes that stop at the block's last linear
+# ------------------------------------------------------------------------------------------------
+
+
+def _stats(layer, inputs, plans):
+    """Wanda's squared norms and SparseGPT's X^T X of every linear of ``layer``, and how often each
+    linear's module ran its forward."""
+    from refusalkit.compress.blockwise import InputStats, gather
+
+    sq, hess, ran = {}, {}, {}
+
+    def update(n, x):
+        sq[n] = sq.get(n, 0) + (x * x).sum(0)
+        hess[n] = hess.get(n, 0) + x.t() @ x
+
+    lins = linear_layers(layer)
+    handles = [m.register_forward_hook(lambda *_, n=n: ran.__setitem__(n, ran.get(n, 0) + 1)) for n, m in lins.items()]
+    stats = InputStats(lins, update)
+    try:
+        gather(layer, inputs, stats, plans=plans)
+    finally:
+        for h in handles:
+            h.remove()
+    return sq, hess, ran, dict(stats.tokens)
+
+
+def test_gather_stops_at_the_last_linear_with_the_same_statistics(tokenizer, cal, one_thread):
+    with one_thread():
+        model = make_llama(tokenizer)
+        inputs = capture_inputs(model, cal.samples, batch_size=2)
+        assert len(inputs.hidden) >= 3
+        plans: dict = {}
+        for i, layer in enumerate(decoder_layers(model)[:2]):
+            whole = _stats(layer, inputs, None)
+            stopped = _stats(layer, inputs, plans)
+            for n in whole[0]:
+                assert torch.equal(whole[0][n], stopped[0][n]), n  # bit for bit
+                assert torch.equal(whole[1][n], stopped[1][n]), n
+            assert whole[3] == stopped[3]
+            assert list(plans.values()) == ["mlp.down_proj"]
+            assert whole[2]["mlp.down_proj"] == len(inputs.hidden)
+            # block 0 learns the order on its first batch; block 1 (same signature) stops from the start
+            assert stopped[2].get("mlp.down_proj", 0) == (1 if i == 0 else 0)
+            assert stopped[2]["mlp.gate_proj"] == len(inputs.hidden)
+
+
+class _Twice(nn.Module):
+    """A block that calls one of its linears twice: stopping at the last call's first sight would lose the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.a(self.b(self.a(x)))
+
+
+def test_gather_runs_whole_when_a_linear_is_called_twice():
+    from refusalkit.compress.blockwise import BlockInputs
+
+    torch.manual_seed(0)
+    block = _Twice().eval()
+    inputs = BlockInputs([torch.randn(2, 5, 8) for _ in range(3)], [{} for _ in range(3)])
+    plans: dict = {}
+    whole = _stats(block, inputs, None)
+    stopped = _stats(block, inputs, plans)
+    assert list(plans.values()) == [None]
+    assert stopped[2] == whole[2] == {"a": 6, "b": 3}
+    assert stopped[3] == {"a": 60, "b": 30}  # both calls of a counted, every batch
+    assert all(torch.equal(whole[0][n], stopped[0][n]) for n in whole[0])

@@ -178,10 +178,13 @@ def compress_model(
         # of a SmolLM2 sweep's time walking every object of the process (measured with cProfile).
         gc.freeze()
         try:
-            for i, layer in enumerate(decoder_layers(model)):
+            shared: dict[str, Any] = {}
+            layers = decoder_layers(model)
+            for i, layer in enumerate(layers):
                 lins = linear_layers(layer)
                 before = {n: lin.weight.detach().clone() for n, lin in lins.items()}
-                inputs = method.compress_block(BlockStep(i, layer, lins, inputs, spec, notes))
+                step = BlockStep(i, layer, lins, inputs, spec, notes, last=i == len(layers) - 1, shared=shared)
+                inputs = method.compress_block(step)
                 for n, lin in lins.items():
                     per_layer[f"{i}.{n}"] = layer_record(before[n], lin.weight)
                 del before

@@ -29,6 +29,8 @@ class BlockStep:
     inputs: Any  # BlockInputs or None
     spec: Any  # CompressSpec
     notes: dict[str, Any]
+    last: bool = False  # the model's last block: no block needs its outputs
+    shared: dict[str, Any] = field(default_factory=dict)  # one dict for every block of the model (working state)
 
 
 @dataclass(frozen=True)

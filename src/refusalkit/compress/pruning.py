@@ -210,7 +210,9 @@ def _magnitude_block(step: BlockStep) -> Any:
 
 def _calibrated_block(step: BlockStep) -> Any:
     """Wanda (Eq. 1 of Sun et al.: |W| * ||X||, per output row) or SparseGPT (the OBS update on the
-    Hessian X^T X), from the block's calibration inputs; returns the pruned block's outputs.
+    Hessian X^T X), from the block's calibration inputs; returns the pruned block's outputs (the
+    next block's inputs; the last block's are not computed). The statistics pass stops at the
+    block's last linear (:func:`~refusalkit.compress.blockwise.gather`), as its outputs are not used.
 
     An expert of a mixture of experts is calibrated on the tokens the router sent to it. An expert
     that received none has no statistic: it is pruned by ``|W|`` within each output row (Wanda's
@@ -234,7 +236,7 @@ def _calibrated_block(step: BlockStep) -> Any:
             acc[n].addmm_(x.t(), x)
 
     stats = InputStats(step.linears, update)
-    gather(step.block, step.inputs, stats)
+    gather(step.block, step.inputs, stats, plans=step.shared.setdefault("gather_plans", {}))
     expert_tokens(step, stats.tokens, UNCALIBRATED_RULE)
     for n, lin in step.linears.items():
         a = acc.get(stats.owner.get(n, n))
@@ -247,6 +249,8 @@ def _calibrated_block(step: BlockStep) -> Any:
                 sparsegpt_prune(lin.weight.data, a, spec.sparse, spec.blocksize, spec.damp, f"layer {step.index} {n}")
             )
     acc.clear()
+    if step.last:  # no block after it: its outputs would be thrown away
+        return step.inputs
     return advance(step.inputs, run_block(step.block, step.inputs))
 
 
