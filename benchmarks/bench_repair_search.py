@@ -15,6 +15,7 @@ of each placement) and chooses by the same rule.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -65,6 +66,9 @@ def main() -> int:
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--skip-before", action="store_true", help="only the screened search")
     ap.add_argument("--skip-after", action="store_true", help="only the generated curves")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the scratch run directory (printed), e.g. to inspect a failure"
+    )
     args = ap.parse_args()
     import dataclasses
 
@@ -80,7 +84,14 @@ def main() -> int:
         f"{torch.get_num_threads()} threads; run {args.run}, variant {args.variant}; scales {scales}; "
         f"{args.search_prompts} + {args.search_prompts} search prompts; {args.ppl_tokens} perplexity tokens"
     )
-    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+    scratch_dir = (
+        contextlib.nullcontext(tempfile.mkdtemp(prefix="bench-search-"))
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix="bench-search-")
+    )
+    with scratch_dir as tmp:
+        if args.keep:
+            print(f"scratch run directory (kept): {tmp}")
         root = scratch(args.run, args.variant, Path(tmp))
         cfg = load_config(root / "config.yaml")
         base = dataclasses.replace(
