@@ -223,9 +223,9 @@ class InputStats:
     ``owner[name]`` is the linear whose statistic is used. ``tokens[name]`` counts the rows seen; an
     expert the router never chose has none.
 
-    Per batch, ``calls`` counts the inputs each linear's own module saw (its pre-hook), in ``order``,
-    and ``functional`` those :func:`functional_inputs` saw; ``stop_at`` names the linear whose
-    pre-hook ends the batch (:func:`gather`).
+    Per batch, ``order`` lists the linears whose own module saw an input (its pre-hook), once per
+    call, and ``functional`` counts the inputs :func:`functional_inputs` saw; ``stop_at`` names the
+    linear whose pre-hook ends the batch (:func:`gather`).
     """
 
     def __init__(self, linears: dict[str, nn.Linear], update: Callable[[str, torch.Tensor], None]):
@@ -234,7 +234,6 @@ class InputStats:
         self.owner: dict[str, str] = {}
         self.tokens: dict[str, int] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []
-        self.calls: dict[str, int] = {}
         self.order: list[str] = []
         self.functional = 0
         self.stop_at: str | None = None
@@ -256,7 +255,6 @@ class InputStats:
     def _hook(self, name: str) -> Callable:
         def fn(_mod: nn.Module, args: tuple) -> None:
             self.record(name, args[0])
-            self.calls[name] = self.calls.get(name, 0) + 1
             self.order.append(name)
             if name == self.stop_at:
                 raise _Stop
@@ -275,12 +273,11 @@ class InputStats:
         """After a whole pass over one batch: the linear called last, if every linear of the block
         was called exactly once and by its own module (then nothing after that call feeds a
         statistic); else None."""
-        once = self.functional == 0 and set(self.calls) == set(self.linears) and set(self.calls.values()) == {1}
+        once = self.functional == 0 and sorted(self.order) == sorted(self.linears)
         return self.order[-1] if once else None
 
     def end_batch(self) -> None:
         self._seen.clear()
-        self.calls.clear()
         self.order.clear()
         self.functional = 0
 
@@ -317,7 +314,7 @@ def gather(
                 try:
                     layer(h.to(dev), **_to(kw, dev))
                 except _Stop:
-                    if set(stats.calls) != set(stats.linears):  # the learned order did not hold for this batch
+                    if set(stats.order) != set(stats.linears):  # the learned order did not hold for this batch
                         raise RuntimeError(
                             f"calibration stopped {type(layer).__name__} before each of its linears saw its input"
                         ) from None
