@@ -9,7 +9,7 @@ import pytest
 
 from refusalkit.core.errors import UserError
 from refusalkit.evaluation.records import RecordLog
-from refusalkit.evaluation.stats import agreement, holm, rate, spearman, wilson_interval
+from refusalkit.evaluation.stats import agreement, chi2_sf, cochran_q, holm, rate, spearman, wilson_interval
 
 
 def test_wilson_interval_known_values():
@@ -289,3 +289,36 @@ def test_spearman_against_hand_computed_values():
     assert spearman([1, 1, 1], [1, 2, 3])["rho"] is None and spearman([1], [2])["rho"] is None
     with pytest.raises(ValueError):
         spearman([1, 2], [1])
+
+
+def test_chi2_tail_against_tabulated_quantiles():
+    # the 95% quantiles of chi-square with 1..5 degrees of freedom (tables), and df = 2's closed form e^(-x/2)
+    for df, x in [(1, 3.841458820694124), (2, 5.991464547107979), (3, 7.814727903251178), (4, 9.487729036781154),
+                  (5, 11.070497693516351)]:  # fmt: skip
+        assert chi2_sf(x, df) == pytest.approx(0.05, abs=1e-12)
+    assert chi2_sf(6.634896601021214, 1) == pytest.approx(0.01, abs=1e-12)
+    assert chi2_sf(3.0, 2) == pytest.approx(math.exp(-1.5), abs=1e-15)
+    assert chi2_sf(0.0, 3) == 1.0 and chi2_sf(-1.0, 1) == 1.0
+    with pytest.raises(ValueError):
+        chi2_sf(1.0, 0)
+
+
+def test_cochran_q_against_hand_computed_values():
+    # three models on six prompts; model positives C = 5, 3, 1 (T = 9), prompt positives R = 3,1,2,1,0,2
+    # (sum of squares 19): Q = 2 (3 * 35 - 81) / (3 * 9 - 19) = 6, df = 2, p = e^-3
+    rows = {"p1": (1, 1, 1), "p2": (1, 0, 0), "p3": (1, 1, 0), "p4": (1, 0, 0), "p5": (0, 0, 0), "p6": (1, 1, 0)}
+    models = [{p: bool(v[j]) for p, v in rows.items()} for j in range(3)]
+    res = cochran_q(models)
+    assert res["q"] == pytest.approx(6.0) and res["df"] == 2 and res["p"] == pytest.approx(math.exp(-3))
+    assert res["n"] == 6 and res["discordant"] == 4 and [r["k"] for r in res["rates"]] == [5, 3, 1]
+    # two models: McNemar's uncorrected statistic (b - c)^2 / (b + c), here b = 7, c = 2
+    a = {f"q{i}": i < 7 for i in range(12)}
+    b = {f"q{i}": 7 <= i < 9 or i == 11 for i in range(12)}
+    a["q11"] = True  # one prompt positive on both
+    two = cochran_q([a, b])
+    assert two["q"] == pytest.approx(25 / 9) and two["p"] == pytest.approx(chi2_sf(25 / 9, 1))
+    # only the prompts every model was judged on count; no discordant prompt: no statistic
+    assert cochran_q([{"x": True, "y": False}, {"x": True, "y": False, "z": True}])["q"] is None
+    assert cochran_q([{"x": True}, {"x": True}, {"x": True}])["discordant"] == 0
+    with pytest.raises(ValueError):
+        cochran_q([a])

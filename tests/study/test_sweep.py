@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -19,6 +20,7 @@ from refusalkit.study.sweep import (
     default_name,
     parse_items,
     point_spec,
+    seed_groups,
     table_markdown,
 )
 from refusalkit.study.sweep_plots import plot_sweep
@@ -55,6 +57,65 @@ def test_grid_of_bits():
     assert default_name(pts, []) == "rtn-bits"
     (int8,) = build_points(Config(), ["llm-int8"], [], [], [])
     assert int8.name == "llm-int8" and int8.bits == 8
+
+
+def test_grid_of_calibration_seeds():
+    cfg = Config()
+    pts = build_points(cfg, ["wanda"], ["0.5"], [], [], ["0", "3", "7"])
+    # the configured seed (0) keeps the run's variant name; the others add _seed<N>
+    assert [p.name for p in pts] == ["wanda-0.5", "wanda-0.5_seed3", "wanda-0.5_seed7"]
+    assert [p.seed for p in pts] == [0, 3, 7] and default_name(pts, []) == "wanda-seed"
+    assert [point_spec(cfg, p).seed for p in pts] == [0, 3, 7]
+    assert point_spec(cfg, pts[1]).variant == "wanda-0.5_seed3"
+    # a method without calibration data gets one point whatever the seeds; no seed axis: seed None
+    mixed = build_points(cfg, ["magnitude", "wanda"], ["0.5"], [], ["wikipedia", "alpaca"], ["1", "2"])
+    assert [p.name for p in mixed] == [
+        "magnitude-0.5", "wanda-0.5_seed1", "wanda-0.5_seed2", "wanda-0.5_alpaca_seed1", "wanda-0.5_alpaca_seed2",
+    ]  # fmt: skip
+    assert mixed[0].seed is None and build_points(cfg, ["wanda"], ["0.5"], [], [])[0].seed is None
+    for bad, needle in [(["x"], "whole numbers"), (["-1"], ">= 0"), (["1", "1"], "distinct")]:
+        with pytest.raises(UserError, match=needle):
+            build_points(cfg, ["wanda"], ["0.5"], [], [], bad)
+    with pytest.raises(UserError, match="none of --method calibrates"):
+        build_points(cfg, ["rtn"], [], ["4"], [], ["0", "1"])
+
+
+def _vanilla(layout, variant, broken):
+    """A variant's vanilla records: prompt i broke it when i is in ``broken`` (of 10 prompts)."""
+    rows = [
+        {
+            "key": f"p{i}",
+            "prompt": f"p{i}",
+            "verdicts": {"substring": {"label": "compliance" if i in broken else "refusal"}},
+        }
+        for i in range(10)
+    ]
+    artifacts.write_text(layout.eval(variant, "vanilla.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_seed_groups_measure_the_compressions_own_noise(tmp_path):
+    layout = RunLayout(tmp_path)
+    recs = []
+    # three seeds of one point; their vanilla outcomes: seed 0 breaks on p0-p5, seed 1 on p0-p1, seed 2 on p0-p2
+    for seed, broken, cos in [(0, range(6), 0.88), (1, range(2), 0.91), (2, range(3), 0.86)]:
+        name = "wanda-0.5" if seed == 0 else f"wanda-0.5_seed{seed}"
+        _vanilla(layout, name, set(broken))
+        recs.append({**_point(name, 0.5, cos, 0.95, len(broken) / 10, 0.1, 0.01), "seed": seed})
+    recs.append({**_point("wanda-0.25", 0.25, 0.99, 0.95, 0.3, 0.0, 1.0), "seed": 0})  # alone: no group
+    (g,) = seed_groups(layout, recs)
+    assert g["seeds"] == [0, 1, 2] and g["variants"][1] == "wanda-0.5_seed1"
+    assert g["asr_range"] == [0.2, 0.6] and g["cosine_range"] == [0.86, 0.91] and g["moved"] == [True] * 3
+    # by hand: C = 6, 2, 3 (T = 11); R = 3, 3, 2, 1, 1, 1, 0... -> sum R^2 = 9 + 9 + 4 + 1 + 1 + 1 = 25
+    # Q = 2 (3 * 49 - 121) / (3 * 11 - 25) = 2 * 26 / 8 = 6.5, df = 2, p = e^-3.25
+    q = g["cochran_q"]
+    assert q["q"] == pytest.approx(6.5) and q["p"] == pytest.approx(math.exp(-3.25)) and q["discordant"] == 4
+    state = {"name": "wanda-seed", "base": {"asr": _rate(0.27)}, "seed_groups": [g]}
+    md = table_markdown(state, recs)
+    assert "* wanda-0.5 over calibration seeds 0, 1, 2: ASR 20–60% (Cochran's Q = 6.5, df = 2, p = 0.039; 4" in md
+    assert "cosine at the base source 0.860–0.910, moved at 3 of 3 seeds." in md
+    # records without vanilla outcomes: the spread, no test
+    (g2,) = seed_groups(RunLayout(tmp_path / "empty"), recs)
+    assert g2["cochran_q"] is None and "no test" in table_markdown({**state, "seed_groups": [g2]}, recs)
 
 
 @pytest.mark.parametrize(
@@ -139,6 +200,16 @@ def test_table_and_plots_on_hand_made_points(tmp_path):
     assert _categories(cal) == ["wikipedia", "alpaca"] and list(_series(cal, True)) == ["wanda"]
     assert _x(cal, ["wikipedia", "alpaca"]) == ([0.0, 1.0], "calibration data")
     assert _categories(pts) is None and _x(pts, None)[1] == "share of weights pruned"
+    # a seed sweep (one strength, one source): the seeds are the x axis; both varying: both name a category
+    seeds = [{**_point(f"wanda-0.5_seed{i}", 0.5, 0.9, 0.95, 0.5, 0.2, 0.01), "seed": i} for i in (0, 3)]
+    assert _categories(seeds) == ["seed 0", "seed 3"] and _x(seeds, ["seed 0", "seed 3"]) == (
+        [0.0, 1.0],
+        "calibration seed",
+    )
+    both = [{**cal[0], "seed": 0}, {**cal[1], "seed": 0}, {**cal[1], "seed": 1}]
+    assert _categories(both) == ["wikipedia, seed 0", "alpaca, seed 0", "alpaca, seed 1"]
+    assert _x(both, _categories(both)) == ([0.0, 1.0, 2.0], "calibration data, seed")
+    assert len(plot_sweep({**state, "name": "seed"}, seeds, tmp_path)) == 2
     assert len(plot_sweep({**state, "name": "cal"}, cal, tmp_path)) == 2
 
 
@@ -205,6 +276,14 @@ def test_sweep_resumes_and_redoes_only_what_is_missing(swept, capsys):
     # another grid under the same name: one line, exit 2
     assert main([*args[:-1], "0.1,0.5"]) == 2
     assert "another grid" in capsys.readouterr().err
+    # a sweep recorded before points had a calibration seed resumes as the same grid
+    path = root / "sweep" / "magnitude-sparsity.json"
+    old = json.loads(path.read_text())
+    for p in old["settings"]["points"]:
+        del p["seed"]
+    path.write_text(json.dumps(old))
+    assert main(args) == 0
+    assert all(p["seed"] is None for p in json.loads(path.read_text())["settings"]["points"])
 
 
 @pytest.mark.integration
@@ -213,6 +292,8 @@ def test_sweep_resumes_and_redoes_only_what_is_missing(swept, capsys):
     [
         (["--method", "magnitude", "--sparsity", "1.5"], "sparsity"),
         (["--method", "magnitude", "--bits", "4"], "--bits"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--seeds", "0,1"], "none of --method calibrates"),
+        (["--method", "wanda", "--sparsity", "0.5", "--seeds", "1,1"], "distinct"),
     ],
 )
 def test_sweep_bad_input_exit_2(swept, capsys, extra, needle):

@@ -219,8 +219,8 @@ def _sweep(sub: Any) -> None:
     w = sub.add_parser(
         "sweep",
         help="the dose-response: compress, compare and evaluate a grid of compression points",
-        description="Every point (method x sparsity or bits x calibration source) becomes an ordinary variant "
-        "DIR/<point>/: compressed, its candidate directions compared with the base direction at the base "
+        description="Every point (method x sparsity or bits x calibration source x calibration seed) becomes an "
+        "ordinary variant DIR/<point>/: compressed, its candidate directions compared with the base direction at the base "
         "source against the noise floor, evaluated (vanilla ASR paired with the base model's, over-refusal, "
         "perplexity), optionally repaired. Finished stages are reused, so an interrupted sweep resumes. "
         "Writes DIR/sweep/<name>.json, .md and plots.",
@@ -235,6 +235,11 @@ def _sweep(sub: Any) -> None:
     w.add_argument(
         "--calibration",
         help="calibration sources, comma-separated (default: compress.calibration), e.g. wikipedia,alpaca",
+    )
+    w.add_argument(
+        "--seeds",
+        help="calibration seeds, comma-separated, e.g. 0,1,2,3,4: one point per seed for the methods that "
+        "calibrate, and Cochran's Q on their ASRs (the compression's own noise)",
     )
     w.add_argument("--attacks", help="attacks evaluated at every point (default vanilla)")
     w.add_argument("--name", help="the sweep's name (default <methods>-<axis>), DIR/sweep/<name>.json")

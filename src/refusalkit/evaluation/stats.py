@@ -17,7 +17,9 @@ which their verdicts differ carry evidence. With ``b`` prompts positive only on 
     p = min(1, 2 · P(X <= min(b, c))),   X ~ Binomial(b + c, 1/2),
 
 and the difference of the two rates ``(c − b) / n`` gets Newcombe's (1998, method 10) hybrid score
-interval, built from the two Wilson intervals and the correlation of the paired outcomes.
+interval, built from the two Wilson intervals and the correlation of the paired outcomes. More
+than two models on the same prompts (a compression setting under several calibration seeds) get
+Cochran's Q (:func:`cochran_q`).
 """
 
 from __future__ import annotations
@@ -244,4 +246,60 @@ def spearman(x: Sequence[float], y: Sequence[float], z: float = Z95) -> dict[str
         out["ci95"] = [math.tanh(zr - z * se), math.tanh(zr + z * se)]
     elif n >= 4:
         out["ci95"] = [rho, rho]
+    return out
+
+
+def chi2_sf(x: float, df: int) -> float:
+    """Upper tail ``P(X >= x)`` of a chi-square distribution with a whole number ``df >= 1`` of
+    degrees of freedom, in closed form (Abramowitz & Stegun 26.4.4 and 26.4.5)::
+
+        even df = 2m:      e^(−x/2) Σ_{i<m} (x/2)^i / i!
+        odd  df = 2m + 1:  erfc(sqrt(x/2)) + e^(−x/2) Σ_{i=1..m} (x/2)^(i − 1/2) / Γ(i + 1/2)
+    """
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if x <= 0:
+        return 1.0
+    h = x / 2
+    if df % 2 == 0:
+        terms = (math.exp(i * math.log(h) - h - math.lgamma(i + 1)) for i in range(df // 2))
+        return min(1.0, sum(terms))
+    terms = (math.exp((i - 0.5) * math.log(h) - h - math.lgamma(i + 0.5)) for i in range(1, df // 2 + 1))
+    return min(1.0, math.erfc(math.sqrt(h)) + sum(terms))
+
+
+def cochran_q(models: Sequence[dict[str, bool]]) -> dict[str, Any]:
+    """Do ``k >= 2`` models judged on the same prompts share one rate? Cochran's Q (Cochran 1950)
+    on their binary outcomes (``{prompt: positive}``; the prompts all of them were judged on)::
+
+        Q = (k − 1) (k Σ_j C_j² − T²) / (k T − Σ_i R_i²)
+
+    with ``C_j`` model j's positives, ``R_i`` prompt i's positives over the models and ``T`` their
+    total; under the null (every prompt's outcomes exchangeable across the models) Q is about
+    chi-square with ``k − 1`` degrees of freedom. Prompts on which the models agree add nothing;
+    with two models Q is McNemar's uncorrected statistic ``(b − c)² / (b + c)``. The chi-square
+    tail is an approximation that needs a few tens of prompts on which the models disagree
+    (``discordant``); :func:`paired` is the exact test for a pair. ``q`` and ``p`` are None (no
+    evidence either way) when no prompt is discordant."""
+    k = len(models)
+    if k < 2:
+        raise ValueError(f"Cochran's Q compares at least 2 models, got {k}")
+    keys = [p for p in models[0] if all(p in m for m in models[1:])]
+    cols = [sum(m[p] for p in keys) for m in models]
+    rows = [sum(m[p] for m in models) for p in keys]
+    total = sum(rows)
+    denom = k * total - sum(r * r for r in rows)
+    out: dict[str, Any] = {
+        "k": k,
+        "n": len(keys),
+        "rates": [rate(c, len(keys)) for c in cols],
+        "discordant": sum(0 < r < k for r in rows),
+        "q": None,
+        "df": k - 1,
+        "p": None,
+        "test": "Cochran's Q (chi-square approximation, k - 1 degrees of freedom)",
+    }
+    if denom > 0:
+        q = (k - 1) * (k * sum(c * c for c in cols) - total * total) / denom
+        out["q"], out["p"] = q, chi2_sf(q, k - 1)
     return out

@@ -52,8 +52,8 @@ QUICK: dict[str, Any] = {
     "repair.search_prompts": 8,
 }
 
-# The default on a machine without a GPU: the whole study on the default model in about an hour
-# on 2 cores (README, "refusalkit run"). What it trades off: one pruned and one quantized variant
+# The default on a machine without a GPU: the whole study on the default model in 18 to 45 minutes
+# on 2 cores, depending on the CPU (README, "Measured on the default model"). What it trades off: one pruned and one quantized variant
 # instead of four; half the training prompts and a lighter selection (16 validation prompts, a
 # 2-prompt screen, 4 candidates scored in full); 16 calibration samples; variants' directions
 # judged by their selection scores, not by generation; 32-token completions on 100 harmful, 100

@@ -2,7 +2,7 @@
 calibration data (issue 15, part 4).
 
 A sweep is a grid of compression points — methods × sparsities (ratios or N:M) or bit widths ×
-calibration sources. Each point is an ordinary variant of the run directory (every other command
+calibration sources × calibration seeds. Each point is an ordinary variant of the run directory (every other command
 works on it), taken through the same stages as in ``refusalkit run``:
 
 1. compress (a variant that exists must have been made with the same settings);
@@ -15,7 +15,9 @@ works on it), taken through the same stages as in ``refusalkit run``:
 5. optionally repair it (the configured AIRD repair) and evaluate the repair.
 
 Points run in turn (the local executor); each stage skips what exists, so an interrupted sweep
-resumes where it stopped and a finished point costs nothing. ``DIR/sweep/<name>.json`` is
+resumes where it stopped and a finished point costs nothing. Points that differ only in their
+calibration seed measure the compression's own noise: the sweep records the spread of their cosines
+and ASRs and Cochran's Q on their vanilla outcomes (do the seeds give one ASR?). ``DIR/sweep/<name>.json`` is
 rewritten after every point; ``<name>.md`` holds the table and ``<name>_dose.png`` /
 ``<name>_movement.png`` the plots.
 """
@@ -53,6 +55,7 @@ class Point:
     bits: int | None
     calibration: str | None  # None: the method needs no calibration data
     name: str
+    seed: int | None = None  # the calibration seed, when the grid has a seed axis (else compress.calibration_seed)
 
     def strength(self) -> float:
         """The x axis of the plots: the sparsity ratio (N:M as N / M zeros … as the share pruned) or the bits."""
@@ -74,7 +77,7 @@ def parse_items(text: str | None, what: str) -> list[str]:
     return items
 
 
-GRID_KEYS = ("name", "method", "sparsity", "bits", "calibration", "attacks", "select", "repair")
+GRID_KEYS = ("name", "method", "sparsity", "bits", "calibration", "seeds", "attacks", "select", "repair")
 
 
 def read_grid(path: str | Path) -> dict[str, Any]:
@@ -121,11 +124,29 @@ def check_calibration(source: str) -> None:
         raise UserError(f"unknown calibration source {source!r}; use {sources_help()}")
 
 
+def parse_seeds(items: list[str]) -> list[int]:
+    """Calibration seeds: whole numbers >= 0, no repeats (one-line errors)."""
+    try:
+        seeds = [int(s) for s in items]
+    except ValueError:
+        raise UserError(f"--seeds {','.join(items)!r}: give whole numbers such as 0,1,2") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {','.join(items)!r}: give distinct whole numbers >= 0, such as 0,1,2")
+    return seeds
+
+
 def build_points(
-    cfg: Config, methods: list[str], sparsities: list[str], bits: list[str], calibrations: list[str]
+    cfg: Config,
+    methods: list[str],
+    sparsities: list[str],
+    bits: list[str],
+    calibrations: list[str],
+    seeds: list[str] | None = None,
 ) -> list[Point]:
     """The grid, validated before any work: every spec is built (an impossible sparsity, N:M or bit
-    width fails here) and every calibration source checked."""
+    width fails here) and every calibration source checked. ``seeds``: calibration seeds, one point
+    each for the methods that calibrate (a method without calibration data gets one point; the seed
+    would not change it); the configured seed keeps the plain name, another adds ``_seed<N>``."""
     from refusalkit.compress.job import CompressSpec
     from refusalkit.compress.methods import parse_method
 
@@ -138,6 +159,9 @@ def build_points(
     except ValueError:
         raise UserError(f"--bits {','.join(bits)!r}: give whole numbers such as 8,6,4") from None
     default_cal = cfg.compress.calibration
+    seed_values: list[int | None] = list(parse_seeds(seeds or [])) or [None]
+    if seed_values != [None] and not any(parse_method(m)[0].needs_calibration for m in methods):
+        raise UserError("--seeds is the calibration seed; none of --method calibrates (wanda, sparsegpt, awq do)")
     points: list[Point] = []
     for text in methods:
         method, fixed = parse_method(text)
@@ -156,14 +180,17 @@ def build_points(
         cals = (calibrations or [default_cal]) if method.needs_calibration else [None]
         for sparsity, b in grid:
             for cal in cals:
-                c = cfg.compress if cal is None else dataclasses.replace(cfg.compress, calibration=cal)
-                spec = CompressSpec.from_config(method.name, c, sparsity=sparsity, bits=b)
-                name = spec.variant
-                if cal is not None and cal != default_cal:  # the default keeps the plain name (run's variant)
-                    name = f"{name}_{_calibration_tag(cal)}"
-                sp = spec.sparsity
-                label = None if sp is None else sp.label() if hasattr(sp, "label") else str(sp)
-                points.append(Point(method.name, label, spec.bits, cal, name))
+                for seed in seed_values if method.needs_calibration else [None]:
+                    c = cfg.compress if cal is None else dataclasses.replace(cfg.compress, calibration=cal)
+                    spec = CompressSpec.from_config(method.name, c, sparsity=sparsity, bits=b)
+                    name = spec.variant
+                    if cal is not None and cal != default_cal:  # the default keeps the plain name (run's variant)
+                        name = f"{name}_{_calibration_tag(cal)}"
+                    if seed is not None and seed != cfg.compress.calibration_seed:
+                        name = f"{name}_seed{seed}"
+                    sp = spec.sparsity
+                    label = None if sp is None else sp.label() if hasattr(sp, "label") else str(sp)
+                    points.append(Point(method.name, label, spec.bits, cal, name, seed))
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise UserError(f"the grid repeats a point ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
@@ -174,6 +201,8 @@ def point_spec(cfg: Config, p: Point) -> Any:
     from refusalkit.compress.job import CompressSpec
 
     c = cfg.compress if p.calibration is None else dataclasses.replace(cfg.compress, calibration=p.calibration)
+    if p.seed is not None:
+        c = dataclasses.replace(c, calibration_seed=p.seed)
     return CompressSpec.from_config(p.method, c, sparsity=p.sparsity, bits=p.bits, name=p.name)
 
 
@@ -288,6 +317,7 @@ def run_point(
         "sparsity_setting": p.sparsity,
         "bits": p.bits,
         "calibration": p.calibration,
+        "seed": p.seed,
         "strength": p.strength(),
         "measured_sparsity": comp.get("sparsity"),
         "cosine_at_base_source": cmp["cosine_at_base_source"],
@@ -332,7 +362,10 @@ def sweep_path(layout: RunLayout, name: str) -> Path:
 
 def default_name(points: list[Point], calibrations: list[str]) -> str:
     methods = sorted({p.method for p in points})
-    axis = "calibration" if len(calibrations) > 1 and len({p.strength() for p in points}) == 1 else None
+    one_strength = len({p.strength() for p in points}) == 1
+    axis = "calibration" if len(calibrations) > 1 and one_strength else None
+    if axis is None and one_strength and len({p.seed for p in points}) > 1:
+        axis = "seed"
     if axis is None:
         axis = "sparsity" if any(p.sparsity is not None for p in points) else "bits"
     return f"{'+'.join(methods)}-{axis}"
@@ -377,6 +410,8 @@ def run_sweep(
     settings = {"points": [dataclasses.asdict(p) for p in points], "select": select, "repair": repair,
                 "attacks": cfg.evaluation.attacks}  # fmt: skip
     state: dict[str, Any] = artifacts.read_json(path) if path.exists() else {}
+    for old in (state.get("settings") or {}).get("points") or []:
+        old.setdefault("seed", None)  # a sweep recorded before points had a calibration seed
     if state and state.get("settings") != settings:
         raise UserError(
             f"sweep {name!r} exists in {path.parent} with another grid or options; give --name to start another"
@@ -406,12 +441,62 @@ def run_sweep(
         artifacts.write_json(path, state)
     state["seconds_this_call"] = round(time.time() - t0, 1)
     ordered = [state["points"][p.name] for p in points if p.name in state["points"]]
+    state["seed_groups"] = seed_groups(layout, ordered)
     artifacts.write_text(path.with_suffix(".md"), table_markdown(state, ordered))
     from refusalkit.study.sweep_plots import plot_sweep
 
     state["plots"] = [str(f.relative_to(root)) for f in plot_sweep(state, ordered, path.parent)]
     artifacts.write_json(path, state)
     return state
+
+
+def seed_groups(layout: RunLayout, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The compression's own noise: for every set of finished points that differ only in their
+    calibration seed, their seeds, cosines at the base source and vanilla ASRs, and Cochran's Q
+    (:func:`~refusalkit.evaluation.stats.cochran_q`) on their vanilla outcomes, prompt by prompt:
+    a small p says the seeds give models with different ASRs, so one seed's ASR is one draw."""
+    from refusalkit.evaluation.stats import cochran_q
+    from refusalkit.study.report.load import Variant
+
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in points:
+        if r.get("seed") is not None:
+            key = (r["method"], r.get("sparsity_setting"), r.get("bits"), r.get("calibration"))
+            groups.setdefault(key, []).append(r)
+    out = []
+    for (method, sparsity, bits, cal), recs in groups.items():
+        if len(recs) < 2:
+            continue
+        asr = [(r.get("asr") or {}).get("rate") for r in recs]
+        cos = [r["cosine_at_base_source"] for r in recs]
+        vanilla = [Variant.load(layout, r["variant"]).outcomes("vanilla") for r in recs]
+        test = cochran_q(vanilla) if all(v for v in vanilla) else None
+        known = [a for a in asr if a is not None]
+        out.append({
+            "method": method, "sparsity_setting": sparsity, "bits": bits, "calibration": cal,
+            "variants": [r["variant"] for r in recs], "seeds": [r["seed"] for r in recs],
+            "asr": asr, "asr_range": [min(known), max(known)] if known else None,
+            "cosine_at_base_source": cos, "cosine_range": [min(cos), max(cos)],
+            "moved": [r.get("moved") for r in recs], "cochran_q": test,
+        })  # fmt: skip
+    return out
+
+
+def _seed_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """One line per seed group of the table (:func:`seed_groups`)."""
+    lines = []
+    for g in groups:
+        q = g.get("cochran_q") or {}
+        lo, hi = g["asr_range"] or (None, None)
+        asr = f"ASR {100 * lo:.0f}–{100 * hi:.0f}%" if lo is not None else "ASR –"
+        test = f"Cochran's Q = {q['q']:.1f}, df = {q['df']}, p = {_p(q['p'])}" if q.get("q") is not None else "no test"
+        moved = sum(bool(m) for m in g["moved"])
+        lines.append(
+            f"* {g['variants'][0]} over calibration seeds {', '.join(str(s) for s in g['seeds'])}: {asr} ({test}; "
+            f"{q.get('discordant', '–')} prompts not judged alike by every seed), cosine at the base source "
+            f"{g['cosine_range'][0]:.3f}–{g['cosine_range'][1]:.3f}, moved at {moved} of {len(g['seeds'])} seeds."
+        )
+    return lines
 
 
 def _keep_first_seconds(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
@@ -500,6 +585,9 @@ def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
         f"{BROKEN_DEGENERATE:.0%} of its vanilla completions are degenerate; its ASR cells (*) then measure a "
         "damaged model, not an unsafe one. Seconds: the point's stages in the call that made it.",
     ]
+    if state.get("seed_groups"):
+        lines += ["", "The compression's own noise (points that differ only in their calibration seed):", "",
+                  *_seed_lines(state["seed_groups"])]  # fmt: skip
     if state.get("failed"):
         lines += ["", "Failed points: " + "; ".join(f"{k}: {v}" for k, v in state["failed"].items())]
     return "\n".join(lines) + "\n"

@@ -11,10 +11,24 @@ from refusalkit.core import artifacts
 from refusalkit.study.report.figures import png_bytes, pyplot
 
 
+def _category(r: dict[str, Any], calibrations: bool, seeds: bool) -> str:
+    """A point's label on a categorical x axis: its calibration source, its seed, or both."""
+    parts = ([r.get("calibration") or "–"] if calibrations else []) + ([f"seed {r.get('seed')}"] if seeds else [])
+    return ", ".join(parts)
+
+
+def _varies(points: list[dict[str, Any]]) -> tuple[bool, bool]:
+    """Whether the calibration sources, and the calibration seeds, differ between the points."""
+    return len({r.get("calibration") or "–" for r in points}) > 1, len({r.get("seed") for r in points}) > 1
+
+
 def _categories(points: list[dict[str, Any]]) -> list[str] | None:
-    """The calibration sources, when the sweep varies only them (one strength): a categorical x axis."""
-    cals = list(dict.fromkeys(r.get("calibration") or "–" for r in points))
-    return cals if len({r["strength"] for r in points}) == 1 and len(cals) > 1 else None
+    """The calibration sources and / or seeds, when the sweep varies only them (one strength): a
+    categorical x axis."""
+    cals, seeds = _varies(points)
+    if len({r["strength"] for r in points}) != 1 or not (cals or seeds):
+        return None
+    return list(dict.fromkeys(_category(r, cals, seeds) for r in points))
 
 
 def _series(points: list[dict[str, Any]], categorical: bool) -> dict[str, list[dict[str, Any]]]:
@@ -30,7 +44,11 @@ def _series(points: list[dict[str, Any]], categorical: bool) -> dict[str, list[d
 def _x(rows: list[dict[str, Any]], categories: list[str] | None) -> tuple[list[float], str]:
     """x values and the axis label of one line."""
     if categories:
-        return [float(categories.index(r.get("calibration") or "–")) for r in rows], "calibration data"
+        for cals, seeds, label in [(True, False, "calibration data"), (False, True, "calibration seed"),
+                                   (True, True, "calibration data, seed")]:  # fmt: skip
+            names = [_category(r, cals, seeds) for r in rows]
+            if all(n in categories for n in names):
+                return [float(categories.index(n)) for n in names], label
     if all(r.get("sparsity_setting") is not None for r in rows):
         return [r["strength"] for r in rows], "share of weights pruned"
     return [r["strength"] for r in rows], "bits per weight"

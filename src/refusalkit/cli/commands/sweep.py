@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
         parse_items(pick("sparsity"), "sparsity"),
         parse_items(pick("bits"), "bits"),
         calibrations,
+        parse_items(pick("seeds"), "seeds"),
     )
     name = pick("name") or default_name(points, calibrations)
     executor = make_executor(
