@@ -340,6 +340,7 @@ def test_shipped_sweep_files_build_their_grids(tmp_path):
             parse_items(g.get("sparsity"), "sparsity"),
             parse_items(g.get("bits"), "bits"),
             parse_items(g.get("calibration"), "calibration"),
+            parse_items(g.get("seeds"), "seeds"),
         )
         sizes[g["name"]] = [p.name for p in pts]
     assert (
@@ -347,6 +348,7 @@ def test_shipped_sweep_files_build_their_grids(tmp_path):
     )
     assert sizes["wanda-sparsity"] == ["wanda-0.1", "wanda-0.25", "wanda-0.5", "wanda-0.75", "wanda-0.9"]
     assert sizes["rtn-bits"] == ["rtn-w8", "rtn-w6", "rtn-w4", "rtn-w3"]
+    assert sizes["wanda-seeds"] == ["wanda-0.5", *(f"wanda-0.5_seed{i}" for i in range(1, 5))]
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: wanda\nsparsities: 0.5\n")
     with pytest.raises(UserError, match="unknown key"):
