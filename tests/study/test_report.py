@@ -607,3 +607,42 @@ def test_stronger_attacks_are_compared_pairwise(run_dir: Path) -> None:
     rows = md_table(md, "## Variants")
     assert rows["wanda-0.5"]["ASR ablation"] == "90% [80–100]" and rows["llm-int8"]["ASR ablation"] == "–"
     assert "ablation attack vs unrepaired: ASR -40 pt" in md and "ablation attack vs base: ASR +10 pt" in md
+
+
+def _spec(name: str, seed: int) -> dict:
+    return {"method": "wanda", "sparsity": "0.5", "bits": None, "calibration": "wikipedia", "n_calibration": 16,
+            "seq_len": 256, "seed": seed, "batch_size": 8, "name": name}  # fmt: skip
+
+
+def test_compression_draws_are_compared_with_cochrans_q(run_dir: Path) -> None:
+    # wanda-0.5 at seeds 0, 1 and 2: the first 49, 70 and 30 prompts break them (nested sets), so by hand
+    # C = 49, 70, 30 (T = 149), R = 3 on 30 prompts, 2 on 19, 1 on 21: Q = 2 (3 * 8201 - 149^2) / (3 * 149 - 367)
+    # = 60.05, df = 2, p = e^(-30.025) = 9.1e-14; 40 prompts judged differently by some draw
+    _write(
+        run_dir / "wanda-0.5" / "compression.json", {"method": "wanda", "sparsity": 0.5, "spec": _spec("wanda-0.5", 0)}
+    )
+    for seed, asr in ((1, 0.70), (2, 0.30)):
+        name = f"wanda-0.5_seed{seed}"
+        _write(run_dir / name / "compression.json", {"method": "wanda", "sparsity": 0.5, "spec": _spec(name, seed)})
+        _eval(run_dir, name, (asr, asr - 0.09, asr + 0.09), degenerate=0.0)
+    # a variant without vanilla records (seed 3) is left out; so is a repair (wanda-0.5+aird: no compression spec)
+    _write(run_dir / "wanda-0.5_seed3" / "compression.json", {"method": "wanda", "spec": _spec("wanda-0.5_seed3", 3)})
+    md = render_md(build_report(load_run(RunLayout(run_dir)), "now")[0])
+    section = md.split("## Compression draws")[1].split("\n## ")[0]
+    assert (
+        "- wanda-0.5, wanda-0.5_seed1, wanda-0.5_seed2: one compression setting at calibration seeds 0, 1, 2;"
+        in section
+    )
+    assert (
+        "vanilla ASR 30–70% on the same 100 prompts (40 judged differently by some draw); Cochran's Q = 60." in section
+    )
+    assert "df = 2, p = 9.1e-14: the draws give different ASRs" in section and "seed3" not in section
+    # draws that judge every prompt alike: no statistic, and no claim of a difference
+    for seed in (1, 2):
+        _eval(run_dir, f"wanda-0.5_seed{seed}", (0.49, 0.39, 0.59))
+    md = render_md(build_report(load_run(RunLayout(run_dir)), "now")[0])
+    assert "vanilla ASR 49–49% on the same 100 prompts (0 judged differently by some draw); every draw judged" in md
+    # one seed only (the default run): no section
+    for seed in (1, 2):
+        shutil.rmtree(run_dir / f"wanda-0.5_seed{seed}")
+    assert "## Compression draws" not in render_md(build_report(load_run(RunLayout(run_dir)), "now")[0])

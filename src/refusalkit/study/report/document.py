@@ -123,6 +123,55 @@ def noise_note(run: Run) -> list[str]:
     ]
 
 
+def compression_draws(run: Run) -> list[str]:
+    """One sentence per compression setting that the run holds at several calibration seeds (variants whose
+    ``compression.json`` specs differ only in ``seed``; ``refusalkit sweep --seeds``): their vanilla ASRs
+    and Cochran's Q on the per-prompt outcomes (:func:`~refusalkit.evaluation.stats.cochran_q`). When the
+    draws differ, a variant's change against the base model describes its own draw, not the setting."""
+    import json
+
+    from refusalkit.evaluation.stats import cochran_q
+    from refusalkit.study.report.verdicts import p_text
+
+    groups: dict[str, dict[Any, tuple[Any, dict[str, bool]]]] = {}  # setting -> seed -> (variant, outcomes)
+    for v in run.variants:
+        spec = (v.compression or {}).get("spec")
+        if v.kind == "repaired" or not isinstance(spec, dict) or spec.get("seed") is None:
+            continue
+        outcomes = v.outcomes("vanilla")
+        if not outcomes:
+            continue
+        key = json.dumps({k: x for k, x in spec.items() if k not in ("seed", "name")}, sort_keys=True, default=str)
+        groups.setdefault(key, {}).setdefault(spec["seed"], (v, outcomes))  # one variant per seed: the first
+    out = []
+    for by_seed in groups.values():
+        if len(by_seed) < 2:
+            continue
+        seeds = list(by_seed)
+        vs = [by_seed[s][0] for s in seeds]
+        q = cochran_q([by_seed[s][1] for s in seeds])
+        rates = [r["rate"] for r in q["rates"]]
+        head = (
+            f"{', '.join(v.name for v in vs)}: one compression setting at calibration seeds "
+            f"{', '.join(str(s) for s in seeds)}; vanilla ASR {100 * min(rates):.0f}–{100 * max(rates):.0f}% on the "
+            f"same {q['n']} prompts ({q['discordant']} judged differently by some draw)"
+        )
+        if q["q"] is None:
+            out.append(head + "; every draw judged every prompt alike.")
+            continue
+        differ = q["p"] < ALPHA
+        out.append(
+            f"{head}; Cochran's Q = {q['q']:.1f}, df = {q['df']}, p = {p_text(q['p'])}: "
+            + (
+                "the draws give different ASRs, so each variant's change against the base model describes its "
+                "own draw, not the setting."
+                if differ
+                else "no difference between the draws detected."
+            )
+        )
+    return out
+
+
 def broken_paragraph(run: Run) -> Paragraph:
     """Which variants are BROKEN, what BROKEN means, and what a dash means."""
     broken = [v.name for v in run.variants if run.broken(v)]
@@ -148,6 +197,9 @@ def build_report(run: Run, generated: str) -> tuple[list[Block], list[Finding]]:
         variants_table(run),
         broken_paragraph(run),
     ]
+    draws = compression_draws(run)
+    if draws:
+        blocks += [Heading("Compression draws"), Bullets(draws)]
     repairs = repairs_table(run)
     if repairs is not None:
         blocks += [Heading("Repairs (AIRD)"), repairs]
