@@ -2,8 +2,8 @@
 calibration data (issue 15, part 4).
 
 A sweep is a grid of compression points — methods × sparsities (ratios or N:M) or bit widths ×
-calibration sources × calibration seeds. Each point is an ordinary variant of the run directory (every other command
-works on it), taken through the same stages as in ``refusalkit run``:
+calibration sources × calibration seeds. Each point is an ordinary variant of the run directory
+(every other command works on it), taken through the same stages as in ``refusalkit run``:
 
 1. compress (a variant that exists must have been made with the same settings);
 2. extract its candidate directions (the cosine at the base source needs no selection; with
@@ -15,11 +15,11 @@ works on it), taken through the same stages as in ``refusalkit run``:
 5. optionally repair it (the configured AIRD repair) and evaluate the repair.
 
 Points run in turn (the local executor); each stage skips what exists, so an interrupted sweep
-resumes where it stopped and a finished point costs nothing. Points that differ only in their
-calibration seed measure the compression's own noise: the sweep records the spread of their cosines
-and ASRs and Cochran's Q on their vanilla outcomes (do the seeds give one ASR?). ``DIR/sweep/<name>.json`` is
+resumes where it stopped and a finished point costs nothing. ``DIR/sweep/<name>.json`` is
 rewritten after every point; ``<name>.md`` holds the table and ``<name>_dose.png`` /
-``<name>_movement.png`` the plots.
+``<name>_movement.png`` the plots. Points that differ only in their calibration seed measure the
+compression's own noise: the sweep records the spread of their cosines and ASRs and Cochran's Q on
+their vanilla outcomes (:func:`seed_groups`: do the seeds give one ASR?).
 """
 
 from __future__ import annotations
