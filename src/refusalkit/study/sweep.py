@@ -159,9 +159,7 @@ def build_points(
     except ValueError:
         raise UserError(f"--bits {','.join(bits)!r}: give whole numbers such as 8,6,4") from None
     default_cal = cfg.compress.calibration
-    seed_values: list[int | None] = list(parse_seeds(seeds or [])) or [None]
-    if seed_values != [None] and not any(parse_method(m)[0].needs_calibration for m in methods):
-        raise UserError("--seeds is the calibration seed; none of --method calibrates (wanda, sparsegpt, awq do)")
+    seed_values: list[int | None] = [*parse_seeds(seeds or [])] or [None]
     points: list[Point] = []
     for text in methods:
         method, fixed = parse_method(text)
@@ -180,17 +178,18 @@ def build_points(
         cals = (calibrations or [default_cal]) if method.needs_calibration else [None]
         for sparsity, b in grid:
             for cal in cals:
+                c = cfg.compress if cal is None else dataclasses.replace(cfg.compress, calibration=cal)
+                spec = CompressSpec.from_config(method.name, c, sparsity=sparsity, bits=b)
+                name = spec.variant
+                if cal is not None and cal != default_cal:  # the default keeps the plain name (run's variant)
+                    name = f"{name}_{_calibration_tag(cal)}"
+                sp = spec.sparsity
+                label = None if sp is None else sp.label() if hasattr(sp, "label") else str(sp)
                 for seed in seed_values if method.needs_calibration else [None]:
-                    c = cfg.compress if cal is None else dataclasses.replace(cfg.compress, calibration=cal)
-                    spec = CompressSpec.from_config(method.name, c, sparsity=sparsity, bits=b)
-                    name = spec.variant
-                    if cal is not None and cal != default_cal:  # the default keeps the plain name (run's variant)
-                        name = f"{name}_{_calibration_tag(cal)}"
-                    if seed is not None and seed != cfg.compress.calibration_seed:
-                        name = f"{name}_seed{seed}"
-                    sp = spec.sparsity
-                    label = None if sp is None else sp.label() if hasattr(sp, "label") else str(sp)
-                    points.append(Point(method.name, label, spec.bits, cal, name, seed))
+                    suffix = f"_seed{seed}" if seed is not None and seed != cfg.compress.calibration_seed else ""
+                    points.append(Point(method.name, label, spec.bits, cal, name + suffix, seed))
+    if seed_values != [None] and all(p.seed is None for p in points):
+        raise UserError("--seeds is the calibration seed; none of --method calibrates (wanda, sparsegpt, awq do)")
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise UserError(f"the grid repeats a point ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
