@@ -79,9 +79,11 @@ def test_borderline_set_is_shipped_and_distinct() -> None:
 def test_missing_ollama_forge_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        P.importlib.util, "find_spec", lambda name, *a: None if name == "ollama_forge" else real(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "ollama_forge" else real(name, *a)
     )
-    with pytest.raises(UserError, match=r"pip install ollama-forge==1\.0\.1"):
+    with pytest.raises(
+        UserError, match=r"ollama-forge package is not installed .*; run: pip install 'ollama-forge==1\.0\.1'"
+    ):
         load_prompts("advbench")
 
 

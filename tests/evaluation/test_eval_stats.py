@@ -250,6 +250,33 @@ def test_paired_difference_interval_hand_computed_and_correlation():
     assert paired_difference_interval(0, 0, 0, 0) == (-1.0, 1.0)
 
 
+def test_paired_difference_interval_published_examples():
+    """Newcombe's method 10 with his continuity-corrected phi, against published values (our
+    difference is second − first, so their intervals appear mirrored)."""
+    from refusalkit.evaluation.stats import paired_difference_interval
+
+    # Newcombe (1998), Stat Med 17:2635, Table II, example (a): e, f, g, h = 36, 12, 2, 0 -> +0.0569 to +0.3404
+    lo, hi = paired_difference_interval(36, 12, 2, 0)
+    assert (round(-hi, 4), round(-lo, 4)) == (0.0569, 0.3404)
+    # Fagerland, Lydersen & Laake (2017), ch. 8, Cavo et al. (2012): 59, 6, 16, 80 -> -0.1186 to -0.0046
+    lo, hi = paired_difference_interval(59, 6, 16, 80)
+    assert (round(-hi, 4), round(-lo, 4)) == (-0.1186, -0.0046)
+    # ad - bc = 2068 > n/2 = 50: phi = (2068 - 50) / sqrt(42 * 58 * 46 * 54), not 2068 / sqrt(...)
+    l1, u1 = wilson_interval(42, 100)
+    l2, u2 = wilson_interval(46, 100)
+    phi = (2068 - 50) / (42 * 58 * 46 * 54) ** 0.5
+    lo, hi = paired_difference_interval(40, 2, 6, 52)
+    assert lo == pytest.approx(
+        0.04 - ((0.46 - l2) ** 2 - 2 * phi * (0.46 - l2) * (u1 - 0.42) + (u1 - 0.42) ** 2) ** 0.5
+    )
+    assert hi == pytest.approx(
+        0.04 + ((u2 - 0.46) ** 2 - 2 * phi * (u2 - 0.46) * (0.42 - l1) + (0.42 - l1) ** 2) ** 0.5
+    )
+    # no discordant pair: a real interval around 0, not [0, 0]
+    lo, hi = paired_difference_interval(50, 0, 0, 50)
+    assert -0.03 < lo < -0.01 and hi == pytest.approx(-lo)
+
+
 def test_paired_counts_and_outcomes():
     from refusalkit.evaluation.stats import outcomes, paired
 

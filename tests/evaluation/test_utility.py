@@ -1,5 +1,6 @@
 """Zero-shot utility evaluation (refusalkit.evaluation.utility) through lm-evaluation-harness, the
-BIG-bench tasks it runs offline (refusalkit.evaluation.bigbench) and held-out perplexity.
+offline tasks it builds (refusalkit.evaluation.offline_tasks: MMLU's dev questions from lm-eval,
+BIG-bench task.json files) and held-out perplexity.
 
 The end-to-end tests run lm-eval on the tiny random Llama with a hand-made BIG-bench-format
 task and check its accuracy against choice log-likelihoods computed here by hand.
@@ -7,10 +8,7 @@ task and check its accuracy against choice log-likelihoods computed here by hand
 
 from __future__ import annotations
 
-import io
 import json
-import subprocess
-import tarfile
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import torch
 
 from refusalkit.core.errors import UserError
-from refusalkit.evaluation import bigbench as B
+from refusalkit.evaluation import offline_tasks as B
 from refusalkit.evaluation import utility as U
 from refusalkit.evaluation.perplexity import perplexity_on_corpus
 
@@ -110,13 +108,13 @@ def test_local_yaml_task(tmp_path, task_file):
 def test_resolve_tasks(task_file):
     assert [t.name for t in U.resolve_tasks(["offline"])] == list(U.OFFLINE_SUITE)
     assert [t.name for t in U.resolve_tasks(["paper", "boolq"])] == list(U.PAPER_TASKS)
-    t = U.resolve_tasks(["bb_social_iqa"])[0]
-    assert (t.kind, t.ref, t.source) == ("bigbench", "social_iqa", "bigbench:social_iqa")
+    t = U.resolve_tasks(["mmlu_dev_cloze"])[0]
+    assert (t.kind, t.ref, t.source) == ("offline", "mmlu_dev_cloze", "offline:mmlu_dev_cloze")
     f = U.resolve_tasks([str(task_file)])[0]
     assert f.name == "bb_tiny_task" and f.kind == "file"
     with pytest.raises(UserError) as e:
         U.resolve_tasks(["bb_nonsense"])
-    assert "bb_social_iqa" in str(e.value) and "boolq" in str(e.value)
+    assert "mmlu_dev" in str(e.value) and "boolq" in str(e.value)
     with pytest.raises(UserError, match="does not exist"):
         U.resolve_tasks(["/no/such/task.json"])
 
@@ -137,71 +135,67 @@ def test_bad_settings(llama_lm, task_file):
 
 
 # ------------------------------------------------------------------------------------------
-# BIG-bench task files: installed package, cache, download
+# The offline suite: MMLU's dev questions from the installed lm-eval
 # ------------------------------------------------------------------------------------------
 
 
-def _sdist(path: Path, tasks: dict[str, dict]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in {
-            "other/task.json": {"examples": []},
-            **{f"{t}/task.json": d for t, d in tasks.items()},
-        }.items():
-            raw = json.dumps(data).encode()
-            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return path
-
-
-def test_task_file_from_cache_and_download(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFUSALKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(B, "_installed_task_file", lambda task: None)
-    suite = {bb: TASK for bb, _ in B.OFFLINE_SUITE.values()}
-    calls = []
-
-    def fake_run(cmd, **kw):
-        calls.append(cmd)
-        dest = Path(cmd[cmd.index("-d") + 1])
-        _sdist(dest / "bigbench-1.0.0.tar.gz", suite)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(B.subprocess, "run", fake_run)
-    first = next(iter(suite))
-    path = B.bigbench_task_file(first)
-    assert path == tmp_path / "cache" / "bigbench" / first / "task.json"
-    assert len(calls) == 1 and "download" in calls[0] and B.BIGBENCH_REQUIREMENT in calls[0]
-    # every suite task was extracted in the one pass; nothing else and no archive left behind
-    for bb in suite:
-        assert B.bigbench_task_file(bb).is_file()
-    assert len(calls) == 1
-    left = sorted(
-        p.relative_to(tmp_path / "cache" / "bigbench").as_posix()
-        for p in (tmp_path / "cache").rglob("*")
-        if p.is_file()
+def test_parse_mmlu_sample():
+    q = "Which is a mammal?\n(A) a trout (B) a whale (C) a shark (D) a squid"
+    assert B._parse_mmlu_sample(q, "Whales breathe air. The answer is (B).") == (
+        "Which is a mammal?",
+        ["a trout", "a whale", "a shark", "a squid"],
+        1,
     )
-    assert left == sorted(f"{bb}/task.json" for bb in suite)
-    with pytest.raises(UserError, match="no task"):
-        B.bigbench_task_file("not_a_task")
-    with pytest.raises(UserError, match="not a BIG-bench task name"):
-        B.bigbench_task_file("../etc")
-
-
-def test_download_failure_is_a_user_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFUSALKIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(B, "_installed_task_file", lambda task: None)
-    monkeypatch.setattr(
-        B.subprocess,
-        "run",
-        lambda cmd, **kw: subprocess.CompletedProcess(
-            cmd,
-            1,
-            "",
-            "WARNING: retrying\nERROR: Could not find a version that satisfies the requirement bigbench==1.0.0\n",
-        ),
+    # the last "answer is (X)" decides; a stem over several lines is kept whole
+    q2 = "Line one.\nLine two?\n(A) yes (B) no"
+    assert B._parse_mmlu_sample(q2, "Not the answer is (A) here. The answer is (B).") == (
+        "Line one.\nLine two?",
+        ["yes", "no"],
+        1,
     )
-    with pytest.raises(UserError, match="cannot download bigbench==1.0.0 .*Could not find a version"):
-        B.bigbench_task_file("social_iqa")
+    assert B._parse_mmlu_sample("No options here", "The answer is (A).") is None
+    assert B._parse_mmlu_sample(q, "no stated answer") is None
+    assert B._parse_mmlu_sample(q, "The answer is (E).") is None  # not one of the listed letters
+    assert B._parse_mmlu_sample("Q?\n(A) x (C) y", "The answer is (A).") is None  # letters out of order
+
+
+def test_mmlu_dev_items_from_the_installed_lm_eval():
+    items = B.mmlu_dev_items()
+    assert len(items) == 282 and len({it["id"] for it in items}) == 282
+    assert len({it["subject"] for it in items}) == 57
+    assert sorted(len(it["choices"]) for it in items) == [4] * 281 + [5]
+    assert all(0 <= it["gold"] < len(it["choices"]) and all(it["choices"]) for it in items)
+    golds = [it["gold"] for it in items]
+    assert all(golds.count(g) > 50 for g in range(4))  # the answers are spread over the letters
+    by_id = {it["id"]: it for it in items}
+    first = by_id["anatomy/0"]
+    assert first["question"] == "Which of the following is the body cavity that contains the pituitary gland?"
+    assert first["choices"] == ["Abdominal", "Cranial", "Pleural", "Spinal"] and first["gold"] == 1
+    assert first["header"] == "The following are multiple choice questions (with answers) about anatomy."
+
+
+def test_mmlu_rows_in_both_formats():
+    item = {"id": "anatomy/0", "header": "H.", "question": "Q?", "choices": ["x", "y", "z"], "gold": 2}
+    (letters,) = B.mmlu_rows([item], "letters")
+    assert letters == {
+        "question": "H.\n\nQ?\nA. x\nB. y\nC. z\nAnswer:",
+        "choices": [" A", " B", " C"],
+        "gold": 2,
+        "id": "anatomy/0",
+    }
+    (cloze,) = B.mmlu_rows([item], "cloze")
+    assert cloze["question"] == "H.\n\nQuestion: Q?\nAnswer:" and cloze["choices"] == [" x", " y", " z"]
+    rows = B.offline_task_rows("mmlu_dev", seed=0)
+    assert len(rows) == 282 and [r["id"] for r in rows] == [r["id"] for r in B.offline_task_rows("mmlu_dev", seed=0)]
+    assert [r["id"] for r in rows] != [r["id"] for r in B.offline_task_rows("mmlu_dev", seed=1)]
+    assert [r["id"] for r in rows] == [r["id"] for r in B.offline_task_rows("mmlu_dev_cloze", seed=0)]
+    with pytest.raises(ValueError):
+        B.mmlu_rows([item], "essay")
+
+
+def test_retired_bigbench_names_say_what_to_use():
+    with pytest.raises(UserError, match="no longer serves the bigbench package.*mmlu_dev"):
+        U.resolve_tasks(["bb_social_iqa"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,17 +375,27 @@ def test_perplexity_on_corpus(llama_lm, one_thread):
 
 
 # ------------------------------------------------------------------------------------------
-# Real BIG-bench data on SmolLM2 (downloads the 358 MB bigbench sdist once if not cached)
+# The offline suite on SmolLM2 and on the tiny model
 # ------------------------------------------------------------------------------------------
 
 
+def test_offline_suite_through_lm_eval_matches_manual_loglikelihoods(rk_tiny, one_thread):
+    with one_thread():
+        res = U.evaluate_utility(rk_tiny, ["offline"], limit=4, batch_size=8, seed=3)
+        for name in B.OFFLINE_SUITE:
+            acc, acc_norm, _ = _manual(rk_tiny, B.offline_task_rows(name, seed=3)[:4])
+            r = res["tasks"][name]
+            assert r["n"] == 4 and r["source"] == f"offline:{name}" and r["chance"] == pytest.approx(0.25)
+            assert r["acc"] == pytest.approx(acc) and r["acc_norm"] == pytest.approx(acc_norm)
+
+
 @pytest.mark.integration
-def test_smollm2_bigbench_task():
+def test_smollm2_offline_suite():
     from refusalkit.models.loading import load_model
 
     lm = load_model("smollm2-135m")
-    res = U.evaluate_utility(lm, ["bb_social_iqa"], limit=20, batch_size=8)
-    r = res["tasks"]["bb_social_iqa"]
-    assert r["n"] == 20 and r["source"] == "bigbench:social_iqa"
-    assert 0.0 <= r["acc"] <= 1.0 and r["acc_stderr"] > 0
-    assert B.bigbench_task_file("social_iqa").is_file()
+    res = U.evaluate_utility(lm, ["offline"], limit=20, batch_size=8)
+    assert set(res["tasks"]) == set(B.OFFLINE_SUITE) and res["skipped"] == {}
+    for name, r in res["tasks"].items():
+        assert r["n"] == 20 and r["source"] == f"offline:{name}"
+        assert 0.0 <= r["acc"] <= 1.0 and r["acc_stderr"] > 0

