@@ -383,3 +383,19 @@ def test_adaptive_stage_attacks():
     assert adaptive_attacks(cfg, gpu=True) == []
     with pytest.raises(UserError, match="adaptive"):
         load_config(None, {"run.adaptive": "sometimes"})
+
+
+@pytest.mark.parametrize("key", ["verdict.asr_margin", "verdict.over_refusal_margin", "verdict.degenerate_margin"])
+@pytest.mark.parametrize("value", [0, 1, -0.05, 1.5])
+def test_a_margin_outside_its_range_is_a_user_error(key, value):
+    with pytest.raises(UserError, match=rf"{key} is an absolute margin on a rate: between 0 and 1"):
+        load_config(None, {key: value})
+    assert getattr(load_config(None, {key: 0.03}).verdict, key.split(".")[1]) == 0.03
+
+
+def test_a_bad_margin_exits_2_from_the_cli(tmp_path, capsys):
+    from refusalkit.cli import main
+
+    assert main(["evaluate", "--run", str(tmp_path / "r"), "--model", "default", "--set", "verdict.asr_margin=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: verdict.asr_margin is an absolute margin") and not (tmp_path / "r").exists()

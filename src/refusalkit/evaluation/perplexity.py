@@ -47,19 +47,34 @@ def perplexity(
     return {"perplexity": math.exp(total / count), "nll": total / count, "n_tokens": count, "n_windows": n}
 
 
-def perplexity_on_corpus(lm: LoadedModel, n_tokens: int = 4096, seq_len: int = 512) -> dict[str, Any]:
-    """:func:`perplexity` on the first ``n_tokens`` tokens of the held-out part of the bundled
-    Wikipedia corpus (every tenth article, never used for calibration).
-
-    Returns its dict plus ``"corpus"``; raises :class:`UserError` when not even one window fits.
-    """
+def corpus_windows(tokenizer: Any, n_tokens: int, seq_len: int = 512, *, screen: bool = False) -> list[int]:
+    """The token ids :func:`perplexity_on_corpus` scores: the first ``n_tokens`` of the held-out part
+    of the bundled Wikipedia corpus (every tenth article, never used for calibration), or with
+    ``screen`` the last ``n_tokens``, cut at a window boundary from the end. The repair search
+    screens its candidates on the last tokens and the evaluation judges on the first, so the edit
+    that is chosen is never judged on the tokens it was chosen on (the held-out part has about
+    100k tokens; the two ranges would meet only if both together asked for more)."""
     if seq_len < 2:
         raise UserError(f"perplexity sequence length must be 2 or more, got {seq_len}")
     if n_tokens < seq_len:
         raise UserError(f"perplexity needs at least one window: n_tokens ({n_tokens}) < seq_len ({seq_len})")
-    ids = corpus_ids(lm.tokenizer, "wikipedia", held_out=True)
+    ids = corpus_ids(tokenizer, "wikipedia", held_out=True)
     if len(ids) < seq_len:
         raise UserError(f"the held-out Wikipedia text has only {len(ids)} tokens, fewer than seq_len {seq_len}")
+    if not screen:
+        return ids[:n_tokens]
+    n = min(n_tokens, len(ids)) // seq_len * seq_len
+    return ids[len(ids) - n :]
+
+
+def perplexity_on_corpus(
+    lm: LoadedModel, n_tokens: int = 4096, seq_len: int = 512, *, screen: bool = False
+) -> dict[str, Any]:
+    """:func:`perplexity` on :func:`corpus_windows` (``screen``: the repair search's tokens).
+
+    Returns its dict plus ``"corpus"``; raises :class:`UserError` when not even one window fits.
+    """
+    ids = corpus_windows(lm.tokenizer, n_tokens, seq_len, screen=screen)
     out: dict[str, Any] = dict(perplexity(lm, ids, seq_len=seq_len, max_tokens=n_tokens))
-    out["corpus"] = CORPUS
+    out["corpus"] = CORPUS + (", its last tokens (the repair search's)" if screen else "")
     return out

@@ -106,21 +106,55 @@ def make_plan(e: EvaluationConfig, cfg: Config, gpu: bool) -> Plan:
     )
 
 
-def held_out(source: str, n: int, splits: dict[str, Any] | None, kind: str) -> tuple[list[str], dict[str, Any]]:
-    """The first ``n`` prompts of ``source`` (in source order) that the run did not use to train or
-    select its direction (``splits[kind]``'s train and val prompts, when it comes from ``source``),
-    and a description of them. Raises :class:`UserError` when fewer than ``n`` are left."""
+def _unused(source: str, splits: dict[str, Any] | None, kind: str) -> tuple[list[str], int]:
+    """The prompts of ``source`` in source order that the run did not use to train or select its
+    direction (``splits[kind]``'s train and val prompts, when it comes from ``source``), and how many were used."""
     prompts = load_prompts(source)
     used: set[str] = set()
     if splits and splits.get(kind, {}).get("source") == source:
         used = set(splits[kind]["train"]) | set(splits[kind]["val"])
-    kept = [p for p in prompts if p not in used]
+    return [p for p in prompts if p not in used], len(used)
+
+
+def held_out(source: str, n: int, splits: dict[str, Any] | None, kind: str) -> tuple[list[str], dict[str, Any]]:
+    """The first ``n`` prompts of ``source`` (in source order) that the run did not use to train or
+    select its direction, and a description of them. Raises :class:`UserError` when fewer than ``n`` are left."""
+    kept, used = _unused(source, splits, kind)
     if n > len(kept):
         raise UserError(
-            f"{source} has {len(kept)} prompts left after the {len(used)} used for the direction, "
+            f"{source} has {len(kept)} prompts left after the {used} used for the direction, "
             f"but {n} were asked for; lower the number or give a larger prompt source"
         )
-    return kept[:n], {"source": source, "n": n, "excluded_direction_prompts": len(used), "order": "source order"}
+    return kept[:n], {"source": source, "n": n, "excluded_direction_prompts": used, "order": "source order"}
+
+
+def held_out_after(
+    source: str, skip: int, n: int, splits: dict[str, Any] | None, kind: str
+) -> tuple[list[str], dict[str, Any]]:
+    """``n`` held-out prompts that follow the first ``skip`` (the evaluation's, :func:`held_out`) in
+    source order, leaving out every prompt that paraphrases one of those ``skip``
+    (:func:`refusalkit.data.prompts.drop_near_duplicates`), so that prompts chosen on are never
+    judged on, even reworded. Raises :class:`UserError` when fewer than ``n`` are left."""
+    from refusalkit.data.prompts import NEAR_DUPLICATE_JACCARD, drop_near_duplicates
+
+    kept, used = _unused(source, splits, kind)
+    after, dropped = drop_near_duplicates(kept[skip:], kept[:skip])
+    if n > len(after):
+        raise UserError(
+            f"{source} has {len(after)} prompts left after the {used} used for the direction, the {skip} of the "
+            f"evaluation and {len(dropped)} that paraphrase those, but {n} were asked for; lower the number or give "
+            "a larger prompt source"
+        )
+    taken = after[:n]
+    last = kept.index(taken[-1]) + 1 if taken else skip
+    info = {
+        "source": source,
+        "n": n,
+        "skipped_evaluation_prompts": skip,
+        "near_duplicates_skipped": [p for p in dropped if kept.index(p) < last],
+        "near_duplicate_rule": f"word-set Jaccard >= {NEAR_DUPLICATE_JACCARD} with an evaluation prompt",
+    }
+    return taken, info
 
 
 def check_search_overlap(layout: Any, variant: str, e: EvaluationConfig) -> None:

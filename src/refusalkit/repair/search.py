@@ -24,21 +24,15 @@ class SearchData:
 
 def search_prompts(cfg: Config, layout: RunLayout, spec: RepairConfig) -> SearchData:
     """Held-out prompts for the α search, disjoint from the direction's and the evaluation's: the
-    ``spec.search_prompts`` harmful and harmless prompts that follow the evaluation's in source order."""
-    from refusalkit.evaluation.plan import held_out
+    ``spec.search_prompts`` harmful and harmless prompts that follow the evaluation's in source order,
+    without those that paraphrase an evaluation prompt (:func:`~refusalkit.evaluation.plan.held_out_after`)."""
+    from refusalkit.evaluation.plan import held_out_after
 
     e, n = cfg.evaluation, spec.search_prompts
     splits = artifacts.read_json(layout.splits) if layout.splits.exists() else None
-    harmful, _ = held_out(e.prompts, e.n_prompts + n, splits, "harmful")
-    harmless, _ = held_out(e.harmless, e.n_harmless + n, splits, "harmless")
-    return SearchData(
-        harmful[e.n_prompts :],
-        harmless[e.n_harmless :],
-        {
-            "harmful": {"source": e.prompts, "n": n, "skipped_evaluation_prompts": e.n_prompts},
-            "harmless": {"source": e.harmless, "n": n, "skipped_evaluation_prompts": e.n_harmless},
-        },
-    )
+    harmful, harmful_info = held_out_after(e.prompts, e.n_prompts, n, splits, "harmful")
+    harmless, harmless_info = held_out_after(e.harmless, e.n_harmless, n, splits, "harmless")
+    return SearchData(harmful, harmless, {"harmful": harmful_info, "harmless": harmless_info})
 
 
 def check_disjoint(layout: RunLayout, models: list[str], data: SearchData) -> None:
@@ -102,10 +96,11 @@ def measure(
 
 
 def search_perplexity(lm: Any, spec: RepairConfig) -> float:
-    """Perplexity of the model as it is on ``spec.ppl_tokens`` held-out Wikipedia tokens."""
+    """Perplexity of the model as it is on the last ``spec.ppl_tokens`` held-out Wikipedia tokens:
+    disjoint from the first ones, which the evaluation judges on."""
     from refusalkit.evaluation.perplexity import perplexity_on_corpus
 
-    return perplexity_on_corpus(lm, n_tokens=spec.ppl_tokens)["perplexity"]
+    return perplexity_on_corpus(lm, n_tokens=spec.ppl_tokens, screen=True)["perplexity"]
 
 
 @torch.inference_mode()
@@ -159,19 +154,16 @@ def block_writes(lm: Any, cfg: Config, direction: torch.Tensor, block: int, data
     return out
 
 
-# a budget on over-refusal is broken only by an increase that is also significant at this level
-OVER_REFUSAL_ALPHA = 0.05
-
-
 def over_refusal_excess(point: dict[str, Any], ref: dict[str, Any], spec: RepairConfig) -> str | None:
     """Why ``point`` breaks the over-refusal budget against the unrepaired ``ref``, or None.
 
-    Both were judged on the same harmless search prompts, so the budget is paired: it is broken when
-    over-refusal rises by more than ``max_over_refusal_increase`` *and* the rise is significant (exact
-    McNemar, two-sided, p < 0.05 on the per-prompt verdicts). On 32 prompts one prompt is 3 points,
-    so the point estimate alone would reject edits for a rise that sampling gives by chance; the final
-    evaluation (100 harmless and 120 borderline prompts) then tests the chosen edit again. Points
-    measured without per-prompt verdicts (refusalkit < 0.3.1) are judged on the rates alone."""
+    Both were judged on the same harmless search prompts, so the budget is paired and decided by the
+    report's rule (:func:`refusalkit.evaluation.decide.not_worse` with margin
+    ``max_over_refusal_increase``): it is broken only when the claim "over-refusal not above" *fails*,
+    i.e. the rise is significant (exact McNemar, p < 0.05) and its estimate beyond the margin. On 32
+    prompts one prompt is 3 points and most candidates are *undecided*, which the search lets
+    through; the final evaluation (100 harmless and 120 borderline prompts) then decides the chosen
+    edit. Points measured without per-prompt verdicts (refusalkit < 0.3.1) are judged on the rates alone."""
     if "over_refusal" not in point or "over_refusal" not in ref:
         return None
     new, old = point["over_refusal"]["rate"], ref["over_refusal"]["rate"]
@@ -182,10 +174,12 @@ def over_refusal_excess(point: dict[str, Any], ref: dict[str, Any], spec: Repair
     if a is None or b is None or len(a) != len(b):
         return why
     from refusalkit.data.refusal import REFUSAL
+    from refusalkit.evaluation.decide import FAILS, not_worse
     from refusalkit.evaluation.stats import paired
 
     res = paired({i: y == REFUSAL for i, y in enumerate(b)}, {i: x == REFUSAL for i, x in enumerate(a)})
-    if res["p"] >= OVER_REFUSAL_ALPHA:
+    d = not_worse(res, spec.max_over_refusal_increase, "over-refusal not above")
+    if d.verdict != FAILS:
         return None
     return f"{why} (+{res['only_second']}/-{res['only_first']} prompts, p = {res['p']:.2g})"
 
@@ -258,6 +252,8 @@ class CurveContext:
             "n_prompts": s.search_prompts,
             "n_harmless": s.search_prompts,
             "ppl_tokens": s.ppl_tokens,
+            "ppl_part": "last",  # the last held-out tokens, disjoint from the evaluation's first ones (0.7.5)
+            "near_duplicates": "dropped",  # search prompts that paraphrase an evaluation prompt are skipped (0.7.5)
             "utility_limit": s.utility_limit,
             "accuracy": s.max_utility_drop is not None,
             "per_prompt": True,  # points cached before 0.3.1 lack per-prompt verdicts: measured again

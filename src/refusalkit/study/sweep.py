@@ -233,6 +233,17 @@ def _paired(layout: RunLayout, first: str, second: str) -> dict[str, Any] | None
     return res if res["n"] else None
 
 
+def _repair_verdict(layout: RunLayout, fixed: str) -> dict[str, Any]:
+    """The report's verdict on repaired variant ``fixed`` (works / does not work / undecided / not
+    fully measured) and its parts' decisions (:func:`refusalkit.study.report.verdicts.repair_verdict`)."""
+    from refusalkit.study.report.load import load_run
+    from refusalkit.study.report.verdicts import repair_verdict
+
+    run = load_run(layout)
+    rv = repair_verdict(run, run.get(fixed))
+    return {"verdict": rv.works, "decisions": rv.decisions}
+
+
 def _eval_summary(layout: RunLayout, variant: str) -> dict[str, Any]:
     """Vanilla ASR (and other attacks'), over-refusal, borderline refusal, perplexity and the share
     of degenerate vanilla completions of an evaluated variant."""
@@ -343,6 +354,7 @@ def run_point(
             **_eval_summary(layout, fixed),
             "vs_unrepaired": _paired(layout, p.name, fixed),
             "vs_base": _paired(layout, "base", fixed),
+            **_repair_verdict(layout, fixed),
         }
     if drop_models:
         made = [p.name] if made_here else []
@@ -545,7 +557,7 @@ def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
     head = [
         "point", "calibration", "zeros / bits", "cos at base source", "noise floor", "moved", "source", "ASR vanilla",
         "ΔASR vs base (paired)", "over-refusal", "perplexity", "degenerate", "repaired ASR", "vs unrepaired",
-        "seconds",
+        "repair", "seconds",
     ]  # fmt: skip
     base = state.get("base") or {}
     rows, broken = [], []
@@ -564,7 +576,7 @@ def table_markdown(state: dict[str, Any], points: list[dict[str, Any]]) -> str:
             {True: "yes", False: "no", None: "–"}[r.get("moved")], _source(r), _pct(r.get("asr")) + mark,
             _vs(r.get("vs_base")) + mark, _pct(r.get("over_refusal")),
             f"{r['perplexity']:.2f}" if r.get("perplexity") else "–", "–" if deg is None else f"{100 * deg:.0f}%",
-            _pct(rep.get("asr")), _vs(rep.get("vs_unrepaired")),
+            _pct(rep.get("asr")), _vs(rep.get("vs_unrepaired")), rep.get("verdict") or "–",
             f"{(r.get('seconds_when_made') or r['seconds'])['total']:.0f}",
         ])  # fmt: skip
     lines = [

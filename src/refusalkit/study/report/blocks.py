@@ -55,7 +55,7 @@ class Figure:
 
 @dataclass
 class Finding:
-    """One of the paper's findings checked on the run: ``verdict`` is holds, does not hold or not measured."""
+    """One of the paper's findings checked on the run: ``verdict`` is holds, does not hold, undecided or not measured."""
 
     key: str
     claim: str

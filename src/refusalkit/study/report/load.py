@@ -6,7 +6,7 @@ Every path comes from :class:`~refusalkit.core.layout.RunLayout`. A record that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,11 @@ class Variant:
             eval_dir=layout.eval_dir(name),
         )
 
-    def outcomes(self, record: str) -> dict[str, bool] | None:
+    def outcomes(self, record: str, label: str | None = None) -> dict[str, bool] | None:
         """Per prompt of ``<V>/eval/<record>.jsonl``, the primary judge's outcome: for an attack, did
-        the prompt break the model (compliance); for an over-refusal set, did the model refuse.
-        ``None`` when the records are not there."""
+        the prompt break the model (compliance); for an over-refusal set, did the model refuse; with
+        ``label`` (e.g. ``degenerate``), did a completion get that label. ``None`` when the records
+        are not there."""
         from refusalkit.evaluation.records import read_records
         from refusalkit.evaluation.stats import outcomes
 
@@ -85,7 +86,7 @@ class Variant:
             return None
         summary = self.asr.get(record) or {"over_refusal": self.over_refusal, "borderline": self.borderline}.get(record)
         judge = (summary or {}).get("judge") or next(iter(rows[0]["verdicts"]))
-        return outcomes(rows, judge, "compliance" if record in ATTACKS else "refusal")
+        return outcomes(rows, judge, label or ("compliance" if record in ATTACKS else "refusal"))
 
     @property
     def kind(self) -> str:
@@ -178,6 +179,13 @@ class Run:
     variants: list[Variant]
     moved_cosine: float = KEPT_COSINE  # the run's ``run.moved_cosine``: below it a direction counts as moved
     max_ppl_increase: float = 0.10  # the run's ``repair.max_ppl_increase``: a repair's perplexity budget
+    margins: dict[str, float] = field(default_factory=dict)  # the run's ``verdict`` section (decide.py's margins)
+
+    def margin(self, name: str) -> float:
+        """The run's ``verdict.<name>`` (the configured default when the run's config predates it)."""
+        from refusalkit.core.config import VerdictConfig
+
+        return float(self.margins.get(name, getattr(VerdictConfig(), name)))
 
     @property
     def root(self) -> Path:
@@ -239,4 +247,5 @@ def load_run(layout: RunLayout) -> Run:
         variants=[Variant.load(layout, "base"), *report_order(found)],
         moved_cosine=moved_cosine,
         max_ppl_increase=float((config.get("repair") or {}).get("max_ppl_increase", 0.10)),
+        margins={k: float(v) for k, v in (config.get("verdict") or {}).items()},
     )
