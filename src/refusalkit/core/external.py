@@ -67,6 +67,10 @@ def _part(i: int, sha: str) -> Artifact:
     )
 
 
+def _forge(name: str, file: str, sha: str, purpose: str) -> Artifact:
+    return Artifact(name, "ollama_forge", "ollama-forge==1.0.1", (f"data/{file}",), sha, purpose)
+
+
 _PARTS = (
     "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
     "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
@@ -83,37 +87,29 @@ ARTIFACTS: dict[str, Artifact] = {
     a.name: a
     for a in (
         *(_part(i + 1, sha) for i, sha in enumerate(_PARTS)),
-        Artifact(
-            name="prompts-harmful",
-            package="ollama_forge",
-            requirement="ollama-forge==1.0.1",
-            files=("data/abliterate_harmful_default.txt",),
-            sha256="7efd8a4dcd2f1775813a8ca1ea5020484da7342892a6a571bf7170e528a952e1",
-            purpose="harmful prompts: AdvBench (519, in order), then HarmBench, JailbreakBench, Arditi et al.",
+        _forge(
+            "prompts-harmful",
+            "abliterate_harmful_default.txt",
+            "7efd8a4dcd2f1775813a8ca1ea5020484da7342892a6a571bf7170e528a952e1",
+            "harmful prompts: AdvBench (519, in order), then HarmBench, JailbreakBench, Arditi et al.",
         ),
-        Artifact(
-            name="prompts-harmless",
-            package="ollama_forge",
-            requirement="ollama-forge==1.0.1",
-            files=("data/abliterate_harmless_default.txt",),
-            sha256="2de3a90cb99d58f05711d34174c22c6195304923c167d2d4d73f521621f27c6e",
-            purpose="harmless prompts: Alpaca instructions",
+        _forge(
+            "prompts-harmless",
+            "abliterate_harmless_default.txt",
+            "2de3a90cb99d58f05711d34174c22c6195304923c167d2d4d73f521621f27c6e",
+            "harmless prompts: Alpaca instructions",
         ),
-        Artifact(
-            name="prompts-harmful-curated",
-            package="ollama_forge",
-            requirement="ollama-forge==1.0.1",
-            files=("data/abliterate_harmful_curated.txt",),
-            sha256="c5fad8858352843b7409e8c405f1b740f57e9eac48c872818d76b9df4cb93bd3",
-            purpose="the harmful-curated prompt source (47 prompts)",
+        _forge(
+            "prompts-harmful-curated",
+            "abliterate_harmful_curated.txt",
+            "c5fad8858352843b7409e8c405f1b740f57e9eac48c872818d76b9df4cb93bd3",
+            "the harmful-curated prompt source (47 prompts)",
         ),
-        Artifact(
-            name="prompts-harmless-curated",
-            package="ollama_forge",
-            requirement="ollama-forge==1.0.1",
-            files=("data/abliterate_harmless_curated.txt",),
-            sha256="21cf0c5cec98643118f4543b2bda48a5407c026e663af23e5676066aad4ef007",
-            purpose="the alpaca-curated prompt source (64 prompts)",
+        _forge(
+            "prompts-harmless-curated",
+            "abliterate_harmless_curated.txt",
+            "21cf0c5cec98643118f4543b2bda48a5407c026e663af23e5676066aad4ef007",
+            "the alpaca-curated prompt source (64 prompts)",
         ),
         Artifact(
             name="wikipedia",

@@ -86,12 +86,10 @@ def compression_verdict(run: Run, v: Variant) -> tuple[str, dict[str, Any] | Non
     return "no measurable change in refusal", res
 
 
-def degenerate_decision(run: Run, first: Variant | None, v: Variant) -> decide.Decision | None:
-    """Did ``v`` keep its degenerate vanilla completions within ``verdict.degenerate_margin`` of ``first``'s?"""
-    res = compare(first, v, "vanilla", "degenerate")
-    if res is None:
-        return None
-    return decide.not_worse(res, run.margin("degenerate_margin"), "degenerate output not above")
+def degenerate_decision(run: Run, res: dict[str, Any] | None) -> decide.Decision | None:
+    """Did a model keep its degenerate vanilla completions within ``verdict.degenerate_margin`` of
+    another's (``res``: the two compared on ``degenerate`` outcomes by :func:`compare`)?"""
+    return res and decide.not_worse(res, run.margin("degenerate_margin"), "degenerate output not above")
 
 
 WORKS = {HOLDS: "works", FAILS: "does not work", UNDECIDED: "undecided", None: "not fully measured"}
@@ -119,7 +117,7 @@ class RepairVerdict:
         return {"variant": self.variant, "source": self.source, "verdict": self.works, "parts": self.parts,
                 "decisions": self.decisions, "figures": self.figures}  # fmt: skip
 
-    def decide(self, key: str, d: decide.Decision | None, label: str, res: dict[str, Any] | None = None) -> None:
+    def record(self, key: str, d: decide.Decision | None, label: str, res: dict[str, Any] | None = None) -> None:
         """Record one part: its verdict, its decision and a sentence (``label``: what it is about)."""
         self.parts[key] = None if d is None else d.verdict
         if d is None:
@@ -145,8 +143,8 @@ def repair_verdict(run: Run, v: Variant) -> RepairVerdict:
     lowered = compare(src, v, "vanilla")
     vs_base = compare(run.base, v, "vanilla")
     out.figures.update(asr_vs_unrepaired=lowered, asr_vs_base=vs_base)
-    out.decide("asr_lowered", lowered and decide.lowered(lowered, "ASR lowered"), "ASR vs unrepaired", lowered)
-    out.decide(
+    out.record("asr_lowered", lowered and decide.lowered(lowered, "ASR lowered"), "ASR vs unrepaired", lowered)
+    out.record(
         "asr_back_to_base",
         vs_base and decide.not_worse(vs_base, run.margin("asr_margin"), "ASR back to base"),
         "ASR vs base",
@@ -159,12 +157,12 @@ def repair_verdict(run: Run, v: Variant) -> RepairVerdict:
         out.figures[record] = res
         label = record.replace("_", "-")
         d = res and decide.not_worse(res, run.margin("over_refusal_margin"), f"{label} not above")
-        out.decide(f"{record}_not_above", d, label, res)
+        out.record(f"{record}_not_above", d, label, res)
     degenerate = compare(src, v, "vanilla", "degenerate")
     out.figures["degenerate"] = degenerate
-    out.decide("degenerate_not_above", degenerate_decision(run, src, v), "degenerate", degenerate)
+    out.record("degenerate_not_above", degenerate_decision(run, degenerate), "degenerate", degenerate)
     ppl = _ppl_decision(run, src, v)
-    out.decide("perplexity_within_budget", ppl, "perplexity")
+    out.record("perplexity_within_budget", ppl, "perplexity")
     if ppl is not None:
         out.texts[-1] = (
             f"perplexity {src.perplexity:.2f}→{v.perplexity:.2f} ({100 * ppl.estimate:+.1f}%, budget "
@@ -209,7 +207,7 @@ def variant_sentence(run: Run, v: Variant) -> str:
     """One sentence per compressed variant: what compression did, and what each of its repairs did."""
     label, res = compression_verdict(run, v)
     text = f"{v.name}: {label}" + (f" ({shift_text(res)})" if res else "")
-    degenerate = degenerate_decision(run, run.base, v)
+    degenerate = degenerate_decision(run, compare(run.base, v, "vanilla", "degenerate"))
     if degenerate is not None and degenerate.verdict != HOLDS:
         text += f"; degenerate output vs base {degenerate.text()}"
     for r in (x for x in run.variants if x.kind == "repaired" and run.source_of(x) is v):
