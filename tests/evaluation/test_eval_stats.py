@@ -349,3 +349,27 @@ def test_cochran_q_against_hand_computed_values():
     assert cochran_q([{"x": True}, {"x": True}, {"x": True}])["discordant"] == 0
     with pytest.raises(ValueError):
         cochran_q([a])
+
+
+def test_across_draws_counts_draws_and_prompts():
+    """One setting at several draws against a reference: the mean difference, the stratified McNemar
+    statistic by hand, and a two-level interval that widens with the spread between draws."""
+    from refusalkit.evaluation.stats import across_draws
+
+    ref = {i: i < 10 for i in range(100)}
+    low, high = {i: i < 20 for i in range(100)}, {i: i < 60 for i in range(100)}
+    res = across_draws(ref, [low, high])
+    assert res["draws"] == 2 and res["n"] == 100 and res["difference"] == pytest.approx(0.30)
+    # b = 0 prompts only on the reference, c = 10 + 50 only on a draw: z = 60 / sqrt(60)
+    assert res["z"] == pytest.approx(60 / 60**0.5) and res["p"] == pytest.approx(math.erfc(60**0.5 / 2**0.5))
+    lo, hi = res["ci95"]
+    assert lo <= 0.12 and hi >= 0.48  # about the two draws' own differences (+10, +50 points), not +30 ± prompts
+    one = across_draws(ref, [low])
+    # one draw: the ordinary paired bootstrap over prompts, around +10 points
+    assert one["difference"] == pytest.approx(0.10) and 0.03 < one["ci95"][0] < 0.10 < one["ci95"][1] < 0.17
+    # identical draws add no spread: the same interval as one of them, up to resampling noise
+    same = across_draws(ref, [low, low, low])
+    assert same["ci95"][0] == pytest.approx(one["ci95"][0], abs=0.03) and same["ci95"][1] == pytest.approx(
+        one["ci95"][1], abs=0.03
+    )
+    assert across_draws(ref, [ref])["p"] is None and across_draws(ref, [])["difference"] is None

@@ -676,6 +676,13 @@ def test_compression_draws_are_compared_with_cochrans_q(run_dir: Path) -> None:
         "vanilla ASR 30–70% on the same 100 prompts (40 judged differently by some draw); Cochran's Q = 60." in section
     )
     assert "df = 2, p = 9.1e-14: the draws give different ASRs" in section and "seed3" not in section
+    # the setting against the base model (its first 27 prompts, inside every draw's): 22, 43 and 3 more prompts,
+    # mean +22.7 pt; stratified McNemar z = 68 / sqrt(68); the interval spans the draws, not only the prompts
+    m = re.search(
+        r"across its 3 draws: ASR \+23 pt \[\+(\d+), \+(\d+)\] \(two-level bootstrap over draws and prompts, 100 prompts\), stratified McNemar p = 1\.6e-16\.",
+        section,
+    )
+    assert m and int(m.group(1)) <= 10 and int(m.group(2)) >= 36
     # draws that judge every prompt alike: no statistic, and no claim of a difference
     for seed in (1, 2):
         _eval(run_dir, f"wanda-0.5_seed{seed}", (0.49, 0.39, 0.59))

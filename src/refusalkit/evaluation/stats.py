@@ -314,3 +314,47 @@ def cochran_q(models: Sequence[dict[str, bool]]) -> dict[str, Any]:
         q = (k - 1) * (k * sum(c * c for c in cols) - total * total) / denom
         out["q"], out["p"] = q, chi2_sf(q, k - 1)
     return out
+
+
+def across_draws(
+    reference: dict[str, bool], draws: Sequence[dict[str, bool]], resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """How one compression setting, made at several calibration seeds (``draws``, each ``{prompt:
+    positive}``), differs from a ``reference`` model judged on the same prompts (the prompts all of
+    them were judged on).
+
+    * ``difference``: the mean over draws of (draw's rate − reference's rate);
+    * ``ci95``: a two-level percentile bootstrap of it: each resample takes the draws with
+      replacement, then the prompts with replacement (the same prompts for every draw and the
+      reference, which keeps the pairing), so that both sources of variation enter the interval
+      and it speaks of the setting, not of the draws at hand (Davison & Hinkley 1997, §3.8, for
+      two-stage resampling). With one draw it is the ordinary paired bootstrap over prompts;
+    * ``p``: the stratified McNemar test (Mantel–Haenszel for matched pairs, the draws as strata):
+      ``z = Σ_k (c_k − b_k) / sqrt(Σ_k (b_k + c_k))``, two-sided normal p, with ``b_k`` / ``c_k`` the
+      prompts positive only on the reference / only on draw k. It is conditional on these draws:
+      it asks whether they differ from the reference, the interval whether the setting does.
+    """
+    import numpy as np
+
+    keys = [p for p in reference if all(p in d for d in draws)]
+    k, n = len(draws), len(keys)
+    out: dict[str, Any] = {"draws": k, "n": n, "difference": None, "ci95": [None, None], "p": None, "z": None}
+    if k == 0 or n == 0:
+        return out
+    x = np.array([reference[p] for p in keys], dtype=float)
+    y = np.array([[d[p] for p in keys] for d in draws], dtype=float)
+    diff = y - x  # [draws, prompts]: +1 positive only on the draw, -1 only on the reference
+    out["difference"] = float(diff.mean())
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for i in range(resamples):
+        rows = diff[rng.integers(k, size=k)]
+        means[i] = rows[:, rng.integers(n, size=n)].mean()
+    out["ci95"] = [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+    b = int((diff < 0).sum())
+    c = int((diff > 0).sum())
+    if b + c:
+        z = (c - b) / math.sqrt(b + c)
+        out["z"], out["p"] = z, math.erfc(abs(z) / math.sqrt(2))
+    out["test"] = "two-level bootstrap over draws and prompts (interval); stratified McNemar over draws (p)"
+    return out

@@ -160,8 +160,9 @@ def compression_draws(run: Run) -> list[str]:
             f"{', '.join(str(s) for s in seeds)}; vanilla ASR {100 * min(rates):.0f}–{100 * max(rates):.0f}% on the "
             f"same {q['n']} prompts ({q['discordant']} judged differently by some draw)"
         )
+        vs_base = _across_draws_text(run, [by_seed[s][1] for s in seeds])
         if q["q"] is None:
-            out.append(head + "; every draw judged every prompt alike.")
+            out.append(head + "; every draw judged every prompt alike." + vs_base)
             continue
         differ = q["p"] < ALPHA
         out.append(
@@ -172,8 +173,27 @@ def compression_draws(run: Run) -> list[str]:
                 if differ
                 else "no difference between the draws detected."
             )
+            + vs_base
         )
     return out
+
+
+def _across_draws_text(run: Run, draws: list[dict[str, bool]]) -> str:
+    """`` The setting against the base model, across its draws: ASR +24 pt [+14, +33] …`` (or nothing
+    without the base model's per-prompt outcomes): :func:`~refusalkit.evaluation.stats.across_draws`."""
+    from refusalkit.evaluation.stats import across_draws
+    from refusalkit.study.report.verdicts import p_text
+
+    base = run.base.outcomes("vanilla")
+    res = across_draws(base, draws) if base else None
+    if not res or res["difference"] is None:
+        return ""
+    lo, hi = res["ci95"]
+    p = f", stratified McNemar p = {p_text(res['p'])}" if res["p"] is not None else ""
+    return (
+        f" The setting against the base model, across its {res['draws']} draws: ASR {100 * res['difference']:+.0f} pt "
+        f"[{100 * lo:+.0f}, {100 * hi:+.0f}] (two-level bootstrap over draws and prompts, {res['n']} prompts){p}."
+    )
 
 
 def broken_paragraph(run: Run) -> Paragraph:
