@@ -77,15 +77,18 @@ def _batches(samples: list[list[int]], batch_size: int) -> list[list[list[int]]]
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, samples: list[list[int]], batch_size: int = 8) -> BlockInputs:
-    """The hidden states and keyword arguments with which the model calls decoder block 0."""
+def capture_inputs(
+    model: nn.Module, samples: list[list[int]], batch_size: int = 8, dtype: torch.dtype | None = None
+) -> BlockInputs:
+    """The hidden states and keyword arguments with which the model calls decoder block 0 (the hidden
+    states cast to ``dtype`` when given: float64 for :mod:`~refusalkit.compress.precision`)."""
     layers = decoder_layers(model)
     store = BlockInputs([], [])
 
     def grab(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value", "use_cache")}
-        store.hidden.append(hidden.detach())
+        store.hidden.append(hidden.detach() if dtype is None else hidden.detach().to(dtype))
         store.kwargs.append(kw)
         raise _Stop
 

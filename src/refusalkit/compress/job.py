@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from refusalkit.compress import precision
 from refusalkit.compress.awq import VIEW_SCALES
 from refusalkit.compress.blockwise import capture_inputs, eager_experts, linear_layers, release_memory
 from refusalkit.compress.calibration import Calibration, build_calibration
@@ -61,6 +62,7 @@ class CompressSpec:
     batch_size: int = 8
     name: str | None = None
     awq_search_tokens: int = 2048
+    calibration_dtype: str = "auto"  # wanda / sparsegpt: float64 | model | auto (refusalkit.compress.precision)
 
     def __post_init__(self) -> None:
         method, fields_set = parse_method(self.method)
@@ -109,6 +111,7 @@ class CompressSpec:
             batch_size=c.calibration_batch_size,
             name=name,
             awq_search_tokens=c.awq_search_tokens,
+            calibration_dtype=c.calibration_dtype,
         )
 
     @property
@@ -171,8 +174,12 @@ def compress_model(
     _check_shapes(model, spec)
     per_layer: dict[str, dict[str, float]] = {}
     notes: dict[str, Any] = {}
+    dtype = None
+    if method.exact_calibration and method.needs_calibration:
+        dtype = precision.resolve(spec.calibration_dtype, model.get_input_embeddings().weight.device)
+        notes["calibration_dtype"] = str(dtype or model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     with eager_experts(model):
-        inputs = capture_inputs(model, cal.samples, spec.batch_size) if method.needs_calibration else None
+        inputs = capture_inputs(model, cal.samples, spec.batch_size, dtype) if method.needs_calibration else None
         # The objects alive now (the model, tokenizer, imported modules) are moved out of the collector's
         # reach, so the full collection after each block only walks what that block made: it took 17%
         # of a SmolLM2 sweep's time walking every object of the process (measured with cProfile).
@@ -184,7 +191,8 @@ def compress_model(
                 lins = linear_layers(layer)
                 before = {n: lin.weight.detach().clone() for n, lin in lins.items()}
                 step = BlockStep(i, layer, lins, inputs, spec, notes, last=i == len(layers) - 1, shared=shared)
-                inputs = method.compress_block(step)
+                with precision.calibration_precision(dtype):
+                    inputs = method.compress_block(step)
                 for n, lin in lins.items():
                     per_layer[f"{i}.{n}"] = layer_record(before[n], lin.weight)
                 del before

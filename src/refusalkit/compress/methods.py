@@ -52,6 +52,9 @@ class Method:
     # compresses the AliasLinear views of weights that are not nn.Linear layers (each expert of a fused
     # expert tensor, GPT-2's Conv1D); a method that does not is refused on such models
     covers_views: bool = False
+    # the calibration forward and the mask in float64 on a CPU (compress.calibration_dtype; the same mask
+    # on any CPU: refusalkit.compress.precision)
+    exact_calibration: bool = False
     aliases: tuple[str, ...] = field(default=())
     rank: int = 100  # where the method is listed (`refusalkit sources`, the report), then by name
 

@@ -98,9 +98,11 @@ def magnitude_mask(weight: torch.Tensor, sp: Sparsity) -> torch.Tensor:
 def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, sp: Sparsity) -> torch.Tensor:
     """Wanda (Sun et al. 2023, Eq. 1): S_ij = |W_ij| * ||X_j||_2, compared within each output row.
 
-    ``input_sq_norm[j]`` is ``||X_j||_2^2`` summed over every calibration token.
+    ``input_sq_norm[j]`` is ``||X_j||_2^2`` summed over every calibration token; the score is
+    computed in its precision (float64 from :mod:`~refusalkit.compress.precision`) or float32.
     """
-    score = weight.detach().abs().float() * input_sq_norm.to(weight.device).float().sqrt().unsqueeze(0)
+    dtype = torch.float64 if input_sq_norm.dtype == torch.float64 else torch.float32
+    score = weight.detach().abs().to(dtype) * input_sq_norm.to(weight.device, dtype).sqrt().unsqueeze(0)
     return nm_mask(score, sp.n, sp.m) if sp.structured else row_mask(score, sp.ratio)
 
 
@@ -120,18 +122,20 @@ def sparsegpt_prune(
 ) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh 2023, Algorithm 1): the pruned and updated weight.
 
-    ``hessian`` is ``X X^T`` over the calibration tokens ([in, in]); it is dampened by
+    ``hessian`` is ``X X^T`` over the calibration tokens ([in, in]); the update runs in float64 when
+    the Hessian is float64 (:mod:`~refusalkit.compress.precision`), else in float32. It is dampened by
     ``percdamp`` times its mean diagonal. Columns are processed left to right in blocks of
     ``blocksize``; the mask of each block is chosen adaptively by the OBS saliency
     ``w^2 / [H^-1]_cc^2`` (unstructured: the lowest ``ratio`` of the block; N:M: within every
     group of M columns), and every pruned weight's error is compensated on the columns to its
     right through the upper Cholesky factor of ``H^-1`` (Eq. 3-4).
     """
-    W = weight.detach().clone().float()
+    dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    W = weight.detach().clone().to(dtype)
     rows, cols = W.shape
     if sp.structured:  # N:M groups must not straddle two column blocks
         blocksize = max(sp.m, blocksize - blocksize % sp.m)
-    H = hessian.to(W.device).float().clone()
+    H = hessian.to(W.device, dtype).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -226,9 +230,9 @@ def _calibrated_block(step: BlockStep) -> Any:
     def update(n: str, x: torch.Tensor) -> None:
         if n not in acc:
             acc[n] = (
-                torch.zeros(x.shape[1], device=x.device)
+                torch.zeros(x.shape[1], device=x.device, dtype=x.dtype)
                 if wanda
-                else torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                else torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
             )
         if wanda:
             acc[n].add_((x * x).sum(0))
@@ -296,6 +300,7 @@ for _rank, (_name, _calibrated, _description, _title) in enumerate(
             check_linear=lambda spec, lin, where: check_nm(spec.sparse, lin.in_features, where),
             compress_block=_calibrated_block if _calibrated else _magnitude_block,
             covers_views=True,
+            exact_calibration=_calibrated,
             rank=_rank,
         )
     )
