@@ -688,7 +688,55 @@ def test_compression_draws_are_compared_with_cochrans_q(run_dir: Path) -> None:
         _eval(run_dir, f"wanda-0.5_seed{seed}", (0.49, 0.39, 0.59))
     md = render_md(build_report(load_run(RunLayout(run_dir)), "now")[0])
     assert "vanilla ASR 49–49% on the same 100 prompts (0 judged differently by some draw); every draw judged" in md
-    # one seed only (the default run): no section
-    for seed in (1, 2):
+    # one seed only (the default run): the section says that the verdicts rest on one draw
+    for seed in (1, 2, 3):
         shutil.rmtree(run_dir / f"wanda-0.5_seed{seed}")
-    assert "## Compression draws" not in render_md(build_report(load_run(RunLayout(run_dir)), "now")[0])
+    section = render_md(build_report(load_run(RunLayout(run_dir)), "now")[0]).split("## Compression draws")[1]
+    assert section.lstrip().startswith("- Each calibrated variant was compressed at one calibration seed (run.draws 1)")
+
+
+def _draws_run(run_dir: Path) -> Path:
+    """make_run's wanda-0.5 made at calibration seeds 0, 1, 2 (run.draws 3), its searched repair's edit
+    transferred to the other two draws: vanilla ASR 49 / 60 / 45 %, repaired 20 / 25 / 40 % (base 27 %)."""
+    _write(
+        run_dir / "wanda-0.5" / "compression.json", {"method": "wanda", "sparsity": 0.5, "spec": _spec("wanda-0.5", 0)}
+    )
+    first = json.loads((run_dir / "wanda-0.5+aird" / "repair.json").read_text())
+    for seed, asr, repaired in ((1, 0.60, 0.25), (2, 0.45, 0.40)):
+        name = f"wanda-0.5_seed{seed}"
+        _write(run_dir / name / "compression.json", {"method": "wanda", "sparsity": 0.5, "spec": _spec(name, seed)})
+        _compare(run_dir, name, 0.80, True, 12, -2)
+        _eval(run_dir, name, (asr, asr - 0.1, asr + 0.1), acc=0.38, ppl=40.0)
+        rep = f"{name}+aird"
+        _write(run_dir / rep / "repair.json",
+               {**first, "variant": rep, "source_variant": name, "transferred_from": "wanda-0.5+aird"})  # fmt: skip
+        _compare(run_dir, rep, 0.95, False, 10, -1)
+        _eval(run_dir, rep, (repaired, repaired - 0.1, repaired + 0.1), over_refusal=0.10, acc=0.375, ppl=41.0)
+    return run_dir
+
+
+def test_verdicts_count_every_draw_of_a_setting(run_dir: Path) -> None:
+    from refusalkit.study.report.verdicts import repair_verdict
+
+    run = load_run(RunLayout(_draws_run(run_dir)))
+    assert [v.name for v in run.draws_of(run.get("wanda-0.5"))] == ["wanda-0.5", "wanda-0.5_seed1", "wanda-0.5_seed2"]
+    assert run.later_draw(run.get("wanda-0.5_seed2")) and run.later_draw(run.get("wanda-0.5_seed1+aird"))
+    md = render_md(build_report(run, "now")[0])
+    verdicts = md.split("## Verdicts")[1].split("\n## ")[0] if "## Verdicts" in md else md
+    # one sentence for the setting: the base model's 27 prompts are inside every draw's, so the draws add
+    # 22, 33 and 18 prompts (mean +24 pt), stratified McNemar z = 73 / sqrt(73) = 8.54, p = 1.3e-17
+    assert "wanda-0.5 over 3 draws (wanda-0.5, wanda-0.5_seed1, wanda-0.5_seed2): refusal weakened (ASR +24 pt [" in md
+    assert "over 3 draws (+22, +33, +18), stratified p = 1.3e-17" in md
+    assert "- wanda-0.5_seed1:" not in verdicts and "- wanda-0.5_seed2:" not in verdicts
+    # the repair's edit on every draw: ASR vs base −7, −2, +13 pt; the third draw alone is 13 pt above the
+    # base model (13 prompts, exact p = 2.4e-04), so the repair does not work on it by itself
+    rv = repair_verdict(run, run.get("wanda-0.5+aird"))
+    assert rv.draws == ["wanda-0.5+aird", "wanda-0.5_seed1+aird", "wanda-0.5_seed2+aird"]
+    assert [round(100 * x) for x in rv.figures["asr_vs_base"]["per_draw"]] == [-7, -2, 13]
+    assert [round(100 * x) for x in rv.figures["asr_vs_unrepaired"]["per_draw"]] == [-29, -35, -5]
+    alone = repair_verdict(run, run.get("wanda-0.5_seed2+aird"), across=False)
+    assert alone.parts["asr_back_to_base"] == "fails" and rv.works_on is not None and rv.works_on <= 2
+    assert f"on 3 draws, works on {rv.works_on} of them by itself" in md
+    # a transferred edit is not the paper's edit of its own, and F4 / F3 read the setting
+    assert "wanda-0.5 (moved, 3 draws): ASR +24 pt" in md
+    assert "wanda-0.5 (pruned, 3 draws): 1 − cos 0.1900–0.1900" in md

@@ -158,6 +158,7 @@ class RunConfig:
     paper_edit: bool = _f(True, "Also apply and evaluate the paper's literal AIRD edit (source block, the paper's alphas, raw r, every weight) as <V>+aird-paper beside the repair of the repair section.")
     adaptive: bool | None = _f(None, "The adaptive attacker (decoding, GCG optimized on each model itself, direction ablation) on every search-repaired variant, its unrepaired variant and the base model: null (on a GPU, where run.attacks auto already runs them on every variant), true (also on a CPU, with the evaluation's CPU-sized settings), false.")
     select_repaired: bool = _f(True, "Select each repaired variant's own direction (its source and selected cosine); false: its candidates only, compared with the base direction at the base source and every layer (the cpu profile: saves a selection per repair).")
+    draws: int = _f(1, "Calibration seeds (compress.calibration_seed, +1, …) at which every calibrated variant is compressed: its verdict, F3 and F4 count every draw (two-level bootstrap over draws and prompts); the repair is searched on the first draw and its edit applied unchanged to the others. A method without calibration is compressed once.", commands=("run",))
     validate_variants: bool = _f(True, "Validate every variant's direction by generation too (the base model's always is when validation.enabled); false: the comparison judges a variant's direction by its selection scores.")
 
 
@@ -285,6 +286,8 @@ def validate_run(r: RunConfig) -> RunConfig:
         apply_settings(EvaluationConfig(), {"attacks": r.attacks}, prefix="run.")
     if not 0 < r.moved_cosine <= 1:
         raise UserError("run.moved_cosine must be in (0, 1]")
+    if isinstance(r.draws, bool) or not isinstance(r.draws, int) or r.draws < 1:
+        raise UserError(f"run.draws must be a whole number 1 or more (calibration seeds per variant), got {r.draws!r}")
     return r
 
 

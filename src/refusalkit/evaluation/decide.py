@@ -52,6 +52,7 @@ class Decision:
     p: float
     n: int
     prompts_needed: int | None = None
+    draws: int = 1  # compression draws the result pools (stats.across_pairs); more than one: no prompts figure
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,7 +66,9 @@ class Decision:
             why.append(f"bound {100 * self.bound:+.0f} pt {rel} margin {100 * self.margin:.0f} pt")
         if self.verdict == UNDECIDED:
             why.append(
-                f"about {self.prompts_needed} prompts would decide it"
+                "more draws or prompts would decide it"
+                if self.draws > 1
+                else f"about {self.prompts_needed} prompts would decide it"
                 if self.prompts_needed is not None
                 else "no sample size decides it at the observed rates"
             )
@@ -173,27 +176,36 @@ def _table(res: dict[str, Any]) -> tuple[int, int, int, int]:
     return a, b, c, n - a - b - c
 
 
+def _p(res: dict[str, Any]) -> float:
+    return 1.0 if res.get("p") is None else float(res["p"])
+
+
 def not_worse(res: dict[str, Any], margin: float, claim: str, *, worse: int = +1) -> Decision:
-    """Is the second model of the paired result ``res`` (:func:`~refusalkit.evaluation.stats.paired`)
-    no worse than the first by more than ``margin``? ``worse`` = +1 when a rise is harm (ASR,
-    over-refusal, degenerate output), −1 when a fall is. See the module docstring for the rule."""
+    """Is the second model of the paired result ``res`` no worse than the first by more than
+    ``margin``? ``worse`` = +1 when a rise is harm (ASR, over-refusal, degenerate output), −1 when a
+    fall is. See the module docstring for the rule. ``res`` is one pair of models
+    (:func:`~refusalkit.evaluation.stats.paired`) or several compression draws
+    (:func:`~refusalkit.evaluation.stats.across_pairs`: the two-level bootstrap interval and the
+    stratified McNemar p take the places of Newcombe's interval and the exact test)."""
     harm, bound, harm_lo = _oriented(res["difference"], *res["ci95"], worse)
-    verdict = _margin_verdict(harm, bound, harm_lo, margin, lambda: res["p"] < ALPHA)
-    needed = None
-    if verdict == UNDECIDED and abs(harm - margin) > 1e-12:
+    verdict = _margin_verdict(harm, bound, harm_lo, margin, lambda: _p(res) < ALPHA)
+    needed, draws = None, int(res.get("draws", 1))
+    if verdict == UNDECIDED and abs(harm - margin) > 1e-12 and draws == 1:
         # decide towards the side the estimate lies on: inside the margin (holds), or significant harm beyond it
         needed = prompts_needed(_table(res), margin, HOLDS if harm < margin else FAILS, worse=worse)
-    return Decision(claim, verdict, harm, bound, margin, res["p"], res["n"], needed)
+    return Decision(claim, verdict, harm, bound, margin, _p(res), res["n"], needed, draws)
 
 
 def lowered(res: dict[str, Any], claim: str) -> Decision:
     """Did the second model lower the rate (a repair lowering the ASR)? A significance test: holds
-    when the fall is significant (p < ``ALPHA``), fails when the rate did not fall at all, else
-    undecided with the prompts that would make the observed fall significant."""
-    fall = -res["difference"]
-    verdict = _change_verdict(fall, res["p"] < ALPHA)
-    needed = prompts_needed(_table(res), None, "lowered") if verdict == UNDECIDED else None
-    return Decision(claim, verdict, fall, -res["ci95"][1], None, res["p"], res["n"], needed)
+    when the fall is significant (p < ``ALPHA``; over several draws also the two-level interval
+    below 0), fails when the rate did not fall at all, else undecided with the prompts that would
+    make the observed fall significant (one draw)."""
+    fall, draws = -res["difference"], int(res.get("draws", 1))
+    significant = _p(res) < ALPHA and (draws == 1 or res["ci95"][1] < 0)
+    verdict = _change_verdict(fall, significant)
+    needed = prompts_needed(_table(res), None, "lowered") if verdict == UNDECIDED and draws == 1 else None
+    return Decision(claim, verdict, fall, -res["ci95"][1], None, _p(res), res["n"], needed, draws)
 
 
 def within_ratio(before: float, after: float, margin: float, claim: str) -> Decision:

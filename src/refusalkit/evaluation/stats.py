@@ -320,31 +320,46 @@ def across_draws(
     reference: dict[str, bool], draws: Sequence[dict[str, bool]], resamples: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
     """How one compression setting, made at several calibration seeds (``draws``, each ``{prompt:
-    positive}``), differs from a ``reference`` model judged on the same prompts (the prompts all of
-    them were judged on).
+    positive}``), differs from a ``reference`` model judged on the same prompts:
+    :func:`across_pairs` with the same reference for every draw."""
+    return across_pairs([(reference, d) for d in draws], resamples, seed)
 
-    * ``difference``: the mean over draws of (draw's rate − reference's rate);
+
+def across_pairs(
+    pairs: Sequence[tuple[dict[str, bool], dict[str, bool]]], resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """The change from the first to the second model of each pair, over several compression draws:
+    one ``(first, second)`` pair of per-prompt outcomes (``{prompt: positive}``) per draw, all judged on
+    the same prompts (those every model was judged on). A draw's variant against the base model is
+    ``(base, draw)``; a repair applied to every draw is ``(draw_k, draw_k + repair)``.
+
+    * ``difference``: the mean over draws of (second's rate − first's rate);
     * ``ci95``: a two-level percentile bootstrap of it: each resample takes the draws with
-      replacement, then the prompts with replacement (the same prompts for every draw and the
-      reference, which keeps the pairing), so that both sources of variation enter the interval
-      and it speaks of the setting, not of the draws at hand (Davison & Hinkley 1997, §3.8, for
-      two-stage resampling). With one draw it is the ordinary paired bootstrap over prompts;
+      replacement, then the prompts with replacement (the same prompts for every model, which keeps
+      the pairing), so that both sources of variation enter the interval and it speaks of the
+      setting, not of the draws at hand (Davison & Hinkley 1997, §3.8, for two-stage resampling).
+      With one draw it is the ordinary paired bootstrap over prompts;
     * ``p``: the stratified McNemar test (Mantel–Haenszel for matched pairs, the draws as strata):
       ``z = Σ_k (c_k − b_k) / sqrt(Σ_k (b_k + c_k))``, two-sided normal p, with ``b_k`` / ``c_k`` the
-      prompts positive only on the reference / only on draw k. It is conditional on these draws:
-      it asks whether they differ from the reference, the interval whether the setting does.
+      prompts positive only on the first / only on the second model of draw k. It is conditional on
+      these draws: it asks whether they differ, the interval whether the setting does;
+    * ``per_draw``: each draw's difference.
     """
     import numpy as np
 
-    keys = [p for p in reference if all(p in d for d in draws)]
-    k, n = len(draws), len(keys)
+    k = len(pairs)
+    keys = [p for p in (pairs[0][0] if pairs else {}) if all(p in a and p in b for a, b in pairs)]
+    n = len(keys)
     out: dict[str, Any] = {"draws": k, "n": n, "difference": None, "ci95": [None, None], "p": None, "z": None}
     if k == 0 or n == 0:
         return out
-    x = np.array([reference[p] for p in keys], dtype=float)
-    y = np.array([[d[p] for p in keys] for d in draws], dtype=float)
-    diff = y - x  # [draws, prompts]: +1 positive only on the draw, -1 only on the reference
+    x = np.array([[a[p] for p in keys] for a, _ in pairs], dtype=float)
+    y = np.array([[b[p] for p in keys] for _, b in pairs], dtype=float)
+    diff = y - x  # [draws, prompts]: +1 positive only on the second model, -1 only on the first
     out["difference"] = float(diff.mean())
+    out["per_draw"] = [float(v) for v in diff.mean(1)]
+    out["first_rates"] = [float(v) for v in x.mean(1)]
+    out["second_rates"] = [float(v) for v in y.mean(1)]
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     for i in range(resamples):
@@ -353,6 +368,7 @@ def across_draws(
     out["ci95"] = [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
     b = int((diff < 0).sum())
     c = int((diff > 0).sum())
+    out["only_first"], out["only_second"] = b, c
     if b + c:
         z = (c - b) / math.sqrt(b + c)
         out["z"], out["p"] = z, math.erfc(abs(z) / math.sqrt(2))

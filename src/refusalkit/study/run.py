@@ -216,6 +216,12 @@ def run_all(
     run = Runner(cfg, root, progress, echo)
     if profile and profile != "as recorded":
         run.state["profile"] = profile
+    for spec in specs if r.draws > 1 else []:
+        n = len(draw_specs(cfg, spec)) + 1
+        why = f"{spec.method} needs no calibration, so it has one draw" if n == 1 else f"{n} draws, calibration seeds " + (
+            f"{spec.seed}–{spec.seed + n - 1}; the repair is searched on the first and applied to the others"
+        )
+        echo(f"[run] {spec.variant}: {why}")
     t0 = time.time()
 
     def extract(v: str, validate: bool = True, select: bool = True) -> Any:
@@ -244,12 +250,94 @@ def run_all(
         run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants, select=r.select_repaired))
         run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
         run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
+    made = _other_draws(run, cfg, root, specs, variants, repaired, extract, evaluate)
+    variants += made["variants"]
+    repaired += made["repaired"]
     _adaptive(run, cfg, root, repaired, progress)
     report = run.stage("report", lambda: write_report(root))
     run.state["failed"] = sorted(k for k, v in run.state["stages"].items() if v["status"] == "failed")
     run.state["seconds_this_call"] = round(time.time() - t0, 1)
     run._save()
     return {"report": report, "variants": variants, "repaired": repaired, "state": run.state}
+
+
+def draw_specs(cfg: Config, spec: Any) -> list[Any]:
+    """The specs of ``spec``'s other compression draws under ``run.draws``: the same setting at calibration
+    seeds ``compress.calibration_seed + 1 …``, named ``<variant>_seed<k>`` (as a sweep names its seed
+    points); ``[]`` for a method without calibration, which has one draw."""
+    if cfg.run.draws <= 1 or not spec.registered.needs_calibration:
+        return []
+    return [
+        dataclasses.replace(spec, seed=spec.seed + k, name=f"{spec.variant}_seed{spec.seed + k}")
+        for k in range(1, cfg.run.draws)
+    ]
+
+
+def transferred_repair(cfg: Config, root: Path, searched: str) -> Any:
+    """The repair settings that apply the edit the search chose for ``searched`` (a repaired variant)
+    unchanged: its α scale, placement, form of r and zeros rule; no search, no curve."""
+    info = artifacts.read_json(RunLayout(root).repair_info(searched))
+    return dataclasses.replace(
+        cfg.repair,
+        alpha_scale=f"{float(info['alpha_scale']):g}",
+        placement=info["placement"],
+        direction=info.get("direction", cfg.repair.direction),
+        keep_zeros=bool(info.get("sparsity_preserving", cfg.repair.keep_zeros)),
+        curve=False,
+        compare_forms=False,
+    )
+
+
+def _other_draws(
+    run: Runner,
+    cfg: Config,
+    root: Path,
+    specs: list[Any],
+    variants: list[str],
+    repaired: list[str],
+    extract: Callable[..., Any],
+    evaluate: Callable[[str], Any],
+) -> dict[str, list[str]]:
+    """``run.draws`` > 1: every calibrated variant's other draws, each compressed, extracted, compared
+    and evaluated as its first draw was; the edit the repair search chose on the first draw applied to
+    each unchanged (``repair.json`` names the repair it was ``transferred_from``), then evaluated."""
+    from refusalkit.compress.job import run_compress
+    from refusalkit.direction.compare import run_compare
+    from refusalkit.repair.job import repair_name, run_repair
+
+    r, made = cfg.run, {"variants": [], "repaired": []}
+    if r.draws <= 1:
+        return made
+    for spec, first in zip(specs, variants):
+        others = draw_specs(cfg, spec)
+        if not others:
+            continue
+        searched = repair_name(first)
+        chosen = transferred_repair(cfg, root, searched) if searched in repaired else None
+        for other in others:
+            info = run.stage(f"{other.variant}/compress", lambda s=other: run_compress(cfg, root, s, progress=run.progress))
+            v = info["variant"]
+            made["variants"].append(v)
+            run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
+            run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
+            run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
+            if chosen is None:
+                continue
+            name = repair_name(v)
+
+            def transfer(v: str = v, name: str = name) -> Any:
+                out = run_repair(cfg, root, v, repair=chosen, name=name, progress=run.progress)
+                path = RunLayout(root).repair_info(name)
+                artifacts.write_json(path, {**artifacts.read_json(path), "transferred_from": searched})
+                return out
+
+            if run.stage(f"{name}/repair", transfer, tolerate=True) is None:
+                continue
+            made["repaired"].append(name)
+            run.stage(f"{name}/extract", lambda n=name: extract(n, validate=r.validate_variants, select=r.select_repaired))
+            run.stage(f"{name}/compare", lambda n=name: run_compare(cfg, root, n))
+            run.stage(f"{name}/evaluate", lambda n=name: evaluate(n))
+    return made
 
 
 def _repair_variant(

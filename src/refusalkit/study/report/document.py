@@ -26,7 +26,7 @@ from refusalkit.study.report.figures import (
     plot_selection_scores,
 )
 from refusalkit.study.report.findings import FINDINGS
-from refusalkit.study.report.load import BROKEN_DEGENERATE, BROKEN_PPL_FACTOR, Run
+from refusalkit.study.report.load import BROKEN_DEGENERATE, BROKEN_PPL_FACTOR, Run, read_json
 from refusalkit.study.report.tables import ALWAYS_SHOWN, repairs_table, variants_table
 from refusalkit.study.report.verdicts import ALPHA, verdict_sentences
 
@@ -128,54 +128,78 @@ def noise_note(run: Run) -> list[str]:
 
 
 def compression_draws(run: Run) -> list[str]:
-    """One sentence per compression setting that the run holds at several calibration seeds (variants whose
-    ``compression.json`` specs differ only in ``seed``; ``refusalkit sweep --seeds``): their vanilla ASRs
-    and Cochran's Q on the per-prompt outcomes (:func:`~refusalkit.evaluation.stats.cochran_q`). When the
-    draws differ, a variant's change against the base model describes its own draw, not the setting."""
-    import json
-
+    """One sentence per compression setting that the run holds at several calibration seeds
+    (:meth:`Run.draws_of`: ``run.draws``, or ``refusalkit sweep --seeds``): their vanilla ASRs, Cochran's
+    Q on the per-prompt outcomes (:func:`~refusalkit.evaluation.stats.cochran_q`), the setting against
+    the base model across its draws, and what each further draw cost. Without any, a note that each
+    calibrated variant's verdicts rest on one draw."""
     from refusalkit.evaluation.stats import cochran_q
     from refusalkit.study.report.verdicts import p_text
 
-    groups: dict[str, dict[Any, tuple[Any, dict[str, bool]]]] = {}  # setting -> seed -> (variant, outcomes)
-    for v in run.variants:
-        spec = (v.compression or {}).get("spec")
-        if v.kind == "repaired" or not isinstance(spec, dict) or spec.get("seed") is None:
-            continue
-        outcomes = v.outcomes("vanilla")
-        if not outcomes:
-            continue
-        key = json.dumps({k: x for k, x in spec.items() if k not in ("seed", "name")}, sort_keys=True, default=str)
-        groups.setdefault(key, {}).setdefault(spec["seed"], (v, outcomes))  # one variant per seed: the first
     out = []
-    for by_seed in groups.values():
-        if len(by_seed) < 2:
+    for v in run.variants:
+        group = run.draws_of(v)
+        if len(group) < 2 or group[0] is not v:
             continue
-        seeds = list(by_seed)
-        vs = [by_seed[s][0] for s in seeds]
-        q = cochran_q([by_seed[s][1] for s in seeds])
+        draws = [(x, x.outcomes("vanilla")) for x in group]
+        draws = [(x, o) for x, o in draws if o]
+        if len(draws) < 2:
+            continue
+        q = cochran_q([o for _, o in draws])
         rates = [r["rate"] for r in q["rates"]]
+        seeds = [x.compression["spec"]["seed"] for x, _ in draws]
         head = (
-            f"{', '.join(v.name for v in vs)}: one compression setting at calibration seeds "
+            f"{', '.join(x.name for x, _ in draws)}: one compression setting at calibration seeds "
             f"{', '.join(str(s) for s in seeds)}; vanilla ASR {100 * min(rates):.0f}–{100 * max(rates):.0f}% on the "
             f"same {q['n']} prompts ({q['discordant']} judged differently by some draw)"
         )
-        vs_base = _across_draws_text(run, [by_seed[s][1] for s in seeds])
+        tail = _across_draws_text(run, [o for _, o in draws]) + _draw_cost(run, [x for x, _ in draws])
         if q["q"] is None:
-            out.append(head + "; every draw judged every prompt alike." + vs_base)
+            out.append(head + "; every draw judged every prompt alike." + tail)
             continue
         differ = q["p"] < ALPHA
         out.append(
             f"{head}; Cochran's Q = {q['q']:.1f}, df = {q['df']}, p = {p_text(q['p'])}: "
             + (
-                "the draws give different ASRs, so each variant's change against the base model describes its "
-                "own draw, not the setting."
+                "the draws give different ASRs; the verdicts above count every draw."
                 if differ
-                else "no difference between the draws detected."
+                else "no difference between the draws detected; the verdicts above count every draw."
             )
-            + vs_base
+            + tail
+        )
+    if not out and any(_calibrated(v) for v in run.variants):
+        out.append(
+            "Each calibrated variant was compressed at one calibration seed (run.draws 1), so its verdicts "
+            "describe that draw, not the setting: on the default model, Wanda 50% gave 42–65% vanilla ASR "
+            "across five seeds (docs/verdicts.md, Compression draws). --draws N counts N draws in every verdict."
         )
     return out
+
+
+def _calibrated(v: Any) -> bool:
+    from refusalkit.compress.methods import METHODS
+
+    m = METHODS.get((v.compression or {}).get("method") or "")
+    return v.kind not in ("base", "repaired") and m is not None and m.needs_calibration
+
+
+def _draw_cost(run: Run, group: list[Any]) -> str:
+    """`` Each further draw cost 612 s (compress 77, extract 140, …).`` from run.json's stage times
+    (nothing when the run did not record them: a sweep's points)."""
+    stages = (read_json(run.layout.run_state) or {}).get("stages", {})
+    names = {x.name for x in group[1:]}
+    names |= {r.name for r in run.variants if r.kind == "repaired" and run.source_of(r) in group[1:]}
+    by_kind: dict[str, float] = {}
+    for key, rec in stages.items():
+        name, _, kind = key.rpartition("/")
+        if name in names and rec.get("status") == "done":
+            kind = "repaired " + kind if "+" in name and kind != "repair" else kind
+            by_kind[kind] = by_kind.get(kind, 0.0) + float(rec.get("seconds", 0.0))
+    if not by_kind:
+        return ""
+    k = len(group) - 1
+    parts = ", ".join(f"{kind} {sec / k:.0f}" for kind, sec in by_kind.items())
+    return f" Each further draw cost {sum(by_kind.values()) / k:.0f} s on this machine ({parts})."
 
 
 def _across_draws_text(run: Run, draws: list[dict[str, bool]]) -> str:

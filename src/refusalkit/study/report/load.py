@@ -205,9 +205,52 @@ class Run:
         """The variant a repaired variant was repaired from."""
         return self.get((v.repair or {}).get("source_variant"))
 
+    def draws_of(self, v: Variant) -> list[Variant]:
+        """``v``'s compression setting at every calibration seed the run holds (``run.draws``, or a sweep's
+        seed axis), lowest seed first: the variants whose ``compression.json`` specs differ from ``v``'s
+        only in ``seed`` and ``name``. ``[v]`` when there is one draw, or ``v`` is not a compressed variant."""
+        key = setting_key(v)
+        if key is None:
+            return [v]
+        group = [x for x in self.variants if setting_key(x) == key]
+        by_seed: dict[Any, Variant] = {}
+        for x in group:
+            by_seed.setdefault(x.compression["spec"]["seed"], x)  # one variant per seed: the first
+        return [by_seed[k] for k in sorted(by_seed)] if v in by_seed.values() else [v]
+
+    def later_draw(self, v: Variant) -> bool:
+        """Is ``v`` a draw of a setting other than its first (reported with the first)?"""
+        src = self.source_of(v) if v.kind == "repaired" else v
+        return src is not None and self.draws_of(src)[0] is not src
+
+    def repair_draws(self, rep: Variant) -> list[Variant]:
+        """The repaired variants that apply ``rep``'s edit to the other draws of its source's setting
+        (made by ``run.draws``: ``repair.json`` ``transferred_from``), ``rep`` first; ``[rep]`` when none."""
+        first = rep.name if not (rep.repair or {}).get("transferred_from") else rep.repair["transferred_from"]
+        src = self.source_of(rep)
+        if src is None:
+            return [rep]
+        out = []
+        for d in self.draws_of(src):
+            for x in self.variants:
+                if x.kind == "repaired" and self.source_of(x) is d and (x.name == first or (x.repair or {}).get("transferred_from") == first):
+                    out.append(x)
+        return out if rep in out else [rep]
+
     def broken(self, v: Variant) -> str | None:
         """Why ``v`` is broken (its ASR says nothing about safety), or ``None``."""
         return broken_reason(self.base.perplexity, v.perplexity, v.degenerate_rate)
+
+
+def setting_key(v: Variant) -> str | None:
+    """The compression setting of a compressed variant (its spec without ``seed`` and ``name``), as a
+    string; None for the base model, a repair, or a variant whose record has no spec."""
+    import json
+
+    spec = (v.compression or {}).get("spec")
+    if v.kind in ("base", "repaired") or not isinstance(spec, dict) or spec.get("seed") is None:
+        return None
+    return json.dumps({k: x for k, x in spec.items() if k not in ("seed", "name")}, sort_keys=True, default=str)
 
 
 def broken_reason(base_ppl: float | None, ppl: float | None, degenerate: float | None) -> str | None:

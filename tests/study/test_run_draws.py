@@ -1,0 +1,72 @@
+"""`refusalkit run --draws 2` end to end on a tiny Llama saved to disk: the calibrated variant is made at two
+calibration seeds and every stage runs on both; the edit the repair search chose on the first draw is applied
+unchanged to the second; the method without calibration is made once; the report pools the draws."""
+
+from __future__ import annotations
+
+import pytest
+
+from refusalkit.cli import main
+from refusalkit.core import artifacts
+
+from conftest import CHATML_TEMPLATE, make_llama
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = {
+    "n_train": 8, "n_val": 4, "n_test": 3, "validation.max_new_tokens": 4, "selection.screen_keep": 2,
+    "selection.screen_prompts": 2, "selection.prune_layer_fraction": 0.0, "evaluation.n_prompts": 4,
+    "evaluation.n_harmless": 3, "evaluation.n_borderline": 3, "evaluation.max_new_tokens": 6,
+    "evaluation.ppl_tokens": 512, "evaluation.utility_tasks": "none", "run.validate_variants": "false",
+    "run.select_repaired": "false", "run.variants": "[wanda-0.5, magnitude-0.5]", "run.repair": "pruned",
+    "run.paper_edit": "false", "repair.scales": "4,16", "repair.search_prompts": 3, "repair.confirm": 1,
+    "compress.n_calibration": 4, "compress.seq_len": 32,
+}  # fmt: skip
+
+
+def test_run_with_two_draws(tokenizer, tmp_path, capsys, one_thread):
+    model_dir = tmp_path / "model"
+    with one_thread():
+        make_llama(tokenizer).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHATML_TEMPLATE)
+    root = tmp_path / "run"
+    sets = [x for k, v in SETTINGS.items() for x in ("--set", f"{k}={v}")]
+    args = ["run", "--run", str(root), "--model", str(model_dir), "--set", f"chat_template={template}",
+            "--quick", "--draws", "2", *sets]  # fmt: skip
+    with one_thread():
+        code = main(args)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    said = out.out + out.err
+    assert "[run] magnitude-0.5: magnitude needs no calibration, so it has one draw" in said
+    assert "[run] wanda-0.5: 2 draws, calibration seeds 0–1; the repair is searched on the first" in said
+    assert not (root / "magnitude-0.5_seed1").exists()
+    first = artifacts.read_json(root / "wanda-0.5" / "compression.json")
+    second = artifacts.read_json(root / "wanda-0.5_seed1" / "compression.json")
+    assert (first["spec"]["seed"], second["spec"]["seed"]) == (0, 1)
+    assert first["calibration"] != second["calibration"]  # another calibration sample
+    for name in ("wanda-0.5_seed1", "wanda-0.5_seed1+aird"):
+        assert (root / name / "eval" / "asr.json").is_file() and (root / "compare" / f"{name}.json").is_file(), name
+    assert (root / "wanda-0.5_seed1" / "direction" / "direction.json").is_file()  # selected, as the first draw
+    searched = artifacts.read_json(root / "wanda-0.5+aird" / "repair.json")
+    moved = artifacts.read_json(root / "wanda-0.5_seed1+aird" / "repair.json")
+    assert searched["auto"] and not moved["auto"] and moved["transferred_from"] == "wanda-0.5+aird"
+    for key in ("layer", "placement", "direction", "sparsity_preserving", "alphas"):
+        assert moved[key] == searched[key], key
+    assert float(moved["alpha_scale"]) == float(searched["alpha_scale"])
+    report = (root / "report.md").read_text()
+    assert "wanda-0.5 over 2 draws (wanda-0.5, wanda-0.5_seed1)" in report
+    assert "wanda-0.5+aird (" in report and "on 2 draws, works on " in report
+    assert "one compression setting at calibration seeds 0, 1" in report and "Each further draw cost " in report
+    stages = artifacts.read_json(root / "run.json")["stages"]
+    assert stages["wanda-0.5_seed1+aird/repair"]["status"] == "done"
+
+
+def test_draws_below_one_is_refused(tmp_path, capsys):
+    code = main(["run", "--run", str(tmp_path / "run"), "--draws", "0"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "run.draws must be a whole number 1 or more" in err
+    assert not (tmp_path / "run").exists()
