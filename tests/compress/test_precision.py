@@ -121,9 +121,18 @@ def test_same_mask_under_two_kernel_sets(llama_lm, tmp_path):
     (tmp_path / "samples.json").write_text(json.dumps(samples))
     (tmp_path / "child.py").write_text(CHILD)
     runs = {}
-    for name, env in {"defaults": {}, "sse": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}}.items():
+    for name, env in {
+        "defaults": {},
+        "sse": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    }.items():
         out = tmp_path / f"{name}.json"
-        cmd = [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "model"), str(tmp_path / "samples.json"), str(out)]
+        cmd = [
+            sys.executable,
+            str(tmp_path / "child.py"),
+            str(tmp_path / "model"),
+            str(tmp_path / "samples.json"),
+            str(out),
+        ]
         subprocess.run(cmd, check=True, env={**os.environ, **env}, capture_output=True)
         runs[name] = json.loads(out.read_text())
     a, b = runs["defaults"], runs["sse"]

@@ -122,3 +122,20 @@ def test_prompts_needed_is_reproducible_and_none_where_nothing_decides():
     assert D.prompts_needed(t, 0.05, D.HOLDS) == D.prompts_needed(t, 0.05, D.HOLDS)
     # a true harm above the margin never shows as inside it
     assert D.prompts_needed((20, 2, 12, 66), 0.05, D.HOLDS, n_max=4000) is None
+
+
+def test_decisions_over_draws_use_the_two_level_interval_and_size_nothing():
+    """A result pooled over compression draws (stats.across_pairs): no prompts-needed figure (draws and
+    prompts both vary), and "lowered" needs the interval below 0 as well as the stratified p."""
+    from refusalkit.evaluation import decide
+
+    res = {"draws": 3, "n": 100, "difference": 0.03, "ci95": [-0.04, 0.12], "p": 0.2}
+    d = decide.not_worse(res, 0.05, "ASR back to base")
+    assert d.verdict == "undecided" and d.prompts_needed is None and d.draws == 3
+    assert d.text() == "undecided (bound +12 pt > margin 5 pt; more draws or prompts would decide it)"
+    wide = {"draws": 3, "n": 100, "difference": -0.2, "ci95": [-0.45, 0.02], "p": 1e-6}
+    assert decide.lowered(wide, "ASR lowered").verdict == "undecided"  # the draws disagree too much
+    assert decide.lowered({**wide, "ci95": [-0.45, -0.01]}, "ASR lowered").verdict == "holds"
+    effect = {"n": 32, "difference": 0.06, "ci95": [0.0, 0.16], "p": 0.25}  # no 2x2 table: not sized
+    d = decide.not_worse(effect, 0.10, "ablation control kept")
+    assert d.verdict == "undecided" and d.prompts_needed is None and "more prompts would narrow it" in d.text()

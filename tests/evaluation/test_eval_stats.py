@@ -373,3 +373,35 @@ def test_across_draws_counts_draws_and_prompts():
         one["ci95"][1], abs=0.03
     )
     assert across_draws(ref, [ref])["p"] is None and across_draws(ref, [])["difference"] is None
+
+
+def test_across_pairs_pairs_each_draw_with_its_own_reference():
+    """A repair applied to two draws: each repaired draw against its own unrepaired draw."""
+    from refusalkit.evaluation.stats import across_pairs
+
+    d1, d2 = {i: i < 50 for i in range(100)}, {i: i < 70 for i in range(100)}
+    r1, r2 = {i: i < 20 for i in range(100)}, {i: i < 30 for i in range(100)}
+    res = across_pairs([(d1, r1), (d2, r2)])
+    assert res["per_draw"] == pytest.approx([-0.30, -0.40]) and res["difference"] == pytest.approx(-0.35)
+    assert (res["only_first"], res["only_second"]) == (70, 0) and res["z"] == pytest.approx(-(70**0.5))
+    assert res["first_rates"] == pytest.approx([0.5, 0.7]) and res["second_rates"] == pytest.approx([0.2, 0.3])
+    assert res["ci95"][1] < 0
+
+
+def test_paired_effect_difference_by_hand():
+    """Four prompts: the intervention flips 2 of 4 in model A, 1 of 4 in model B (the same prompt flipped
+    in both, one only in A): loss +25 pt, sign test on 1 prompt p = 1, effects 0.5 and 0.25."""
+    from refusalkit.evaluation.stats import paired_effect_difference
+
+    before_a, after_a = dict(enumerate([1, 1, 1, 0])), dict(enumerate([0, 0, 1, 0]))
+    before_b, after_b = dict(enumerate([1, 1, 1, 0])), dict(enumerate([1, 0, 1, 0]))
+    res = paired_effect_difference(before_a, after_a, before_b, after_b)
+    assert res["difference"] == pytest.approx(0.25) and res["p"] == 1.0 and res["n"] == 4
+    assert (res["effect_a"], res["effect_b"], res["weaker_in_b"], res["stronger_in_b"]) == (0.5, 0.25, 1, 0)
+    lo, hi = res["ci95"]
+    assert 0.0 <= lo <= 0.25 <= hi <= 0.75
+    # 20 prompts all flipped in A and none in B: sign test p = 2 / 2^20
+    flipped = paired_effect_difference({i: True for i in range(20)}, {i: False for i in range(20)},
+                                       {i: True for i in range(20)}, {i: True for i in range(20)})  # fmt: skip
+    assert flipped["difference"] == 1.0 and flipped["p"] == pytest.approx(2 / 2**20) and flipped["ci95"] == [1.0, 1.0]
+    assert paired_effect_difference({}, {}, {}, {})["difference"] is None

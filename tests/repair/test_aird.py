@@ -262,3 +262,32 @@ def test_block_writes_scale_by_one_plus_gain(tokenizer):
             _predicted_gap_change(before, edit.records), rel=1e-3, abs=1e-6
         )
         edit.remove()
+
+
+def test_search_chooses_by_the_bound_of_asr_back_to_base():
+    """Among confirmed candidates within budgets, the one whose paired ASR rise over the base model (on
+    the search prompts) has the lowest upper bound, whatever the order they were confirmed in; one over
+    budget is never chosen; without per-prompt verdicts, the first that reached the target."""
+    from types import SimpleNamespace
+
+    from refusalkit.core.config import Config
+    from refusalkit.repair.edit_search import _choose
+
+    ctx = SimpleNamespace(cfg=Config(), spec=SimpleNamespace(asr_tolerance=0.0))
+    base = {"labels": {"harmful": ["compliance"] * 8 + ["refusal"] * 24}}
+
+    def point(k: int, scale: float, over: list[str] | None = None) -> dict:
+        return {"labels": {"harmful": ["compliance"] * k + ["refusal"] * (32 - k)}, "asr": {"rate": k / 32},
+                "scale": scale, "over_budget": over or []}  # fmt: skip
+
+    small, big, broken = point(12, 2.0), point(8, 4.0), point(2, 8.0, ["over-refusal 30% > 5% + 5%"])
+    # on 32 prompts both are undecided against the 5-point margin: the bound ranks them (the same 8 prompts
+    # as the base model: Newcombe's bound with no discordant pair; 12 of 32, +4 prompts: a higher one)
+    chosen = _choose([small, big, broken], 8 / 32, ctx, base)
+    alone = _choose([small], 8 / 32, ctx, base)
+    assert chosen["scale"] == 4.0 and chosen["target_reached"] and not alone["target_reached"]
+    assert chosen["asr_vs_base"]["verdict"] == alone["asr_vs_base"]["verdict"] == "undecided"
+    assert 0.05 < chosen["asr_vs_base"]["bound"] < alone["asr_vs_base"]["bound"]
+    assert _choose([broken], 8 / 32, ctx, base) is None
+    old = [{**small, "labels": {}}, {**big, "labels": {}}]
+    assert _choose(old, 8 / 32, ctx, base)["scale"] == 4.0

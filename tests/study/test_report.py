@@ -347,8 +347,11 @@ def test_report_tables_and_findings(run_dir: Path) -> None:
     }
     assert {f["id"]: f["verdict"] for f in rep["findings"]} == findings(md)
     assert "no direction: rtn-4" in md
-    assert "llm-int8: harmful refusal 90%→10% ablated, harmless 0%→80% added (yes)" in md
-    assert "magnitude-0.7: single_direction in its comparison record (yes)" in md
+    assert (
+        "llm-int8: harmful refusal 90%→10% ablated, harmless 0%→80% added (yes; not by behaviour on held-out prompts)"
+        in md
+    )
+    assert "magnitude-0.7: single_direction in its comparison record (yes; not by behaviour on held-out prompts)" in md
     assert "judge substring, 100 prompts" in md
 
     page = html_path.read_text()
@@ -387,7 +390,10 @@ def test_findings_that_do_not_hold(run_dir: Path) -> None:
         "F5": "does not hold",
         "F6": "not measured",
     }
-    assert "wanda-0.5: harmful refusal 80%→85% ablated, harmless 5%→70% added (no)" in md
+    assert (
+        "wanda-0.5: harmful refusal 80%→85% ablated, harmless 5%→70% added (no; not by behaviour on held-out prompts)"
+        in md
+    )
     # the repair now leaves 55% of its completions degenerate: BROKEN, its ASR flagged
     row = md_table(md, "## Variants")["wanda-0.5+aird"]
     assert row["status"] == "BROKEN (55% of vanilla completions degenerate)"
@@ -488,8 +494,9 @@ def test_compat_run_markdown_is_unchanged() -> None:
     def comparable(md: str) -> str:
         md = re.sub(r"^- run directory: .*$", "- run directory: DIR", md, flags=re.MULTILINE)
         md = re.sub(r"^## Verdicts\n.*?(?=^## )", "", md, flags=re.MULTILINE | re.DOTALL)
-        # F5, F6 (0.3.0) and F2-F4 (0.5.0: tests against noise, paired and Holm-corrected) changed on purpose
-        return re.sub(r"^- \*\*F[2-6]\*\* .*$\n", "", md, flags=re.MULTILINE)
+        # F5, F6 (0.3.0), F2-F4 (0.5.0: tests against noise, paired and Holm-corrected) and F1 (0.7.6: by
+        # behaviour on held-out prompts; a run without control records says so) changed on purpose
+        return re.sub(r"^- \*\*F[1-6]\*\* .*$\n", "", md, flags=re.MULTILINE)
 
     new = render_md(blocks)
     assert "## Verdicts" in new and "- **F6** " in new
@@ -740,3 +747,46 @@ def test_verdicts_count_every_draw_of_a_setting(run_dir: Path) -> None:
     # a transferred edit is not the paper's edit of its own, and F4 / F3 read the setting
     assert "wanda-0.5 (moved, 3 draws): ASR +24 pt" in md
     assert "wanda-0.5 (pruned, 3 draws): 1 − cos 0.1900–0.1900" in md
+
+
+def _control(run_dir: Path, v: str, refused: dict[str, int], n: int = 32) -> None:
+    """A control.json whose conditions refuse the first ``refused[condition]`` of ``n`` test prompts."""
+    harmful = {"harmful_baseline", "ablated:own", "ablated:base"}
+    conditions = {
+        name: {f"{'harmful' if name in harmful else 'harmless'} test {i}": i < k for i in range(n)}
+        for name, k in refused.items()
+    }
+    directions = {w: {"layer": 10, "position": -1} for w in ("own", "base") if f"ablated:{w}" in refused}
+    _write(run_dir / v / "direction" / "control.json",
+           {"variant": v, "split": "test", "n_test": {"harmful": n, "harmless": n}, "conditions": conditions,
+            "directions": directions})  # fmt: skip
+
+
+def test_f1_and_f2_by_behaviour_on_held_out_prompts(run_dir: Path) -> None:
+    from refusalkit.study.report.control import controls, kept_in_function
+
+    own = {"harmful_baseline": 28, "ablated:own": 2, "harmless_baseline": 0, "added:own": 24}
+    _control(run_dir, "base", own)
+    # llm-int8 (cosine 0.998): the base direction's ablation leaves 3 refusals instead of 2, its addition
+    # makes 23 instead of 24: a loss of one prompt each (+3 pt), bootstrap bound inside the 10-pt margin
+    _control(run_dir, "llm-int8", {**own, "ablated:base": 3, "added:base": 23})
+    _control(run_dir, "wanda-0.5", {**own, "ablated:base": 20, "added:base": 6})
+    run = load_run(RunLayout(run_dir))
+    c = controls(run.get("wanda-0.5"), "own")
+    assert c.verdict == "holds" and c.text.startswith("ablation 88%→6% on 32 harmful (p = 3.0e-08, holds)")
+    state, text = kept_in_function(run, run.get("llm-int8"))
+    assert state == "holds" and "loss +3 pt [+0, +9]" in text and "margin 10 pt" in text
+    state, text = kept_in_function(run, run.get("wanda-0.5"))  # 18 and 18 prompts no longer flipped
+    assert state == "fails" and "ablation effect 81 pt on the base model, 25 pt here: loss +56 pt" in text
+    md = render_md(build_report(run, "now")[0])
+    assert findings(md)["F1"] == "holds" and findings(md)["F2"] == "holds"
+    assert "magnitude-0.7: single_direction in its comparison record (yes; not by behaviour on held-out prompts)" in md
+    assert "## Control by behaviour" in md and "- wanda-0.5 (32 + 32 test prompts): own direction: ablation" in md
+    # a high cosine that no longer controls: F2 fails although the direction kept its form
+    _control(run_dir, "llm-int8", {**own, "ablated:base": 16, "added:base": 23})
+    md = render_md(build_report(load_run(RunLayout(run_dir)), "now")[0])
+    assert findings(md)["F2"] == "does not hold"
+    assert "llm-int8: in form kept (" in md and "loss +44 pt [" in md
+    # a variant whose own direction no longer lowers refusal at all when ablated: F1 fails
+    _control(run_dir, "wanda-0.5", {**own, "ablated:own": 28, "ablated:base": 20, "added:base": 6})
+    assert findings(render_md(build_report(load_run(RunLayout(run_dir)), "now")[0]))["F1"] == "does not hold"

@@ -98,9 +98,11 @@ def test_run_produces_every_stage(study):
     assert all(s["status"] == "done" for s in state.values()), state
     assert list(state) == [
         "base/extract",
+        "base/control",
         "magnitude-0.5/compress",
         "magnitude-0.5/extract",
         "magnitude-0.5/compare",
+        "magnitude-0.5/control",
         "base/evaluate",
         "magnitude-0.5/evaluate",
         "magnitude-0.5+aird/repair",

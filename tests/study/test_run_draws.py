@@ -62,6 +62,17 @@ def test_run_with_two_draws(tokenizer, tmp_path, capsys, one_thread):
     assert "one compression setting at calibration seeds 0, 1" in report and "Each further draw cost " in report
     stages = artifacts.read_json(root / "run.json")["stages"]
     assert stages["wanda-0.5_seed1+aird/repair"]["status"] == "done"
+    # control by behaviour on the test split, for every variant that is not a repair; the base model's own
+    # conditions come from its validation (nothing generated twice)
+    base = artifacts.read_json(root / "base" / "direction" / "control.json")
+    assert base["generated"] == [] and set(base["directions"]) == {"own"}
+    for name in ("wanda-0.5", "wanda-0.5_seed1", "magnitude-0.5"):
+        ctl = artifacts.read_json(root / name / "direction" / "control.json")
+        assert set(ctl["directions"]) == {"own", "base"} and ctl["n_test"] == {"harmful": 3, "harmless": 3}
+        assert ctl["conditions"]["harmful_baseline"].keys() == base["conditions"]["harmful_baseline"].keys()
+        assert stages[f"{name}/control"]["status"] == "done"
+    assert not (root / "wanda-0.5+aird" / "direction" / "control.json").exists()
+    assert "## Control by behaviour" in report and "- wanda-0.5_seed1 (3 + 3 test prompts): own direction:" in report
 
 
 def test_draws_below_one_is_refused(tmp_path, capsys):

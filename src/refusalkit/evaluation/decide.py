@@ -53,6 +53,7 @@ class Decision:
     n: int
     prompts_needed: int | None = None
     draws: int = 1  # compression draws the result pools (stats.across_pairs); more than one: no prompts figure
+    sized: bool = True  # False: a result without a 2x2 table (stats.paired_effect_difference): no prompts figure
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +69,8 @@ class Decision:
             why.append(
                 "more draws or prompts would decide it"
                 if self.draws > 1
+                else "more prompts would narrow it"
+                if not self.sized
                 else f"about {self.prompts_needed} prompts would decide it"
                 if self.prompts_needed is not None
                 else "no sample size decides it at the observed rates"
@@ -190,10 +193,10 @@ def not_worse(res: dict[str, Any], margin: float, claim: str, *, worse: int = +1
     harm, bound, harm_lo = _oriented(res["difference"], *res["ci95"], worse)
     verdict = _margin_verdict(harm, bound, harm_lo, margin, lambda: _p(res) < ALPHA)
     needed, draws = None, int(res.get("draws", 1))
-    if verdict == UNDECIDED and abs(harm - margin) > 1e-12 and draws == 1:
+    if verdict == UNDECIDED and abs(harm - margin) > 1e-12 and draws == 1 and "first" in res:
         # decide towards the side the estimate lies on: inside the margin (holds), or significant harm beyond it
         needed = prompts_needed(_table(res), margin, HOLDS if harm < margin else FAILS, worse=worse)
-    return Decision(claim, verdict, harm, bound, margin, _p(res), res["n"], needed, draws)
+    return Decision(claim, verdict, harm, bound, margin, _p(res), res["n"], needed, draws, "first" in res)
 
 
 def lowered(res: dict[str, Any], claim: str) -> Decision:

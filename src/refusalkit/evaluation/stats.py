@@ -374,3 +374,47 @@ def across_pairs(
         out["z"], out["p"] = z, math.erfc(abs(z) / math.sqrt(2))
     out["test"] = "two-level bootstrap over draws and prompts (interval); stratified McNemar over draws (p)"
     return out
+
+
+def paired_effect_difference(
+    before_a: dict[str, bool],
+    after_a: dict[str, bool],
+    before_b: dict[str, bool],
+    after_b: dict[str, bool],
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How much smaller one intervention's effect is in model B than in model A, on the same prompts
+    (the base direction ablated in the base model and in a variant): per prompt the effects
+    ``e_A = before_a − after_a`` and ``e_B = before_b − after_b`` (each −1, 0 or +1), and
+
+    * ``difference``: the mean of ``e_A − e_B``, the loss of effect (positive: weaker in B);
+    * ``ci95``: a percentile bootstrap over prompts (``resamples``, seeded), which keeps every
+      prompt's four outcomes together;
+    * ``p``: the exact two-sided sign test on the prompts whose effects differ;
+    * ``effect_a`` / ``effect_b``: the two mean effects.
+    """
+    import numpy as np
+
+    keys = [k for k in before_a if k in after_a and k in before_b and k in after_b]
+    n = len(keys)
+    out: dict[str, Any] = {"n": n, "difference": None, "ci95": [None, None], "p": None}
+    if not n:
+        return out
+    ea = np.array([float(before_a[k]) - float(after_a[k]) for k in keys])
+    eb = np.array([float(before_b[k]) - float(after_b[k]) for k in keys])
+    loss = ea - eb
+    rng = np.random.default_rng(seed)
+    means = loss[rng.integers(n, size=(resamples, n))].mean(1)
+    pos, neg = int((loss > 0).sum()), int((loss < 0).sum())
+    out.update(
+        difference=float(loss.mean()),
+        ci95=[float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+        p=mcnemar_exact(neg, pos),
+        effect_a=float(ea.mean()),
+        effect_b=float(eb.mean()),
+        weaker_in_b=pos,
+        stronger_in_b=neg,
+        test="percentile bootstrap over prompts (interval); exact sign test (p)",
+    )
+    return out

@@ -256,14 +256,44 @@ def _confirm(
     return confirmed, rejected
 
 
-def _choose(confirmed: list[dict[str, Any]], target: float, ctx: CurveContext) -> dict[str, Any] | None:
+def asr_vs_base(point: dict[str, Any], base: dict[str, Any] | None, margin: float) -> dict[str, Any] | None:
+    """The report's claim "ASR back to base" (:func:`refusalkit.evaluation.decide.not_worse`) decided on the
+    search prompts: the point's and the base model's per-prompt verdicts, paired; None without them."""
+    from refusalkit.data.refusal import COMPLIANCE
+    from refusalkit.evaluation.decide import not_worse
+    from refusalkit.evaluation.stats import paired
+
+    a = (point.get("labels") or {}).get("harmful")
+    b = ((base or {}).get("labels") or {}).get("harmful")
+    if a is None or b is None or len(a) != len(b):
+        return None
+    res = paired({i: y == COMPLIANCE for i, y in enumerate(b)}, {i: x == COMPLIANCE for i, x in enumerate(a)})
+    return not_worse(res, margin, "ASR back to base").to_json()
+
+
+_ORDER = {"holds": 0, "undecided": 1, "fails": 2}
+
+
+def _choose(
+    confirmed: list[dict[str, Any]], target: float, ctx: CurveContext, base: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The confirmed candidate within budgets whose "ASR back to base" is best decided on the search
+    prompts: holds before undecided before fails, then the lowest upper bound of its paired ASR rise
+    over the base model, then the smaller α. On 32 prompts most candidates are undecided, so the bound
+    ranks them; the evaluation's prompts then decide the chosen edit. Without per-prompt verdicts
+    (older searches): the first that reached the target, else the lowest ASR."""
+    feasible = [p for p in confirmed if not p["over_budget"]]
+    if not feasible:
+        return None
+    margin = ctx.cfg.verdict.asr_margin
+    decided = [(p, asr_vs_base(p, base, margin)) for p in feasible]
+    if all(d is not None for _, d in decided):
+        p, d = min(decided, key=lambda pd: (_ORDER[pd[1]["verdict"]], pd[1]["bound"], pd[0]["scale"]))
+        return {**p, "target_reached": _reaches(p, target, ctx), "asr_vs_base": d}
     reached = [p for p in confirmed if _reaches(p, target, ctx)]
     if reached:
         return {**reached[0], "target_reached": True}
-    feasible = [p for p in confirmed if not p["over_budget"]]
-    if feasible:
-        return {**min(feasible, key=lambda p: (p["asr"]["rate"], p["scale"])), "target_reached": False}
-    return None
+    return {**min(feasible, key=lambda p: (p["asr"]["rate"], p["scale"])), "target_reached": False}
 
 
 def search_edits(
@@ -350,7 +380,7 @@ def search_edits(
         "perplexity_rejected": rejected,
         "not_generated": len(chosen_from) - len(confirmed),
         "confirmed": confirmed,
-        "chosen": _choose(confirmed, target, ctx),
+        "chosen": _choose(confirmed, target, ctx, base),
         "cost": state["cost"],
         "budgets": {
             k: getattr(s, k)

@@ -218,8 +218,11 @@ def run_all(
         run.state["profile"] = profile
     for spec in specs if r.draws > 1 else []:
         n = len(draw_specs(cfg, spec)) + 1
-        why = f"{spec.method} needs no calibration, so it has one draw" if n == 1 else f"{n} draws, calibration seeds " + (
-            f"{spec.seed}–{spec.seed + n - 1}; the repair is searched on the first and applied to the others"
+        why = (
+            f"{spec.method} needs no calibration, so it has one draw"
+            if n == 1
+            else f"{n} draws, calibration seeds "
+            + (f"{spec.seed}–{spec.seed + n - 1}; the repair is searched on the first and applied to the others")
         )
         echo(f"[run] {spec.variant}: {why}")
     t0 = time.time()
@@ -230,7 +233,15 @@ def run_all(
     def evaluate(v: str) -> Any:
         return run_evaluate(cfg, root, v, utility_eval=r.utility, progress=progress)
 
+    def control(v: str) -> Any:
+        from refusalkit.direction.control import run_control
+
+        if not cfg.validation.enabled:  # no held-out test split: F1 falls back to the selection scores
+            return None
+        return run.stage(f"{v}/control", lambda: run_control(cfg, root, v, progress=progress), tolerate=True)
+
     run.stage("base/extract", lambda: extract("base"))
+    control("base")
     variants: list[str] = []
     for spec in specs:
         info = run.stage(f"{spec.variant}/compress", lambda s=spec: run_compress(cfg, root, s, progress=progress))
@@ -239,6 +250,7 @@ def run_all(
     for v in variants:
         run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
         compares[v] = run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
+        control(v)
     for v in ["base", *variants]:
         run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
     repaired = [
@@ -250,7 +262,7 @@ def run_all(
         run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants, select=r.select_repaired))
         run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
         run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
-    made = _other_draws(run, cfg, root, specs, variants, repaired, extract, evaluate)
+    made = _other_draws(run, cfg, root, specs, variants, repaired, extract, evaluate, control)
     variants += made["variants"]
     repaired += made["repaired"]
     _adaptive(run, cfg, root, repaired, progress)
@@ -297,6 +309,7 @@ def _other_draws(
     repaired: list[str],
     extract: Callable[..., Any],
     evaluate: Callable[[str], Any],
+    control: Callable[[str], Any],
 ) -> dict[str, list[str]]:
     """``run.draws`` > 1: every calibrated variant's other draws, each compressed, extracted, compared
     and evaluated as its first draw was; the edit the repair search chose on the first draw applied to
@@ -315,17 +328,20 @@ def _other_draws(
         searched = repair_name(first)
         chosen = transferred_repair(cfg, root, searched) if searched in repaired else None
         for other in others:
-            info = run.stage(f"{other.variant}/compress", lambda s=other: run_compress(cfg, root, s, progress=run.progress))
+            info = run.stage(
+                f"{other.variant}/compress", lambda s=other: run_compress(cfg, root, s, progress=run.progress)
+            )
             v = info["variant"]
             made["variants"].append(v)
             run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
             run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
+            control(v)
             run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
             if chosen is None:
                 continue
             name = repair_name(v)
 
-            def transfer(v: str = v, name: str = name) -> Any:
+            def transfer(v: str = v, name: str = name, chosen: Any = chosen, searched: str = searched) -> Any:
                 out = run_repair(cfg, root, v, repair=chosen, name=name, progress=run.progress)
                 path = RunLayout(root).repair_info(name)
                 artifacts.write_json(path, {**artifacts.read_json(path), "transferred_from": searched})
@@ -334,7 +350,9 @@ def _other_draws(
             if run.stage(f"{name}/repair", transfer, tolerate=True) is None:
                 continue
             made["repaired"].append(name)
-            run.stage(f"{name}/extract", lambda n=name: extract(n, validate=r.validate_variants, select=r.select_repaired))
+            run.stage(
+                f"{name}/extract", lambda n=name: extract(n, validate=r.validate_variants, select=r.select_repaired)
+            )
             run.stage(f"{name}/compare", lambda n=name: run_compare(cfg, root, n))
             run.stage(f"{name}/evaluate", lambda n=name: evaluate(n))
     return made

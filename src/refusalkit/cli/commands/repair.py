@@ -92,6 +92,10 @@ def search_lines(info: dict[str, Any]) -> list[str]:
     c = s["chosen"]
     lines.append(
         f"  chosen          {c['placement']} x{c['scale']:g}"
-        + ("" if c["target_reached"] else " (target not reached within the budgets: the lowest ASR within them)")
+        + (
+            ""
+            if c["target_reached"]
+            else " (target not reached within the budgets: the edit with the lowest bound on its ASR above the base model's)"
+        )
     )
     return lines

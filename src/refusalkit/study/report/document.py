@@ -19,6 +19,7 @@ from refusalkit.study.report.blocks import (
     Heading,
     Paragraph,
 )
+from refusalkit.study.report.control import control_sentences
 from refusalkit.study.report.figures import (
     plot_alpha_curves,
     plot_cosine_by_layer,
@@ -125,6 +126,16 @@ def noise_note(run: Run) -> list[str]:
         "only about 63% of them. With a floor, a direction counts as moved when its source shifted beyond "
         "noise or its cosine at the base source is below the floor (run.moved_cosine is not used)."
     ]
+
+
+CONTROL_NOTE = (
+    "On the run's test prompts, disjoint from those the direction was computed and selected on: each model "
+    "generated on the harmful prompts plain and with the direction ablated everywhere, and on the harmless "
+    "prompts plain and with the direction added at its layer (substring judge). A direction controls refusal "
+    "when both paired exact McNemar tests hold. The base direction's loss of control on a variant is its "
+    "effect there against its effect on the base model, prompt by prompt (bootstrap interval over prompts, "
+    "sign test), decided against verdict.control_margin."
+)
 
 
 def compression_draws(run: Run) -> list[str]:
@@ -248,6 +259,9 @@ def build_report(run: Run, generated: str) -> tuple[list[Block], list[Finding]]:
     draws = compression_draws(run)
     if draws:
         blocks += [Heading("Compression draws"), Bullets(draws)]
+    control = control_sentences(run)
+    if control:
+        blocks += [Heading("Control by behaviour"), Bullets(control), Paragraph(CONTROL_NOTE)]
     repairs = repairs_table(run)
     if repairs is not None:
         blocks += [Heading("Repairs (AIRD)"), repairs]

@@ -69,18 +69,38 @@ def single_direction_test(v: Variant) -> tuple[bool, str] | None:
     return None
 
 
+STATE_WORDS = {decide.HOLDS: "holds", decide.FAILS: "does not hold", decide.UNDECIDED: "undecided"}
+
+
 def finding_single_direction(run: Run) -> Finding:
-    """F1, on every variant that is not a repair."""
-    claim = "A single direction mediates refusal in every variant"
-    tested = [(v, single_direction_test(v)) for v in run.variants if v.kind != "repaired"]
-    measured = [(v, t) for v, t in tested if t is not None]
-    missing = [v.name for v, t in tested if t is None]
-    if not measured:
+    """F1, on every variant that is not a repair: its own direction controls refusal by behaviour on the
+    held-out test prompts (:func:`~refusalkit.study.report.control.controls`: two paired exact tests).
+    A run without control records (made before them) is judged as before, by its validation rates or
+    selection scores, and says so."""
+    from refusalkit.study.report.control import controls
+
+    claim = (
+        "A single direction mediates refusal in every variant (held-out prompts: ablating it lowers harmful "
+        "refusal, adding it raises harmless refusal, each by a paired exact test)"
+    )
+    states, parts, missing = [], [], []
+    for v in (v for v in run.variants if v.kind != "repaired"):
+        c = controls(v, "own")
+        if c is not None:
+            states.append(c.verdict)
+            parts.append(f"{v.name}: {c.text}")
+            continue
+        t = single_direction_test(v)
+        if t is None:
+            missing.append(v.name)
+            continue
+        ok, text = t
+        states.append(decide.HOLDS if ok else decide.FAILS)
+        parts.append(f"{v.name}: {text} ({'yes' if ok else 'no'}; not by behaviour on held-out prompts)")
+    if not parts:
         return Finding("F1", claim, "not measured", "no variant has a scored or validated direction")
-    evidence = "; ".join(f"{v.name}: {text} ({'yes' if ok else 'no'})" for v, (ok, text) in measured)
-    if missing:
-        evidence += f"; no direction: {', '.join(missing)}"
-    return Finding("F1", claim, verdict(all(ok for _, (ok, _) in measured)), evidence)
+    evidence = "; ".join(parts) + (f"; no direction: {', '.join(missing)}" if missing else "")
+    return Finding("F1", claim, STATE_WORDS.get(decide.combine(states), "not measured"), evidence)
 
 
 def compared(run: Run, kind: str) -> list[Variant]:
@@ -100,24 +120,33 @@ def noise_text(v: Variant) -> str:
 
 
 def finding_quantized_kept(run: Run) -> Finding:
-    """F2, on every compared quantized variant: with a noise floor, kept means the cosine at the base
-    source is not below the floor and the source did not shift beyond noise; without one, the
-    paper's figure (selected cosine > 0.99, same source)."""
-    claim = "Quantized variants keep their direction and its source (beyond sampling noise)"
+    """F2, on every compared quantized variant: the base direction is kept **in form** (with a noise
+    floor: the cosine at the base source not below the floor and the source not shifted beyond noise;
+    without one, the paper's figure: selected cosine > 0.99, same source) and **in function** (the base
+    direction's control of the variant, against its control of the base model, has lost at most
+    ``verdict.control_margin``: :func:`~refusalkit.study.report.control.kept_in_function`). A run without
+    control records is judged in form only, and says so."""
+    from refusalkit.study.report.control import kept_in_function
+
+    claim = "Quantized variants keep the base direction in form (cosine and source beyond noise) and in function (its control)"
     quant = compared(run, "quantized")
     if not quant:
         return Finding("F2", claim, "not measured", "no quantized variant was compared with the base model")
-    parts, ok = [], True
+    parts, states = [], []
     for v in quant:
         noise = v.noise_at_base_source
-        kept = (not noise["moved"]) if noise else v.cosine_selected > KEPT_COSINE
-        kept = kept and not v.shifted
-        ok = ok and kept
+        form = ((not noise["moved"]) if noise else v.cosine_selected > KEPT_COSINE) and not v.shifted
+        state, function = kept_in_function(run, v)
+        if not form:
+            states.append(decide.FAILS)
+        else:
+            states.append(decide.HOLDS if state is None else state)
         parts.append(
-            f"{v.name}: {noise_text(v)}, cos selected {v.cosine_selected:.3f}, "
-            f"source {'shifted' if v.shifted else 'same or within noise'} ({'kept' if kept else 'moved'})"
+            f"{v.name}: in form {'kept' if form else 'moved'} ({noise_text(v)}, cos selected {v.cosine_selected:.3f}, "
+            f"source {'shifted' if v.shifted else 'same or within noise'}); in function: "
+            + (function if state is not None else f"not measured ({function}), so judged in form only")
         )
-    return Finding("F2", claim, verdict(ok), "; ".join(parts))
+    return Finding("F2", claim, STATE_WORDS.get(decide.combine(states), "not measured"), "; ".join(parts))
 
 
 def movement(v: Variant) -> float:
@@ -146,9 +175,8 @@ def _movement_text(group: list[Variant]) -> str:
     ms = [movement(x) for x in group]
     beyond = sum(bool((x.noise_at_base_source or {}).get("moved")) for x in group)
     floors = sum(x.noise_at_base_source is not None for x in group)
-    return (
-        f"{v.name} ({v.kind}, {len(group)} draws): 1 − cos {min(ms):.4f}–{max(ms):.4f}"
-        + (f", below its noise floor at {beyond} of {floors} draws" if floors else ", no noise floor")
+    return f"{v.name} ({v.kind}, {len(group)} draws): 1 − cos {min(ms):.4f}–{max(ms):.4f}" + (
+        f", below its noise floor at {beyond} of {floors} draws" if floors else ", no noise floor"
     )
 
 

@@ -52,6 +52,7 @@ class Variant:
     over_refusal: dict[str, Any] | None
     utility: dict[str, Any] | None
     borderline: dict[str, Any] | None = None  # over-refusal on refusalkit's borderline prompts
+    control: dict[str, Any] | None = None  # control by behaviour on the test split (refusalkit.direction.control)
     eval_dir: Path | None = None  # where the per-prompt records are (``outcomes``)
 
     @classmethod
@@ -70,6 +71,7 @@ class Variant:
             over_refusal=read_json(layout.eval(name, "over_refusal.json")),
             utility=read_json(layout.eval(name, "utility.json")),
             borderline=read_json(layout.eval(name, "borderline.json")),
+            control=read_json(layout.direction(name, "control.json")),
             eval_dir=layout.eval_dir(name),
         )
 
@@ -233,7 +235,11 @@ class Run:
         out = []
         for d in self.draws_of(src):
             for x in self.variants:
-                if x.kind == "repaired" and self.source_of(x) is d and (x.name == first or (x.repair or {}).get("transferred_from") == first):
+                if (
+                    x.kind == "repaired"
+                    and self.source_of(x) is d
+                    and (x.name == first or (x.repair or {}).get("transferred_from") == first)
+                ):
                     out.append(x)
         return out if rep in out else [rep]
 
