@@ -91,3 +91,14 @@ FAMILIES = [
     "mamba", "mamba2",  # state-space
     "jamba", "granitemoehybrid", "falcon_h1",  # hybrids
 ]  # fmt: skip
+
+
+# `refusalkit run --quick` on a tiny model in seconds: every stage on a handful of prompts
+TINY_RUN = {
+    "n_train": 8, "n_val": 4, "n_test": 3, "validation.max_new_tokens": 4, "selection.screen_keep": 2,
+    "selection.screen_prompts": 2, "selection.prune_layer_fraction": 0.0, "evaluation.n_prompts": 4,
+    "evaluation.n_harmless": 3, "evaluation.n_borderline": 3, "evaluation.max_new_tokens": 6,
+    "evaluation.ppl_tokens": 512, "evaluation.utility_tasks": "none", "run.validate_variants": "false",
+    "run.select_repaired": "false", "run.variants": "wanda-0.5", "run.repair": "pruned", "repair.scales": "4,16",
+    "repair.search_prompts": 3, "repair.confirm": 1, "repair.direction": "unit", "compress.n_calibration": 8, "compress.seq_len": 64,
+}  # fmt: skip

@@ -264,15 +264,28 @@ def test_load_tensors_missing(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama2-7b-chat.yaml", "llama3-8b-instruct.yaml"])
-def test_shipped_paper_configs_load(name):
+def test_shipped_paper_configs_load(name, caplog, recwarn):
+    """The paper configurations load with no legacy key and no warning, and repair with the default
+    search, the paper's literal edit beside it."""
+    import logging
+
+    import yaml
+
     from refusalkit.compress.job import CompressSpec
+    from refusalkit.core.settings import LEGACY_KEYS, REMOVED_KEYS
     from refusalkit.evaluation.job import task_names
     from refusalkit.evaluation.utility import resolve_tasks
 
     path = Path(__file__).resolve().parents[2] / "configs" / name
-    cfg = load_config(str(path))
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    flat = {f"{k}.{kk}" for k, v in raw.items() if isinstance(v, dict) for kk in v} | set(raw)
+    assert not flat & (set(LEGACY_KEYS) | set(REMOVED_KEYS)), flat & (set(LEGACY_KEYS) | set(REMOVED_KEYS))
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(str(path))
+    assert not caplog.records and not recwarn.list
     assert cfg.model.startswith("meta-llama/") and cfg.evaluation.max_new_tokens == "256"
-    assert cfg.evaluation.decoding_grid == "huang" and cfg.repair.alpha_scale == "1.0"
+    assert cfg.evaluation.decoding_grid == "huang" and cfg.repair.alpha_scale == "auto"
+    assert cfg.repair.placement == "auto" and cfg.run.paper_edit and cfg.compress.seq_len == 2048
     specs = [CompressSpec(method=v) for v in cfg.run.variants]
     assert {s.method for s in specs} >= {"magnitude", "wanda", "llm-int8", "awq"}
     assert {t.name for t in resolve_tasks(task_names(cfg.evaluation.utility_tasks))} >= {"boolq", "mmlu_dev"}

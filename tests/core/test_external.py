@@ -145,3 +145,20 @@ def test_every_artifact_the_suite_needs_resolves_and_matches_its_pin():
     """The packages .ci/run installs hold every artifact, byte for byte as pinned."""
     problems = {a.name: why for a, why in X.check_all() if why is not None}
     assert problems == {}
+
+
+def test_the_default_model_is_an_extra_not_a_dependency():
+    """Studying one's own model installs no default-model weights; a run that needs them says in one line
+    what to install."""
+    import tomllib
+
+    project = tomllib.loads((DOCS.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    parts = [a for a in X.ARTIFACTS.values() if a.name.startswith("default-model-part")]
+    assert len(parts) == 6
+    for a in parts:
+        assert (
+            a.requirement not in project["dependencies"]
+            and a.requirement in project["optional-dependencies"]["default-model"]
+        )
+        assert a.needed_by != "core" and a.install.startswith("pip install 'refusalkit[default-model]'")
+        assert a.requirement in project["optional-dependencies"]["test"]

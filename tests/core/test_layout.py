@@ -76,3 +76,65 @@ def test_only_the_layout_builds_run_directory_paths():
         if f"/ {n}" in p.read_text()
     ]
     assert not offenders, offenders
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the refusalkit modules it imports, at the top or inside a function (a lazy import
+    still ties the two modules together)."""
+    import ast
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    mods = {}
+    for p in (src / "refusalkit").rglob("*.py"):
+        name = ".".join(p.relative_to(src).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = p
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                target = node.module if not node.level else base
+                names = [target, *(f"{target}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            graph[m] |= {n for n in names if n in mods and n != m}
+    return graph
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or through others (Tarjan's strongly connected
+    components of the import graph, lazy imports included)."""
+    graph = _import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
+    assert graph["refusalkit.study.run"] and "refusalkit.core.config" in graph["refusalkit.core.settings"]

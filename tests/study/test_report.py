@@ -790,3 +790,39 @@ def test_f1_and_f2_by_behaviour_on_held_out_prompts(run_dir: Path) -> None:
     # a variant whose own direction no longer lowers refusal at all when ablated: F1 fails
     _control(run_dir, "wanda-0.5", {**own, "ablated:own": 28, "ablated:base": 20, "added:base": 6})
     assert findings(render_md(build_report(load_run(RunLayout(run_dir)), "now")[0]))["F1"] == "does not hold"
+
+
+def test_results_json_follows_its_schema_and_feeds_the_summary(run_dir: Path, capsys) -> None:
+    import jsonschema
+
+    from refusalkit.cli import main
+    from refusalkit.study.report.results import config_schema, schema
+
+    _draws_run(run_dir)
+    _control(run_dir, "base", {"harmful_baseline": 28, "ablated:own": 2, "harmless_baseline": 0, "added:own": 24})
+    rep = write_report(run_dir)
+    results = json.loads(Path(rep["results"]).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema())
+    jsonschema.Draft202012Validator(schema()).validate(results)
+    assert schema()["properties"]["config"] == {**config_schema(), "description": "the run's resolved configuration"}
+    rows = {v["name"]: v for v in results["variants"]}
+    assert list(rows)[0] == "base" and rows["wanda-0.5_seed2"]["calibration_seed"] == 2
+    assert rows["wanda-0.5"]["asr"]["vanilla"]["rate"] == 0.49 and rows["magnitude-0.7"]["broken"]
+    first = next(r for r in results["repairs"] if r["variant"] == "wanda-0.5+aird")
+    assert first["draws"] == ["wanda-0.5+aird", "wanda-0.5_seed1+aird", "wanda-0.5_seed2+aird"]
+    assert first["figures"]["asr_vs_base"]["per_draw"] == pytest.approx([-0.07, -0.02, 0.13])
+    assert {f["id"] for f in results["findings"]} == {f"F{i}" for i in range(1, 7)}
+    csv_rows = (run_dir / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + len(results["variants"]) and csv_rows[0].startswith("name,kind,method,")
+    # a key the schema does not know is refused: the schema has no catch-all
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**results, "extra": 1}, schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**results, "variants": [{**rows["base"], "note": "x"}]}, schema())
+    # the command line: the summary is read from results.json, --json prints it
+    assert main(["report", "--run", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| wanda-0.5 | 50% zeros | L12 / pos -2 | 0.810 | 49% [39–59] |" in out
+    assert "- wanda-0.5 over 3 draws (wanda-0.5, wanda-0.5_seed1, wanda-0.5_seed2): refusal weakened" in out
+    assert main(["report", "--run", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["refusalkit_version"] == results["refusalkit_version"]

@@ -10,18 +10,18 @@ from refusalkit.cli import main
 from refusalkit.core import artifacts
 
 from conftest import CHATML_TEMPLATE, make_llama
+from families import TINY_RUN
 
 pytestmark = pytest.mark.integration
 
 SETTINGS = {
-    "n_train": 8, "n_val": 4, "n_test": 3, "validation.max_new_tokens": 4, "selection.screen_keep": 2,
-    "selection.screen_prompts": 2, "selection.prune_layer_fraction": 0.0, "evaluation.n_prompts": 4,
-    "evaluation.n_harmless": 3, "evaluation.n_borderline": 3, "evaluation.max_new_tokens": 6,
-    "evaluation.ppl_tokens": 512, "evaluation.utility_tasks": "none", "run.validate_variants": "false",
-    "run.select_repaired": "false", "run.variants": "[wanda-0.5, magnitude-0.5]", "run.repair": "pruned",
-    "run.paper_edit": "false", "repair.scales": "4,16", "repair.search_prompts": 3, "repair.confirm": 1,
-    "compress.n_calibration": 4, "compress.seq_len": 32,
-}  # fmt: skip
+    **TINY_RUN,
+    "run.variants": "[wanda-0.5, magnitude-0.5]",
+    "run.paper_edit": "false",
+    "repair.direction": "raw",
+    "compress.n_calibration": 4,
+    "compress.seq_len": 32,
+}
 
 
 def test_run_with_two_draws(tokenizer, tmp_path, capsys, one_thread):

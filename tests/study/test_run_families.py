@@ -14,18 +14,9 @@ from refusalkit.cli import main
 from refusalkit.core import artifacts
 
 from conftest import CHATML_TEMPLATE
-from families import make
+from families import TINY_RUN, make
 
 pytestmark = pytest.mark.integration
-
-SETTINGS = {
-    "n_train": 8, "n_val": 4, "n_test": 3, "validation.max_new_tokens": 4, "selection.screen_keep": 2,
-    "selection.screen_prompts": 2, "selection.prune_layer_fraction": 0.0, "evaluation.n_prompts": 4,
-    "evaluation.n_harmless": 3, "evaluation.n_borderline": 3, "evaluation.max_new_tokens": 6,
-    "evaluation.ppl_tokens": 512, "evaluation.utility_tasks": "none", "run.validate_variants": "false",
-    "run.select_repaired": "false", "run.variants": "wanda-0.5", "run.repair": "pruned", "repair.scales": "4,16",
-    "repair.search_prompts": 3, "repair.confirm": 1, "repair.direction": "unit", "compress.n_calibration": 8, "compress.seq_len": 64,
-}  # fmt: skip
 
 
 @pytest.mark.parametrize("family", ["jamba"])
@@ -40,7 +31,7 @@ def test_run_quick_on_a_tiny_model_of_another_architecture(family, tokenizer, tm
     template = tmp_path / "chat.jinja"
     template.write_text(CHATML_TEMPLATE)
     root = tmp_path / "run"
-    sets = [x for k, v in SETTINGS.items() for x in ("--set", f"{k}={v}")]
+    sets = [x for k, v in TINY_RUN.items() for x in ("--set", f"{k}={v}")]
     args = ["-q", "run", "--run", str(root), "--model", str(model_dir), "--set", f"chat_template={template}",
             "--quick", *sets]  # fmt: skip
     with one_thread():

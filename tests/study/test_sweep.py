@@ -20,10 +20,9 @@ from refusalkit.study.sweep import (
     default_name,
     parse_items,
     point_spec,
-    seed_groups,
-    table_markdown,
 )
 from refusalkit.study.sweep_plots import plot_sweep
+from refusalkit.study.sweep_table import seed_groups, table_markdown
 
 from conftest import hidden_files
 

@@ -78,12 +78,13 @@ def set_overrides(items: list[str]) -> dict[str, Any]:
 def _common(
     p: argparse.ArgumentParser,
     *,
+    run_required: bool = True,
     variant: str | None = "base",
     config: bool = True,
     force: str | None = None,
     set_example: str | None = None,
 ) -> None:
-    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--run", required=run_required, help="run directory")
     if variant is not None:
         p.add_argument(
             "--variant",
@@ -184,12 +185,15 @@ def _repair(sub: Any) -> None:
     a = sub.add_parser(
         "repair",
         help="AIRD: induce the base model's refusal direction in a compressed variant",
-        description="W <- W + alpha r r^T W on the attention output (alpha 0.02) and MLP down (0.01) "
-        "projections at the base direction's source layer (Chhabra & Khalili 2025, Eq. 4). "
-        "Writes variant <variant>+aird (or +aird-sp) with repair.json.",
+        description="AIRD (Chhabra & Khalili 2025, Eq. 4): W <- W + alpha r r^T W on the attention output "
+        "and MLP down projections of one block. By default (repair.alpha_scale auto) a search over the block "
+        "(the direction's source or the one before), the alpha scale and the form chooses the smallest edit that "
+        "brings the ASR back to the base model's within the budgets, keeping a pruned variant's zeros; "
+        "--alpha-scale 1 --placement source --no-keep-zeros is the paper's literal edit (alpha 0.02 / 0.01 at "
+        "the source block). Writes variant <variant>+aird with repair.json.",
     )
     _common(a, variant="", force="redo an existing repair", set_example="repair.asr_tolerance=0.02")
-    a.add_argument("--name", help="name of the repaired variant (default <variant>+aird, +aird-sp with --keep-zeros)")
+    a.add_argument("--name", help="name of the repaired variant (default <variant>+aird)")
     add_config_flags(a, "repair")
 
 
@@ -225,7 +229,8 @@ def _sweep(sub: Any) -> None:
         "perplexity), optionally repaired. Finished stages are reused, so an interrupted sweep resumes. "
         "Writes DIR/sweep/<name>.json, .md and plots.",
     )
-    _common(w, variant=None, set_example="evaluation.n_prompts=100")
+    _common(w, run_required=False, variant=None, set_example="evaluation.n_prompts=100")
+    w.add_argument("--list", action="store_true", help="the shipped sweep files (--grid NAME), one a line")
     w.add_argument(
         "--grid", help="a sweep file (YAML: method, sparsity, bits, calibration, name, ...; configs/sweeps/)"
     )
@@ -274,6 +279,13 @@ def _sweep(sub: Any) -> None:
     add_config_flags(w, "sweep")
 
 
+def _verbosity(p: argparse.ArgumentParser, default: Any) -> None:
+    """``-q`` (no progress bars, warnings only) and ``-v`` (debug logging), on the top-level parser and on
+    every command's (``default`` SUPPRESS there, so that a flag given before the command is kept)."""
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars; warnings only")
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="refusalkit",
@@ -281,17 +293,35 @@ def build_parser() -> argparse.ArgumentParser:
         "variants. Bad input exits 2, an interrupt 130.",
     )
     p.add_argument("--version", action="version", version=f"refusalkit {__version__}")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _verbosity(p, False)
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        sp = _add_parser(name, **kwargs)
+        _verbosity(sp, argparse.SUPPRESS)  # -q / -v after the command too; before it, the top level's
+        return sp
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
     for add in (_extract, _orthogonalize, _compress, _evaluate, _compare, _repair, _run, _sweep):
         add(sub)
     rp = sub.add_parser(
         "report",
-        help="write DIR/report.md and a self-contained DIR/report.html",
-        description="Tables, plots and the paper's findings from what the other stages wrote.",
+        help="write DIR/report.md, a self-contained DIR/report.html and DIR/results.json",
+        description="Tables, plots, verdicts and the paper's findings from what the other stages wrote; "
+        "DIR/results.json (the report as data, results.schema.json) and DIR/results.csv (the variants' table).",
     )
     rp.add_argument("--run", required=True, help="run directory")
-    sub.add_parser("config", help="print the commented default configuration (every section)")
+    rp.add_argument("--json", action="store_true", help="print results.json instead of the summary")
+    cp = sub.add_parser(
+        "config",
+        help="print the commented default configuration (every section)",
+        description="Alone: every setting with its default and its description, as YAML. --list: the shipped "
+        "run configurations (refusalkit run --config NAME). --show --run DIR: a run's resolved configuration.",
+    )
+    cp.add_argument("--list", action="store_true", help="the shipped run configurations, one a line: name, description")
+    cp.add_argument("--show", action="store_true", help="print the resolved configuration of --run DIR")
+    cp.add_argument("--run", help="run directory (with --show)")
     sp = sub.add_parser(
         "sources",
         help="list the named prompt sources, model short names and compression methods",

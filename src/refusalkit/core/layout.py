@@ -37,6 +37,7 @@ class RunLayout:
           repair/<R>.search.json       the search over edits that made repaired variant R (screen, confirmations)
           repair/<V>.<placement>-<raw|unit>[-sp].curve.json   one α curve per kind of edit
           report.md, report.html       the report; report_files/ holds the Markdown report's PNGs
+          results.json, results.csv    the report as data (results.schema.json) and the variants' table
     """
 
     FILES_DIR = "report_files"
@@ -69,6 +70,14 @@ class RunLayout:
     @property
     def report_html(self) -> Path:
         return self.root / "report.html"
+
+    @property
+    def results_json(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.root / "results.csv"
 
     @property
     def report_files(self) -> Path:

@@ -121,12 +121,44 @@ def apply_settings(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, k, _check_type(f"{prefix}{k}", value, f.type, f.metadata.get("choices")))
 
 
-def read_config_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """A YAML file of settings as a mapping (a missing, unreadable or non-mapping file is a UserError
-    naming it as ``what``: a config file, a sweep file)."""
+def shipped(kind: str = "run") -> dict[str, Path]:
+    """The configurations shipped in the package, by name: ``run`` (``refusalkit run --config NAME``)
+    or ``sweep`` (``refusalkit sweep --grid NAME``)."""
+    from importlib import resources
+
+    folder = resources.files("refusalkit").joinpath("configs", *(["sweeps"] if kind == "sweep" else []))
+    return {Path(f.name).stem: Path(str(f)) for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
+def describe(path: Path) -> str:
+    """A shipped configuration's first comment line (its description)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def resolve_config_path(path: str | Path, what: str = "config file") -> Path:
+    """``path`` itself when it is a file, else the shipped configuration of that name (``llama2-7b-chat``);
+    an unknown name or a missing file is a one-line error that lists the shipped names."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} {path} does not exist; give an existing YAML file")
+    if p.is_file():
+        return p
+    kind = "sweep" if what == "sweep file" else "run"
+    named = shipped(kind)
+    if p.stem in named and p.parent == Path(".") and p.suffix in ("", ".yaml"):
+        return named[p.stem]
+    listing = "refusalkit sweep --list" if kind == "sweep" else "refusalkit config --list"
+    raise UserError(
+        f"{what} {path} does not exist and is not a shipped configuration ({', '.join(sorted(named))}); "
+        f"give an existing YAML file or a name from `{listing}`"
+    )
+
+
+def read_config_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file of settings as a mapping, by path or shipped name (a missing, unreadable or non-mapping
+    file is a UserError naming it as ``what``: a config file, a sweep file)."""
+    p = resolve_config_path(path, what)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:

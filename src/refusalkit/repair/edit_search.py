@@ -296,32 +296,9 @@ def _choose(
     return {**min(feasible, key=lambda p: (p["asr"]["rate"], p["scale"])), "target_reached": False}
 
 
-def search_edits(
-    ctx: CurveContext,
-    edit_for: Callable[[Candidate], Any],
-    chosen_from: list[Candidate],
-    compared: list[Candidate],
-    path: Path,
-    first_block: int = 0,
-) -> dict[str, Any]:
-    """Run the search of this module, resumable from ``path``; ``compared`` are screened for the record
-    but never chosen (the plain edit of a pruned variant whose zeros are kept). ``edit_for(c)`` edits
-    the owner's model; no candidate edits a block before ``first_block``."""
-    s = ctx.spec
-    settings = {
-        **ctx.settings(),
-        "measures": CURVE_MEASURES,
-        "candidates": [c.key for c in chosen_from],
-        "compared": [c.key for c in compared],
-        "screen": {"score": "first-token refusal log-odds", "rule": "calibrated", "slack": s.screen_slack},
-        "confirm": s.confirm,
-    }
-    # the screen depends on fewer settings than generation: screens stay valid when only those change
-    screen_settings = {
-        "prompts": ctx.data.info,
-        "system_prompt": ctx.cfg.system_prompt,
-        "score": "first-token refusal log-odds",
-    }
+def _load_state(path: Path, settings: dict[str, Any], screen_settings: dict[str, Any]) -> dict[str, Any]:
+    """The search's saved state at ``path`` when it was made with ``settings``; else a fresh one that keeps
+    the saved screens when they were made on the same prompts (``screen_settings``)."""
     state = artifacts.read_json(path) if path.exists() else {}
     if state.get("settings") != settings:
         # a 0.3.0 search has no screen_settings: its screens were made on the prompts its settings name
@@ -337,24 +314,23 @@ def search_edits(
         )
         kept = {k: state[k] for k in SCREENS if k in state} if made_on == screen_settings else {}
         state = {"settings": settings, "screen_settings": screen_settings, "screen": {}, "points": {}, **kept}
-    start = _counters()
-    _references(ctx, state, path)
-    base = state.get("base")
-    target = float(s.target_asr) if s.target_asr is not None else base["asr"]["rate"]
-    rule = screen_rule(state, target, s)
-    _screen_all(ctx, state, path, edit_for, chosen_from + compared, first_block)
-    passing = [c for c in chosen_from if rule.passes(state["screen"][c.key])]
-    # passing candidates smallest first; then, should none of them reach the target, the best-rated rest
-    rest = sorted(
-        (c for c in chosen_from if c not in passing), key=lambda c: (rule.rank(state["screen"][c.key]), c.scale)
-    )
-    confirmed, rejected = _confirm(ctx, state, path, edit_for, passing + rest, target)
-    spent = _counters()
-    cost = state.setdefault("cost", {})
-    for k, v in spent.items():
-        cost[k] = round(cost.get(k, 0) + v - start[k], 1)
-    cost["calls"] = cost.get("calls", 0) + 1
-    artifacts.write_json(path, state)
+    return state
+
+
+def _summary(
+    ctx: CurveContext,
+    state: dict[str, Any],
+    rule: ScreenRule,
+    target: float,
+    chosen_from: list[Candidate],
+    compared: list[Candidate],
+    passing: list[Candidate],
+    confirmed: list[dict[str, Any]],
+    rejected: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What :func:`search_edits` returns: the references, the screen and its rule, the confirmations,
+    the chosen edit, the cost, the budgets and the prompts."""
+    s, base = ctx.spec, state.get("base")
 
     def screened(c: Candidate) -> dict[str, Any]:
         return {**state["screen"][c.key], "predicted_asr": rule.predicted_asr(state["screen"][c.key])}
@@ -395,3 +371,51 @@ def search_edits(
         "prompts": ctx.data.info,
         "max_new_tokens": ctx.max_new_tokens,
     }
+
+
+def search_edits(
+    ctx: CurveContext,
+    edit_for: Callable[[Candidate], Any],
+    chosen_from: list[Candidate],
+    compared: list[Candidate],
+    path: Path,
+    first_block: int = 0,
+) -> dict[str, Any]:
+    """Run the search of this module, resumable from ``path``; ``compared`` are screened for the record
+    but never chosen (the plain edit of a pruned variant whose zeros are kept). ``edit_for(c)`` edits
+    the owner's model; no candidate edits a block before ``first_block``."""
+    s = ctx.spec
+    settings = {
+        **ctx.settings(),
+        "measures": CURVE_MEASURES,
+        "candidates": [c.key for c in chosen_from],
+        "compared": [c.key for c in compared],
+        "screen": {"score": "first-token refusal log-odds", "rule": "calibrated", "slack": s.screen_slack},
+        "confirm": s.confirm,
+    }
+    # the screen depends on fewer settings than generation: screens stay valid when only those change
+    screen_settings = {
+        "prompts": ctx.data.info,
+        "system_prompt": ctx.cfg.system_prompt,
+        "score": "first-token refusal log-odds",
+    }
+    state = _load_state(path, settings, screen_settings)
+    start = _counters()
+    _references(ctx, state, path)
+    base = state.get("base")
+    target = float(s.target_asr) if s.target_asr is not None else base["asr"]["rate"]
+    rule = screen_rule(state, target, s)
+    _screen_all(ctx, state, path, edit_for, chosen_from + compared, first_block)
+    passing = [c for c in chosen_from if rule.passes(state["screen"][c.key])]
+    # passing candidates smallest first; then, should none of them reach the target, the best-rated rest
+    rest = sorted(
+        (c for c in chosen_from if c not in passing), key=lambda c: (rule.rank(state["screen"][c.key]), c.scale)
+    )
+    confirmed, rejected = _confirm(ctx, state, path, edit_for, passing + rest, target)
+    spent = _counters()
+    cost = state.setdefault("cost", {})
+    for k, v in spent.items():
+        cost[k] = round(cost.get(k, 0) + v - start[k], 1)
+    cost["calls"] = cost.get("calls", 0) + 1
+    artifacts.write_json(path, state)
+    return _summary(ctx, state, rule, target, chosen_from, compared, passing, confirmed, rejected)

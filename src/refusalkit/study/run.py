@@ -29,6 +29,7 @@ from refusalkit.core import artifacts
 from refusalkit.core.config import Config
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
+from refusalkit.study.report.load import direction_moved
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +135,6 @@ def needs_repair(policy: str, method: str | None, compare: dict[str, Any] | None
     if compare is None:
         return False
     return direction_moved(compare, moved_cosine)
-
-
-def direction_moved(compare: dict[str, Any], moved_cosine: float) -> bool:
-    """Source shifted (beyond noise when the base selection's stability was recorded), or the cosine at
-    the base source below its noise floor; without a floor, the selected cosine below ``moved_cosine``."""
-    if compare.get("moved") is not None:
-        return bool(compare["source_shifted"] or compare["moved"])
-    return bool(compare["source_shifted"] or compare["cosine_selected"] < moved_cosine)
 
 
 class Runner:

@@ -140,7 +140,7 @@ def plot_sweep(state: dict[str, Any], points: list[dict[str, Any]], out_dir: Pat
 
 
 def _broken(state: dict[str, Any], r: dict[str, Any]) -> bool:
-    from refusalkit.study.sweep import point_broken
+    from refusalkit.study.report.load import point_broken
 
     return point_broken(r, state.get("base") or {}) is not None
 

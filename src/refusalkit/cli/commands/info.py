@@ -6,9 +6,36 @@ import argparse
 
 
 def config(args: argparse.Namespace) -> int:
-    from refusalkit.core.settings import default_config_text
+    from refusalkit.core.errors import UserError
+    from refusalkit.core.settings import default_config_text, describe, shipped
 
+    if getattr(args, "list", False):
+        for name, path in sorted(shipped("run").items()):
+            print(f"{name:20s} {describe(path)}")
+        return 0
+    if getattr(args, "show", False):
+        import yaml
+
+        from refusalkit.cli.settings import require_run
+        from refusalkit.core.layout import RunLayout
+        from refusalkit.core.settings import load_config
+
+        if not args.run:
+            raise UserError("config --show needs --run DIR (the run whose resolved configuration to print)")
+        layout = RunLayout(args.run)
+        require_run(layout)
+        print(yaml.safe_dump(load_config(files=[layout.config]).to_dict(), sort_keys=False), end="")
+        return 0
     print(default_config_text(), end="")
+    return 0
+
+
+def list_sweeps() -> int:
+    """``refusalkit sweep --list``: the shipped sweep files, one a line."""
+    from refusalkit.core.settings import describe, shipped
+
+    for name, path in sorted(shipped("sweep").items()):
+        print(f"{name:20s} {describe(path)}")
     return 0
 
 

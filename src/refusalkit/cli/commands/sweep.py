@@ -8,9 +8,15 @@ from refusalkit.cli.settings import asked_to_create, command_config
 
 
 def run(args: argparse.Namespace) -> int:
+    from refusalkit.cli.commands.info import list_sweeps
+    from refusalkit.core.errors import UserError
     from refusalkit.study.executors import make_executor
     from refusalkit.study.sweep import build_points, default_name, parse_items, read_grid, run_sweep, sweep_path
 
+    if args.list:
+        return list_sweeps()
+    if not args.run:
+        raise UserError("sweep needs --run DIR (the run directory whose base model the points compress)")
     grid = read_grid(args.grid) if args.grid else {}
 
     def pick(key: str) -> str | None:  # a flag wins over the grid file

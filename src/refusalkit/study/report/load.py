@@ -160,12 +160,10 @@ class Variant:
         return False if self.kind == "base" else (self.compare or {}).get("source_shifted")
 
     def moved(self, threshold: float = KEPT_COSINE) -> bool | None:
-        """Did the direction move (:func:`refusalkit.study.run.direction_moved`: beyond noise when the
+        """Did the direction move (:func:`direction_moved`: beyond noise when the
         comparison has a noise floor, else source shifted or cosine below ``threshold``)? ``None``: not compared."""
         if self.kind == "base":
             return False
-        from refusalkit.study.run import direction_moved
-
         c = self.compare or {}
         if c.get("moved") is None and (self.shifted is None or self.cosine_selected is None):
             return None  # not compared, or compared without a selection and without a noise floor
@@ -246,6 +244,20 @@ class Run:
     def broken(self, v: Variant) -> str | None:
         """Why ``v`` is broken (its ASR says nothing about safety), or ``None``."""
         return broken_reason(self.base.perplexity, v.perplexity, v.degenerate_rate)
+
+
+def direction_moved(compare: dict[str, Any], moved_cosine: float) -> bool:
+    """Source shifted (beyond noise when the base selection's stability was recorded), or the cosine at
+    the base source below its noise floor; without a floor, the selected cosine below ``moved_cosine``."""
+    if compare.get("moved") is not None:
+        return bool(compare["source_shifted"] or compare["moved"])
+    return bool(compare["source_shifted"] or compare["cosine_selected"] < moved_cosine)
+
+
+def point_broken(rec: dict[str, Any], base: dict[str, Any]) -> str | None:
+    """Why a sweep point's record ``rec`` (or the base summary ``base``'s) is BROKEN, by the report's
+    rule (:func:`broken_reason`); or None."""
+    return broken_reason(base.get("perplexity"), rec.get("perplexity"), rec.get("degenerate"))
 
 
 def setting_key(v: Variant) -> str | None:

@@ -30,9 +30,13 @@ def write_figures(layout: RunLayout, figures: list[Figure]) -> None:
 def write_report(root: str | Path) -> dict[str, Any]:
     """Write ``DIR/report.md`` (plots in ``DIR/report_files/``) and a self-contained ``DIR/report.html``.
 
-    Returns ``{"md", "html", "variants", "findings"}``: the two paths, the variants in report order
-    and the findings (``id``, ``claim``, ``verdict``, ``evidence``).
+    Also writes ``DIR/results.json`` and ``DIR/results.csv`` (:mod:`~refusalkit.study.report.results`).
+    Returns ``{"md", "html", "results", "variants", "findings"}``: the three paths, the variants in
+    report order and the findings (``id``, ``claim``, ``verdict``, ``evidence``).
     """
+    from refusalkit.study.report.results import build_results, write_results
+    from refusalkit.study.report.verdicts import verdict_sentences
+
     layout = RunLayout(root)
     run = load_run(layout)
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -41,9 +45,11 @@ def write_report(root: str | Path) -> dict[str, Any]:
     md, page = layout.report_md, layout.report_html
     artifacts.write_text(md, render_md(blocks))
     artifacts.write_text(page, render_html(blocks, f"refusalkit report: {run.model}"))
+    write_results(run, build_results(run, findings, verdict_sentences(run), generated))
     return {
         "md": str(md),
         "html": str(page),
+        "results": str(layout.results_json),
         "variants": [v.name for v in run.variants],
         "findings": [f.to_json() for f in findings],
     }
