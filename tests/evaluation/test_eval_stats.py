@@ -399,9 +399,12 @@ def test_paired_effect_difference_by_hand():
     assert res["difference"] == pytest.approx(0.25) and res["p"] == 1.0 and res["n"] == 4
     assert (res["effect_a"], res["effect_b"], res["weaker_in_b"], res["stronger_in_b"]) == (0.5, 0.25, 1, 0)
     lo, hi = res["ci95"]
-    assert 0.0 <= lo <= 0.25 <= hi <= 0.75
+    assert lo < 0.0 < 0.25 < hi <= 0.75  # four prompts and the two pseudo-prompts
+    agree = paired_effect_difference(before_a, after_a, before_a, after_a)  # the same flips in both models
+    assert agree["difference"] == 0.0 and agree["ci95"][0] < 0 < agree["ci95"][1]  # not the point [0, 0]
     # 20 prompts all flipped in A and none in B: sign test p = 2 / 2^20
     flipped = paired_effect_difference({i: True for i in range(20)}, {i: False for i in range(20)},
                                        {i: True for i in range(20)}, {i: True for i in range(20)})  # fmt: skip
-    assert flipped["difference"] == 1.0 and flipped["p"] == pytest.approx(2 / 2**20) and flipped["ci95"] == [1.0, 1.0]
+    assert flipped["difference"] == 1.0 and flipped["p"] == pytest.approx(2 / 2**20)
+    assert 0.6 < flipped["ci95"][0] < 1.0 == flipped["ci95"][1]
     assert paired_effect_difference({}, {}, {}, {})["difference"] is None

@@ -767,19 +767,25 @@ def test_f1_and_f2_by_behaviour_on_held_out_prompts(run_dir: Path) -> None:
 
     own = {"harmful_baseline": 28, "ablated:own": 2, "harmless_baseline": 0, "added:own": 24}
     _control(run_dir, "base", own)
-    # llm-int8 (cosine 0.998): the base direction's ablation leaves 3 refusals instead of 2, its addition
-    # makes 23 instead of 24: a loss of one prompt each (+3 pt), bootstrap bound inside the 10-pt margin
-    _control(run_dir, "llm-int8", {**own, "ablated:base": 3, "added:base": 23})
+    # llm-int8 (cosine 0.998): the base direction flips the same prompts as on the base model; the interval of a
+    # loss with every prompt in agreement is not the point [0, 0] (one pseudo-prompt each way): bound +9 pt
+    _control(run_dir, "llm-int8", {**own, "ablated:base": 2, "added:base": 24})
     _control(run_dir, "wanda-0.5", {**own, "ablated:base": 20, "added:base": 6})
     run = load_run(RunLayout(run_dir))
     c = controls(run.get("wanda-0.5"), "own")
     assert c.verdict == "holds" and c.text.startswith("ablation 88%→6% on 32 harmful (p = 3.0e-08, holds)")
     state, text = kept_in_function(run, run.get("llm-int8"))
-    assert state == "holds" and "loss +3 pt [+0, +9]" in text and "margin 10 pt" in text
+    assert state == "holds" and "loss +0 pt [-9, +9]" in text and "margin 10 pt" in text
     state, text = kept_in_function(run, run.get("wanda-0.5"))  # 18 and 18 prompts no longer flipped
     assert state == "fails" and "ablation effect 81 pt on the base model, 25 pt here: loss +56 pt" in text
     md = render_md(build_report(run, "now")[0])
     assert findings(md)["F1"] == "holds" and findings(md)["F2"] == "holds"
+    # one prompt of 32 no longer flipped: +3 pt [-6, +12], undecided against the 10-point margin
+    _control(run_dir, "llm-int8", {**own, "ablated:base": 3, "added:base": 24})
+    again = load_run(RunLayout(run_dir))
+    state, text = kept_in_function(again, again.get("llm-int8"))
+    assert state == "undecided" and "loss +3 pt [-6, +12]" in text
+    _control(run_dir, "llm-int8", {**own, "ablated:base": 2, "added:base": 24})
     assert "magnitude-0.7: single_direction in its comparison record (yes; not by behaviour on held-out prompts)" in md
     assert "## Control by behaviour" in md and "- wanda-0.5 (32 + 32 test prompts): own direction: ablation" in md
     # a high cosine that no longer controls: F2 fails although the direction kept its form

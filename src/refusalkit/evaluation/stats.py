@@ -390,7 +390,10 @@ def paired_effect_difference(
 
     * ``difference``: the mean of ``e_A − e_B``, the loss of effect (positive: weaker in B);
     * ``ci95``: a percentile bootstrap over prompts (``resamples``, seeded), which keeps every
-      prompt's four outcomes together;
+      prompt's four outcomes together, of the losses padded with one pseudo-prompt each way (+1 and
+      −1; in the spirit of Agresti & Min 2005's adjustment of the paired Wald interval), so that
+      prompts that all agree give an interval of the width such agreement allows, not the point
+      [0, 0];
     * ``p``: the exact two-sided sign test on the prompts whose effects differ;
     * ``effect_a`` / ``effect_b``: the two mean effects.
     """
@@ -404,8 +407,9 @@ def paired_effect_difference(
     ea = np.array([float(before_a[k]) - float(after_a[k]) for k in keys])
     eb = np.array([float(before_b[k]) - float(after_b[k]) for k in keys])
     loss = ea - eb
+    padded = np.concatenate([loss, [1.0, -1.0]])
     rng = np.random.default_rng(seed)
-    means = loss[rng.integers(n, size=(resamples, n))].mean(1)
+    means = padded[rng.integers(n + 2, size=(resamples, n + 2))].mean(1)
     pos, neg = int((loss > 0).sum()), int((loss < 0).sum())
     out.update(
         difference=float(loss.mean()),
