@@ -211,7 +211,7 @@ def _run(sub: Any) -> None:
         choices=("auto", "full", "cpu", "quick"),
         default="auto",
         help="settings under the config file and --set: full (the configured defaults: four variants, "
-        "paper-sized prompt counts), cpu (about an hour on 2 cores for the default model), "
+        "paper-sized prompt counts), cpu (the default model's study in about 25 minutes on 2 AVX-512 cores), "
         "quick (a smoke run); auto (default): cpu without a GPU, else full",
     )
     r.add_argument("--quick", action="store_true", help="the same as --profile quick")

@@ -181,8 +181,8 @@ def compression_draws(run: Run) -> list[str]:
     if not out and any(_calibrated(v) for v in run.variants):
         out.append(
             "Each calibrated variant was compressed at one calibration seed (run.draws 1), so its verdicts "
-            "describe that draw, not the setting: on the default model, Wanda 50% gave 42–65% vanilla ASR "
-            "across five seeds (docs/verdicts.md, Compression draws). --draws N counts N draws in every verdict."
+            "describe that draw, not the setting: on the default model, Wanda 50% gave 41–63% vanilla ASR "
+            "across five seeds (0.7.6, docs/results.md). --draws N counts N draws in every verdict."
         )
     return out
 
