@@ -39,7 +39,6 @@ from refusalkit.core.layout import RunLayout, prepare
 from refusalkit.core.manifest import update_manifest
 from refusalkit.core.progress import Progress
 
-PLAIN = ("harmful_baseline", "harmless_baseline")
 VALIDATION_CONDITIONS = {"harmful_ablated": "ablated:own", "harmless_added": "added:own"}
 
 

@@ -178,20 +178,13 @@ def compression_draws(run: Run) -> list[str]:
             )
             + tail
         )
-    if not out and any(_calibrated(v) for v in run.variants):
+    if not out and any(v.calibrated for v in run.variants):
         out.append(
             "Each calibrated variant was compressed at one calibration seed (run.draws 1), so its verdicts "
             "describe that draw, not the setting: on the default model, Wanda 50% gave 41–63% vanilla ASR "
             "across five seeds (0.7.6, docs/results.md). --draws N counts N draws in every verdict."
         )
     return out
-
-
-def _calibrated(v: Any) -> bool:
-    from refusalkit.compress.methods import METHODS
-
-    m = METHODS.get((v.compression or {}).get("method") or "")
-    return v.kind not in ("base", "repaired") and m is not None and m.needs_calibration
 
 
 def _draw_cost(run: Run, group: list[Any]) -> str:

@@ -107,6 +107,14 @@ class Variant:
             return self.repair.get("method")
         return (self.compression or {}).get("method")
 
+    @property
+    def calibrated(self) -> bool:
+        """A compressed variant made by a method that draws calibration data (its seed is its draw)."""
+        from refusalkit.compress.methods import METHODS
+
+        m = METHODS.get((self.compression or {}).get("method") or "")
+        return self.kind not in ("base", "repaired") and m is not None and m.needs_calibration
+
     def attack(self, attack: str) -> dict[str, Any] | None:
         """The ASR record (rate, k, n, ci95) of ``attack``, or ``None`` when it was not run."""
         rec = self.asr.get(attack)

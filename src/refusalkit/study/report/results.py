@@ -39,19 +39,16 @@ def _number(x: Any) -> float | None:
 
 def variant_record(run: Run, v: Variant) -> dict[str, Any]:
     """One variant's row of the report's table, as numbers (None: not measured)."""
-    from refusalkit.compress.methods import METHODS
-
     d = v.direction or {}
     comp = v.compression or {}
     spec = comp.get("spec") if isinstance(comp.get("spec"), dict) else {}
-    calibrated = getattr(METHODS.get(comp.get("method") or ""), "needs_calibration", False)
     return {
         "name": v.name,
         "kind": v.kind,
         "method": v.method,
         "sparsity": _number(comp.get("sparsity")) if v.kind not in ("base", "repaired") else None,
         "bits": comp.get("bits"),
-        "calibration_seed": spec.get("seed") if calibrated else None,
+        "calibration_seed": spec.get("seed") if v.calibrated else None,
         "repaired_from": (v.repair or {}).get("source_variant"),
         "source": {"layer": int(d["layer"]), "position": int(d["position"])} if "layer" in d else None,
         "cosine_selected": _number(v.cosine_selected),
