@@ -115,3 +115,38 @@ def test_run_exits_1_and_lists_the_failed_stage(tmp_path, monkeypatch, capsys, o
     assert "| magnitude-0.5 |" in captured.out  # the report is still written and shown
     state = json.loads(Path("run/run.json").read_text())
     assert state["failed"] == ["magnitude-0.5+aird-paper/repair", "magnitude-0.5+aird/repair"]
+
+
+def test_orthogonalize_force_replaces_a_model_folder_only(tmp_path, tokenizer, capsys, one_thread):
+    """--out that holds a model (config.json) is refused, with a hint, unless --force, which replaces it
+    whole; any other non-empty folder is refused even with --force, and left as it was."""
+    from safetensors.torch import load_file
+
+    from conftest import hidden_files, make_tiny_run
+
+    root, _ = make_tiny_run(tmp_path, tokenizer)
+    out = tmp_path / "ortho"
+    out.mkdir()  # an empty folder is fine without --force
+    argv = ["-q", "orthogonalize", "--run", str(root), "--out", str(out)]
+    with one_thread():
+        assert main(argv) == 0
+        capsys.readouterr()
+        first = load_file(str(out / "model.safetensors"))
+        (out / "stale.txt").write_text("from an older model")
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not empty" in err[0] and "give --force to replace the model" in err[0]
+        assert (out / "stale.txt").exists()
+        assert main([*argv, "--force"]) == 0
+    assert "orthogonalized model written to" in capsys.readouterr().out
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()  # replaced, not merged
+    again = load_file(str(out / "model.safetensors"))
+    assert again.keys() == first.keys() and all((again[k] == first[k]).all() for k in first)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["-q", "orthogonalize", "--run", str(root), "--out", str(other), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not empty" in err[0] and "--force" not in err[0]
+    assert [p.name for p in other.iterdir()] == ["notes.txt"] and (other / "notes.txt").read_text() == "mine"
+    assert not hidden_files(tmp_path)  # no temporary folder left beside --out

@@ -51,3 +51,104 @@ def test_shipped_configurations_by_name(capsys, tmp_path):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, (argv, err)
     assert not (tmp_path / "r").exists()
+
+
+RUN_COMMANDS = ("extract", "orthogonalize", "compress", "evaluate", "compare", "repair", "run", "report", "sweep")
+CREATES = ("extract", "compress", "evaluate", "run", "sweep")  # may start a run directory
+
+
+def _subparsers():
+    import argparse
+
+    from refusalkit.cli.parser import build_parser
+
+    p = build_parser()
+    (sub,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_command_that_touches_a_run_shares_one_grammar():
+    subs = _subparsers()
+    for name in RUN_COMMANDS:
+        flags = {o: a for a in subs[name]._actions for o in a.option_strings}
+        for flag in ("--run", "--config", "--set", "--force", "-q", "-v"):
+            assert flag in flags, (name, flag)
+        assert flags["--run"].required == (name not in ("run", "sweep")), name  # sweep --list needs no run
+        assert flags["--set"].help.startswith("any setting"), name
+        assert ("--profile" in flags) == (name in CREATES), name
+        if name in CREATES:
+            assert flags["--profile"].choices == ("auto", "full", "cpu", "quick")
+
+
+def test_cli_page_is_generated_from_the_parser():
+    """docs/cli.md shows each command's flags with the help and defaults --help prints (regenerate with
+    python -m refusalkit.cli.reference > docs/cli.md)."""
+    from pathlib import Path
+
+    from refusalkit.cli.reference import reference
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+    assert page.read_text(encoding="utf-8") == reference()
+
+
+def test_help_shows_the_defaults_the_code_uses():
+    """Every "[default: X; cpu profile: Y]" of a generated flag is the field's default and the profile's
+    value; every "(default N)" of another flag is its argparse default or the method's own default."""
+    import re
+
+    from refusalkit.cli.parser import CONFIG_DEST, _show, config_fields
+    from refusalkit.compress.job import CompressSpec
+    from refusalkit.core.config import CompressConfig
+    from refusalkit.core.profiles import PROFILES
+
+    defaults = {dotted: default for dotted, _, default in config_fields()}
+    checked = 0
+    for name, sub in _subparsers().items():
+        for a in sub._actions:
+            text = " ".join((a.help or "").replace("%%", "%").split())
+            if a.dest.startswith(CONFIG_DEST):
+                dotted = a.dest[len(CONFIG_DEST) :]
+                shown = dict(part.split(": ", 1) for part in re.search(r"\[(default: .*)\]$", text)[1].split("; "))
+                assert shown.pop("default") == _show(defaults[dotted]), (name, dotted)
+                for profile, value in shown.items():
+                    assert value == _show(PROFILES[profile.removesuffix(" profile")][dotted]), (name, dotted)
+                checked += 1
+                continue
+            for said in re.findall(r"\(default (-?[0-9.]+)\)", text):
+                if a.default is not None:
+                    assert float(said) == float(a.default), (name, a.dest)
+                elif a.dest == "sparsity":
+                    assert float(said) == float(CompressSpec.from_config("wanda", CompressConfig()).sparsity)
+                elif a.dest == "bits":
+                    assert float(said) == float(CompressSpec.from_config("awq", CompressConfig()).bits)
+                else:
+                    raise AssertionError(f"{name} {a.dest}: help names a default the code does not have")
+                checked += 1
+    assert checked > 80
+
+
+def test_evaluate_on_a_new_run_uses_the_profile_run_uses(tmp_path):
+    """On a CPU, evaluate on a new directory measures with the cpu profile (vanilla only, 32 tokens, the
+    profile's prompt counts), as refusalkit run does; an existing run keeps its recorded settings."""
+    import torch
+
+    from refusalkit.cli.parser import build_parser
+    from refusalkit.cli.settings import command_config
+    from refusalkit.core.layout import prepare
+    from refusalkit.core.profiles import PROFILES, resolve_profile
+    from refusalkit.core.settings import load_config
+    from refusalkit.study.run import attacks_for
+
+    if torch.cuda.is_available():
+        pytest.skip("the auto profile is full on a GPU machine")
+    args = build_parser().parse_args(["evaluate", "--run", str(tmp_path / "new"), "--model", "smollm2-135m"])
+    cfg, _ = command_config(args, may_create=True)
+    run_cfg = load_config(None, {"model": "smollm2-135m"}, profile=PROFILES[resolve_profile("auto", "auto")])
+    run_cfg.evaluation.attacks = attacks_for(run_cfg, gpu=False)
+    assert cfg.evaluation == run_cfg.evaluation
+    assert cfg.evaluation.attacks == ["vanilla"] and cfg.evaluation.max_new_tokens == "32"
+    full = build_parser().parse_args(["evaluate", "--run", str(tmp_path / "f"), "--model", "x/y", "--profile", "full"])
+    assert command_config(full, may_create=True)[0].evaluation.attacks == ["vanilla", "decoding", "suffix"]
+    prepare(load_config(None, {"model": "smollm2-135m"}), tmp_path / "old", force=False)  # made with the defaults
+    old = build_parser().parse_args(["evaluate", "--run", str(tmp_path / "old")])
+    assert command_config(old)[0].evaluation.attacks == ["vanilla", "decoding", "suffix"]

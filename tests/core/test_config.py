@@ -272,7 +272,7 @@ def test_shipped_paper_configs_load(name, caplog, recwarn):
     import yaml
 
     from refusalkit.compress.job import CompressSpec
-    from refusalkit.core.settings import LEGACY_KEYS, REMOVED_KEYS
+    from refusalkit.core.migrate import LEGACY_KEYS, REMOVED_KEYS
     from refusalkit.evaluation.job import task_names
     from refusalkit.evaluation.utility import resolve_tasks
 

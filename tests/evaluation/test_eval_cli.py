@@ -15,6 +15,8 @@ from conftest import hidden_files
 pytestmark = pytest.mark.integration
 
 SMALL = [
+    "--profile",  # the configured defaults (three attacks), not the cpu profile a new run gets without a GPU
+    "full",
     "--model",
     "smollm2-135m",
     "--n-train",

@@ -8,12 +8,18 @@ import argparse
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import fields
-from typing import Any
+from typing import Any, NoReturn
 
 from refusalkit import __version__
 from refusalkit.core.config import Config
 
-CONFIG_DEST = "cfg:"  # prefix of the argparse dest of a flag that sets a configuration field
+CONFIG_DEST = "cfg:"
+PROFILE_CHOICES = (
+    "auto",
+    "full",
+    "cpu",
+    "quick",
+)  # prefix of the argparse dest of a flag that sets a configuration field
 
 
 def config_fields(obj: Any = None, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
@@ -27,14 +33,21 @@ def config_fields(obj: Any = None, prefix: str = "") -> Iterator[tuple[str, data
             yield f"{prefix}{f.name}", f, value
 
 
-def _help(f: dataclasses.Field, default: Any) -> str:
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _help(f: dataclasses.Field, default: Any, dotted: str) -> str:
+    """The field's help, its choices, its default and, where a profile changes it, the profile's value."""
+    from refusalkit.core.profiles import PROFILES
+
     text = f.metadata.get("help", "")
     choices = f.metadata.get("choices")
     if choices and "," not in text:
         text += f" One of: {', '.join(map(str, choices))}."
-    if isinstance(default, list):
-        default = ",".join(map(str, default))
-    return f"{text} [default: {default}]".replace("%", "%%")
+    shown = [f"default: {_show(default)}"]
+    shown += [f"{name} profile: {_show(p[dotted])}" for name, p in PROFILES.items() if dotted in p]
+    return f"{text} [{'; '.join(shown)}]".replace("%", "%%")
 
 
 def add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
@@ -45,9 +58,11 @@ def add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         dest = CONFIG_DEST + dotted
         if str(f.type).startswith("bool"):
-            p.add_argument(flag, dest=dest, default=None, action=argparse.BooleanOptionalAction, help=_help(f, default))
+            p.add_argument(
+                flag, dest=dest, default=None, action=argparse.BooleanOptionalAction, help=_help(f, default, dotted)
+            )
         else:
-            p.add_argument(flag, dest=dest, default=None, metavar=f.name.upper(), help=_help(f, default))
+            p.add_argument(flag, dest=dest, default=None, metavar=f.name.upper(), help=_help(f, default, dotted))
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,16 +90,29 @@ def set_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+PROFILE_HELP = (
+    "the settings a new run directory starts from, under the config file, flags and --set: full (the "
+    "configured defaults: paper-sized prompt counts, four variants), cpu (the default model's study in about "
+    "25 minutes on 2 AVX-512 cores), quick (a smoke run); auto (default): cpu without a GPU, else full. "
+    "An existing run keeps the settings it was made with"
+)
+
+
 def _common(
     p: argparse.ArgumentParser,
     *,
     run_required: bool = True,
     variant: str | None = "base",
-    config: bool = True,
-    force: str | None = None,
-    set_example: str | None = None,
+    force: str,
+    set_example: str = "device=cpu",
+    profile: bool = False,
+    run_help: str = "run directory",
+    config_help: str | None = None,
 ) -> None:
-    p.add_argument("--run", required=run_required, help="run directory")
+    """The flags every command that reads or writes a run shares, with one meaning: ``--run DIR``,
+    ``--config FILE`` (over the run's config.yaml), ``--set KEY=VALUE`` (over both), ``--force``
+    (redo what exists), and, where the command may create the run, ``--profile``."""
+    p.add_argument("--run", required=run_required, help=run_help)
     if variant is not None:
         p.add_argument(
             "--variant",
@@ -92,22 +120,22 @@ def _common(
             required=variant == "",
             help="model variant under DIR/<variant>/" + (f" (default: {variant})" if variant else ""),
         )
-    if config:
-        p.add_argument(
-            "--config",
-            help="YAML configuration layered over the run directory's config.yaml "
-            "(precedence: defaults < config.yaml < --config < flags and --set)",
-        )
-    if force:
-        p.add_argument("--force", action="store_true", help=force)
-    if set_example:
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help=f"any setting (see `refusalkit config`), e.g. {set_example}",
-        )
+    p.add_argument(
+        "--config",
+        help=config_help
+        or "YAML configuration layered over the run directory's config.yaml: a file, or the name of a shipped "
+        "one (refusalkit config --list); precedence: defaults < profile < config.yaml < --config < flags and --set",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"any setting (see `refusalkit config`), e.g. {set_example}",
+    )
+    p.add_argument("--force", action="store_true", help=force)
+    if profile:
+        p.add_argument("--profile", choices=PROFILE_CHOICES, default="auto", help=PROFILE_HELP)
 
 
 def _extract(sub: Any) -> None:
@@ -116,7 +144,7 @@ def _extract(sub: Any) -> None:
         help="extract, select and validate the refusal direction",
         description="Creates the run directory if needed; writes DIR/<variant>/direction/.",
     )
-    _common(e, force="recompute stages whose outputs exist", set_example="selection.screen_keep=20")
+    _common(e, force="recompute stages whose outputs exist", set_example="selection.screen_keep=20", profile=True)
     e.add_argument("--no-validation", action="store_true", help="skip validation by generation in this extraction")
     add_config_flags(e, "extract")
 
@@ -125,7 +153,7 @@ def _orthogonalize(sub: Any) -> None:
     o = sub.add_parser(
         "orthogonalize", help="save a copy of the model with the run's direction projected out of its weights"
     )
-    _common(o)
+    _common(o, force="replace --out when it holds a model already (any other non-empty folder is refused)")
     o.add_argument("--out", required=True, help="output folder for the orthogonalized model (new or empty)")
 
 
@@ -142,6 +170,7 @@ def _compress(sub: Any) -> None:
         variant=None,
         force="redo an existing variant (its old analyses are discarded)",
         set_example="compress.n_calibration=64",
+        profile=True,
     )
     c.add_argument(
         "--method",
@@ -164,7 +193,7 @@ def _evaluate(sub: Any) -> None:
         "to DIR/<variant>/eval/. Finished work is skipped; an interrupted run resumes. "
         "A new run directory is created only when --model or --config is given.",
     )
-    _common(v, force="redo finished evaluations", set_example="evaluation.gcg_topk=128")
+    _common(v, force="redo finished evaluations", set_example="evaluation.gcg_topk=128", profile=True)
     v.add_argument("--utility", action="store_true", help="also zero-shot accuracy (lm-eval) and perplexity")
     add_config_flags(v, "evaluate")
 
@@ -177,7 +206,7 @@ def _compare(sub: Any) -> None:
         "cosines (selected, at the base source, by layer, layer x layer) and the direction's "
         "quality on the variant. Both directions must have been extracted.",
     )
-    _common(m, variant="", force="recompute an existing comparison")
+    _common(m, variant="", force="recompute an existing comparison", set_example="noise_resamples=100")
     m.add_argument("--no-quality", action="store_true", help="skip scoring the base direction on the variant model")
 
 
@@ -204,18 +233,23 @@ def _run(sub: Any) -> None:
         description="Takes the configured model from nothing to DIR/report.html. Every stage skips what "
         "is done, so an interrupted run resumes. Exits 1 when a stage failed (listed).",
     )
-    r.add_argument("--config", help="YAML configuration (default: the built-in defaults, the embedded default model)")
-    r.add_argument("--run", default=None, help="run directory (default runs/<config name> or runs/default)")
-    r.add_argument(
-        "--profile",
-        choices=("auto", "full", "cpu", "quick"),
-        default="auto",
-        help="settings under the config file and --set: full (the configured defaults: four variants, "
-        "paper-sized prompt counts), cpu (the default model's study in about 25 minutes on 2 AVX-512 cores), "
-        "quick (a smoke run); auto (default): cpu without a GPU, else full",
+    _common(
+        r,
+        run_required=False,
+        variant=None,
+        force="redo every stage, replacing what exists (without it, finished stages are kept and a run resumes)",
+        set_example="run.repair=all",
+        profile=True,
+        run_help="run directory (default runs/<config name>, or runs/default; with --profile P: runs/<name>-P)",
+        config_help="YAML configuration: a file, or the name of a shipped one (refusalkit config --list); "
+        "default: the built-in defaults and the embedded default model",
     )
     r.add_argument("--quick", action="store_true", help="the same as --profile quick")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. run.repair=all")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (stages, models, prompt counts, extras, estimated time and disk) and write nothing",
+    )
     add_config_flags(r, "run")
 
 
@@ -229,7 +263,15 @@ def _sweep(sub: Any) -> None:
         "perplexity), optionally repaired. Finished stages are reused, so an interrupted sweep resumes. "
         "Writes DIR/sweep/<name>.json, .md and plots.",
     )
-    _common(w, run_required=False, variant=None, set_example="evaluation.n_prompts=100")
+    _common(
+        w,
+        run_required=False,
+        variant=None,
+        force="redo every point's stages (compression, direction, comparison, evaluation, repair) and replace "
+        "the sweep's record, even one made with another grid",
+        set_example="evaluation.n_prompts=100",
+        profile=True,
+    )
     w.add_argument("--list", action="store_true", help="the shipped sweep files (--grid NAME), one a line")
     w.add_argument(
         "--grid", help="a sweep file (YAML: method, sparsity, bits, calibration, name, ...; configs/sweeps/)"
@@ -286,8 +328,15 @@ def _verbosity(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (exit status 2), as every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="refusalkit",
         description="Refusal directions in chat LLMs and their compressed "
         "variants. Bad input exits 2, an interrupt 130.",
@@ -311,7 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tables, plots, verdicts and the paper's findings from what the other stages wrote; "
         "DIR/results.json (the report as data, results.schema.json) and DIR/results.csv (the variants' table).",
     )
-    rp.add_argument("--run", required=True, help="run directory")
+    _common(
+        rp,
+        variant=None,
+        force="accepted so that every command takes it; the report is always rebuilt from what the stages wrote",
+        set_example="verdict.asr_margin=0.03",
+    )
     rp.add_argument("--json", action="store_true", help="print results.json instead of the summary")
     cp = sub.add_parser(
         "config",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,14 @@ def digest(root: Path, files: list[Path]) -> str:
         return _sha256(files[0])
     lines = sorted((str(p.relative_to(root)), _sha256(p)) for p in files)
     return hashlib.sha256("".join(f"{h}  {rel}\n" for rel, h in lines).encode()).hexdigest()
+
+
+DEFAULT_CACHE_NAME = "qwen2.5-coder-0.5b-instruct-f32"  # the default model's converted folder in the cache
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$REFUSALKIT_CACHE`` or ``~/.cache/refusalkit``."""
+    return Path(os.environ.get("REFUSALKIT_CACHE", Path.home() / ".cache" / "refusalkit")).expanduser()
 
 
 _VERIFIED: dict[tuple[str, ...], str] = {}

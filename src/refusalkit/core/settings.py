@@ -1,10 +1,10 @@
 """Reading settings: a value checked against its field (types, lists, fixed choices), YAML files
-layered over the defaults, settings renamed since 0.1.0, and the commented default file."""
+layered over the defaults (older releases' settings migrated by :mod:`refusalkit.core.migrate`), and
+the commented default file."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -13,46 +13,7 @@ import yaml
 
 from refusalkit.core.config import Config, validate
 from refusalkit.core.errors import UserError
-
-# Settings renamed in 0.2.0: a run directory written by 0.1.0 still loads (dotted old -> dotted new).
-log = logging.getLogger(__name__)
-
-LEGACY_KEYS = {
-    "run.calibration": "compress.calibration",
-    "run.n_calibration": "compress.n_calibration",
-    "run.aird_alpha_scale": "repair.alpha_scale",
-    "run.aird_direction": "repair.direction",
-    "run.aird_placement": "repair.placement",
-    "run.aird_scales": "repair.scales",
-    "run.aird_search_prompts": "repair.search_prompts",
-}
-
-
-# Settings removed in 0.3.0: read from older config files and run directories, then ignored.
-REMOVED_KEYS = {
-    "run.aird_sparse": "the automatic repair of a pruned variant keeps its zeros (repair.keep_zeros)",
-    "run.aird_curve": "an automatic repair records its whole search; repair.curve measures a curve",
-}
-
-
-def _migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` (a nested mapping) with the keys of :data:`LEGACY_KEYS` moved to their new places and
-    those of :data:`REMOVED_KEYS` dropped."""
-    run = data.get("run")
-    if not isinstance(run, dict):
-        return data
-    data = {**data, "run": dict(run)}
-    if "aird_sparse" in data["run"]:  # written by 0.1.0 / 0.2.0: their <V>+aird changed every weight
-        data["repair"] = {"keep_zeros": False, **(data.get("repair") or {})}
-    for old, why in REMOVED_KEYS.items():
-        if data["run"].pop(old.split(".", 1)[1], None) is not None:
-            log.info("setting %s is no longer used: %s", old, why)
-    for old, new in LEGACY_KEYS.items():
-        key = old.split(".", 1)[1]
-        if key in data["run"]:
-            section, name = new.split(".")
-            data[section] = {**(data.get(section) or {}), name: data["run"].pop(key)}
-    return data
+from refusalkit.core.migrate import migrate_settings
 
 
 def _scalar(name: str, value: Any, t: str) -> Any:
@@ -105,7 +66,7 @@ def _check_type(name: str, value: Any, typ: Any, choices: tuple[Any, ...] | None
 
 def apply_settings(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     if not prefix:
-        data = _migrate(data)
+        data = migrate_settings(data)
     known = {f.name: f for f in fields(obj)}
     for key, value in data.items():
         k = key.replace("-", "_")

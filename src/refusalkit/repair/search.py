@@ -324,7 +324,8 @@ def _measure_points(
         bar.close()
 
 
-# What a curve point measures; curves cached by refusalkit 0.1.0 lack it (they measured an unedited model).
+# What a curve point measures (a key of the curve caches, recorded in repair.json's curve); a curve without it
+# measured an unedited model (0.1.0: refusalkit.core.migrate.stale_repair_curve).
 CURVE_MEASURES = "edited model"
 
 BUDGETS = (
@@ -341,7 +342,7 @@ def alpha_curve(
 ) -> dict[str, Any]:
     """Measure the base model (the target), the unrepaired variant and every scale; resumable
     (:meth:`RunLayout.curve`). ``edit_at(scale)`` edits the model the owner holds now."""
-    # "measures": curves cached by refusalkit 0.1.0 measured an unedited model; they lack this key and are redone
+    # "measures": a cached curve without it measured an unedited model; its settings differ, so it is measured again
     settings = {
         **ctx.settings(),
         "unit": unit,

@@ -29,81 +29,10 @@ from refusalkit.core import artifacts
 from refusalkit.core.config import Config
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
+from refusalkit.core.profiles import CPU, PROFILES, QUICK, resolve_profile  # noqa: F401 (re-exported)
 from refusalkit.study.report.load import direction_moved
 
 log = logging.getLogger(__name__)
-
-# A smoke run: every stage on few prompts (minutes on a laptop CPU). Intervals are wide.
-QUICK: dict[str, Any] = {
-    "n_train": 32,
-    "n_val": 8,
-    "n_test": 16,
-    "validation.max_new_tokens": 32,
-    "selection.screen_keep": 4,
-    "evaluation.n_prompts": 24,
-    "evaluation.n_harmless": 100,
-    "evaluation.max_new_tokens": "32",
-    "evaluation.utility_tasks": "offline",
-    "evaluation.utility_limit": 20,
-    "evaluation.ppl_tokens": 1024,
-    "run.variants": ["magnitude-0.5", "llm-int8"],
-    "compress.n_calibration": 8,
-    "run.attacks": "vanilla",
-    "repair.scales": [1.0, 4.0, 16.0],
-    "repair.search_prompts": 8,
-}
-
-# The default on a machine without a GPU: the whole study on the default model in 18 to 45 minutes
-# on 2 cores, depending on the CPU (README, "Measured on the default model"). What it trades off: one pruned and one quantized variant
-# instead of four; half the training prompts and a lighter selection (16 validation prompts, a
-# 2-prompt screen, 4 candidates scored in full); 16 calibration samples; variants' directions
-# judged by their selection scores, not by generation; 32-token completions on 100 harmful, 100
-# harmless and 120 borderline prompts;
-# perplexity instead of zero-shot accuracy (the offline suite is at chance on a 0.5B model);
-# 128 rows per forward instead of 64 (a decode step costs 17 instead of 25 ms a row here: the matrix
-# products of a small batch use the 2 cores poorly; README, "Changes");
-# the search over edits on 32 + 32 held-out prompts (first-token screen of the variant's form only, at
-# most 3 candidates generated); the repaired variants' candidates compared at the base source without a
-# selection of their own;
-# no adaptive attacker unless run.adaptive is true (then: the small decoding grid on 25 prompts, GCG on
-# 2 prompts + a universal suffix from 2, 10 steps of 16 candidates, the direction ablated on all 100).
-CPU: dict[str, Any] = {
-    "batch_size": 128,
-    "n_train": 64,
-    "n_val": 16,
-    "n_test": 32,
-    "validation.max_new_tokens": 32,
-    "selection.screen_prompts": 2,
-    "selection.screen_keep": 4,
-    "evaluation.n_prompts": 100,
-    "evaluation.n_harmless": 100,
-    "evaluation.max_new_tokens": "32",
-    "evaluation.utility_tasks": "none",
-    "evaluation.ppl_tokens": 2048,
-    "run.variants": ["wanda-0.5", "llm-int8"],
-    "compress.n_calibration": 16,
-    "run.validate_variants": False,
-    "run.select_repaired": False,  # a repair's candidates compared at the base source; no selection (~3 min each)
-    "repair.search_prompts": 32,
-    "repair.compare_forms": False,  # the plain edit's screens are for the record (README: what keeping zeros costs)
-    # the adaptive attacker (run.adaptive, opt-in on a CPU): the decoding attack on 25 prompts; GCG at
-    # 10 steps of 16 candidates (about 10 s a step here; 20 x 64 took 37 s a step, 37 minutes a model)
-    "evaluation.decoding_n_prompts": 25,
-    "evaluation.gcg_steps": "10",
-    "evaluation.gcg_search_width": "16",
-}
-
-# Profiles sit between the defaults and the config file: a file or --set value always wins.
-PROFILES: dict[str, dict[str, Any]] = {"full": {}, "cpu": CPU, "quick": QUICK}
-
-
-def resolve_profile(name: str, device: str) -> str:
-    """``auto``: ``cpu`` when the run will not use a GPU, else ``full`` (the configured defaults)."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "full" if torch.cuda.is_available() and device != "cpu" else "cpu"
 
 
 def attacks_for(cfg: Config, gpu: bool) -> list[str]:
@@ -140,8 +69,8 @@ def needs_repair(policy: str, method: str | None, compare: dict[str, Any] | None
 class Runner:
     """Runs the stages and keeps ``DIR/run.json`` (stage status, times, recorded failures)."""
 
-    def __init__(self, cfg: Config, root: Path, progress: bool, echo: Callable[[str], None]):
-        self.cfg, self.root, self.progress, self.echo = cfg, root, progress, echo
+    def __init__(self, cfg: Config, root: Path, progress: bool, echo: Callable[[str], None], force: bool = False):
+        self.cfg, self.root, self.progress, self.echo, self.force = cfg, root, progress, echo, force
         self.path = RunLayout(root).run_state
         self.state: dict[str, Any] = artifacts.read_json(self.path) if self.path.exists() else {}
         self.state.setdefault("stages", {})
@@ -169,20 +98,22 @@ class Runner:
 
 
 def _preflight(cfg: Config) -> list[Any]:
-    """What can fail before any work does: unknown methods, unknown tasks, lm-eval missing. The
-    variants' compression specs; ``evaluation.attacks`` is set from ``run.attacks``."""
+    """What can fail before any work does: unknown methods, unknown tasks, a missing optional package
+    (:mod:`refusalkit.core.extras`). The variants' compression specs; ``evaluation.attacks`` is set
+    from ``run.attacks``."""
     import torch
 
     from refusalkit.compress.job import CompressSpec
+    from refusalkit.core.extras import needed, require
     from refusalkit.evaluation.job import task_names
 
     specs = [CompressSpec.from_config(v, cfg.compress) for v in cfg.run.variants]
     cfg.evaluation.attacks = attacks_for(cfg, torch.cuda.is_available() and cfg.device != "cpu")
+    require(needed(cfg, utility=cfg.run.utility, methods=[s.method for s in specs]))
     if cfg.run.utility and task_names(cfg.evaluation.utility_tasks):
-        from refusalkit.evaluation.utility import _import_lm_eval, resolve_tasks
+        from refusalkit.evaluation.utility import resolve_tasks
 
         resolve_tasks(task_names(cfg.evaluation.utility_tasks))
-        _import_lm_eval()
     return specs
 
 
@@ -193,8 +124,10 @@ def run_all(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     profile: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Run every stage that is not done yet; return the report's summary (``profile``: recorded in run.json)."""
+    """Run every stage that is not done yet (``force``: every stage, replacing what exists); return the
+    report's summary (``profile``: recorded in run.json)."""
     from refusalkit.compress.job import run_compress
     from refusalkit.core.layout import prepare
     from refusalkit.direction.compare import run_compare
@@ -205,8 +138,8 @@ def run_all(
     root = Path(root)
     r = cfg.run
     specs = _preflight(cfg)
-    prepare(cfg, root, force=False)
-    run = Runner(cfg, root, progress, echo)
+    prepare(cfg, root, force=force)
+    run = Runner(cfg, root, progress, echo, force=force)
     if profile and profile != "as recorded":
         run.state["profile"] = profile
     for spec in specs if r.draws > 1 else []:
@@ -221,28 +154,32 @@ def run_all(
     t0 = time.time()
 
     def extract(v: str, validate: bool = True, select: bool = True) -> Any:
-        return run_extract(cfg, root, variant=v, progress=progress, validate=validate, select=select)
+        return run_extract(cfg, root, variant=v, progress=progress, validate=validate, select=select, force=force)
 
     def evaluate(v: str) -> Any:
-        return run_evaluate(cfg, root, v, utility_eval=r.utility, progress=progress)
+        return run_evaluate(cfg, root, v, utility_eval=r.utility, progress=progress, force=force)
 
     def control(v: str) -> Any:
         from refusalkit.direction.control import run_control
 
         if not cfg.validation.enabled:  # no held-out test split: F1 falls back to the selection scores
             return None
-        return run.stage(f"{v}/control", lambda: run_control(cfg, root, v, progress=progress), tolerate=True)
+        return run.stage(
+            f"{v}/control", lambda: run_control(cfg, root, v, progress=progress, force=force), tolerate=True
+        )
 
     run.stage("base/extract", lambda: extract("base"))
     control("base")
     variants: list[str] = []
     for spec in specs:
-        info = run.stage(f"{spec.variant}/compress", lambda s=spec: run_compress(cfg, root, s, progress=progress))
+        info = run.stage(
+            f"{spec.variant}/compress", lambda s=spec: run_compress(cfg, root, s, force=force, progress=progress)
+        )
         variants.append(info["variant"])
     compares: dict[str, Any] = {}
     for v in variants:
         run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
-        compares[v] = run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
+        compares[v] = run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v, force=force))
         control(v)
     for v in ["base", *variants]:
         run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
@@ -253,7 +190,7 @@ def run_all(
     ]
     for v in repaired:
         run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants, select=r.select_repaired))
-        run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
+        run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v, force=force))
         run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
     made = _other_draws(run, cfg, root, specs, variants, repaired, extract, evaluate, control)
     variants += made["variants"]
@@ -322,12 +259,13 @@ def _other_draws(
         chosen = transferred_repair(cfg, root, searched) if searched in repaired else None
         for other in others:
             info = run.stage(
-                f"{other.variant}/compress", lambda s=other: run_compress(cfg, root, s, progress=run.progress)
+                f"{other.variant}/compress",
+                lambda s=other: run_compress(cfg, root, s, force=run.force, progress=run.progress),
             )
             v = info["variant"]
             made["variants"].append(v)
             run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants))
-            run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v))
+            run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v, force=run.force))
             control(v)
             run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
             if chosen is None:
@@ -335,7 +273,7 @@ def _other_draws(
             name = repair_name(v)
 
             def transfer(v: str = v, name: str = name, chosen: Any = chosen, searched: str = searched) -> Any:
-                out = run_repair(cfg, root, v, repair=chosen, name=name, progress=run.progress)
+                out = run_repair(cfg, root, v, repair=chosen, name=name, force=run.force, progress=run.progress)
                 path = RunLayout(root).repair_info(name)
                 artifacts.write_json(path, {**artifacts.read_json(path), "transferred_from": searched})
                 return out
@@ -346,7 +284,7 @@ def _other_draws(
             run.stage(
                 f"{name}/extract", lambda n=name: extract(n, validate=r.validate_variants, select=r.select_repaired)
             )
-            run.stage(f"{name}/compare", lambda n=name: run_compare(cfg, root, n))
+            run.stage(f"{name}/compare", lambda n=name: run_compare(cfg, root, n, force=run.force))
             run.stage(f"{name}/evaluate", lambda n=name: evaluate(n))
     return made
 
@@ -372,7 +310,9 @@ def _repair_variant(
     for name, settings in kinds:
         info = run.stage(
             f"{name}/repair",
-            lambda s=settings, n=name: run_repair(cfg, root, variant, repair=s, name=n, progress=progress),
+            lambda s=settings, n=name: run_repair(
+                cfg, root, variant, repair=s, name=n, force=run.force, progress=progress
+            ),
             tolerate=True,
         )
         if info is not None:
@@ -398,4 +338,6 @@ def _adaptive(run: Runner, cfg: Config, root: Path, repaired: list[str], progres
         if name == repair_name(src):
             targets += [t for t in ("base", src, name) if t not in targets]
     for v in targets:
-        run.stage(f"{v}/adaptive", lambda v=v: run_evaluate(sub, root, v, progress=progress), tolerate=True)
+        run.stage(
+            f"{v}/adaptive", lambda v=v: run_evaluate(sub, root, v, progress=progress, force=run.force), tolerate=True
+        )

@@ -38,6 +38,7 @@ from refusalkit.core import artifacts
 from refusalkit.core.config import Config
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
+from refusalkit.core.migrate import migrate_sweep_state
 
 # the CompressSpec fields a finished point must share with the sweep's (else: made with other settings)
 SPEC_KEYS = (
@@ -217,7 +218,7 @@ def check_existing(layout: RunLayout, cfg: Config, points: list[Point]) -> None:
         if diff:
             raise UserError(
                 f"variant {p.name} exists in {layout.root} with other settings ({', '.join(diff)}); "
-                f"remove {layout.variant(p.name)} or run the sweep in another run directory"
+                f"give --force to redo it, or run the sweep in another run directory"
             )
 
 
@@ -282,8 +283,9 @@ def run_point(
     drop_models: bool,
     progress: bool,
     echo: Callable[[str], None],
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Every stage of one point (each reuses what exists); the point's record."""
+    """Every stage of one point (each reuses what exists, unless ``force``); the point's record."""
     from refusalkit.compress.job import run_compress
     from refusalkit.direction.compare import run_compare
     from refusalkit.direction.job import run_extract
@@ -303,17 +305,18 @@ def run_point(
     artifacts.remove_partial_writes(layout.variant(p.name))
     artifacts.remove_partial_writes(layout.compare(p.name).parent, prefix=f"{p.name}.json.")
     made_here = not layout.model(p.name).exists()  # --drop-models never deletes a variant made before
-    if _dropped_and_finished(
+    if not force and _dropped_and_finished(
         layout, p.name, select, cfg.evaluation.attacks
     ):  # --drop-models deleted it after it was done
         comp, cmp = artifacts.read_json(layout.compression(p.name)), artifacts.read_json(layout.compare(p.name))
         seconds.update(compress=0.0, extract=0.0, compare=0.0, evaluate=0.0)
     else:
-        comp = timed("compress", lambda: run_compress(cfg, root, point_spec(cfg, p), progress=progress))
+        comp = timed("compress", lambda: run_compress(cfg, root, point_spec(cfg, p), force=force, progress=progress))
         timed("extract", lambda: run_extract(cfg, root, variant=p.name, progress=progress, validate=False,
-                                             select=select))  # fmt: skip
-        cmp = timed("compare", lambda: run_compare(cfg, root, p.name, quality=select))
-        timed("evaluate", lambda: run_evaluate(cfg, root, p.name, utility_eval=cfg.run.utility, progress=progress))
+                                             select=select, force=force))  # fmt: skip
+        cmp = timed("compare", lambda: run_compare(cfg, root, p.name, quality=select, force=force))
+        timed("evaluate", lambda: run_evaluate(cfg, root, p.name, utility_eval=cfg.run.utility, progress=progress,
+                                               force=force))  # fmt: skip
     rec: dict[str, Any] = {
         "variant": p.name,
         "method": p.method,
@@ -336,11 +339,10 @@ def run_point(
         from refusalkit.repair.job import run_repair
 
         repaired_before = {v for v in layout.variants() if v.startswith(f"{p.name}+")}
-        info = timed("repair", lambda: run_repair(cfg, root, p.name, progress=progress))
+        info = timed("repair", lambda: run_repair(cfg, root, p.name, force=force, progress=progress))
         fixed = info["variant"]
-        timed(
-            "repaired/evaluate", lambda: run_evaluate(cfg, root, fixed, utility_eval=cfg.run.utility, progress=progress)
-        )
+        timed("repaired/evaluate", lambda: run_evaluate(cfg, root, fixed, utility_eval=cfg.run.utility,
+                                                        progress=progress, force=force))  # fmt: skip
         rec["repaired"] = {
             "variant": fixed,
             "edit": {k: info.get(k) for k in ("layer", "placement", "direction", "alpha_scale", "keep_zeros")},
@@ -397,11 +399,13 @@ def run_sweep(
     echo: Callable[[str], None] = print,
     executor: Any = None,
     point_fn: Callable[..., dict[str, Any]] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run every point (the base model first: its direction, noise floor and evaluation) on
     ``executor`` (:mod:`refusalkit.study.executors`; default: in turn, here); rewrite
     ``DIR/sweep/<name>.json`` after each point finishes; return the sweep record. ``point_fn``
-    replaces :func:`run_point` (same signature; fault-injection tests)."""
+    replaces :func:`run_point` (same signature; fault-injection tests). ``force``: every point's stages
+    are redone and the sweep's record replaced, even one made with another grid (the base is kept)."""
     from refusalkit.compress.job import check_name
     from refusalkit.core.layout import prepare
     from refusalkit.study.executors import LocalExecutor
@@ -409,16 +413,16 @@ def run_sweep(
     check_name(name)
     root = Path(root)
     layout = RunLayout(root)
-    check_existing(layout, cfg, points)
+    if not force:
+        check_existing(layout, cfg, points)
     path = sweep_path(layout, name)
     settings = {"points": [dataclasses.asdict(p) for p in points], "select": select, "repair": repair,
                 "attacks": cfg.evaluation.attacks}  # fmt: skip
-    state: dict[str, Any] = artifacts.read_json(path) if path.exists() else {}
-    for old in (state.get("settings") or {}).get("points") or []:
-        old.setdefault("seed", None)  # a sweep recorded before points had a calibration seed
+    state: dict[str, Any] = artifacts.read_json(path) if path.exists() and not force else {}
+    migrate_sweep_state(state)  # a sweep recorded by an older release: its points read as this version's
     if state and state.get("settings") != settings:
         raise UserError(
-            f"sweep {name!r} exists in {path.parent} with another grid or options; give --name to start another"
+            f"sweep {name!r} exists in {path.parent} with another grid or options; give --name to start another, or --force to replace it"
         )
     state = {"name": name, "settings": settings, "points": state.get("points", {}), "failed": {}}
     executor = executor or LocalExecutor()
@@ -432,7 +436,7 @@ def run_sweep(
     state["base"] = _eval_summary(layout, "base")
     t0 = time.time()
     options = {"select": select, "repair": repair, "drop_models": drop_models, "progress": progress and not remote,
-               "echo": _silent if remote else echo}  # fmt: skip
+               "echo": _silent if remote else echo, **({"force": True} if force else {})}  # fmt: skip
     jobs = [(p.name, (cfg, root, p), options) for p in points]
     for i, (point, record, error) in enumerate(executor.points(point_fn or run_point, jobs), 1):
         if record is None:  # this point cannot be made or repaired: recorded, the sweep goes on

@@ -10,7 +10,7 @@ from refusalkit.cli.settings import command_config
 def run(args: argparse.Namespace) -> int:
     from refusalkit.direction.compare import run_compare
 
-    cfg, layout = command_config(args)
+    cfg, layout = command_config(args, needs={})
     res = run_compare(cfg, args.run, args.variant, quality=not args.no_quality, force=args.force)
     b, v = res["base_source"], res["variant_source"]
     q = res["quality"]

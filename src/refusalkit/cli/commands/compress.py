@@ -12,7 +12,7 @@ from refusalkit.cli.settings import asked_to_create, command_config
 def run(args: argparse.Namespace) -> int:
     from refusalkit.compress.job import CompressSpec, run_compress
 
-    cfg, layout = command_config(args, may_create=asked_to_create(args))
+    cfg, layout = command_config(args, may_create=asked_to_create(args), needs={"methods": [args.method]})
     spec = CompressSpec.from_config(args.method, cfg.compress, sparsity=args.sparsity, bits=args.bits, name=args.name)
     info = run_compress(cfg, layout.root, spec, force=args.force, progress=not args.quiet)
     if info["reused"]:

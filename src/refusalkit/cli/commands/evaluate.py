@@ -12,7 +12,9 @@ from refusalkit.core.layout import prepare
 def run(args: argparse.Namespace) -> int:
     from refusalkit.evaluation.job import run_evaluate
 
-    cfg, layout = command_config(args, may_create=asked_to_create(args))
+    cfg, layout = command_config(
+        args, may_create=asked_to_create(args), needs={"utility": args.utility, "evaluates": True}
+    )
     if not layout.config.exists():
         prepare(cfg, layout.root, force=False)
     res = run_evaluate(

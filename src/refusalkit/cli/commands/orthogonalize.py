@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from refusalkit.direction.orthogonalize import orthogonalize
     from refusalkit.models.session import Session
 
-    cfg, layout = command_config(args)
+    cfg, layout = command_config(args, needs={})
     path = layout.direction(args.variant, "direction.safetensors")
     if not path.exists():
         raise UserError(
@@ -25,8 +25,12 @@ def run(args: argparse.Namespace) -> int:
         )
     direction = artifacts.load_tensors(path)["direction"]
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose another --out")
+    replace = out.exists() and any(out.iterdir())
+    if replace and not (args.force and (out / "config.json").is_file()):
+        raise UserError(
+            f"{out} exists and is not empty; choose another --out"
+            + (", or give --force to replace the model in it" if (out / "config.json").is_file() else "")
+        )
     s = Session(cfg=cfg, layout=layout, variant=args.variant)
     model = orthogonalize(s.lm.model, direction)
     tmp = artifacts.make_temp_dir(out)
@@ -34,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         model.save_pretrained(str(tmp))
         s.lm.tokenizer.save_pretrained(str(tmp))
         if out.exists():
-            out.rmdir()
+            shutil.rmtree(out) if replace else out.rmdir()
         tmp.rename(out)
     finally:
         if tmp.exists():

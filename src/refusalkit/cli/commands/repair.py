@@ -12,7 +12,7 @@ from refusalkit.cli.settings import command_config
 def run(args: argparse.Namespace) -> int:
     from refusalkit.repair.job import run_repair
 
-    cfg, layout = command_config(args)
+    cfg, layout = command_config(args, needs={"evaluates": True})
     info = run_repair(cfg, layout.root, args.variant, name=args.name, force=args.force, progress=not args.quiet)
     if info.get("reused"):
         print(f"variant {info['variant']} exists; reused (use --force to redo it)")

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from refusalkit.cli.settings import require_run
-from refusalkit.core.layout import RunLayout
+from refusalkit.cli.settings import command_config
 
 
 def _pct(r: dict[str, Any] | None) -> str:
@@ -56,8 +55,9 @@ def report_summary(rep: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from refusalkit.study.report import write_report
 
-    require_run(RunLayout(args.run))
-    rep = write_report(args.run)
+    cfg, _ = command_config(args)
+    asked = bool(args.config or args.set)  # else the run's own config.yaml, as the run wrote it
+    rep = write_report(args.run, cfg if asked else None)
     if getattr(args, "json", False):
         print(Path(rep["results"]).read_text(encoding="utf-8"), end="")
     else:

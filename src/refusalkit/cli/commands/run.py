@@ -20,24 +20,37 @@ def _root(args: argparse.Namespace, named: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from refusalkit.study.run import PROFILES, resolve_profile, run_all
+    from refusalkit.cli.settings import new_run_profile
+    from refusalkit.core.profiles import PROFILES
+    from refusalkit.study.run import run_all
 
     named = "quick" if args.quick else args.profile
     overrides = config_overrides(args)
     root = _root(args, named)
     layout = RunLayout(root)
-    files = [args.config] if args.config else []
-    if layout.config.exists():  # resume: the run directory's resolved settings, whatever the profile
+    files: list[str | Path] = [args.config] if args.config else []
+    if layout.config.exists() and not args.force:  # resume: the run's resolved settings, whatever the profile
         profile, cfg = "as recorded", load_config(files=[layout.config, *files], overrides=overrides)
     else:
-        profile = resolve_profile(named, load_config(files=files, overrides=overrides).device)
+        profile = new_run_profile(args, files, overrides)
         cfg = load_config(files=files, overrides=overrides, profile=PROFILES[profile])
+    if args.dry_run:
+        from refusalkit.study.dry_run import dry_run
+
+        return dry_run(cfg, root, profile, auto=named == "auto")
     print(
         f"[run] {root}: profile {profile}"
         + (" (no GPU; --profile full for the paper-sized settings)" if profile == "cpu" and named == "auto" else ""),
         file=sys.stderr,
     )
-    res = run_all(cfg, root, progress=not args.quiet, echo=lambda m: print(m, file=sys.stderr), profile=profile)
+    res = run_all(
+        cfg,
+        root,
+        progress=not args.quiet,
+        echo=lambda m: print(m, file=sys.stderr),
+        profile=profile,
+        force=args.force,
+    )
     failed = {k: v["why"] for k, v in res["state"]["stages"].items() if v["status"] == "failed"}
     if res["report"] is not None:
         print(report_summary(res["report"]))

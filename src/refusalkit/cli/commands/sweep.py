@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     cfg, layout = command_config(args, may_create=asked_to_create(args))
     cfg.evaluation.attacks = parse_items(pick("attacks"), "attacks") or ["vanilla"]
     calibrations = parse_items(pick("calibration"), "calibration")
+    from refusalkit.core.extras import needed, require
+
     points = build_points(
         cfg,
         parse_items(pick("method"), "method"),
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         parse_items(pick("seeds"), "seeds"),
     )
     name = pick("name") or default_name(points, calibrations)
+    require(needed(cfg, utility=cfg.run.utility, methods=[p.method for p in points], executor=args.executor))
     executor = make_executor(
         args.executor,
         address=args.address,
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             drop_models=args.drop_models,
             progress=not args.quiet,
             executor=executor,
+            force=args.force,
         )
     finally:
         executor.close()

