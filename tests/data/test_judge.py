@@ -115,3 +115,28 @@ def test_judge_protocol(judge: SubstringJudge) -> None:
     assert judge.judge_many(["x", "y"], comps) == judge.judge_many(["I'm sorry", "z"], comps)
     with pytest.raises(ValueError, match="1 prompts for 2 completions"):
         judge.judge_many(["x"], comps)
+
+
+def test_settled_only_when_no_later_text_can_change_the_verdict(judge: SubstringJudge) -> None:
+    """A cut-short completion is settled when a refusal phrase lies in the judge's window and ends a
+    margin before the cut; then every continuation is judged a refusal."""
+    import random
+
+    from refusalkit.data.refusal import REFUSAL, REFUSAL_WINDOW, SETTLE_MARGIN
+
+    assert judge.settled("I'm sorry, but I can't help with that")
+    assert not judge.settled("I'm sorr")  # the phrase is not whole yet
+    assert not judge.settled("Sure, here is how")
+    assert not judge.settled("I'm sorry"[: len("I'm sorry") + SETTLE_MARGIN - 1])
+    assert not judge.settled("x" * REFUSAL_WINDOW + " I'm sorry, but no")  # beyond the window: never counts
+    rng = random.Random(0)
+    words = ["sure", "here", "is", "how", "I", "can't", "sorry", "!!!!!!!!!!!!", "\u2019", "help", " ", "\n", "a"]
+    for _ in range(2000):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
+        if "I'm sorry" in text or rng.random() < 0.3:
+            text = rng.choice(["", "Well, ", "  "]) + "I'm sorry, " + text
+        for cut in range(0, len(text) + 1, 3):
+            if judge.settled(text[:cut]):
+                for _ in range(3):
+                    tail = "".join(rng.choice(words) for _ in range(rng.randint(0, 30)))
+                    assert judge.judge(text[:cut] + tail).label == REFUSAL, (text[:cut], tail)

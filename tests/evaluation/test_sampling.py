@@ -546,3 +546,28 @@ def test_vllm_missing_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match=r"pip install vllm \(or use --backend torch\)"):
         vllm_backend.sample_vllm("/nowhere", ["hi"], [GREEDY], max_new_tokens=4, seed=0)
     assert isinstance(vllm_backend.vllm_available(), bool)
+
+
+def test_a_settled_row_stops_at_the_next_check_with_the_same_tokens(llama_lm, prompts):
+    """``settled`` cuts a row at the first check (every SETTLE_EVERY steps) after it accepts the row's
+    tokens; those tokens are the full generation's first ones, and the other rows are untouched."""
+    n_new = 3 * generation.SETTLE_EVERY
+    free = [r[0] for r in sample_ids(llama_lm, prompts, [GREEDY], max_new_tokens=n_new, stop_ids=[])]
+    marker = free[0][1]  # a token prompt 0 emits at step 2
+
+    def settled(new: list[int]) -> bool:
+        return marker in new
+
+    before = generation.STATS["settled"]
+    for batch_size in (1, 32):  # one row at a time: exact; a batch: rows leave it as they settle
+        cut = generation.generate_ids(
+            llama_lm, prompts, [GREEDY], max_new_tokens=n_new, stop_ids=[], settled=settled, batch_size=batch_size
+        )
+        for f, (c,) in zip(free, cut):
+            if marker in f[: n_new - 1]:
+                k = f.index(marker) + 1
+                stop_at = min(n_new, -(-k // generation.SETTLE_EVERY) * generation.SETTLE_EVERY)
+                assert c == f[:stop_at]
+            else:
+                assert c == f
+    assert generation.STATS["settled"] > before

@@ -65,3 +65,26 @@ def test_ablation_removes_refusal_and_addition_induces_it(default_run):
     assert v["harmful_refusal_rate"] >= 0.5  # the model refuses most AdvBench prompts
     assert v["harmful_refusal_rate_ablated"] <= 0.5 * v["harmful_refusal_rate"]
     assert v["harmless_refusal_rate_added"] >= v["harmless_refusal_rate"] + 0.2
+
+
+def test_early_stop_keeps_every_verdict():
+    """The default model on 8 harmful and 2 harmless prompts, 16 greedy tokens: with the substring
+    judge's early stop every verdict equals the full completion's (one prompt per batch: the same
+    arithmetic), each cut completion is the full one's beginning, and refusals do stop early."""
+    from refusalkit.data.prompts import load_prompts
+    from refusalkit.data.refusal import REFUSAL, SubstringJudge
+    from refusalkit.direction.generate import generate
+    from refusalkit.models.chat import tokenize_instructions
+    from refusalkit.models.loading import load_model
+
+    lm = load_model("default")
+    judge = SubstringJudge()
+    texts = load_prompts("advbench")[:8] + load_prompts("alpaca")[:2]
+    ids = tokenize_instructions(lm.tokenizer, texts, None)
+    full = generate(lm, ids, max_new_tokens=16, batch_size=1)
+    cut = generate(lm, ids, max_new_tokens=16, batch_size=1, settled=judge.settled)
+    a, b = judge.judge_many(texts, full), judge.judge_many(texts, cut)
+    assert [v.label for v in a] == [v.label for v in b]
+    assert all(f.startswith(c) for f, c in zip(full, cut))
+    stopped = [v for v, f, c in zip(b, full, cut) if len(c) < len(f)]
+    assert len(stopped) >= 2 and all(v.label == REFUSAL for v in stopped)

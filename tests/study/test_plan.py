@@ -17,6 +17,7 @@ from refusalkit.core.profiles import CPU
 from refusalkit.core.settings import load_config, shipped
 from refusalkit.study.estimate import REFERENCE, estimate
 from refusalkit.study.plan import build_plan
+from stages import stub_stages
 
 MEASURED = REFERENCE["stages"]
 
@@ -180,46 +181,6 @@ def test_stages_without_validation_or_with_the_adaptive_attacker(tmp_path):
     assert not any(
         s.key.endswith("/adaptive") for s in plan_of(tmp_path, **{"run.adaptive": True, "run.repair": "none"}).stages
     )
-
-
-def stub_stages(monkeypatch, moved: bool = True) -> list[tuple[str, dict]]:
-    """Every stage function ``run_all`` calls replaced by a recorder that writes only what ``run_all``
-    itself reads back (a repair's repair.json); the calls, in order, with their keyword arguments."""
-    import refusalkit.study.report as report
-    from refusalkit.compress import job as compress_job
-    from refusalkit.direction import compare, control
-    from refusalkit.direction import job as direction_job
-    from refusalkit.evaluation import job as evaluation_job
-    from refusalkit.repair import job as repair_job
-
-    calls: list[tuple[str, dict]] = []
-
-    def record(name, result):
-        def fn(*args, **kw):
-            calls.append((name, kw))
-            return result(*args, **kw)
-
-        return fn
-
-    def repair(cfg, root, variant, *, repair, name, **kw):
-        artifacts.write_json(
-            RunLayout(root).repair_info(name),
-            {"alpha_scale": 2.0, "placement": "source", "direction": "raw", "source_variant": variant},
-        )
-        return {"variant": name}
-
-    monkeypatch.setattr(
-        compress_job, "run_compress", record("compress", lambda c, r, spec, **k: {"variant": spec.variant})
-    )
-    monkeypatch.setattr(direction_job, "run_extract", record("extract", lambda *a, **k: {}))
-    monkeypatch.setattr(
-        compare, "run_compare", record("compare", lambda *a, **k: {"moved": moved, "source_shifted": False})
-    )
-    monkeypatch.setattr(control, "run_control", record("control", lambda *a, **k: {}))
-    monkeypatch.setattr(evaluation_job, "run_evaluate", record("evaluate", lambda *a, **k: {}))
-    monkeypatch.setattr(repair_job, "run_repair", record("repair", repair))
-    monkeypatch.setattr(report, "write_report", record("report", lambda *a, **k: {"stub": True}))
-    return calls
 
 
 @pytest.mark.parametrize(

@@ -259,13 +259,30 @@ def test_sparse_and_int8_repairs(study, capsys):
     capsys.readouterr()
 
 
+def test_stages_record_their_forward_tokens(study):
+    """run.json and manifest.json count each stage's forward tokens (rows x positions of every model
+    call), so that a measurement made twice shows up; the report runs no model."""
+    state = json.loads((study / "run.json").read_text())["stages"]
+    for key in ("base/extract", "base/evaluate", "magnitude-0.5/evaluate", "magnitude-0.5+aird/repair"):
+        assert state[key]["forward_tokens"] > 0, key
+    assert state["report"]["forward_tokens"] == 0
+    # evaluating the base model and a variant with the same settings asks the same work of each
+    assert state["base/evaluate"]["forward_tokens"] > 0.5 * state["magnitude-0.5/evaluate"]["forward_tokens"]
+    manifest = json.loads((study / "manifest.json").read_text())["stages"]
+    assert manifest["base/extract"]["forward_tokens"] > 0
+
+
 def test_rerun_skips_and_resumes(study, capsys):
+    before = json.loads((study / "run.json").read_text())["stages"]
     records = {p: p.read_bytes() for p in study.rglob("*.jsonl")}  # every completion made so far
     (study / "report.md").unlink()
     (study / "compare" / "magnitude-0.5.json").unlink()
     assert main(["-q", "run", "--run", str(study), *TINY]) == 0
     assert (study / "report.md").exists() and (study / "compare" / "magnitude-0.5.json").exists()
     assert {p: p.read_bytes() for p in study.rglob("*.jsonl")} == records  # nothing regenerated
+    after = json.loads((study / "run.json").read_text())["stages"]
+    # a stage found done keeps the tokens it took; the comparison removed above is made again
+    assert after["base/evaluate"]["forward_tokens"] == before["base/evaluate"]["forward_tokens"]
     stages = json.loads((study / "manifest.json").read_text())["stages"]
     assert {"base/extract", "magnitude-0.5/compress", "magnitude-0.5+aird/repair"} <= set(stages)
 

@@ -178,6 +178,7 @@ class Config:
     seed: int = _f(0, "Seed of the train/validation/test split.", commands=EXTRACT)
     filter_train: bool = _f(False, "Arditi's filter: drop harmful train prompts with refusal score <= 0 and harmless ones with score > 0.", commands=EXTRACT)
     batch_size: int = _f(64, "Prompts (rows) per forward pass.", commands=EXTRACT)
+    early_stop: bool = _f(True, "Stop generating a completion once its verdict is decided: a refusal phrase within the substring judge's window (the verdict no later token can change). Verdicts are unchanged, refusals shorter; off when a model judge is configured (it reads whole completions).", commands=("extract", "evaluate", "run"))
     noise_resamples: int = _f(200, "Bootstrap resamples of the base model's training prompts for the noise floor of every cosine compare reports (0: none).", commands=EXTRACT)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -195,7 +196,8 @@ class Config:
         d = self.to_dict()
         # evaluation settings are checked per evaluation stage; compress and repair settings are recorded
         # in each variant's compression.json / repair.json
-        for k in ("device", "batch_size", "noise_resamples", "evaluation", "compress", "repair", "verdict", "run"):
+        for k in ("device", "batch_size", "early_stop", "noise_resamples", "evaluation", "compress", "repair", "verdict",
+                  "run"):  # fmt: skip
             d.pop(k)
         return d
 # fmt: on

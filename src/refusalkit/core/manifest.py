@@ -13,6 +13,9 @@ from typing import Any
 import torch
 
 from refusalkit.core.artifacts import write_json
+from refusalkit.core.counters import since, snapshot
+
+_LAST: dict[str, int] = snapshot()  # the forward counters when this process last recorded a stage
 
 _PACKAGES = ("refusalkit", "torch", "transformers", "accelerate", "safetensors", "gguf", "numpy")
 
@@ -70,7 +73,8 @@ def update_manifest(
     seconds: float | None = None,
     existing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Record the environment and, with ``stage``, that stage's time. The file is re-read under a
+    """Record the environment and, with ``stage``, that stage's time and the forward tokens this process
+    ran since it recorded its previous stage (:mod:`refusalkit.core.counters`). The file is re-read under a
     lock (``manifest.lock`` beside it): processes that run sweep points in parallel never drop
     each other's stages; ``existing`` (what the caller read before) fills in what the file lacks."""
     from refusalkit.core.artifacts import locked, read_json
@@ -92,6 +96,8 @@ def update_manifest(
             m["stages"][stage] = {
                 "seconds": round(seconds or 0.0, 2),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "forward_tokens": since(_LAST)["tokens"],  # since this process's previous stage
             }
+            _LAST.update(snapshot())
         write_json(path, m)
     return m

@@ -123,7 +123,13 @@ def run_control(
                     prompts = data[kind]["test"]
                     ids = tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt)
                     outs = generate(
-                        lm, ids, max_new_tokens=max_new, batch_size=cfg.batch_size, hooks=hooks, progress=bar.update
+                        lm,
+                        ids,
+                        max_new_tokens=max_new,
+                        batch_size=cfg.batch_size,
+                        hooks=hooks,
+                        progress=bar.update,
+                        settled=judge.settled if cfg.early_stop else None,
                     )
                     verdicts = judge.judge_many(prompts, outs)
                     conditions[name] = {p: v.label == "refusal" for p, v in zip(prompts, verdicts)}

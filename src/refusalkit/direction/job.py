@@ -215,6 +215,7 @@ def stage_validate(s: Session, data: dict, info: dict[str, Any]) -> dict[str, An
                 batch_size=c.batch_size,
                 hooks=hooks,
                 progress=bar.update,
+                settled=judge.settled if c.early_stop else None,
             )
             verdicts = judge.judge_many(prompts, outs)
             summary[name] = summarize(verdicts)

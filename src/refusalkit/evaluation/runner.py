@@ -147,7 +147,18 @@ def _generate(
         seed=ctx.e.seed,
         keys=keys,
         batch_size=ctx.cfg.batch_size,
+        settled=settle_rule(ctx.cfg, ctx.judges),
     )
+
+
+def settle_rule(cfg: Any, judges: list[Judge]) -> Callable[[str], bool] | None:
+    """The rule that stops a completion once its verdict is decided (``early_stop``): the substring
+    judge's, when it is the only judge (a model judge reads whole completions); else None."""
+    from refusalkit.data.refusal import SubstringJudge
+
+    if not cfg.early_stop or not judges or not all(isinstance(j, SubstringJudge) for j in judges):
+        return None
+    return judges[0].settled
 
 
 def verdicts_json(prompts: list[str], completions: list[str], judges: list[Judge]) -> list[dict[str, dict[str, str]]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from refusalkit.direction.hooks import Hook, add_hooks
-from refusalkit.models.generation import decode_completions, default_stop_ids, generate_ids
+from refusalkit.models.generation import decode_completions, default_stop_ids, generate_ids, settled_ids
 from refusalkit.models.loading import LoadedModel
 from refusalkit.models.sampler import GREEDY, Decoding, row_seed
 
@@ -96,6 +96,7 @@ def sample_ids(
     progress: Callable[[int], None] | None = None,
     stop_ids: list[int] | None = None,
     share_prefix: bool = True,
+    settled: Callable[[str], bool] | None = None,
 ) -> list[list[list[int]]]:
     """New token ids ``[prompt i][decoding j]``, each up to and including its stop token (at most
     ``max_new_tokens``); the arguments are :func:`sample`'s (``share_prefix``: :func:`generate_ids`')."""
@@ -111,6 +112,7 @@ def sample_ids(
             progress=progress,
             stop_ids=stop_ids,
             share_prefix=share_prefix,
+            settled=settled_ids(lm.tokenizer, settled),
         )
 
 
@@ -126,6 +128,7 @@ def sample(
     hooks: tuple[list[Hook], list[Hook]] = ([], []),
     progress: Callable[[int], None] | None = None,
     stop_ids: list[int] | None = None,
+    settled: Callable[[str], bool] | None = None,
 ) -> list[list[str]]:
     """``completions[i][j]`` for prompt ``i`` (token ids of a chat-formatted prompt) under
     ``decodings[j]``, decoded with ``skip_special_tokens=True`` and stripped (as ``generate``).
@@ -134,6 +137,7 @@ def sample(
     (the prompt text) for runs that resume. ``batch_size`` bounds the rows (prompts × configs) of
     one decode batch; ``progress(n)`` gets the completions finished by each batch; ``hooks``
     are active for the prefill and every step. ``stop_ids`` defaults to :func:`default_stop_ids`.
+    ``settled(text)``: a completion whose verdict it says is decided stops there (the judge's rule).
     """
     new = sample_ids(
         lm,
@@ -146,5 +150,6 @@ def sample(
         hooks=hooks,
         progress=progress,
         stop_ids=stop_ids,
+        settled=settled,
     )
     return decode_completions(lm.tokenizer, new)

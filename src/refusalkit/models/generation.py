@@ -33,7 +33,10 @@ The loop is its own (not ``model.generate``) so that the expensive part is share
   picks each row's token with :func:`refusalkit.models.sampler.next_tokens` (argmax for greedy
   rows; per-row seeded exact sampling for the others, independent of batching).
 * Rows stop at any stop id (the stop token is kept, so decoding with ``skip_special_tokens``
-  matches HF ``generate``). Finished rows are fed the pad token and their outputs ignored; once a
+  matches HF ``generate``), and, given ``settled``, once their verdict is decided: every
+  :data:`SETTLE_EVERY` steps each running row's tokens are offered to ``settled`` (for example the
+  substring judge's :meth:`~refusalkit.data.refusal.SubstringJudge.settled`, a refusal phrase no
+  later token can change), and a row it accepts stops there. Finished rows are fed the pad token and their outputs ignored; once a
   quarter of a batch has finished, those rows are dropped from it (cache included), and the
   batch ends when every row has.
 
@@ -69,7 +72,9 @@ from refusalkit.models.sampler import Decoding, RowParams, next_tokens, row_unif
 COMPACT_SHARE = 0.25
 # New tokens generated, completions made, and prompt-suffix tokens prefilled (real, and with their
 # padding) by this process; benchmarks read and reset it.
-STATS = {"new_tokens": 0, "completions": 0, "prefill_tokens": 0, "prefill_padded": 0}
+STATS = {"new_tokens": 0, "completions": 0, "prefill_tokens": 0, "prefill_padded": 0, "settled": 0}
+# How often (in decode steps) running rows are offered to ``settled``.
+SETTLE_EVERY = 4
 
 
 def pad_left(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,11 +267,13 @@ def _decode(
     pad_id: int,
     stop: torch.Tensor,
     attends: bool,
+    settled: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Decode ``R`` rows whose prompts are in ``cache`` (``mask [R, L]``, ``pos [R, 1]``, first-step
     ``logits [R, V]``, ``uniforms [R, max_new_tokens]``). Returns each row's new tokens, up to
     and including its stop token. ``attends`` (:func:`has_attention_layers`): False for a pure
-    state-space model, whose decode steps take no attention mask."""
+    state-space model, whose decode steps take no attention mask. ``settled``: a row whose new tokens it
+    accepts (asked every :data:`SETTLE_EVERY` steps) stops there."""
     n = logits.shape[0]
     keyword = cache_keyword(model)
     out: list[list[int]] = [[] for _ in range(n)]
@@ -279,6 +286,11 @@ def _decode(
             if not finished:
                 out[r].append(v)
         done = done | torch.isin(tok, stop)
+        if settled is not None and (t + 1) % SETTLE_EVERY == 0 and t < max_new_tokens - 1:
+            now = [not d and settled(out[r]) for r, d in zip(alive.tolist(), done.tolist())]
+            if any(now):
+                STATS["settled"] += sum(now)
+                done = done | torch.tensor(now, device=done.device)
         if t == max_new_tokens - 1 or bool(done.all()):
             break
         if int(done.sum()) >= COMPACT_SHARE * len(alive):
@@ -321,9 +333,11 @@ def generate_ids(
     progress: Callable[[int], None] | None = None,
     stop_ids: list[int] | None = None,
     share_prefix: bool = True,
+    settled: Callable[[list[int]], bool] | None = None,
 ) -> list[list[list[int]]]:
     """New token ids ``[prompt i][decoding j]`` of the token-id prompts ``ids`` under ``decodings``,
-    each up to and including its stop token (at most ``max_new_tokens``).
+    each up to and including its stop token (at most ``max_new_tokens``), or cut where ``settled``
+    accepted its tokens (the module docstring).
 
     ``keys[i]`` (default ``str(i)``) names prompt ``i`` in the per-row seed (pass stable keys for
     runs that resume). ``batch_size`` bounds the rows (prompts × configs) of one decode batch;
@@ -372,6 +386,7 @@ def generate_ids(
                 pad_id=pad_id,
                 stop=stop,
                 attends=attends,
+                settled=settled,
             )
             for r, new in enumerate(rows):
                 out[idx[r // c]][chunk.start + r % c] = new
@@ -381,6 +396,13 @@ def generate_ids(
             if progress is not None:
                 progress(len(rows))
     return out
+
+
+def settled_ids(tokenizer: Any, settled: Callable[[str], bool] | None) -> Callable[[list[int]], bool] | None:
+    """A text rule ``settled`` (on a decoded, stripped completion) as a rule on new token ids."""
+    if settled is None:
+        return None
+    return lambda new: settled(tokenizer.decode(new, skip_special_tokens=True).strip())
 
 
 def decode_completions(tokenizer: Any, rows: list[list[list[int]]]) -> list[list[str]]:

@@ -69,7 +69,8 @@ def measure(
 
     def greedy_labels(prompts: list[str]) -> tuple[list[str], list[str]]:
         ids = tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt)
-        comps = [c[0] for c in sample(lm, ids, [GREEDY], max_new_tokens=max_new_tokens, batch_size=cfg.batch_size)]
+        comps = [c[0] for c in sample(lm, ids, [GREEDY], max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
+                                      settled=judge.settled if cfg.early_stop else None)]  # fmt: skip
         return comps, [v.label for v in judge.judge_many(prompts, comps)]
 
     comps, labels = greedy_labels(data.harmful)

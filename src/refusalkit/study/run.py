@@ -76,7 +76,9 @@ class Runner:
         self.state.setdefault("stages", {})
 
     def stage(self, key: str, fn: Callable[[], Any], *, tolerate: bool = False) -> Any:
-        t0 = time.time()
+        from refusalkit.core.counters import since, snapshot
+
+        t0, before = time.time(), snapshot()
         self.echo(f"[run] {key}")
         try:
             out = fn()
@@ -88,8 +90,13 @@ class Runner:
             self.echo(f"[run] {key}: skipped ({e})")
             return None
         prev = self.state["stages"].get(key, {})
-        secs = round(time.time() - t0, 1)
-        self.state["stages"][key] = {"status": "done", "seconds": prev.get("seconds", secs) if secs < 1 else secs}
+        secs, tokens = round(time.time() - t0, 1), since(before)["tokens"]
+        kept = secs < 1 and not tokens  # a stage found done: its first time and tokens stay
+        self.state["stages"][key] = {
+            "status": "done",
+            "seconds": prev.get("seconds", secs) if kept else secs,
+            "forward_tokens": prev.get("forward_tokens", tokens) if kept else tokens,
+        }
         self._save()
         return out
 
