@@ -138,3 +138,21 @@ def test_no_import_cycles():
             visit(v)
     assert not cycles, cycles
     assert graph["refusalkit.study.run"] and "refusalkit.core.config" in graph["refusalkit.core.settings"]
+
+
+def test_no_module_or_function_grows_past_the_house_sizes():
+    """Modules stay at about 450 lines and functions at about 75 (docstrings included), so that a module
+    can be read whole: at most 460 and 80 here."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src" / "refusalkit"
+    too_long = []
+    for path in sorted(src.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > 460:
+            too_long.append(f"{path.relative_to(src)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                too_long.append(f"{path.relative_to(src)}: {node.name}, {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long

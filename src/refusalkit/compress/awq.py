@@ -98,7 +98,15 @@ def awq_block(
         n: _awq_view(lin, view_x[n], bits, group_size, n_grid, max_shrink, clip, n_clip_tokens, n_view_search)
         for n, lin in views.items()
     }
-    info = {
+    return outputs, _block_info(groups, clipped, n_search, view_info, trace)
+
+
+def _block_info(
+    groups: list[Any], clipped: list[str], n_search: int, view_info: dict[str, Any], trace: Any
+) -> dict[str, Any]:
+    """What :func:`awq_block` did on one block: each scale group's best ratio and losses, the clipped
+    linears, the search batches, the views' searches and the tokens each linear was calibrated on."""
+    return {
         "groups": [
             {
                 "linears": g.linears,
@@ -118,7 +126,6 @@ def awq_block(
             **{n: v["tokens"] for n, v in view_info.items()},
         },
     }
-    return outputs, info
 
 
 @torch.no_grad()

@@ -67,13 +67,6 @@ def run_control(
     """Measure the control of ``variant``'s own direction (when it has a selected one) and of the base
     direction (a variant) on the test split; write and return ``control.json``. Reused when done
     (``force``: measured again)."""
-    from refusalkit.data.prompts import load_refusal_phrases
-    from refusalkit.data.refusal import SubstringJudge
-    from refusalkit.direction.generate import generate
-    from refusalkit.direction.hooks import ablation_hooks, addition_hooks
-    from refusalkit.models.chat import tokenize_instructions
-    from refusalkit.models.session import Session
-
     root = Path(root)
     layout = RunLayout(root)
     path, rows_path = layout.direction(variant, "control.json"), layout.direction(variant, "control.jsonl")
@@ -103,42 +96,7 @@ def run_control(
     for which in directions:
         wanted += [(f"ablated:{which}", "harmful", which), (f"added:{which}", "harmless", which)]
     todo = [w for w in wanted if w[0] not in conditions]
-    rows: list[dict[str, Any]] = []
-    if todo:
-        session = Session(cfg=cfg, layout=layout, variant=variant, progress=Progress(progress))
-        judge = SubstringJudge(load_refusal_phrases(cfg.validation.refusal_phrases))
-        try:
-            lm = session.lm
-            total = sum(len(data[kind]["test"]) for _, kind, _ in todo)
-            with session.progress.bar(total, f"{variant}: control (generation)") as bar:
-                for name, kind, which in todo:
-                    hooks: Any = ([], [])
-                    if which is not None:
-                        d = artifacts.load_tensors(directions[which]["file"])["direction"]
-                        hooks = (
-                            ablation_hooks(lm.model, d)
-                            if name.startswith("ablated")
-                            else addition_hooks(lm.model, d, int(directions[which]["layer"]))
-                        )
-                    prompts = data[kind]["test"]
-                    ids = tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt)
-                    outs = generate(
-                        lm,
-                        ids,
-                        max_new_tokens=max_new,
-                        batch_size=cfg.batch_size,
-                        hooks=hooks,
-                        progress=bar.update,
-                        settled=judge.settled if cfg.early_stop else None,
-                    )
-                    verdicts = judge.judge_many(prompts, outs)
-                    conditions[name] = {p: v.label == "refusal" for p, v in zip(prompts, verdicts)}
-                    rows += [
-                        {"condition": name, "prompt": p, "completion": o, "verdict": v.label}
-                        for p, o, v in zip(prompts, outs, verdicts)
-                    ]
-        finally:
-            session.owner.release()
+    rows = _generate_conditions(cfg, layout, variant, todo, data, directions, conditions, progress) if todo else []
     result = {
         "variant": variant,
         "split": "test",
@@ -154,3 +112,54 @@ def run_control(
     artifacts.write_json(path, result)
     update_manifest(layout.manifest, cfg.seed, f"{variant}/control", result["seconds"], manifest)
     return result
+
+
+def _generate_conditions(
+    cfg: Config,
+    layout: RunLayout,
+    variant: str,
+    todo: list[tuple[str, str, str | None]],
+    data: dict[str, Any],
+    directions: dict[str, dict[str, Any]],
+    conditions: dict[str, dict[str, bool]],
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Generate and judge the conditions ``todo`` (name, prompt kind, which direction or None) on the
+    test split; each condition's per-prompt refusals go into ``conditions``; the rows, one per completion."""
+    from refusalkit.data.prompts import load_refusal_phrases
+    from refusalkit.data.refusal import SubstringJudge
+    from refusalkit.direction.generate import generate
+    from refusalkit.direction.hooks import ablation_hooks, addition_hooks
+    from refusalkit.models.chat import tokenize_instructions
+    from refusalkit.models.session import Session
+
+    rows: list[dict[str, Any]] = []
+    session = Session(cfg=cfg, layout=layout, variant=variant, progress=Progress(progress))
+    judge = SubstringJudge(load_refusal_phrases(cfg.validation.refusal_phrases))
+    try:
+        lm = session.lm
+        total = sum(len(data[kind]["test"]) for _, kind, _ in todo)
+        with session.progress.bar(total, f"{variant}: control (generation)") as bar:
+            for name, kind, which in todo:
+                hooks: Any = ([], [])
+                if which is not None:
+                    d = artifacts.load_tensors(directions[which]["file"])["direction"]
+                    hooks = (
+                        ablation_hooks(lm.model, d)
+                        if name.startswith("ablated")
+                        else addition_hooks(lm.model, d, int(directions[which]["layer"]))
+                    )
+                prompts = data[kind]["test"]
+                ids = tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt)
+                outs = generate(lm, ids, max_new_tokens=cfg.validation.max_new_tokens, batch_size=cfg.batch_size,
+                                hooks=hooks, progress=bar.update,
+                                settled=judge.settled if cfg.early_stop else None)  # fmt: skip
+                verdicts = judge.judge_many(prompts, outs)
+                conditions[name] = {p: v.label == "refusal" for p, v in zip(prompts, verdicts)}
+                rows += [
+                    {"condition": name, "prompt": p, "completion": o, "verdict": v.label}
+                    for p, o, v in zip(prompts, outs, verdicts)
+                ]
+    finally:
+        session.owner.release()
+    return rows

@@ -324,10 +324,7 @@ def apply_aird(
     r = direction.detach().double().flatten()
     if unit:
         r = r / r.norm()
-    layers = decoder_layers(model)
-    blk = layers[block]
-    block_prefix = f"{_module_name(model, layers)}.{block}."
-    writers = block_writers(blk, r.numel())
+    writers = block_writers(decoder_layers(model)[block], r.numel())
     per_role: dict[str, int] = {}
     for wr in writers:
         per_role[_role(wr)] = per_role.get(_role(wr), 0) + 1
@@ -335,45 +332,8 @@ def apply_aird(
     fused: dict[str, torch.Tensor] = {}  # qualified name -> the whole fused parameter
     try:
         for wr in writers:
+            rec = _edit_writer(model, wr, r, float(alphas[_role(wr)]), keep_zeros, requantize, edit, block, fused)
             role = _role(wr)
-            alpha = float(alphas[role])
-            mod = wr.module
-            mname = _module_name(model, mod)
-            name = mname if not wr.fused else f"{mname}.{wr.param}[{wr.expert}]"
-            w = dense_weight(mod) if _is_int8(mod) else wr.weight().detach().to(torch.float32, copy=True)
-            intended = aird_delta(w, r, alpha, keep_zeros)
-            rec: dict[str, Any] = {
-                "module": name,
-                "role": role,
-                "alpha": alpha,
-                "shape": list(w.shape),
-                "sparsity_before": _stored_zeros(mod) if _is_int8(mod) else float((wr.weight() == 0).double().mean()),
-            }
-            if _is_int8(mod):
-                after, more = _edit_int8(model, mname, mod, w.double() + intended, keep_zeros, edit)
-            else:
-                before = wr.weight().detach().to("cpu", copy=True) if wr.fused else None
-                view = wr.name.replace("[", ".").rstrip("]")  # as compression names it: mlp.experts.down_proj.3
-                after, more = _edit_view(
-                    name, wr.weight(), w.double() + intended, keep_zeros, requantize, edit, f"{block}.{view}"
-                )
-                if wr.fused:
-                    qual = f"{mname}.{wr.param}"
-                    fused[qual] = getattr(mod, wr.param)
-                    after_w = wr.weight().detach().to("cpu", copy=True)
-                    edit.slices.append(FusedSlice(qual, int(wr.expert), block_prefix, before, after_w))
-                else:
-                    edit.tensors[mname] = {"weight": mod.weight.detach().cpu().clone()}
-            rec.update(more)
-            if _is_int8(mod) or requantize is not None:
-                rec["quantization"] = survival(w, after, intended)
-            realized = after.double() - w.double()
-            rec.update(
-                delta_norm=float(realized.norm()),
-                intended_delta_norm=float(intended.norm()),
-                rel_delta=float(realized.norm() / w.double().norm().clamp(min=1e-30)),
-                gain=alpha * float(r @ r),
-            )
             edit.records[role if per_role[role] == 1 else f"{role}:{wr.name}"] = rec
         for qual, p in fused.items():
             mname, _, pname = qual.rpartition(".")
@@ -382,3 +342,58 @@ def apply_aird(
         edit.remove()
         raise
     return edit
+
+
+def _edit_writer(
+    model: nn.Module,
+    wr: Any,
+    r: torch.Tensor,
+    alpha: float,
+    keep_zeros: bool,
+    requantize: Requantize | None,
+    edit: AirdEdit,
+    block: int,
+    fused: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """Eq. 4 on one writer ``wr`` of block ``block`` (its original kept in ``edit``; a fused expert
+    tensor's whole parameter noted in ``fused``); the writer's record: shape, zeros, the intended and
+    realized change, the gain, and what survives requantization."""
+    mod = wr.module
+    mname = _module_name(model, mod)
+    name = mname if not wr.fused else f"{mname}.{wr.param}[{wr.expert}]"
+    w = dense_weight(mod) if _is_int8(mod) else wr.weight().detach().to(torch.float32, copy=True)
+    intended = aird_delta(w, r, alpha, keep_zeros)
+    rec: dict[str, Any] = {
+        "module": name,
+        "role": _role(wr),
+        "alpha": alpha,
+        "shape": list(w.shape),
+        "sparsity_before": _stored_zeros(mod) if _is_int8(mod) else float((wr.weight() == 0).double().mean()),
+    }
+    if _is_int8(mod):
+        after, more = _edit_int8(model, mname, mod, w.double() + intended, keep_zeros, edit)
+    else:
+        before = wr.weight().detach().to("cpu", copy=True) if wr.fused else None
+        view = wr.name.replace("[", ".").rstrip("]")  # as compression names it: mlp.experts.down_proj.3
+        after, more = _edit_view(
+            name, wr.weight(), w.double() + intended, keep_zeros, requantize, edit, f"{block}.{view}"
+        )
+        if wr.fused:
+            qual = f"{mname}.{wr.param}"
+            fused[qual] = getattr(mod, wr.param)
+            after_w = wr.weight().detach().to("cpu", copy=True)
+            block_prefix = f"{_module_name(model, decoder_layers(model))}.{block}."
+            edit.slices.append(FusedSlice(qual, int(wr.expert), block_prefix, before, after_w))
+        else:
+            edit.tensors[mname] = {"weight": mod.weight.detach().cpu().clone()}
+    rec.update(more)
+    if _is_int8(mod) or requantize is not None:
+        rec["quantization"] = survival(w, after, intended)
+    realized = after.double() - w.double()
+    rec.update(
+        delta_norm=float(realized.norm()),
+        intended_delta_norm=float(intended.norm()),
+        rel_delta=float(realized.norm() / w.double().norm().clamp(min=1e-30)),
+        gain=alpha * float(r @ r),
+    )
+    return rec

@@ -149,15 +149,7 @@ def run_all(
     run = Runner(cfg, root, progress, echo, force=force)
     if profile and profile != "as recorded":
         run.state["profile"] = profile
-    for spec in specs if r.draws > 1 else []:
-        n = len(draw_specs(cfg, spec)) + 1
-        why = (
-            f"{spec.method} needs no calibration, so it has one draw"
-            if n == 1
-            else f"{n} draws, calibration seeds "
-            + (f"{spec.seed}–{spec.seed + n - 1}; the repair is searched on the first and applied to the others")
-        )
-        echo(f"[run] {spec.variant}: {why}")
+    _say_draws(cfg, specs, echo)
     t0 = time.time()
 
     def extract(v: str, validate: bool = True, select: bool = True) -> Any:
@@ -208,6 +200,19 @@ def run_all(
     run.state["seconds_this_call"] = round(time.time() - t0, 1)
     run._save()
     return {"report": report, "variants": variants, "repaired": repaired, "state": run.state}
+
+
+def _say_draws(cfg: Config, specs: list[Any], echo: Callable[[str], None]) -> None:
+    """With ``run.draws`` > 1, one line per variant: how many draws it gets, at which seeds."""
+    for spec in specs if cfg.run.draws > 1 else []:
+        n = len(draw_specs(cfg, spec)) + 1
+        why = (
+            f"{spec.method} needs no calibration, so it has one draw"
+            if n == 1
+            else f"{n} draws, calibration seeds "
+            + (f"{spec.seed}–{spec.seed + n - 1}; the repair is searched on the first and applied to the others")
+        )
+        echo(f"[run] {spec.variant}: {why}")
 
 
 def draw_specs(cfg: Config, spec: Any) -> list[Any]:
