@@ -180,34 +180,20 @@ def test_model_facts_of_paths(tiny_gguf, tmp_path):
     assert model_facts(str(tmp_path / "empty")) == f"{tmp_path / 'empty'} has no config.json"
 
 
-def _llama_config(**kw):
-    from transformers import LlamaConfig
+def _tiny_config(family: str, **kw):
+    import transformers
 
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=D,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **kw,
-    )
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+    return cls(vocab_size=VOCAB, hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, **kw)  # fmt: skip
+
+
+def _llama_config(**kw):
+    return _tiny_config("llama", **kw)
 
 
 def _qwen2_config(**kw):
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=D,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **kw,
-    )
+    return _tiny_config("qwen2", **kw)
 
 
 @pytest.mark.parametrize("make", [_llama_config, _qwen2_config], ids=["llama", "qwen2"])
