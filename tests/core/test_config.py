@@ -306,7 +306,7 @@ def test_run_section_validation():
 
 
 def test_run_profiles_sit_between_defaults_and_file(tmp_path):
-    from refusalkit.study.run import CPU, PROFILES, QUICK, resolve_profile
+    from refusalkit.core.profiles import CPU, PROFILES, QUICK, resolve_profile
 
     f = tmp_path / "c.yaml"
     f.write_text("n_train: 96\nevaluation:\n  n_prompts: 40\n")

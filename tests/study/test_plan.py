@@ -26,7 +26,7 @@ def reference_plan(root: Path, gflops: float = REFERENCE["gflops"], matmul: int 
     """The plan of the reference configuration (the cpu profile), with ``over`` set, estimated for a model of
     ``matmul`` weights on a machine of ``gflops``; stages by key."""
     cfg = load_config(None, overrides=over or None, profile=CPU)
-    plan = build_plan(cfg, root, gpu=False, n_layers=24)
+    plan = build_plan(cfg, gpu=False, n_layers=24)
     estimate(plan, matmul, gflops, root)
     return plan, {s.key: s for s in plan.stages}
 
@@ -139,7 +139,7 @@ def test_a_measured_search_does_not_estimate_a_transferred_repair(tmp_path):
 
 
 def plan_of(root: Path, **over):
-    return build_plan(load_config(None, overrides=over, profile=CPU), root, gpu=False, n_layers=24)
+    return build_plan(load_config(None, overrides=over, profile=CPU), gpu=False, n_layers=24)
 
 
 def test_the_repair_policy(tmp_path):

@@ -13,13 +13,8 @@ from typing import Any, NoReturn
 from refusalkit import __version__
 from refusalkit.core.config import Config
 
-CONFIG_DEST = "cfg:"
-PROFILE_CHOICES = (
-    "auto",
-    "full",
-    "cpu",
-    "quick",
-)  # prefix of the argparse dest of a flag that sets a configuration field
+CONFIG_DEST = "cfg:"  # prefix of the argparse dest of a flag that sets a configuration field
+PROFILE_CHOICES = ("auto", "full", "cpu", "quick")  # refusalkit.core.profiles, and auto
 
 
 def config_fields(obj: Any = None, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:

@@ -180,6 +180,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REFUSALKIT_CACHE", Path.home() / ".cache" / "refusalkit")).expanduser()
 
 
+def converted_default_model() -> Path | None:
+    """The default model's converted folder in the cache, or None before its first conversion."""
+    out = cache_dir() / DEFAULT_CACHE_NAME
+    return out if (out / "config.json").is_file() else None
+
+
 _VERIFIED: dict[tuple[str, ...], str] = {}
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refusalkit.core.errors import UserError
+from refusalkit.core.external import converted_default_model
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def needed(
     ``utility`` (zero-shot accuracy is evaluated), ``methods`` (the compression methods it runs),
     ``executor`` (``ray``: a Ray sweep), ``evaluates`` (it generates with ``evaluation.backend``)."""
     out: list[tuple[Extra, str]] = []
-    if cfg.model == "default" and not _default_model_cached():
+    if cfg.model == "default" and converted_default_model() is None:  # converted: the packages are not read
         out.append((EXTRAS["default model"], "the embedded default model (--model default)"))
     tasks = [t.strip() for t in cfg.evaluation.utility_tasks.split(",") if t.strip()]
     if utility and tasks and tasks != ["none"]:
@@ -74,13 +75,6 @@ def needed(
     if evaluates and cfg.evaluation.backend == "vllm":
         out.append((EXTRAS["vllm"], "evaluation.backend vllm"))
     return out
-
-
-def _default_model_cached() -> bool:
-    """Whether the default model was converted already (the weight packages are then not read)."""
-    from refusalkit.core.external import DEFAULT_CACHE_NAME, cache_dir
-
-    return (cache_dir() / DEFAULT_CACHE_NAME / "config.json").is_file()
 
 
 def missing(needs: list[tuple[Extra, str]]) -> list[tuple[Extra, str]]:

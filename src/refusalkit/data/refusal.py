@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -173,6 +173,15 @@ class SubstringJudge:
     def describe(self) -> dict[str, Any]:
         """What the judge is, as recorded in an evaluation's settings."""
         return {"name": self.name, "kind": "refusal substrings + degeneracy detector", "n_phrases": len(self.phrases)}
+
+
+def settle_rule(early_stop: bool, judges: Sequence[Judge]) -> Callable[[str], bool] | None:
+    """The rule that stops a completion once its verdict is decided (the ``early_stop`` setting): the
+    substring judge's :meth:`SubstringJudge.settled` when it is the only judge; None with a model judge,
+    which reads whole completions, or with ``early_stop`` off."""
+    if not early_stop or not judges or not all(isinstance(j, SubstringJudge) for j in judges):
+        return None
+    return judges[0].settled
 
 
 def summarize(verdicts: list[Verdict]) -> dict[str, Any]:

@@ -127,7 +127,7 @@ def _generate_conditions(
     """Generate and judge the conditions ``todo`` (name, prompt kind, which direction or None) on the
     test split; each condition's per-prompt refusals go into ``conditions``; the rows, one per completion."""
     from refusalkit.data.prompts import load_refusal_phrases
-    from refusalkit.data.refusal import SubstringJudge
+    from refusalkit.data.refusal import SubstringJudge, settle_rule
     from refusalkit.direction.generate import generate
     from refusalkit.direction.hooks import ablation_hooks, addition_hooks
     from refusalkit.models.chat import tokenize_instructions
@@ -153,7 +153,7 @@ def _generate_conditions(
                 ids = tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt)
                 outs = generate(lm, ids, max_new_tokens=cfg.validation.max_new_tokens, batch_size=cfg.batch_size,
                                 hooks=hooks, progress=bar.update,
-                                settled=judge.settled if cfg.early_stop else None)  # fmt: skip
+                                settled=settle_rule(cfg.early_stop, [judge]))  # fmt: skip
                 verdicts = judge.judge_many(prompts, outs)
                 conditions[name] = {p: v.label == "refusal" for p, v in zip(prompts, verdicts)}
                 rows += [

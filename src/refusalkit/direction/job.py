@@ -25,7 +25,7 @@ from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout, prepare
 from refusalkit.core.progress import Progress
 from refusalkit.data.prompts import load_prompts, load_refusal_phrases, split_prompts
-from refusalkit.data.refusal import SubstringJudge, summarize
+from refusalkit.data.refusal import SubstringJudge, settle_rule, summarize
 from refusalkit.direction.extract import candidate_directions, mean_activations
 from refusalkit.direction.forward import forward_last
 from refusalkit.direction.generate import generate
@@ -215,7 +215,7 @@ def stage_validate(s: Session, data: dict, info: dict[str, Any]) -> dict[str, An
                 batch_size=c.batch_size,
                 hooks=hooks,
                 progress=bar.update,
-                settled=judge.settled if c.early_stop else None,
+                settled=settle_rule(c.early_stop, [judge]),
             )
             verdicts = judge.judge_many(prompts, outs)
             summary[name] = summarize(verdicts)

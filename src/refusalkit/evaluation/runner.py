@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from refusalkit.core.config import Config, EvaluationConfig
 from refusalkit.core.layout import RunLayout
-from refusalkit.data.refusal import Judge
+from refusalkit.data.refusal import Judge, settle_rule
 from refusalkit.evaluation.plan import SYSTEM_NONE, Plan
 from refusalkit.evaluation.records import RecordLog
 from refusalkit.models.chat import tokenize_instructions
@@ -147,18 +147,8 @@ def _generate(
         seed=ctx.e.seed,
         keys=keys,
         batch_size=ctx.cfg.batch_size,
-        settled=settle_rule(ctx.cfg, ctx.judges),
+        settled=settle_rule(ctx.cfg.early_stop, ctx.judges),
     )
-
-
-def settle_rule(cfg: Any, judges: list[Judge]) -> Callable[[str], bool] | None:
-    """The rule that stops a completion once its verdict is decided (``early_stop``): the substring
-    judge's, when it is the only judge (a model judge reads whole completions); else None."""
-    from refusalkit.data.refusal import SubstringJudge
-
-    if not cfg.early_stop or not judges or not all(isinstance(j, SubstringJudge) for j in judges):
-        return None
-    return judges[0].settled
 
 
 def verdicts_json(prompts: list[str], completions: list[str], judges: list[Judge]) -> list[dict[str, dict[str, str]]]:

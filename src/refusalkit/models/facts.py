@@ -79,14 +79,12 @@ def _value(r: _Chain, t: int) -> Any:
         if inner in _SCALARS and inner != 7:  # a long numeric array (token scores, types): skipped, counted
             r.read(n * struct.calcsize(_SCALARS[inner]))
             return n
-        return [_value(r, inner) for _ in range(n)] if inner != _STRING else n if _skip_strings(r, n) else n
+        if inner == _STRING:  # the vocabulary, the merges: skipped, counted
+            for _ in range(n):
+                r.read(_unpack(r, "Q"))
+            return n
+        return [_value(r, inner) for _ in range(n)]
     raise ValueError(f"unknown GGUF value type {t}")
-
-
-def _skip_strings(r: _Chain, n: int) -> bool:
-    for _ in range(n):
-        r.read(_unpack(r, "Q"))
-    return True
 
 
 def gguf_header(paths: list[Path]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
@@ -153,12 +151,12 @@ def hf_facts(config: Any, source: str) -> Facts:
 def model_facts(spec: str) -> Facts | str:
     """The facts of ``--model spec``, or one sentence saying why they cannot be read on this machine."""
     from refusalkit.core.errors import UserError
-    from refusalkit.core.external import DEFAULT_CACHE_NAME, cache_dir
+    from refusalkit.core.external import converted_default_model
 
     try:
         if spec == "default":
-            cached = cache_dir() / DEFAULT_CACHE_NAME
-            if (cached / "config.json").is_file():
+            cached = converted_default_model()
+            if cached is not None:
                 return _folder_facts(cached, "the converted default model in the cache")
             from refusalkit.core.external import artifact_file
 

@@ -60,7 +60,7 @@ def measure(
     """Vanilla ASR, degenerate rate, over-refusal, perplexity (and accuracy) of the model as it is
     (``perplexity``: already measured on this state)."""
     from refusalkit.data.prompts import load_refusal_phrases
-    from refusalkit.data.refusal import COMPLIANCE, DEGENERATE, REFUSAL, SubstringJudge
+    from refusalkit.data.refusal import COMPLIANCE, DEGENERATE, REFUSAL, SubstringJudge, settle_rule
     from refusalkit.evaluation.sampling import GREEDY, sample
     from refusalkit.evaluation.stats import rate
     from refusalkit.models.chat import tokenize_instructions
@@ -70,7 +70,7 @@ def measure(
     def greedy_labels(prompts: list[str]) -> tuple[list[str], list[str]]:
         ids = tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt)
         comps = [c[0] for c in sample(lm, ids, [GREEDY], max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
-                                      settled=judge.settled if cfg.early_stop else None)]  # fmt: skip
+                                      settled=settle_rule(cfg.early_stop, [judge]))]  # fmt: skip
         return comps, [v.label for v in judge.judge_many(prompts, comps)]
 
     comps, labels = greedy_labels(data.harmful)

@@ -60,7 +60,7 @@ def dry_run(cfg: Config, root: Path, profile: str, *, auto: bool = True, echo: A
     needs = _needs(cfg)
     facts = model_facts(cfg.model)
     known = isinstance(facts, Facts)
-    plan = build_plan(cfg, root, gpu, facts.n_layers if known else None)
+    plan = build_plan(cfg, gpu, facts.n_layers if known else None)
     machine, memory = _machine()
     lacks = _lacks(cfg, facts if known else None, str(facts), gpu, memory)
     timed = known and not any(x.startswith(("no GPU", "a GPU")) for x in lacks)
@@ -125,15 +125,18 @@ def _lacks(cfg: Config, facts: Any, why: str, gpu: bool, memory: float | None) -
     elif gpu:
         lacks.append("a GPU run: its time is not estimated (the reference run is a CPU run)")
     if facts is not None and memory:
-        need = 2 * facts.params * _float_bytes(cfg, gpu)
+        need = 2 * facts.params * _float_bytes(cfg)
         if need > memory:
             lacks.append(f"memory: the model needs about {_gib(need)} here (twice its weights), this machine has "
                          f"{_gib(memory)}")  # fmt: skip
     return lacks
 
 
-def _float_bytes(cfg: Config, gpu: bool) -> int:
-    return 4 if cfg.dtype == "float32" or (cfg.dtype == "auto" and not gpu) else 2
+def _float_bytes(cfg: Config) -> int:
+    """Bytes per weight of the loaded model (the dtype ``load_model`` resolves)."""
+    from refusalkit.models.loading import resolve_dtype
+
+    return resolve_dtype(cfg.dtype, cfg.device).itemsize
 
 
 def _stages(plan: Plan, echo: Any) -> None:
@@ -149,15 +152,13 @@ def _stages(plan: Plan, echo: Any) -> None:
 
 def _disk(cfg: Config, plan: Plan, facts: Any, root: Path, echo: Any) -> list[str]:
     """Print the disk the run will use; a line for ``info`` when the free disk is short."""
-    import torch
+    from refusalkit.core.external import converted_default_model
 
-    from refusalkit.core.external import DEFAULT_CACHE_NAME, cache_dir
-
-    model_bytes = facts.params * _float_bytes(cfg, torch.cuda.is_available() and cfg.device != "cpu")
+    model_bytes = facts.params * _float_bytes(cfg)
     sure = len(plan.variants) + len([r for r in plan.repairs if not _conditional_repair(plan, r)])
     every = len(plan.variants) + len(plan.repairs)
     cache = 0
-    if cfg.model == "default" and not (cache_dir() / DEFAULT_CACHE_NAME).is_dir():
+    if cfg.model == "default" and converted_default_model() is None:
         cache = facts.params * 4
     disk, upper, free = sure * model_bytes + cache, every * model_bytes + cache, _free_disk(root)
     echo(f"disk      about {_gib(disk)}" + (f" (up to {_gib(upper)})" if upper > disk else "")

@@ -83,7 +83,7 @@ def _calibration() -> dict[str, float]:
     from refusalkit.core.settings import load_config
 
     ref_cfg = load_config(None, profile=CPU)
-    ref_plan = build_plan(ref_cfg, Path("/nonexistent"), gpu=False, n_layers=24)
+    ref_plan = build_plan(ref_cfg, gpu=False, n_layers=24)
     found: dict[str, float] = {}
     for st in ref_plan.stages:
         # a measured stage's time includes its unmeasured parts (the evaluation's perplexity): rated from

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from refusalkit.core.config import Config
@@ -123,8 +122,9 @@ def _repair_work(cfg: Config, gpu: bool, search: bool) -> dict[str, dict[str, fl
     return {"repair:search": _tokens(points * 2 * r.search_prompts * T + r.confirm * r.ppl_tokens, gen * mnt)}
 
 
-def build_plan(cfg: Config, root: Path, gpu: bool, n_layers: int | None) -> Plan:
-    """The stages ``refusalkit run`` would run with ``cfg`` in ``root``, in its order."""
+def build_plan(cfg: Config, gpu: bool, n_layers: int | None) -> Plan:
+    """The stages ``refusalkit run`` would run with ``cfg``, in its order (which of them a run directory
+    has done already, :func:`refusalkit.study.estimate.estimate` reads from its ``run.json``)."""
     from refusalkit.compress.job import CompressSpec
     from refusalkit.study.run import attacks_for
 

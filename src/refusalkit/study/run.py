@@ -29,7 +29,6 @@ from refusalkit.core import artifacts
 from refusalkit.core.config import Config
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
-from refusalkit.core.profiles import CPU, PROFILES, QUICK, resolve_profile  # noqa: F401 (re-exported)
 from refusalkit.study.report.load import direction_moved
 
 log = logging.getLogger(__name__)

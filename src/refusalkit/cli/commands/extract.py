@@ -40,9 +40,8 @@ def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if layout.config.exists() and args.no_validation:  # keep the run's setting; skip this extraction's validation
         overrides["validation.enabled"] = recorded_config(layout).validation.enabled
-    cfg, _ = command_config(
-        args, may_create=True, check=False, overrides=overrides, needs={}
-    )  # prepare() checks (or --force)
+    # check=False: prepare() checks the settings (or --force replaces them)
+    cfg, _ = command_config(args, may_create=True, check=False, overrides=overrides, needs={})
     res = run_extract(
         cfg, args.run, variant=args.variant, force=args.force, progress=not args.quiet, validate=not args.no_validation
     )

@@ -10,6 +10,7 @@ from refusalkit.cli.settings import asked_to_create, command_config
 def run(args: argparse.Namespace) -> int:
     from refusalkit.cli.commands.info import list_sweeps
     from refusalkit.core.errors import UserError
+    from refusalkit.core.extras import needed, require
     from refusalkit.study.executors import make_executor
     from refusalkit.study.sweep import build_points, default_name, parse_items, read_grid, run_sweep, sweep_path
 
@@ -26,8 +27,6 @@ def run(args: argparse.Namespace) -> int:
     cfg, layout = command_config(args, may_create=asked_to_create(args))
     cfg.evaluation.attacks = parse_items(pick("attacks"), "attacks") or ["vanilla"]
     calibrations = parse_items(pick("calibration"), "calibration")
-    from refusalkit.core.extras import needed, require
-
     points = build_points(
         cfg,
         parse_items(pick("method"), "method"),
