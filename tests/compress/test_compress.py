@@ -365,6 +365,27 @@ def test_int8_matmul_paths_agree_bit_for_bit(k):
     )
 
 
+def test_int8_layer_float_codes_are_made_once_and_follow_edits(monkeypatch):
+    """On a CPU without fast int8 products the layer keeps its codes as float32 (made once): the same
+    outputs as converting them on every call, and an in-place edit or a new weight is seen."""
+    from refusalkit.models import int8
+
+    monkeypatch.setattr(int8, "_int_mm_is_fast", lambda: False)
+    lin = torch.nn.Linear(1536, 40)
+    q = int8.Int8Linear.from_linear(lin, threshold=6.0)
+    x = torch.randn(7, 1536)
+    first = q(x)
+    codes = q._codes_f32
+    assert torch.equal(q(x), first) and q._codes_f32 is codes  # reused, not remade
+    plain = int8.int8_matmul(torch.ones(1, 1536), q.weight, use_int_mm=False)
+    assert torch.equal(int8.int8_matmul(torch.ones(1, 1536), q.weight, cb_float=codes), plain)
+    q.weight[0, :10] = 0  # an in-place edit of the codes
+    assert q._float_codes() is not codes and torch.equal(q._float_codes(), q.weight.float())
+    q.weight = torch.zeros_like(q.weight)
+    assert torch.equal(q(x), torch.zeros(7, 40) + q.bias)  # a new weight: its codes are used
+    assert "_codes_f32" not in q.state_dict()
+
+
 def test_int8_torch_agrees_with_bitsandbytes():
     import bitsandbytes as bnb
 

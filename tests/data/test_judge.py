@@ -119,16 +119,39 @@ def test_judge_protocol(judge: SubstringJudge) -> None:
 
 def test_settled_only_when_no_later_text_can_change_the_verdict(judge: SubstringJudge) -> None:
     """A cut-short completion is settled when a refusal phrase lies in the judge's window and ends a
-    margin before the cut; then every continuation is judged a refusal."""
+    margin before the cut, or when the window is full without one and a character run is there; then
+    every continuation keeps the label (random texts and tails, 2,000 of each kind)."""
     import random
 
-    from refusalkit.data.refusal import REFUSAL, REFUSAL_WINDOW, SETTLE_MARGIN
+    from refusalkit.data.refusal import CHAR_RUN, DEGENERATE, REFUSAL, REFUSAL_WINDOW, SETTLE_MARGIN
+
+    # degenerate: a run, the window full, no phrase in it; each condition alone settles nothing
+    run = "!" * CHAR_RUN
+    assert judge.settled("ok " + run + " x" * (REFUSAL_WINDOW // 2))
+    assert not judge.settled("ok " + run + " x" * 20)  # a phrase can still enter the window
+    assert not judge.settled("ok then " * (REFUSAL_WINDOW // 4))  # a loop: later text can dilute it
+    filler = ("ab " * REFUSAL_WINDOW)[:REFUSAL_WINDOW]
+    assert not judge.settled(filler + run)  # the run ends too close to the cut to count yet
+    assert judge.settled(filler + run + "x" * SETTLE_MARGIN)
+    rng = random.Random(1)
+    pieces = ["ok", "then", "!!!", "!!!!!!!!!!!!", "I'm", "sorry", "\n", " ", "abc", "sure", "word", "more", "text"]
+    n_settled = 0
+    for _ in range(2000):
+        text = " ".join(rng.choice(pieces) for _ in range(rng.randint(40, 120)))
+        if judge.settled(text):
+            n_settled += judge.judge(text).label == DEGENERATE
+            for _ in range(3):
+                tail = " ".join(rng.choice(pieces) for _ in range(rng.randint(0, 200)))
+                assert judge.judge(text + tail).label == judge.judge(text).label, (text, tail)
+    assert n_settled > 50  # the degenerate case is exercised
 
     assert judge.settled("I'm sorry, but I can't help with that")
     assert not judge.settled("I'm sorr")  # the phrase is not whole yet
     assert not judge.settled("Sure, here is how")
     assert not judge.settled("I'm sorry"[: len("I'm sorry") + SETTLE_MARGIN - 1])
-    assert not judge.settled("x" * REFUSAL_WINDOW + " I'm sorry, but no")  # beyond the window: never counts
+    assert not judge.settled(("ab " * REFUSAL_WINDOW)[:REFUSAL_WINDOW] + " I'm sorry, but no")  # beyond the window
+    assert judge.judge("x" * REFUSAL_WINDOW + " I'm sorry, but no").label == DEGENERATE
+    assert judge.settled("x" * REFUSAL_WINDOW + " I'm sorry, but no")  # ... so a run there settles it
     rng = random.Random(0)
     words = ["sure", "here", "is", "how", "I", "can't", "sorry", "!!!!!!!!!!!!", "\u2019", "help", " ", "\n", "a"]
     for _ in range(2000):

@@ -126,6 +126,11 @@ def test_run_compare_writes_json_without_model(tmp_path):
     assert on_disk["base_source"] == {"layer": 2, "position": -1, "token": "x"}
     assert on_disk["quality"]["variant_direction"]["ablation_score"] == -3.0
     assert on_disk["single_direction"] is True
+    # the comparison is a stage of the run's manifest, so its work is not counted under another stage
+    stages = artifacts.read_json(tmp_path / "manifest.json")["stages"]
+    assert set(stages) == {"v/compare"} and stages["v/compare"]["forward_tokens"] == 0
+    run_compare(Config(), tmp_path, "v", quality=False)  # reused: no second record
+    assert artifacts.read_json(tmp_path / "manifest.json")["stages"] == stages
     with pytest.raises(UserError, match="extract"):
         run_compare(Config(), tmp_path, "missing", quality=False)
     with pytest.raises(UserError, match="not base"):

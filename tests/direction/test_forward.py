@@ -173,3 +173,35 @@ def test_generate_keeps_input_order_and_reports_progress(llama_lm, prompts):
     b = generate(llama_lm, prompts, max_new_tokens=3, batch_size=3)
     assert a == list(reversed(b))
     assert sum(seen) == len(prompts)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 32])
+def test_conditions_in_one_call_equal_each_condition_alone(tiny_lm, prompts, rand_dir, batch_size):
+    """Conditions generated together (grouped hooks: a plain group, an ablation, additions at two
+    layers) give each row the tokens of its condition generated alone under its own hooks, with any
+    batch size; the hooks do act (the additions' completions differ from plain ones) and are removed
+    afterwards."""
+    from refusalkit.direction.generate import Condition, generate, generate_conditions
+
+    model = tiny_lm.model
+    before = hook_ids(model)
+    r, q = rand_dir(seed=30, scale=4.0), rand_dir(seed=31, scale=4.0)
+    conds = {
+        "plain": Condition(prompts[:3]),
+        "ablated": Condition(prompts[1:5], ablate=r),
+        "added": Condition(prompts[:4], add=(r, 1)),
+        "added_other": Condition(prompts[2:], add=(q, 2)),
+    }
+    together = generate_conditions(tiny_lm, conds, max_new_tokens=5, batch_size=batch_size)
+    alone_hooks = {
+        "plain": ([], []),
+        "ablated": ablation_hooks(model, r),
+        "added": addition_hooks(model, r, layer=1),
+        "added_other": addition_hooks(model, q, layer=2),
+    }
+    for name, cond in conds.items():
+        alone = generate(tiny_lm, cond.ids, max_new_tokens=5, batch_size=batch_size, hooks=alone_hooks[name])
+        assert together[name] == alone, name
+    plain = generate(tiny_lm, prompts, max_new_tokens=5, batch_size=batch_size)
+    assert together["added"] != plain[:4] and together["added_other"] != plain[2:]  # (an ablation may not flip a token)
+    assert hook_ids(model) == before

@@ -129,3 +129,64 @@ def test_prompt_activations_average_to_the_candidates(tiny_lm, harmful_ids, n_po
         for i in (0, len(harmful_ids) - 1):
             alone = prompt_activations(tiny_lm, harmful_ids[i : i + 1], offset, batch_size=1)
             torch.testing.assert_close(acts[i : i + 1], alone, atol=1e-5, rtol=0)
+
+
+def test_floors_by_position_equal_the_floor_of_each_position():
+    """The extraction's floors of every position are the ones noise_floor_record makes there."""
+    from refusalkit.direction.noise import floors_by_position
+
+    h, s = (torch.stack([a, b], dim=1) for a, b in zip(_acts(1), _acts(2)))  # [N, 2 positions, 3, D]
+    made = floors_by_position(h, s, [-2, -1], resamples=200, seed=5)
+    assert made["n_prompts"] == {"harmful": N, "harmless": N} and set(made["by_position"]) == {"-2", "-1"}
+    for i, p in enumerate((-2, -1)):
+        rec = noise_floor_record(h[:, i], s[:, i], layer=1, position=p, resamples=200, seed=5)
+        assert made["by_position"][str(p)] == rec["by_layer"]
+    assert made["by_position"]["-2"] != made["by_position"]["-1"]  # the positions' activations differ
+
+
+def test_noise_stage_reuses_the_extraction_forward(tmp_path, tokenizer):
+    """The base noise floor costs no forward after the extraction (the forward counter does not move)
+    and equals the floor of a separate pass; other resamples or another seed recompute it (the key
+    covers both) by running the prompts again."""
+    from refusalkit.core.counters import since, snapshot
+    from refusalkit.core.layout import RunLayout
+    from refusalkit.core.settings import load_config
+    from refusalkit.direction.job import _train_ids, stage_data, stage_extract, stage_noise
+    from refusalkit.models.session import Session
+
+    from conftest import HARMFUL, HARMLESS, make_llama
+
+    model_dir = tmp_path / "tiny"
+    make_llama(tokenizer).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    files = {}
+    for kind, rows in (("harmful", HARMFUL), ("harmless", HARMLESS)):
+        files[kind] = tmp_path / f"{kind}.txt"
+        files[kind].write_text("\n".join(rows) + "\n")
+    overrides = {"model": str(model_dir), "dtype": "float32", "device": "cpu", "n_train": 5, "n_val": 1,
+                 "validation.enabled": False, "noise_resamples": 50, "batch_size": 2, **files}  # fmt: skip
+    cfg = load_config(overrides={k: str(v) if k in files else v for k, v in overrides.items()})
+    s = Session(cfg=cfg, layout=RunLayout(tmp_path / "run"), variant="base")
+    s.layout.direction_dir("base").mkdir(parents=True)
+    data = stage_data(s)
+    stage_extract(s, data)
+    info = {"layer": 2, "position": -2}
+    before = snapshot()
+    rec = stage_noise(s, data, info)
+    assert since(before)["tokens"] == 0
+    ids, _ = _train_ids(s, data)
+    acts = {k: prompt_activations(s.lm, ids[k], -2, batch_size=3) for k in ids}
+    ref = noise_floor_record(acts["harmful"], acts["harmless"], layer=2, position=-2, resamples=50, seed=cfg.seed)
+    assert rec["n_prompts"] == ref["n_prompts"] == {"harmful": 5, "harmless": 5}
+    assert {k: v for k, v in rec.items() if k != "by_layer"} == {k: v for k, v in ref.items() if k != "by_layer"}
+    for key in ("mean", "sd", "floor"):
+        assert rec["by_layer"][key] == pytest.approx(ref["by_layer"][key], abs=1e-6)
+    for change in ({"noise_resamples": 30}, {"seed": 3}):
+        for k, v in change.items():
+            setattr(s.cfg, k, v)
+        before = snapshot()
+        again = stage_noise(s, data, info)
+        assert since(before)["tokens"] > 0 and (again["resamples"], again["seed"]) == (
+            s.cfg.noise_resamples,
+            s.cfg.seed,
+        )

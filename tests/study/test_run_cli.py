@@ -270,6 +270,15 @@ def test_stages_record_their_forward_tokens(study):
     assert state["base/evaluate"]["forward_tokens"] > 0.5 * state["magnitude-0.5/evaluate"]["forward_tokens"]
     manifest = json.loads((study / "manifest.json").read_text())["stages"]
     assert manifest["base/extract"]["forward_tokens"] > 0
+    # prefill and decode split the tokens; the evaluation decodes, the comparison's scoring does not
+    for key in ("base/extract", "base/evaluate"):
+        work = state[key]["forward"]
+        assert work["prefill_tokens"] + work["decode_tokens"] == work["tokens"] == state[key]["forward_tokens"]
+        assert work["prefill_seconds"] > 0 and 0 <= work["prefill_padding"] < work["prefill_tokens"]
+    assert state["base/evaluate"]["forward"]["decode_calls"] > 0
+    assert state["magnitude-0.5/compare"]["forward"]["decode_calls"] == 0
+    # compare is a stage of the manifest too (its noise floor came from the extraction's forward)
+    assert manifest["magnitude-0.5/compare"]["forward_tokens"] > 0  # the base direction scored on the variant
 
 
 def test_rerun_skips_and_resumes(study, capsys):

@@ -72,11 +72,13 @@ def update_manifest(
     stage: str | None = None,
     seconds: float | None = None,
     existing: dict[str, Any] | None = None,
+    tokens: int | None = None,
 ) -> dict[str, Any]:
     """Record the environment and, with ``stage``, that stage's time and the forward tokens this process
-    ran since it recorded its previous stage (:mod:`refusalkit.core.counters`). The file is re-read under a
-    lock (``manifest.lock`` beside it): processes that run sweep points in parallel never drop
-    each other's stages; ``existing`` (what the caller read before) fills in what the file lacks."""
+        ran since it recorded its previous stage (:mod:`refusalkit.core.counters`). The file is re-read under a
+        lock (``manifest.lock`` beside it): processes that run sweep points in parallel never drop
+        each other's stages; ``existing`` (what the caller read before) fills in what the file lacks; ``tokens``: the
+    stage's forward tokens when the caller counted them itself."""
     from refusalkit.core.artifacts import locked, read_json
 
     with locked(path.with_suffix(".lock")):
@@ -96,7 +98,7 @@ def update_manifest(
             m["stages"][stage] = {
                 "seconds": round(seconds or 0.0, 2),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "forward_tokens": since(_LAST)["tokens"],  # since this process's previous stage
+                "forward_tokens": since(_LAST)["tokens"] if tokens is None else tokens,
             }
             _LAST.update(snapshot())
         write_json(path, m)

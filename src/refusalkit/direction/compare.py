@@ -27,8 +27,10 @@ import torch
 
 from refusalkit.core import artifacts
 from refusalkit.core.config import Config
+from refusalkit.core.counters import since, snapshot
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
+from refusalkit.core.manifest import update_manifest
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -225,7 +227,7 @@ def run_compare(
     if variant == "base":
         raise UserError("compare a compressed variant with the base model: give --variant NAME (not base)")
     out = layout.compare(variant)
-    t0 = time.time()
+    t0, before = time.time(), snapshot()
     base_cands, base_info, _ = _direction_files(layout, "base")
     var_cands, var_info, var_val = _direction_files(layout, variant, need_selection=False)
     assert base_info is not None
@@ -276,4 +278,5 @@ def run_compare(
     res["fallback"] = None if var_info is None else var_info.get("fallback")
     res["seconds"] = round(time.time() - t0, 1)
     artifacts.write_json(out, res)
+    update_manifest(layout.manifest, cfg.seed, f"{variant}/compare", res["seconds"], tokens=since(before)["tokens"])
     return res

@@ -128,8 +128,7 @@ def _generate_conditions(
     test split; each condition's per-prompt refusals go into ``conditions``; the rows, one per completion."""
     from refusalkit.data.prompts import load_refusal_phrases
     from refusalkit.data.refusal import SubstringJudge, settle_rule
-    from refusalkit.direction.generate import generate
-    from refusalkit.direction.hooks import ablation_hooks, addition_hooks
+    from refusalkit.direction.generate import Condition, generate_conditions
     from refusalkit.models.chat import tokenize_instructions
     from refusalkit.models.session import Session
 
@@ -138,28 +137,29 @@ def _generate_conditions(
     judge = SubstringJudge(load_refusal_phrases(cfg.validation.refusal_phrases))
     try:
         lm = session.lm
-        total = sum(len(data[kind]["test"]) for _, kind, _ in todo)
+        wanted: dict[str, Condition] = {}
+        for name, kind, which in todo:
+            ids = tokenize_instructions(lm.tokenizer, data[kind]["test"], cfg.system_prompt)
+            d = None if which is None else artifacts.load_tensors(directions[which]["file"])["direction"]
+            if d is None:
+                wanted[name] = Condition(ids)
+            elif name.startswith("ablated"):
+                wanted[name] = Condition(ids, ablate=d)
+            else:
+                wanted[name] = Condition(ids, add=(d, int(directions[which]["layer"])))
+        total = sum(len(c.ids) for c in wanted.values())
         with session.progress.bar(total, f"{variant}: control (generation)") as bar:
-            for name, kind, which in todo:
-                hooks: Any = ([], [])
-                if which is not None:
-                    d = artifacts.load_tensors(directions[which]["file"])["direction"]
-                    hooks = (
-                        ablation_hooks(lm.model, d)
-                        if name.startswith("ablated")
-                        else addition_hooks(lm.model, d, int(directions[which]["layer"]))
-                    )
-                prompts = data[kind]["test"]
-                ids = tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt)
-                outs = generate(lm, ids, max_new_tokens=cfg.validation.max_new_tokens, batch_size=cfg.batch_size,
-                                hooks=hooks, progress=bar.update,
-                                settled=settle_rule(cfg.early_stop, [judge]))  # fmt: skip
-                verdicts = judge.judge_many(prompts, outs)
-                conditions[name] = {p: v.label == "refusal" for p, v in zip(prompts, verdicts)}
-                rows += [
-                    {"condition": name, "prompt": p, "completion": o, "verdict": v.label}
-                    for p, o, v in zip(prompts, outs, verdicts)
-                ]
+            outs = generate_conditions(lm, wanted, max_new_tokens=cfg.validation.max_new_tokens,
+                                       batch_size=cfg.batch_size, progress=bar.update,
+                                       settled=settle_rule(cfg.early_stop, [judge]))  # fmt: skip
+        for name, kind, _ in todo:
+            prompts = data[kind]["test"]
+            verdicts = judge.judge_many(prompts, outs[name])
+            conditions[name] = {p: v.label == "refusal" for p, v in zip(prompts, verdicts)}
+            rows += [
+                {"condition": name, "prompt": p, "completion": o, "verdict": v.label}
+                for p, o, v in zip(prompts, outs[name], verdicts)
+            ]
     finally:
         session.owner.release()
     return rows

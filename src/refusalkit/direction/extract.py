@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from refusalkit.direction.forward import forward_last
+from refusalkit.direction.forward import forward_last, longest_first
 from refusalkit.direction.hooks import add_hooks
 from refusalkit.models.loading import LoadedModel
 from refusalkit.models.structure import decoder_layers
@@ -82,6 +82,33 @@ def mean_activations(
 
     capture_streams(lm, ids, lambda x: x[:, -n_pos:, :], consume, batch_size=batch_size, keep_suffix=n_pos)
     return total / len(ids)
+
+
+@torch.inference_mode()
+def prompt_streams(
+    lm: LoadedModel,
+    ids: list[list[int]],
+    n_pos: int,
+    *,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Every prompt's residual stream at the last ``n_pos`` positions, at the input of every block and
+    the final stream: ``[n_prompts, n_pos, L + 1, d]`` float32 in input order. Its mean over prompts is
+    :func:`mean_activations` (the same forward); the noise floor resamples its rows."""
+    out = torch.zeros((len(ids), n_pos, lm.n_layers + 1, lm.d_model), dtype=torch.float32)
+    order, done = longest_first(ids), [0]
+
+    def consume(streams: list[torch.Tensor], n_rows: int) -> None:
+        rows = torch.tensor(order[done[0] : done[0] + n_rows])
+        for layer, x in enumerate(streams):
+            out[rows, :, layer] = x.float().cpu()
+        done[0] += n_rows
+        if progress is not None:
+            progress(n_rows)
+
+    capture_streams(lm, ids, lambda x: x[:, -n_pos:, :], consume, batch_size=batch_size, keep_suffix=n_pos)
+    return out
 
 
 def candidate_directions(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:

@@ -157,6 +157,32 @@ def grouped_addition_hooks(
     return pre, []
 
 
+def intervention_hooks(
+    model: nn.Module,
+    interventions: Sequence[tuple[torch.Tensor | None, tuple[torch.Tensor, int] | None]],
+    rows: RowGroups,
+) -> tuple[list[Hook], list[Hook]]:
+    """Hooks for groups of rows under different interventions in one batch: group ``g``'s
+    ``(ablate, add)`` is a direction ablated everywhere (Eq. 4) or None, and ``(direction, layer)``
+    added at the input of that block (Eq. 5) or None. A group without an ablation projects out a zero
+    vector and one without an addition adds zeros: exact no-ops (``x − (x·0)·0 = x``, ``x + 0 = x``)."""
+    ab = [a for a, _ in interventions if a is not None]
+    ad = [a for _, a in interventions if a is not None]
+    d = (ab or [a[0] for a in ad] or [torch.zeros(1)])[0].shape[-1]
+    hook_sets = []
+    if ab:
+        units = torch.stack([torch.zeros(d) if a is None else _unit(a) for a, _ in interventions])
+        hook_sets.append(_ablation(model, _vectors(units, rows)))
+    if ad:
+        vecs = torch.stack([torch.zeros(d) if a is None else a[0].float() for _, a in interventions])
+        layers = [0 if a is None else int(a[1]) for _, a in interventions]
+        n = len(decoder_layers(model))
+        if any(not 0 <= layer < n for layer in layers):
+            raise ValueError(f"an addition layer is outside 0..{n - 1}")
+        hook_sets.append(grouped_addition_hooks(model, vecs, layers, rows))
+    return merge(*hook_sets)
+
+
 def merge(*hook_sets: tuple[list[Hook], list[Hook]]) -> tuple[list[Hook], list[Hook]]:
     pre: list[Hook] = []
     fwd: list[Hook] = []

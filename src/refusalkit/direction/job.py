@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,10 @@ from refusalkit.core.layout import RunLayout, prepare
 from refusalkit.core.progress import Progress
 from refusalkit.data.prompts import load_prompts, load_refusal_phrases, split_prompts
 from refusalkit.data.refusal import SubstringJudge, settle_rule, summarize
-from refusalkit.direction.extract import candidate_directions, mean_activations
+from refusalkit.direction.extract import candidate_directions, mean_activations, prompt_streams
 from refusalkit.direction.forward import forward_last
-from refusalkit.direction.generate import generate
-from refusalkit.direction.hooks import ablation_hooks, addition_hooks
+from refusalkit.direction.generate import Condition, generate_conditions
+from refusalkit.direction.noise import floors_by_position
 from refusalkit.direction.select import Scorer, default_refusal_ids, refusal_scores, select_direction
 from refusalkit.models.chat import post_instruction_ids, tokenize_instructions
 from refusalkit.models.session import Session
@@ -91,10 +92,15 @@ def stage_extract(s: Session, data: dict) -> torch.Tensor:
     post = post_instruction_ids(lm.tokenizer, c.system_prompt)
     n_pos = len(post)
     ids, counts = _train_ids(s, data)
-    means = {}
+    means, rows = {}, {}
+    floors = s.variant == "base" and c.noise_resamples >= 1  # the per-prompt rows also give the noise floor
     for kind in ("harmful", "harmless"):
         with s.progress.bar(len(ids[kind]), f"activations ({kind})") as bar:
-            means[kind] = mean_activations(lm, ids[kind], n_pos, batch_size=c.batch_size, progress=bar.update)
+            if floors:
+                rows[kind] = prompt_streams(lm, ids[kind], n_pos, batch_size=c.batch_size, progress=bar.update)
+                means[kind] = rows[kind].double().mean(0)
+            else:
+                means[kind] = mean_activations(lm, ids[kind], n_pos, batch_size=c.batch_size, progress=bar.update)
     cands = candidate_directions(means["harmful"], means["harmless"])
     artifacts.save_tensors(
         cand_path,
@@ -109,6 +115,11 @@ def stage_extract(s: Session, data: dict) -> torch.Tensor:
             "layers": "0..L-1: input of decoder block l; L: output of the last block (final stream, before the final norm)",
             "n_train": counts,
             "filtered": c.filter_train,
+            "noise_floors": None
+            if not floors
+            else floors_by_position(
+                rows["harmful"], rows["harmless"], list(range(-n_pos, 0)), resamples=c.noise_resamples, seed=c.seed
+            ),
         },
     )
     return cands
@@ -197,32 +208,27 @@ def stage_validate(s: Session, data: dict, info: dict[str, Any]) -> dict[str, An
     direction = artifacts.load_tensors(s.direction_file("direction.safetensors"))["direction"]
     judge = SubstringJudge(load_refusal_phrases(c.validation.refusal_phrases))
     conditions = {
-        "harmful_baseline": ("harmful", ([], [])),
-        "harmful_ablated": ("harmful", ablation_hooks(lm.model, direction)),
-        "harmless_baseline": ("harmless", ([], [])),
-        "harmless_added": ("harmless", addition_hooks(lm.model, direction, info["layer"])),
+        "harmful_baseline": ("harmful", Condition([])),
+        "harmful_ablated": ("harmful", Condition([], ablate=direction)),
+        "harmless_baseline": ("harmless", Condition([])),
+        "harmless_added": ("harmless", Condition([], add=(direction, int(info["layer"])))),
+    }
+    wanted = {
+        name: replace(cond, ids=tokenize_instructions(lm.tokenizer, data[kind]["test"], c.system_prompt))
+        for name, (kind, cond) in conditions.items()
     }
     rows, summary = [], {}
-    total = sum(len(data[k]["test"]) for k, _ in conditions.values())
-    with s.progress.bar(total, "validation (generation)") as bar:
-        for name, (kind, hooks) in conditions.items():
-            prompts = data[kind]["test"]
-            ids = tokenize_instructions(lm.tokenizer, prompts, c.system_prompt)
-            outs = generate(
-                lm,
-                ids,
-                max_new_tokens=c.validation.max_new_tokens,
-                batch_size=c.batch_size,
-                hooks=hooks,
-                progress=bar.update,
-                settled=settle_rule(c.early_stop, [judge]),
-            )
-            verdicts = judge.judge_many(prompts, outs)
-            summary[name] = summarize(verdicts)
-            rows += [
-                {"condition": name, "prompt": p, "completion": o, "verdict": v.label, "reason": v.reason}
-                for p, o, v in zip(prompts, outs, verdicts)
-            ]
+    with s.progress.bar(sum(len(w.ids) for w in wanted.values()), "validation (generation)") as bar:
+        outs = generate_conditions(lm, wanted, max_new_tokens=c.validation.max_new_tokens, batch_size=c.batch_size,
+                                   progress=bar.update, settled=settle_rule(c.early_stop, [judge]))  # fmt: skip
+    for name, (kind, _) in conditions.items():
+        prompts = data[kind]["test"]
+        verdicts = judge.judge_many(prompts, outs[name])
+        summary[name] = summarize(verdicts)
+        rows += [
+            {"condition": name, "prompt": p, "completion": o, "verdict": v.label, "reason": v.reason}
+            for p, o, v in zip(prompts, outs[name], verdicts)
+        ]
     result = {
         "harmful_refusal_rate": summary["harmful_baseline"]["refusal_rate"],
         "harmful_refusal_rate_ablated": summary["harmful_ablated"]["refusal_rate"],
@@ -242,8 +248,10 @@ def stage_validate(s: Session, data: dict, info: dict[str, Any]) -> dict[str, An
 
 def stage_noise(s: Session, data: dict, info: dict[str, Any]) -> dict[str, Any] | None:
     """The base model's noise floor for every cosine ``compare`` reports
-    (:mod:`refusalkit.direction.noise`): one forward over the training prompts at the selected
-    position, then ``noise_resamples`` bootstrap resamples. Base model only; ``None`` when off."""
+    (:mod:`refusalkit.direction.noise`): ``noise_resamples`` bootstrap resamples of the training
+    prompts' streams at the selected position, read from what the extraction's forward made (a run
+    extracted before that, or with other resamples or seed, runs the prompts again). Base model only;
+    ``None`` when off."""
     c = s.cfg
     path = s.direction_file("noise_floor.json")
     if s.variant != "base" or c.noise_resamples < 1:
@@ -254,8 +262,15 @@ def stage_noise(s: Session, data: dict, info: dict[str, Any]) -> dict[str, Any] 
         if made_by == (int(info["position"]), c.noise_resamples, c.seed):
             return rec
         s._ran = True  # a re-selected direction or other settings: a stale floor is recomputed
-    from refusalkit.direction.noise import noise_floor_record, prompt_activations
+    from refusalkit.direction.noise import floor_record, noise_floor_record, prompt_activations
 
+    made = artifacts.read_json(s.direction_file("candidates.json")).get("noise_floors")
+    at = str(int(info["position"]))
+    if made and (made["resamples"], made["seed"]) == (c.noise_resamples, c.seed) and at in made["by_position"]:
+        rec = floor_record(made["by_position"][at], made["n_prompts"], layer=int(info["layer"]),
+                           position=int(at), resamples=c.noise_resamples, seed=c.seed)  # fmt: skip
+        artifacts.write_json(path, rec)  # the extraction's forward made it: no second pass
+        return rec
     lm = s.lm
     ids, _ = _train_ids(s, data)
     acts = {}

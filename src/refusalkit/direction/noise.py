@@ -32,15 +32,13 @@ from typing import Any
 
 import torch
 
-from refusalkit.direction.extract import capture_streams
-from refusalkit.direction.forward import longest_first
+from refusalkit.direction.extract import prompt_streams
 from refusalkit.models.loading import LoadedModel
 
 METHOD = "bootstrap"
 QUANTILE = 0.025
 
 
-@torch.inference_mode()
 def prompt_activations(
     lm: LoadedModel,
     ids: list[list[int]],
@@ -52,20 +50,7 @@ def prompt_activations(
     """The residual stream of every prompt at position ``offset`` (< 0, from the end) at the input
     of every block and the final stream: ``[n_prompts, L + 1, d]`` float32, in input order (the
     layers of :func:`refusalkit.direction.extract.mean_activations`)."""
-    out = torch.zeros((len(ids), lm.n_layers + 1, lm.d_model), dtype=torch.float32)
-    order = longest_first(ids)
-    done = [0]
-
-    def consume(streams: list[torch.Tensor], n_rows: int) -> None:
-        rows = torch.tensor(order[done[0] : done[0] + n_rows])
-        for layer, x in enumerate(streams):
-            out[rows, layer] = x.float().cpu()
-        done[0] += n_rows
-        if progress is not None:
-            progress(n_rows)
-
-    capture_streams(lm, ids, lambda x: x[:, offset, :], consume, batch_size=batch_size, keep_suffix=-offset)
-    return out
+    return prompt_streams(lm, ids, -offset, batch_size=batch_size, progress=progress)[:, 0]
 
 
 def _resample_counts(n: int, resamples: int, generator: torch.Generator) -> torch.Tensor:
@@ -110,11 +95,37 @@ def summarize_null(null: torch.Tensor) -> dict[str, list[float]]:
     }
 
 
+def floors_by_position(
+    harmful: torch.Tensor, harmless: torch.Tensor, positions: list[int], *, resamples: int, seed: int
+) -> dict[str, Any]:
+    """The null of every post-instruction position from per-prompt streams ``[n, n_pos, L + 1, d]``
+    (:func:`refusalkit.direction.extract.prompt_streams`), made with the extraction's own forward so
+    that the floor at the position selection picks later costs no second pass over the prompts. Each
+    position's summary is the one :func:`noise_floor_record` makes there (the same resample seed)."""
+    return {
+        "resamples": resamples,
+        "seed": seed,
+        "n_prompts": {"harmful": int(harmful.shape[0]), "harmless": int(harmless.shape[0])},
+        "by_position": {
+            str(p): summarize_null(bootstrap_null(harmful[:, i], harmless[:, i], resamples=resamples, seed=seed))
+            for i, p in enumerate(positions)
+        },
+    }
+
+
 def noise_floor_record(
     harmful: torch.Tensor, harmless: torch.Tensor, *, layer: int, position: int, resamples: int, seed: int
 ) -> dict[str, Any]:
     """``base/direction/noise_floor.json``: the null per layer at the base position, and how it was made."""
     s = summarize_null(bootstrap_null(harmful, harmless, resamples=resamples, seed=seed))
+    n = {"harmful": int(harmful.shape[0]), "harmless": int(harmless.shape[0])}
+    return floor_record(s, n, layer=layer, position=position, resamples=resamples, seed=seed)
+
+
+def floor_record(
+    summary: dict[str, list[float]], n_prompts: dict[str, int], *, layer: int, position: int, resamples: int, seed: int
+) -> dict[str, Any]:
+    """The record of a null ``summary`` (:func:`summarize_null`) at ``position``."""
     return {
         "method": METHOD,
         "statistic": "cos(r, r_b): full-sample difference in means vs a bootstrap resample's, base model",
@@ -123,8 +134,8 @@ def noise_floor_record(
         "quantile": QUANTILE,
         "position": position,
         "source_layer": layer,
-        "n_prompts": {"harmful": int(harmful.shape[0]), "harmless": int(harmless.shape[0])},
-        "by_layer": s,
+        "n_prompts": n_prompts,
+        "by_layer": summary,
         "conservative": True,
         "meaning": "a cosine below by_layer.floor[l] is lower than redrawing the training prompts gives "
         "for the base model's own direction at layer l: it moved",

@@ -25,10 +25,9 @@ The loop is its own (not ``model.generate``) so that the expensive part is share
   (:func:`refusalkit.models.kv_cache.merge_padded`), so the decode steps still see one wide batch.
   Models whose cache is not plain attention keys and values (state-space, sliding-window layers)
   prefill the batch in one forward as before.
-* In the prefill the output head reads a contiguous copy of its input (:func:`contiguous_head`): transformers
-  slices the last position out of the hidden states, and ``F.linear`` on that strided view runs
-  as a batched matmul against the head's weight expanded per row, about 8 times slower on a CPU
-  than on the copied rows (0.5B model, 100 rows: 3.0 s against 0.38 s).
+* In the prefill the output head reads a contiguous copy of its input (:func:`contiguous_head`): on
+  the strided last position ``F.linear`` ran 8 times slower on a CPU (0.5B model, 100 rows: 3.0 s).
+* **Groups** (:class:`Groups`): conditions under different grouped hooks share batches.
 * Every step computes only the last position's logits (``logits_to_keep=1``), in float32, and
   picks each row's token with :func:`refusalkit.models.sampler.next_tokens` (argmax for greedy
   rows; per-row seeded exact sampling for the others, independent of batching).
@@ -50,6 +49,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -193,27 +193,64 @@ def plan_batches(n_prompts: int, n_configs: int, batch_size: int) -> tuple[int, 
     return max(1, min(n_prompts, batch_size // per)), chunks
 
 
-def _prefix_cache(model: Any, prefix: list[int], device: torch.device) -> Any:
-    """The KV cache of the prompts' shared ``prefix`` (one row)."""
+@dataclass
+class Groups:
+    """Rows in groups that run under different hooks in one batch: ``of[i]`` is prompt ``i``'s group;
+    ``rows`` (a :class:`refusalkit.direction.hooks.RowGroups`) gets the group of every row of each
+    forward in its ``index``, where grouped hooks read it."""
+
+    of: list[int]
+    rows: Any
+
+
+def _prefix_cache(model: Any, prefix: list[int], device: torch.device, groups: Groups | None = None) -> Any:
+    """The KV cache of the prompts' shared ``prefix``: one row, or one per group (row ``g`` under group
+    ``g``'s hooks, which change the prefix's keys and values too)."""
     cache = new_cache(model)
     if prefix:
-        model(input_ids=torch.tensor([prefix], device=device), logits_to_keep=1,
+        n = 1 if groups is None else max(groups.of) + 1
+        if groups is not None:
+            groups.rows.index = torch.arange(n)
+        model(input_ids=torch.tensor([prefix] * n, device=device), logits_to_keep=1,
               **cache_kwargs(cache, cache_keyword(model)))  # fmt: skip
     return cache
 
 
-def _prefill(model: Any, rows: list[list[int]], pad_id: int, device: torch.device, prefix: tuple[int, Any] = (0, None)):
+def _shared_prefix(
+    model: Any, ids: list[list[int]], device: torch.device, share: bool, groups: Groups | None
+) -> tuple[int, Any]:
+    """``(length, cache)`` of the prompts' shared prefix, ``(0, None)`` when not shared."""
+    n = common_prefix_len(ids, 1) if share and prefix_padding_is_exact(model) else 0
+    if n < MIN_PREFIX:
+        return 0, None
+    return n, _prefix_cache(model, ids[0][:n], device, groups)
+
+
+def _prefill(
+    model: Any,
+    rows: list[list[int]],
+    pad_id: int,
+    device: torch.device,
+    prefix: tuple[int, Any] = (0, None),
+    grouped: tuple[Groups, torch.Tensor] | None = None,
+):
     """One forward over the left-padded prompt suffixes ``rows`` after the shared prefix
-    ``(length, one-row cache)``: ``(cache, mask [P, L], last positions [P, 1], last-position
-    float32 logits [P, V])``; ``mask`` and the cache cover the prefix too."""
+    ``(length, cache)``: ``(cache, mask [P, L], last positions [P, 1], last-position
+    float32 logits [P, V])``; ``mask`` and the cache cover the prefix too. ``grouped``: the groups and
+    each row's group (the prefix cache then has a row per group)."""
     n_prefix, prefix_cache = prefix
     x, mask = pad_left(rows, pad_id, device)
     STATS["prefill_tokens"] += int(mask.sum())
     STATS["prefill_padded"] += x.numel()
     pos = (n_prefix + mask.cumsum(-1) - 1).clamp(min=n_prefix)
+    if grouped is not None:
+        grouped[0].rows.index = grouped[1]
     if n_prefix:
         cache = copy.deepcopy(prefix_cache)
-        repeat_rows(cache, len(rows))
+        if grouped is None:
+            repeat_rows(cache, len(rows))
+        else:
+            select_rows(cache, grouped[1])
         mask = torch.cat([mask.new_ones((len(rows), n_prefix)), mask], dim=-1)
     else:
         cache = new_cache(model)
@@ -235,6 +272,7 @@ def _prefill_runs(
     device: torch.device,
     prefix: tuple[int, Any],
     overhead: int | None,
+    grouped: tuple[Groups, torch.Tensor] | None = None,
 ):
     """:func:`_prefill` of ``rows`` (sorted by length), in runs of similar length
     (:func:`length_batches`) whose caches are merged into one; the same return value.
@@ -242,9 +280,12 @@ def _prefill_runs(
     or batches keep their size (:func:`forward_overhead`): one prefill."""
     runs = length_batches([len(r) for r in rows], len(rows), overhead)
     if len(runs) == 1:
-        return _prefill(model, rows, pad_id, device, prefix)
+        return _prefill(model, rows, pad_id, device, prefix, grouped)
     n_prefix = prefix[0]
-    parts = [_prefill(model, rows[sl], pad_id, device, prefix) for sl in runs]
+    parts = [
+        _prefill(model, rows[sl], pad_id, device, prefix, None if grouped is None else (grouped[0], grouped[1][sl]))
+        for sl in runs
+    ]
     width = max(p[1].shape[1] for p in parts)
     masks = []
     for _, mask, _, _ in parts:
@@ -268,6 +309,7 @@ def _decode(
     stop: torch.Tensor,
     attends: bool,
     settled: Callable[[list[int]], bool] | None = None,
+    grouped: tuple[Groups, torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """Decode ``R`` rows whose prompts are in ``cache`` (``mask [R, L]``, ``pos [R, 1]``, first-step
     ``logits [R, V]``, ``uniforms [R, max_new_tokens]``). Returns each row's new tokens, up to
@@ -300,6 +342,8 @@ def _decode(
             alive = alive[keep.cpu()]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         pos = pos + 1
+        if grouped is not None:
+            grouped[0].rows.index = grouped[1][alive]
         res = model(
             input_ids=tok.unsqueeze(-1),
             attention_mask=mask if attends else None,
@@ -334,6 +378,7 @@ def generate_ids(
     stop_ids: list[int] | None = None,
     share_prefix: bool = True,
     settled: Callable[[list[int]], bool] | None = None,
+    groups: Groups | None = None,
 ) -> list[list[list[int]]]:
     """New token ids ``[prompt i][decoding j]`` of the token-id prompts ``ids`` under ``decodings``,
     each up to and including its stop token (at most ``max_new_tokens``), or cut where ``settled``
@@ -344,7 +389,8 @@ def generate_ids(
     prompts of similar length share a batch. ``progress(n)`` gets the rows finished by each
     batch. ``stop_ids`` defaults to :func:`default_stop_ids`. Runs under whatever hooks the
     caller has registered. ``share_prefix``: run the prompts' shared prefix once (exact up to
-    float rounding; the module docstring).
+    float rounding; the module docstring). ``groups``: prompts under different grouped hooks in one
+    call (:class:`Groups`), so that conditions of a few prompts each fill a batch.
     """
     keys = _row_keys(ids, keys)
     if not ids or not decodings or max_new_tokens <= 0:
@@ -356,16 +402,18 @@ def generate_ids(
     stop = torch.tensor(stop_ids if stop_ids is not None else default_stop_ids(lm), dtype=torch.long, device=device)
     per_batch, chunks = plan_batches(len(ids), len(decodings), batch_size)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
-    n_prefix = common_prefix_len(ids, 1) if share_prefix and prefix_padding_is_exact(model) else 0
-    n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
-    prefix = (n_prefix, _prefix_cache(model, ids[0][:n_prefix], device) if n_prefix else None)
+    prefix = _shared_prefix(model, ids, device, share_prefix, groups)
+    n_prefix = prefix[0]
+    group_of = None if groups is None else torch.tensor(groups.of, dtype=torch.long)
     attends = has_attention_layers(model)
     overhead = forward_overhead(device) if mergeable(model) else None
     out: list[list[list[int]]] = [[[] for _ in decodings] for _ in ids]
     for s in range(0, len(order), per_batch):
         idx = order[s : s + per_batch]
         suffixes = [ids[i][n_prefix:] for i in idx]
-        cache, mask, pos, logits = _prefill_runs(model, suffixes, pad_id, device, prefix, overhead)
+        batch_groups = None if group_of is None else group_of[torch.tensor(idx)]
+        grouped = None if batch_groups is None else (groups, batch_groups)
+        cache, mask, pos, logits = _prefill_runs(model, suffixes, pad_id, device, prefix, overhead, grouped)
         for n_chunk, chunk in enumerate(chunks):
             decs = decodings[chunk]
             c = len(decs)
@@ -387,6 +435,7 @@ def generate_ids(
                 stop=stop,
                 attends=attends,
                 settled=settled,
+                grouped=None if grouped is None else (groups, batch_groups.repeat_interleave(c)),
             )
             for r, new in enumerate(rows):
                 out[idx[r // c]][chunk.start + r % c] = new

@@ -55,14 +55,18 @@ def _int_mm_is_fast() -> bool:
     return cap.startswith("AVX512") or cap.startswith("AMX")
 
 
-def int8_matmul(qa: torch.Tensor, cb: torch.Tensor, use_int_mm: bool | None = None) -> torch.Tensor:
+def int8_matmul(
+    qa: torch.Tensor, cb: torch.Tensor, use_int_mm: bool | None = None, cb_float: torch.Tensor | None = None
+) -> torch.Tensor:
     """``qa @ cb.T`` summed exactly, as float32: ``qa`` holds integers in [-127, 127] (any float dtype),
     ``cb`` is int8 ``[out, in]``.
 
     ``use_int_mm`` None: ``torch._int_mm`` (int8 products, int32 sums) on a CPU where it is fast
     (AVX-512/AMX kernels), else float32 matmuls over slices of at most 1040 inputs, each exact
     (``1040 * 127² < 2^24``), summed in float64. Either way the result is the exact integer sum
-    rounded once to float32, so every path gives identical outputs (tested).
+    rounded once to float32, so every path gives identical outputs (tested). ``cb_float``: ``cb`` as
+    float32, made once by the caller, for the float path (converting the codes on every call read and
+    wrote every weight once more per forward).
     """
     if use_int_mm is None:
         use_int_mm = qa.device.type == "cpu" and _int_mm_is_fast()
@@ -73,11 +77,12 @@ def int8_matmul(qa: torch.Tensor, cb: torch.Tensor, use_int_mm: bool | None = No
             pass
     k = qa.shape[1]
     a = qa.float()
+    w = cb.float() if cb_float is None else cb_float
     if k <= _EXACT_F32_TERMS:
-        return a @ cb.float().t()
+        return a @ w.t()
     out = None
     for s in range(0, k, _EXACT_F32_TERMS):
-        part = (a[:, s : s + _EXACT_F32_TERMS] @ cb[:, s : s + _EXACT_F32_TERMS].float().t()).double()
+        part = (a[:, s : s + _EXACT_F32_TERMS] @ w[:, s : s + _EXACT_F32_TERMS].t()).double()
         out = part if out is None else out.add_(part)
     return out.float()
 
@@ -111,6 +116,17 @@ class Int8Linear(nn.Module):
             m.bias.data.copy_(lin.bias.data)
         return m
 
+    def _float_codes(self) -> torch.Tensor | None:
+        """The codes as float32 for the float path, made once per weight (remade when the codes are
+        replaced or edited in place); None where ``torch._int_mm`` runs. Not part of the state dict: in
+        memory the layer then holds float32 weights as a float model does, within the run's budget."""
+        if self.weight.device.type == "cpu" and _int_mm_is_fast() and hasattr(torch, "_int_mm"):
+            return None
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        if getattr(self, "_codes_key", None) != key:
+            self._codes_f32, self._codes_key = self.weight.float(), key
+        return self._codes_f32
+
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * (self.SCB / 127.0).unsqueeze(1)
 
@@ -123,7 +139,8 @@ class Int8Linear(nn.Module):
         rest = a.masked_fill(cols.unsqueeze(0), 0.0)
         cx = rest.abs().amax(dim=1).clamp(min=1e-12)  # per-token absmax over non-outlier features
         qa = torch.round(rest * (127.0 / cx).unsqueeze(1))
-        y = int8_matmul(qa, self.weight) * (cx.unsqueeze(1) * self.SCB.unsqueeze(0)) / (127.0 * 127.0)
+        y = int8_matmul(qa, self.weight, cb_float=self._float_codes()) * (cx.unsqueeze(1) * self.SCB.unsqueeze(0))
+        y = y / (127.0 * 127.0)
         if cols.any():  # outlier features: the dequantized int8 weights of those columns only
             y = y + a[:, cols] @ (self.weight[:, cols].float() * (self.SCB / 127.0).unsqueeze(1)).t()
         if self.bias is not None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from refusalkit.core.artifacts import locked, make_temp_dir
-from refusalkit.core.counters import count_forward
+from refusalkit.core.counters import count_forward, time_forward
 from refusalkit.core.errors import UserError
 from refusalkit.core.external import (  # noqa: F401 (cache_dir re-exported)
     ARTIFACTS,
@@ -334,7 +334,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     tok = load_tokenizer(spec, source, chat_template)
     model, backend = _load_weights(spec, source, dev, torch_dtype, quantization_config)
-    model.register_forward_pre_hook(count_forward, with_kwargs=True)  # run.json's forward tokens per stage
+    model.register_forward_pre_hook(count_forward, with_kwargs=True)  # run.json's forward work per stage
+    model.register_forward_hook(time_forward, with_kwargs=True, always_call=True)
     info = {
         "dtype": str(torch_dtype).replace("torch.", ""),
         "device": dev,

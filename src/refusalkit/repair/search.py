@@ -67,13 +67,13 @@ def measure(
 
     judge = SubstringJudge(load_refusal_phrases(cfg.validation.refusal_phrases))
 
-    def greedy_labels(prompts: list[str]) -> tuple[list[str], list[str]]:
-        ids = tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt)
-        comps = [c[0] for c in sample(lm, ids, [GREEDY], max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
-                                      settled=settle_rule(cfg.early_stop, [judge]))]  # fmt: skip
-        return comps, [v.label for v in judge.judge_many(prompts, comps)]
-
-    comps, labels = greedy_labels(data.harmful)
+    # harmful and harmless prompts in one call: one set of full batches instead of two smaller ones
+    prompts = data.harmful + data.harmless
+    ids = tokenize_instructions(lm.tokenizer, prompts, cfg.system_prompt)
+    comps = [c[0] for c in sample(lm, ids, [GREEDY], max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
+                                  settled=settle_rule(cfg.early_stop, [judge]))]  # fmt: skip
+    all_labels = [v.label for v in judge.judge_many(prompts, comps)]
+    labels, hl = all_labels[: len(data.harmful)], all_labels[len(data.harmful) :]
     out: dict[str, Any] = {
         "asr": rate(labels.count(COMPLIANCE), len(labels)),
         "degenerate_rate": labels.count(DEGENERATE) / len(labels),
@@ -82,7 +82,6 @@ def measure(
         "labels": {"harmful": labels},
     }
     if data.harmless:
-        hl = greedy_labels(data.harmless)[1]
         out["over_refusal"] = rate(hl.count(REFUSAL), len(hl))
         out["labels"]["harmless"] = hl
     if spec.ppl_tokens:

@@ -75,7 +75,7 @@ class Runner:
         self.state.setdefault("stages", {})
 
     def stage(self, key: str, fn: Callable[[], Any], *, tolerate: bool = False) -> Any:
-        from refusalkit.core.counters import since, snapshot
+        from refusalkit.core.counters import since, snapshot, stage_record
 
         t0, before = time.time(), snapshot()
         self.echo(f"[run] {key}")
@@ -89,12 +89,13 @@ class Runner:
             self.echo(f"[run] {key}: skipped ({e})")
             return None
         prev = self.state["stages"].get(key, {})
-        secs, tokens = round(time.time() - t0, 1), since(before)["tokens"]
-        kept = secs < 1 and not tokens  # a stage found done: its first time and tokens stay
+        secs, work = round(time.time() - t0, 1), stage_record(since(before))
+        kept = secs < 1 and not work["tokens"]  # a stage found done: its first time and work stay
         self.state["stages"][key] = {
             "status": "done",
             "seconds": prev.get("seconds", secs) if kept else secs,
-            "forward_tokens": prev.get("forward_tokens", tokens) if kept else tokens,
+            "forward_tokens": prev.get("forward_tokens", work["tokens"]) if kept else work["tokens"],
+            "forward": prev.get("forward") if kept else work,
         }
         self._save()
         return out
