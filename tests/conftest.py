@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -56,6 +57,21 @@ def pytest_collection_modifyitems(config, items):
         return (rank.get(f, len(SLOW_FILES)), first_seen[f])
 
     items.sort(key=key)  # stable: a file's items keep their order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_tmp_dirs(request, tmp_path_factory):
+    """Remove the temporary folders a test file made (its module fixtures' runs and models) when the file
+    ends with no failure. pytest removes a passed test's ``tmp_path`` at once but a ``tmp_path_factory``
+    folder only when the session ends, so the module fixtures' saved models (several GB over the suite)
+    used to pile up until then: CI's disk filled. A file with a failure keeps its folders to inspect."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for p in set(base.iterdir()) - before:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 VOCAB = 300  # model vocab; the tokenizer is trained to exactly this many tokens or fewer

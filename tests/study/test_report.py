@@ -832,3 +832,39 @@ def test_results_json_follows_its_schema_and_feeds_the_summary(run_dir: Path, ca
     assert "- wanda-0.5 over 3 draws (wanda-0.5, wanda-0.5_seed1, wanda-0.5_seed2): refusal weakened" in out
     assert main(["report", "--run", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["refusalkit_version"] == results["refusalkit_version"]
+
+
+def test_a_repair_decided_by_its_asr_skips_the_harmless_sets(run_dir: Path, monkeypatch) -> None:
+    """run.skip_decided: a repair whose ASR is not lowered does not work whatever over-refusal shows, so
+    the study generates only its attacks, writes why, and the report says the sets were not measured;
+    a repair whose ASR holds gets every set; with skip_decided off, one full evaluation."""
+    from refusalkit.core.config import Config
+    from refusalkit.core.layout import RunLayout
+    from refusalkit.evaluation import job
+    from refusalkit.study.report.verdicts import repair_verdict
+    from refusalkit.study.run import asr_decides, evaluate_repaired
+
+    v = "wanda-0.5+aird"
+    layout = RunLayout(run_dir)
+    assert asr_decides(layout, Config(), v) is None  # 49% -> 20%: lowered, back to base within its margin
+    calls: list[str] = []
+    monkeypatch.setattr(job, "run_evaluate", lambda *a, parts="all", **k: calls.append(parts) or {"parts": parts})
+    evaluate_repaired(Config(), run_dir, v, progress=False, force=False)
+    assert calls == ["asr", "harmless"] and not layout.eval(v, "decided.json").exists()
+
+    _eval(run_dir, v, (0.49, 0.3942, 0.5865), acc=0.375, ppl=41.0)  # the same ASR as the unrepaired variant
+    why = asr_decides(layout, Config(), v)
+    assert why is not None and "ASR vs unrepaired" in why
+    calls.clear()
+    out = evaluate_repaired(Config(), run_dir, v, progress=False, force=False)
+    assert calls == ["asr"] and out["decided"] == why
+    assert json.loads(layout.eval(v, "decided.json").read_text())["not_measured"] == ["over_refusal", "borderline"]
+    run = load_run(layout)
+    rv = repair_verdict(run, run.get(v))
+    assert rv.works == "does not work" and any("not measured (the ASR decides)" in t for t in rv.texts)
+
+    calls.clear()
+    cfg = Config()
+    cfg.run.skip_decided = False
+    evaluate_repaired(cfg, run_dir, v, progress=False, force=False)
+    assert calls == ["all"] and not layout.eval(v, "decided.json").exists()

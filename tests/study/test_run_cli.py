@@ -277,8 +277,10 @@ def test_stages_record_their_forward_tokens(study):
         assert work["prefill_seconds"] > 0 and 0 <= work["prefill_padding"] < work["prefill_tokens"]
     assert state["base/evaluate"]["forward"]["decode_calls"] > 0
     assert state["magnitude-0.5/compare"]["forward"]["decode_calls"] == 0
-    # compare is a stage of the manifest too (its noise floor came from the extraction's forward)
+    # compare and evaluate are stages of the manifest too, each with its own tokens
     assert manifest["magnitude-0.5/compare"]["forward_tokens"] > 0  # the base direction scored on the variant
+    for key in ("base/evaluate", "base/adaptive", "magnitude-0.5/evaluate", "magnitude-0.5/control"):
+        assert manifest[key]["forward_tokens"] == state[key]["forward_tokens"] > 0, key
 
 
 def test_rerun_skips_and_resumes(study, capsys):

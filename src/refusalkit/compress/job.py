@@ -32,6 +32,7 @@ from refusalkit.compress.int8 import layer_record
 from refusalkit.compress.methods import METHODS, BlockStep, Method, parse_method
 from refusalkit.core import artifacts
 from refusalkit.core.config import CompressConfig, Config
+from refusalkit.core.counters import since, snapshot
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout, prepare
 from refusalkit.core.manifest import update_manifest
@@ -286,7 +287,7 @@ def run_compress(
     if layout.compression(name).exists() and layout.has_model(name) and not force:
         return {**artifacts.read_json(layout.compression(name)), "reused": True}
     manifest = prepare(cfg, layout.root, force=False, keep_existing=True)
-    t0 = time.time()
+    t0, before = time.time(), snapshot()
     lm, result, cal, backend = _compressed_model(cfg, spec, progress)
     compress_seconds = time.time() - t0
     _save_model(lm, layout.model(name))
@@ -298,7 +299,9 @@ def run_compress(
     info = _record(cfg, spec, lm, result, cal, backend, layout.model(name))
     info.update(wall_seconds=round(time.time() - t0, 2), compress_seconds=round(compress_seconds, 2))
     artifacts.write_json(layout.compression(name), info)
-    update_manifest(layout.manifest, cfg.seed, f"{name}/compress", info["wall_seconds"], manifest)
+    update_manifest(
+        layout.manifest, cfg.seed, f"{name}/compress", info["wall_seconds"], manifest, since(before)["tokens"]
+    )
     info["reused"] = False
     return info
 

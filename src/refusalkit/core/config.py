@@ -161,6 +161,7 @@ class RunConfig:
     select_repaired: bool = _f(True, "Select each repaired variant's own direction (its source and selected cosine); false: its candidates only, compared with the base direction at the base source and every layer (the cpu profile: saves a selection per repair).")
     draws: int = _f(1, "Calibration seeds (compress.calibration_seed, +1, …) at which every calibrated variant is compressed: its verdict, F3 and F4 count every draw (two-level bootstrap over draws and prompts); the repair is searched on the first draw and its edit applied unchanged to the others. A method without calibration is compressed once.", commands=("run",))
     validate_variants: bool = _f(True, "Validate every variant's direction by generation too (the base model's always is when validation.enabled); false: the comparison judges a variant's direction by its selection scores.")
+    skip_decided: bool = _f(True, "With one draw, evaluate a repaired variant's harmless and borderline prompts only when they can still change its verdict: a repair whose ASR already fails the rule (not lowered, or not back to the base) does not work whatever they show, and its over-refusal reads 'not measured'. false: measure them anyway.", commands=("run",))
 
 
 @dataclass

@@ -34,6 +34,7 @@ from typing import Any
 
 from refusalkit.core import artifacts
 from refusalkit.core.config import Config
+from refusalkit.core.counters import since, snapshot
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout, prepare
 from refusalkit.core.manifest import update_manifest
@@ -79,7 +80,7 @@ def run_control(
             "control by behaviour needs them: run with validation.enabled true in a new run directory"
         )
     manifest = prepare(cfg, root, force=False, keep_existing=True)
-    t0 = time.time()
+    t0, before = time.time(), snapshot()
     max_new = cfg.validation.max_new_tokens
     directions: dict[str, dict[str, Any]] = {}
     own = layout.direction(variant, "direction.json")
@@ -110,7 +111,9 @@ def run_control(
     result["seconds"] = round(time.time() - t0, 1)
     artifacts.write_jsonl(rows_path, rows)
     artifacts.write_json(path, result)
-    update_manifest(layout.manifest, cfg.seed, f"{variant}/control", result["seconds"], manifest)
+    update_manifest(
+        layout.manifest, cfg.seed, f"{variant}/control", result["seconds"], manifest, since(before)["tokens"]
+    )
     return result
 
 

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from refusalkit.core import artifacts
 from refusalkit.core.config import Config
+from refusalkit.core.counters import since, snapshot
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
+from refusalkit.core.manifest import update_manifest
 from refusalkit.data.prompts import load_prompts, load_refusal_phrases
 from refusalkit.data.refusal import Judge, SubstringJudge
 from refusalkit.evaluation.attacks import (
@@ -164,8 +166,15 @@ def run_evaluate(
     utility_eval: bool = False,
     force: bool = False,
     progress: bool = True,
+    parts: str = "all",
+    stage: str = "evaluate",
 ) -> dict[str, Any]:
-    """Evaluate one variant; return ``{"asr": ..., "over_refusal": ..., "utility": ..., "seconds": ...}``."""
+    """Evaluate one variant; return ``{"asr": ..., "over_refusal": ..., "utility": ..., "seconds": ...}``.
+    ``parts``: ``"all"``, ``"asr"`` (the attacks and utility only) or ``"harmless"`` (the over-refusal
+    sets only): a study measures a repaired variant's harmless sets only when they can still change
+    its verdict. ``stage``: the manifest's name for this measurement (``{variant}/{stage}``)."""
+    if parts not in ("all", "asr", "harmless"):
+        raise ValueError(f"parts is all, asr or harmless, not {parts!r}")
     layout = RunLayout(root)
     if variant != "base" and not layout.has_model(variant):
         raise UserError(
@@ -181,26 +190,30 @@ def run_evaluate(
     ctx, session = _context(cfg, layout, variant, force, progress)
     ctx.out.mkdir(parents=True, exist_ok=True)
     splits = artifacts.read_json(layout.splits) if layout.splits.exists() else None
-    t0 = time.time()
+    t0, before = time.time(), snapshot()
     result: dict[str, Any] = {"variant": variant, "asr": {}, "out": str(ctx.out)}
     prompts, info = held_out(e.prompts, e.n_prompts, splits, "harmful")
-    for attack in e.attacks:
+    for attack in e.attacks if parts != "harmless" else []:
         t = time.time()
         summary = _run_attack(ctx, attack, prompts, info, splits)
         summary["seconds"] = round(time.time() - t, 1)
         _update_asr(ctx, attack, summary)
         result["asr"][attack] = summary
-    if e.n_harmless:
+    if e.n_harmless and parts != "asr":
         hp, hinfo = held_out(e.harmless, e.n_harmless, splits, "harmless")
         result["over_refusal"] = over_refusal(ctx, hp, hinfo)
-    if e.n_borderline and e.borderline != "none":
+    if e.n_borderline and e.borderline != "none" and parts != "asr":
         bp = load_prompts(e.borderline)[: e.n_borderline]
         binfo = {"source": e.borderline, "n": len(bp), "order": "source order"}
         result["borderline"] = over_refusal(ctx, bp, binfo, name="borderline")
-    if utility_eval:
+    if utility_eval and parts != "harmless":
         result["utility"] = utility(ctx)
     session.owner.release()
     result["seconds"] = round(time.time() - t0, 1)
+    tokens = since(before)["tokens"]
+    if tokens or result["seconds"] >= 1:  # something was measured (not every record found done)
+        key = f"{variant}/{stage}" + ("" if parts == "all" else f":{parts}")
+        update_manifest(layout.manifest, cfg.seed, key, result["seconds"], tokens=tokens)
     plan = ctx.plan
     result["plan"] = {
         "max_new_tokens": plan.max_new_tokens,

@@ -28,6 +28,7 @@ import torch
 from refusalkit.compress.methods import PRUNING
 from refusalkit.core import artifacts
 from refusalkit.core.config import Config, RepairConfig, alpha_scale
+from refusalkit.core.counters import since, snapshot
 from refusalkit.core.errors import UserError
 from refusalkit.core.layout import RunLayout
 from refusalkit.core.manifest import update_manifest
@@ -172,7 +173,7 @@ def run_repair(
         old = _reusable(layout, name, variant, r)
         if old is not None:
             return old
-    t0 = time.time()
+    t0, before = time.time(), snapshot()
     layout.discard_analyses(name)  # the analyses of a replaced repaired variant no longer apply
     session = Session(cfg=cfg, layout=layout, variant=variant, progress=Progress(progress))
     try:
@@ -182,7 +183,7 @@ def run_repair(
     write_edited_checkpoint(layout.model(variant), layout.model(name), tensors, slices)
     info["seconds"] = round(time.time() - t0, 1)
     artifacts.write_json(layout.repair_info(name), info)
-    update_manifest(layout.manifest, cfg.seed, f"{name}/repair", info["seconds"])
+    update_manifest(layout.manifest, cfg.seed, f"{name}/repair", info["seconds"], tokens=since(before)["tokens"])
     info["reused"] = False
     return info
 

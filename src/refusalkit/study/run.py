@@ -124,6 +124,51 @@ def _preflight(cfg: Config) -> list[Any]:
     return specs
 
 
+def evaluate_repaired(cfg: Config, root: Path, v: str, *, progress: bool, force: bool) -> dict[str, Any]:
+    """Evaluate repaired variant ``v``, its harmless and borderline sets only where they can still change
+    its verdict (``run.skip_decided``, one draw): the attacks first; when the repair's ASR already fails
+    the rule, the repair does not work whatever over-refusal shows (:func:`refusalkit.evaluation.decide.combine`:
+    one failing part decides), so those sets are not generated and ``eval/decided.json`` says why."""
+    from refusalkit.evaluation.job import run_evaluate
+
+    kw = {"utility_eval": cfg.run.utility, "progress": progress, "force": force}
+    harmless = cfg.evaluation.n_harmless or (cfg.evaluation.n_borderline and cfg.evaluation.borderline != "none")
+    layout = RunLayout(root)
+    decided = layout.eval(v, "decided.json")
+    if not (cfg.run.skip_decided and cfg.run.draws == 1 and harmless):
+        decided.unlink(missing_ok=True)
+        return run_evaluate(cfg, root, v, **kw)
+    out = run_evaluate(cfg, root, v, parts="asr", **kw)
+    why = asr_decides(layout, cfg, v)
+    if why is not None:
+        unmeasured = ["over_refusal", "borderline"]
+        artifacts.write_json(decided, {"verdict": "does not work", "why": why, "not_measured": unmeasured})
+        return {**out, "decided": why}
+    decided.unlink(missing_ok=True)
+    return {**out, **run_evaluate(cfg, root, v, parts="harmless", **kw)}
+
+
+def asr_decides(layout: RunLayout, cfg: Config, v: str) -> str | None:
+    """Why repaired variant ``v``'s verdict is already "does not work" from its vanilla ASR alone (its
+    ASR vs the unrepaired variant not lowered, or vs the base not back within the margin), or None."""
+    from refusalkit.evaluation.decide import FAILS
+    from refusalkit.study.report.load import load_run
+    from refusalkit.study.report.verdicts import repair_verdict
+
+    if not layout.eval(v, "vanilla.jsonl").is_file():  # no vanilla ASR measured: nothing decided
+        return None
+    run = load_run(layout, cfg)
+    var = run.get(v)
+    if var is None:
+        return None
+    verdict = repair_verdict(run, var, across=False)
+    failed = [k for k in ("asr_lowered", "asr_back_to_base") if verdict.parts.get(k) == FAILS]
+    if not failed:
+        return None
+    texts = [t for t in verdict.texts if t.startswith(("ASR vs unrepaired", "ASR vs base"))]
+    return "; ".join(texts) or ", ".join(failed)
+
+
 def run_all(
     cfg: Config,
     root: str | Path,
@@ -190,7 +235,7 @@ def run_all(
     for v in repaired:
         run.stage(f"{v}/extract", lambda v=v: extract(v, validate=r.validate_variants, select=r.select_repaired))
         run.stage(f"{v}/compare", lambda v=v: run_compare(cfg, root, v, force=force))
-        run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
+        run.stage(f"{v}/evaluate", lambda v=v: evaluate_repaired(cfg, root, v, progress=progress, force=force))
     made = _other_draws(run, cfg, root, specs, variants, repaired, extract, evaluate, control)
     variants += made["variants"]
     repaired += made["repaired"]
@@ -351,5 +396,7 @@ def _adaptive(run: Runner, cfg: Config, root: Path, repaired: list[str], progres
             targets += [t for t in ("base", src, name) if t not in targets]
     for v in targets:
         run.stage(
-            f"{v}/adaptive", lambda v=v: run_evaluate(sub, root, v, progress=progress, force=run.force), tolerate=True
+            f"{v}/adaptive",
+            lambda v=v: run_evaluate(sub, root, v, progress=progress, force=run.force, stage="adaptive"),
+            tolerate=True,
         )

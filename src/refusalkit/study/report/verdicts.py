@@ -199,6 +199,10 @@ def repair_verdict(run: Run, v: Variant, *, across: bool = True) -> RepairVerdic
         label = record.replace("_", "-")
         d = res and decide.not_worse(res, run.margin("over_refusal_margin"), f"{label} not above")
         out.record(f"{record}_not_above", d, label, res)
+    for r in reps:  # a study that did not measure what could not change the verdict (run.skip_decided)
+        decided = run.layout.eval(r.name, "decided.json")
+        if decided.is_file():
+            out.texts.append(f"{r.name}: over-refusal and borderline prompts not measured (the ASR decides)")
     degenerate = compare_draws(to_src, "vanilla", "degenerate")
     out.figures["degenerate"] = degenerate
     out.record("degenerate_not_above", degenerate_decision(run, degenerate), "degenerate", degenerate)
