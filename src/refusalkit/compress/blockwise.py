@@ -363,25 +363,5 @@ def expert_tokens(step: Any, tokens: dict[str, int], rule: str) -> list[str]:
     return missing
 
 
-def release_memory() -> None:
-    """Return freed memory to the system between blocks.
-
-    glibc keeps large freed buffers in its heap: on the default model the resident size after
-    three AWQ blocks was 2.45 GB without this and 1.0 GB with it (float32, weights memory-mapped).
-    """
-    import ctypes
-    import gc
-    import sys
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
 def advance(inputs: BlockInputs, outputs: list[torch.Tensor]) -> BlockInputs:
     return BlockInputs(outputs, inputs.kwargs)

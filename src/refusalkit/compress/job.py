@@ -26,7 +26,7 @@ from torch import nn
 
 from refusalkit.compress import precision
 from refusalkit.compress.awq import VIEW_SCALES
-from refusalkit.compress.blockwise import capture_inputs, eager_experts, linear_layers, release_memory
+from refusalkit.compress.blockwise import capture_inputs, eager_experts, linear_layers
 from refusalkit.compress.calibration import Calibration, build_calibration
 from refusalkit.compress.int8 import layer_record
 from refusalkit.compress.methods import METHODS, BlockStep, Method, parse_method
@@ -38,6 +38,7 @@ from refusalkit.core.layout import RunLayout, prepare
 from refusalkit.core.manifest import update_manifest
 from refusalkit.core.progress import Progress
 from refusalkit.models.loading import LoadedModel, load_model
+from refusalkit.models.session import release_memory
 from refusalkit.models.structure import decoder_layers
 
 log = logging.getLogger(__name__)

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,24 @@ from refusalkit.core.progress import Progress
 from refusalkit.models.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
+
+
+def release_memory() -> None:
+    """Collect garbage and return freed memory to the system.
+
+    glibc keeps large freed buffers in its heap: on the default model the resident size after three
+    AWQ blocks was 2.45 GB without this and 1.0 GB with it (float32, weights memory-mapped), and a
+    study kept about 1.7 GB of an LLM.int8 variant's freed buffers for the rest of the run (anonymous
+    memory 1.9 GB at the report, 0.3 GB after ``malloc_trim``).
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 class ModelOwner:
@@ -64,9 +84,7 @@ class ModelOwner:
         """Drop the loaded model and invalidate every holder."""
         if self._lm is not None:
             self._lm = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
 
     def use(self, variant: str) -> LoadedModel:
         """Swap to ``variant`` (the current model is released first)."""

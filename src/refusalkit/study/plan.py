@@ -206,7 +206,18 @@ class _Builder:
         self.add(f"{name}/extract", "its direction" + ("" if r.select_repaired else " at the base source"),
                  _extract_work(self.cfg, self.L, validate=r.validate_variants, select=r.select_repaired), cond)  # fmt: skip
         self.add(f"{name}/compare", "cosines with the base direction", {"compare": {"ref": 1.0}}, cond)
-        self.add(f"{name}/evaluate", self.eval_what, self.eval_work, cond)
+        e, r = self.cfg.evaluation, self.cfg.run
+        n_harmless = e.n_harmless + (e.n_borderline if e.borderline != "none" else 0)
+        if not (r.skip_decided and r.draws == 1 and n_harmless):
+            self.add(f"{name}/evaluate", self.eval_what, self.eval_work, cond)
+            return
+        # run.skip_decided: the harmless sets only when the attacks have not already failed the repair
+        share = n_harmless / (e.n_prompts + n_harmless)
+        ev = self.eval_work["evaluate"]
+        asr = {**self.eval_work, "evaluate": {k: v * (1 - share) for k, v in ev.items()}}
+        self.add(f"{name}/evaluate", f"{', '.join(e.attacks)} on {e.n_prompts} harmful prompts", asr, cond)
+        self.add(f"{name}/evaluate:harmless", f"over-refusal on {n_harmless} harmless and borderline prompts",
+                 {"evaluate": {k: v * share for k, v in ev.items()}}, "if its ASR does not already fail the repair")  # fmt: skip
 
     def repairs_of(self, specs: list[Any]) -> None:
         """``run.repair``'s repairs (the search, and the paper's edit beside it), then their follow-ups."""

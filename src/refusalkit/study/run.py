@@ -76,6 +76,7 @@ class Runner:
 
     def stage(self, key: str, fn: Callable[[], Any], *, tolerate: bool = False) -> Any:
         from refusalkit.core.counters import since, snapshot, stage_record
+        from refusalkit.models.session import release_memory
 
         t0, before = time.time(), snapshot()
         self.echo(f"[run] {key}")
@@ -88,6 +89,7 @@ class Runner:
             self._save()
             self.echo(f"[run] {key}: skipped ({e})")
             return None
+        release_memory()  # a stage's models are gone: give their freed buffers back before the next loads
         prev = self.state["stages"].get(key, {})
         secs, work = round(time.time() - t0, 1), stage_record(since(before))
         kept = secs < 1 and not work["tokens"]  # a stage found done: its first time and work stay
