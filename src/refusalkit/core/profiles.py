@@ -31,12 +31,13 @@ QUICK: dict[str, Any] = {
     "repair.search_prompts": 8,
 }
 
-# The default on a machine without a GPU: the whole study on the default model in 18 to 45 minutes
-# on 2 cores, depending on the CPU (docs/results.md). What it trades off: one pruned and one quantized variant
-# instead of four; half the training prompts and a lighter selection (16 validation prompts, a
-# 2-prompt screen, 4 candidates scored in full); 16 calibration samples; variants' directions
-# judged by their selection scores, not by generation; 32-token completions on 100 harmful, 100
-# harmless and 120 borderline prompts;
+# The default on a machine without a GPU: the whole study on the default model in about 25 minutes on 2
+# AVX2 cores (0.7.8: 24:30 to 26:20; docs/results.md, where halving the sizes to reach 20 minutes is
+# costed: it would leave every repair's over-refusal and F2 undecidable). What it trades off: one
+# pruned and one quantized variant instead of four; half the training prompts and a lighter
+# selection (16 validation prompts, a 2-prompt screen, 4 candidates scored in full); 16 calibration
+# samples; variants' directions judged by their selection scores, not by generation; 32-token
+# completions on 100 harmful, 100 harmless and 120 borderline prompts;
 # perplexity instead of zero-shot accuracy (the offline suite is at chance on a 0.5B model);
 # 128 rows per forward instead of 64 (a decode step costs 17 instead of 25 ms a row here: the matrix
 # products of a small batch use the 2 cores poorly);
