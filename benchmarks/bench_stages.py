@@ -13,7 +13,9 @@ GFLOP/s and weight-read bandwidth against the measured bandwidth.
 FLOPs are 2 per weight per token (the blocks for every token, the output head once per prefill row
 and per decoded token); attention's own products are left out, so the rates are slight
 underestimates. Work outside the model's forward (compression's calibration, the repair screen's
-block-by-block passes, judging, writing files) is in a stage's seconds but not in its forwards.
+block-by-block passes, judging, writing files) is in a stage's seconds but not in its forwards; a
+stage whose prefills took under half a second in all (compression's calibration forwards stop at the
+first block) shows no prefill rate.
 Run it on the machine that made the run, alone: the peak is this machine's now.
 """
 
@@ -118,6 +120,8 @@ def main() -> int:
         if st.get("status") != "done" or not work:
             continue
         r = forward_rates(work, block_params=shapes["block"], head_params=shapes["head"], weight_bytes=weight_bytes)
+        if work["prefill_seconds"] < 0.5:  # forwards stopped at the first block (compression's calibration)
+            r["prefill_gflops"] = r["padding_share"] = None
         fwd_s = work["prefill_seconds"] + work["decode_seconds"]
         secs = float(st["seconds"])
         totals["s"] += secs
