@@ -76,10 +76,11 @@ def _evaluate_work(cfg: Config, gpu: bool, utility: bool) -> tuple[dict[str, dic
     """The evaluation's tokens: vanilla (harmful, harmless, borderline) as the reference measured it, and
     each further attack and utility from the token rates (``notes``: which)."""
     from refusalkit.evaluation.plan import make_plan
+    from refusalkit.study.run import harmless_prompts
 
     e, T = cfg.evaluation, PROMPT_TOKENS
     p = make_plan(e, cfg, gpu)
-    n = e.n_prompts + e.n_harmless + (e.n_borderline if e.borderline != "none" else 0)
+    n = e.n_prompts + harmless_prompts(cfg)
     work = {"evaluate": _tokens(n * T, n * p.max_new_tokens)}
     rated: list[str] = []
     for attack in e.attacks:
@@ -202,15 +203,16 @@ class _Builder:
 
     def repaired(self, name: str, cond: str | None) -> None:
         """A repaired variant's direction, comparison and evaluation."""
+        from refusalkit.study.run import harmless_prompts, skips_decided
+
         r = self.cfg.run
         self.add(f"{name}/extract", "its direction" + ("" if r.select_repaired else " at the base source"),
                  _extract_work(self.cfg, self.L, validate=r.validate_variants, select=r.select_repaired), cond)  # fmt: skip
         self.add(f"{name}/compare", "cosines with the base direction", {"compare": {"ref": 1.0}}, cond)
-        e, r = self.cfg.evaluation, self.cfg.run
-        n_harmless = e.n_harmless + (e.n_borderline if e.borderline != "none" else 0)
-        if not (r.skip_decided and r.draws == 1 and n_harmless):
+        if not skips_decided(self.cfg):
             self.add(f"{name}/evaluate", self.eval_what, self.eval_work, cond)
             return
+        e, n_harmless = self.cfg.evaluation, harmless_prompts(self.cfg)
         # run.skip_decided: the harmless sets only when the attacks have not already failed the repair
         share = n_harmless / (e.n_prompts + n_harmless)
         ev = self.eval_work["evaluate"]

@@ -126,6 +126,18 @@ def _preflight(cfg: Config) -> list[Any]:
     return specs
 
 
+def harmless_prompts(cfg: Config) -> int:
+    """How many harmless and borderline prompts an evaluation generates."""
+    e = cfg.evaluation
+    return e.n_harmless + (e.n_borderline if e.borderline != "none" else 0)
+
+
+def skips_decided(cfg: Config) -> bool:
+    """Whether a repaired variant's harmless sets wait for its ASR (``run.skip_decided``: one draw, and
+    there are harmless sets to skip)."""
+    return cfg.run.skip_decided and cfg.run.draws == 1 and harmless_prompts(cfg) > 0
+
+
 def evaluate_repaired(cfg: Config, root: Path, v: str, *, progress: bool, force: bool) -> dict[str, Any]:
     """Evaluate repaired variant ``v``, its harmless and borderline sets only where they can still change
     its verdict (``run.skip_decided``, one draw): the attacks first; when the repair's ASR already fails
@@ -134,10 +146,9 @@ def evaluate_repaired(cfg: Config, root: Path, v: str, *, progress: bool, force:
     from refusalkit.evaluation.job import run_evaluate
 
     kw = {"utility_eval": cfg.run.utility, "progress": progress, "force": force}
-    harmless = cfg.evaluation.n_harmless or (cfg.evaluation.n_borderline and cfg.evaluation.borderline != "none")
     layout = RunLayout(root)
     decided = layout.eval(v, "decided.json")
-    if not (cfg.run.skip_decided and cfg.run.draws == 1 and harmless):
+    if not skips_decided(cfg):
         decided.unlink(missing_ok=True)
         return run_evaluate(cfg, root, v, **kw)
     out = run_evaluate(cfg, root, v, parts="asr", **kw)
