@@ -365,6 +365,62 @@ def test_int8_matmul_paths_agree_bit_for_bit(k):
     )
 
 
+def test_int8_matmul_one_product_only_where_every_partial_sum_is_exact():
+    """Above 1040 inputs the float path runs one product when 127 x (a row's sum of |codes|) < 2^24
+    (every partial sum, in any order, an exact float32 integer), and slices otherwise: both exact."""
+    from refusalkit.models import int8
+
+    g = torch.Generator().manual_seed(1)
+    k = 4864
+    cb = torch.randint(-127, 128, (40, k), generator=g, dtype=torch.int8)
+    small = torch.randint(-12, 13, (9, k), generator=g).float()  # activations' typical codes
+    assert int8._one_product_is_exact(small)
+    big = small.clone()
+    big[4] = 127.0  # one row whose sums can pass 2^24: the whole batch takes the slices
+    assert not int8._one_product_is_exact(big)
+    for qa in (small, big):
+        exact = (qa.double() @ cb.double().t()).float()
+        assert torch.equal(int8.int8_matmul(qa, cb, use_int_mm=False), exact)
+    # at the bound itself: the largest sum that one product may hold, same sign everywhere
+    edge = torch.zeros(1, k)
+    edge[0, : 2**24 // (127 * 127)] = 127.0
+    assert int8._one_product_is_exact(edge)  # 1040 x 127 x 127 < 2^24
+    w = torch.full((2, k), 127, dtype=torch.int8)
+    assert torch.equal(int8.int8_matmul(edge, w, use_int_mm=False), (edge.double() @ w.double().t()).float())
+    edge[0, -1] = 127.0  # one term more can pass 2^24
+    assert not int8._one_product_is_exact(edge)
+
+
+def test_int8_layers_sharing_an_input_quantize_it_once_and_see_changes():
+    """q/k/v and gate/up read one tensor: its quantization is made once (the cached input is the
+    tensor itself), an in-place change of the input is quantized again, and a model's forward leaves
+    nothing cached behind it."""
+    from refusalkit.models import int8
+
+    torch.manual_seed(0)
+    a_lin, b_lin = nn.Linear(64, 32), nn.Linear(64, 16)
+    a_q, b_q = Int8Linear.from_linear(a_lin), Int8Linear.from_linear(b_lin)
+    x = torch.randn(5, 64)
+    x[:, 3] *= 10
+    int8.forget_last_input()
+    ya = a_q(x)
+    cached = int8._LastInput.value
+    yb = b_q(x)
+    assert int8._LastInput.value is cached  # the second layer reused the first one's quantization
+    int8.forget_last_input()
+    assert torch.equal(b_q(x), yb) and torch.equal(a_q(x.clone()), ya)  # same values made afresh
+    x[0, :8] = 0.5  # an in-place change between two sibling layers
+    fresh = Int8Linear.from_linear(b_lin)(x.clone())
+    assert torch.equal(b_q(x), fresh) and not torch.equal(fresh, yb)
+    with torch.inference_mode():  # inference tensors have no version: identity only
+        xi = torch.randn(5, 64)
+        assert torch.equal(a_q(xi), a_q(xi.clone()))
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    assert int8.replace_linears(model, 6.0, []) == 2
+    model(x)
+    assert int8._LastInput.key is None and int8._LastInput.value is None
+
+
 def test_int8_layer_float_codes_are_made_once_and_follow_edits(monkeypatch):
     """On a CPU without fast int8 products the layer keeps its codes as float32 (made once): the same
     outputs as converting them on every call, and an in-place edit or a new weight is seen."""

@@ -62,8 +62,9 @@ def int8_matmul(
     ``cb`` is int8 ``[out, in]``.
 
     ``use_int_mm`` None: ``torch._int_mm`` (int8 products, int32 sums) on a CPU where it is fast
-    (AVX-512/AMX kernels), else float32 matmuls over slices of at most 1040 inputs, each exact
-    (``1040 * 127² < 2^24``), summed in float64. Either way the result is the exact integer sum
+    (AVX-512/AMX kernels), else one float32 matmul where every row's codes are small enough for it
+    to be exact (:func:`_one_product_is_exact`), otherwise float32 matmuls over slices of at most
+    1040 inputs, each exact (``1040 * 127² < 2^24``), summed in float64. Either way the result is the exact integer sum
     rounded once to float32, so every path gives identical outputs (tested). ``cb_float``: ``cb`` as
     float32, made once by the caller, for the float path (converting the codes on every call read and
     wrote every weight once more per forward).
@@ -78,13 +79,68 @@ def int8_matmul(
     k = qa.shape[1]
     a = qa.float()
     w = cb.float() if cb_float is None else cb_float
-    if k <= _EXACT_F32_TERMS:
+    if k <= _EXACT_F32_TERMS or _one_product_is_exact(a):
         return a @ w.t()
     out = None
     for s in range(0, k, _EXACT_F32_TERMS):
         part = (a[:, s : s + _EXACT_F32_TERMS] @ w[:, s : s + _EXACT_F32_TERMS].t()).double()
         out = part if out is None else out.add_(part)
     return out.float()
+
+
+def _one_product_is_exact(a: torch.Tensor) -> bool:
+    """Whether one float32 product ``a @ w.T`` (``|w| <= 127``) is exact whatever order the kernel
+    sums in: every partial sum of row ``t`` is an integer of magnitude at most
+    ``127 * sum_k |a_tk|``; below ``2^24`` each is representable, so every addition is exact.
+    Quantized activations are small on average (the absmax code 127 is one value per row), so this
+    holds for almost every row; the slices above are for the rest."""
+    if a.shape[0] == 0:
+        return True
+    return torch.linalg.vector_norm(a, ord=1, dim=1).max().item() * 127.0 < 2.0**24
+
+
+class _LastInput:
+    """The last quantized input, for the layers that read the same tensor (q/k/v, gate/up). It
+    holds the input itself, so the identity test cannot match a new tensor at a reused address; an
+    in-place change of the input changes its version and is quantized again (an inference-mode
+    tensor has no version: sibling projections read it unchanged, as no hook sits between them)."""
+
+    key: tuple | None = None
+    value: tuple | None = None
+
+
+def _quantized_input(
+    x: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(a, qa, cx, cols)`` of Eq. 5-6: ``a`` the input as [tokens, features] float32, ``cols`` the
+    outlier features (any token with ``|x| >= threshold``; None when there are none), ``cx`` each
+    token's absmax over the other features and ``qa = round(127 a / cx)`` with outliers zeroed.
+    One pass per step, no [tokens, features] temporary beyond ``|a|`` and ``qa``: the plainer form's
+    temporaries cost as much as the matmul at prefill sizes. Made once for the layers that share an
+    input (see :class:`_LastInput`)."""
+    key = (x, -1 if x.is_inference() else x._version, threshold, torch.is_grad_enabled())
+    if _LastInput.key is not None and _LastInput.key[0] is x and _LastInput.key[1:] == key[1:]:
+        return _LastInput.value  # type: ignore[return-value]
+    a = x.reshape(-1, x.shape[-1]).float()
+    absa = a.abs()
+    cols = None
+    if threshold > 0:
+        hit = absa.amax(dim=0) >= threshold
+        cols = hit if bool(hit.any()) else None
+    rest = a
+    if cols is not None:
+        rest = a.masked_fill(cols.unsqueeze(0), 0.0)
+        absa.masked_fill_(cols.unsqueeze(0), 0.0)
+    cx = absa.amax(dim=1).clamp_(min=1e-12)  # per-token absmax over non-outlier features
+    del absa
+    qa = torch.mul(rest, (127.0 / cx).unsqueeze(1)).round_()
+    _LastInput.key, _LastInput.value = key, (a, qa, cx, cols)
+    return a, qa, cx, cols
+
+
+def forget_last_input() -> None:
+    """Drop the cached quantized input (its memory) once a forward is over."""
+    _LastInput.key = _LastInput.value = None
 
 
 class Int8Linear(nn.Module):
@@ -132,19 +188,13 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        a = x.reshape(-1, shape[-1]).float()
-        cols = torch.zeros(a.shape[1], dtype=torch.bool, device=a.device)
-        if self.threshold > 0:
-            cols = (a.abs() >= self.threshold).any(dim=0)
-        rest = a.masked_fill(cols.unsqueeze(0), 0.0)
-        cx = rest.abs().amax(dim=1).clamp(min=1e-12)  # per-token absmax over non-outlier features
-        qa = torch.round(rest * (127.0 / cx).unsqueeze(1))
-        y = int8_matmul(qa, self.weight, cb_float=self._float_codes()) * (cx.unsqueeze(1) * self.SCB.unsqueeze(0))
-        y = y / (127.0 * 127.0)
-        if cols.any():  # outlier features: the dequantized int8 weights of those columns only
-            y = y + a[:, cols] @ (self.weight[:, cols].float() * (self.SCB / 127.0).unsqueeze(1)).t()
+        a, qa, cx, cols = _quantized_input(x, self.threshold)
+        y = int8_matmul(qa, self.weight, cb_float=self._float_codes())
+        y.mul_(torch.outer(cx, self.SCB)).div_(127.0 * 127.0)
+        if cols is not None:  # outlier features: the dequantized int8 weights of those columns only
+            y.add_(a[:, cols] @ (self.weight[:, cols].float() * (self.SCB / 127.0).unsqueeze(1)).t())
         if self.bias is not None:
-            y = y + self.bias.float()
+            y.add_(self.bias.float())
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -239,4 +289,8 @@ def replace_linears(model: nn.Module, threshold: float, skip: list[str], from_we
                 )
                 setattr(mod, child_name, new)
                 count += 1
+    if count and not getattr(model, "_int8_forgets_input", False):
+        # the last layer's quantized input is not kept (its memory) once the model's forward is over
+        model.register_forward_hook(lambda *_: forget_last_input())
+        model._int8_forgets_input = True
     return count
