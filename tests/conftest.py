@@ -38,6 +38,7 @@ SLOW_FILES = (
     "tests/cli/test_cli_integration.py",
     "tests/evaluation/test_eval_cli.py",
     "tests/compress/test_compress_integration.py",
+    "tests/compress/test_import_export_smollm2.py",
     "tests/study/test_compat.py",
     "tests/study/test_run_families.py",
     "tests/models/test_models_unit.py",

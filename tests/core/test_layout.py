@@ -1,5 +1,5 @@
 """The package layout: dependencies point one way (core → models → data → direction →
-compress / evaluation → repair → study → cli), and size limits a newcomer can rely on."""
+compress / evaluation → repair → study / export → cli), and size limits a newcomer can rely on."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ LEVEL = {
     "evaluation": 4,
     "repair": 5,
     "study": 6,
+    "export": 6,
     "cli": 7,
 }
 

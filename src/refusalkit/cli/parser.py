@@ -156,8 +156,9 @@ def _compress(sub: Any) -> None:
     c = sub.add_parser(
         "compress",
         help="compress the run's base model into a named variant DIR/<variant>/",
-        description="Prune or quantize the run's base model; the variant is saved under DIR/<variant>/model "
-        "with DIR/<variant>/compression.json. An existing variant is reused unless --force. "
+        description="Prune or quantize the run's base model (or, with --from, import a compressed copy of it); "
+        "the variant is saved under DIR/<variant>/model with DIR/<variant>/compression.json. An existing "
+        "variant is reused unless --force. "
         "A new run directory is created only when --model or --config is given.",
     )
     _common(
@@ -167,16 +168,48 @@ def _compress(sub: Any) -> None:
         set_example="compress.n_calibration=64",
         profile=True,
     )
-    c.add_argument(
+    how = c.add_mutually_exclusive_group(required=True)
+    how.add_argument(
         "--method",
-        required=True,
         help="magnitude, wanda, sparsegpt, llm-int8, awq, rtn, or a full name: "
         "wanda-0.5, wanda-2:4, awq-w8, rtn-w4 (see `refusalkit sources`)",
+    )
+    how.add_argument(
+        "--from",
+        dest="from_",
+        metavar="PATH_OR_HUB_ID",
+        help="import a model compressed elsewhere as the variant instead: a .gguf file, a compressed-tensors, "
+        "LLM.int8 or dense safetensors folder, or a hub id (owner/name, owner/name:FILE.gguf); it must be the "
+        "base model's architecture, tokenizer and chat template",
     )
     c.add_argument("--sparsity", help="pruning: a ratio in [0, 1) or N:M such as 2:4 (default 0.5)")
     c.add_argument("--bits", type=int, help="awq / rtn: bits per weight, 2-8 (default 4)")
     c.add_argument("--name", help="variant name (default: derived from the method, e.g. wanda-0.5)")
     add_config_flags(c, "compress")
+
+
+def _export(sub: Any) -> None:
+    e = sub.add_parser(
+        "export",
+        help="write a variant in the format it is served in (GGUF, safetensors) with a model card",
+        description="Writes --out (a new folder): the model file(s), README.md (a model card with the Hub's "
+        "metadata and the run's verdicts) and reproduce.json. A repaired variant's export reports how much of "
+        "the edit the type keeps. Nothing leaves the machine without --push-to-hub.",
+    )
+    _common(e, variant="", force="replace a non-empty --out", set_example="seed=0")
+    e.add_argument("--format", required=True, help="gguf, safetensors or compressed-tensors")
+    e.add_argument(
+        "--type",
+        help="gguf: f16 (default), bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, or source (the type it was imported from)",
+    )
+    e.add_argument("--out", required=True, help="output folder (new or empty)")
+    e.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hub repository (token: HF_TOKEN)")
+    e.add_argument(
+        "--check",
+        action="store_true",
+        help="gguf: read the file back (transformers' GGUF loader) as variant <variant>.<type>, evaluate it and "
+        "compare it pairwise with the variant (vanilla ASR, over-refusal; minutes)",
+    )
 
 
 def _evaluate(sub: Any) -> None:
@@ -347,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
-    for add in (_extract, _orthogonalize, _compress, _evaluate, _compare, _repair, _run, _sweep):
+    for add in (_extract, _orthogonalize, _compress, _export, _evaluate, _compare, _repair, _run, _sweep):
         add(sub)
     rp = sub.add_parser(
         "report",

@@ -208,11 +208,20 @@ def compress_model(
 
 def _save_model(lm: LoadedModel, model_dir: Path) -> None:
     """Save atomically: write a temporary sibling folder, then swap it in."""
+
+    def write(tmp: Path) -> None:
+        lm.model.save_pretrained(str(tmp))
+        lm.tokenizer.save_pretrained(str(tmp))
+
+    save_atomically(model_dir, write)
+
+
+def save_atomically(model_dir: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills a temporary sibling folder, which then replaces ``model_dir``."""
     tmp = artifacts.make_temp_dir(model_dir)
     old = None
     try:
-        lm.model.save_pretrained(str(tmp))
-        lm.tokenizer.save_pretrained(str(tmp))
+        write(tmp)
         if model_dir.exists():
             old = model_dir.with_name(f".{model_dir.name}.old-{int(time.time())}")
             model_dir.rename(old)

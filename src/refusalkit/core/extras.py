@@ -37,6 +37,8 @@ EXTRAS: dict[str, Extra] = {
         Extra("bitsandbytes", "bitsandbytes", "pip install 'refusalkit[int8]'", "int8"),
         Extra("ray", "ray", "pip install 'refusalkit[cluster]'", "cluster"),
         Extra("vllm", "vllm", "pip install vllm"),
+        Extra("compressed-tensors", "compressed_tensors", "pip install 'refusalkit[formats]'", "formats"),
+        Extra("llama-cpp-python", "llama_cpp", "pip install 'refusalkit[llama]' (compiles llama.cpp)", "llama"),
     )
 }
 
@@ -58,10 +60,12 @@ def needed(
     methods: list[str] | None = None,
     executor: str = "local",
     evaluates: bool = True,
+    formats: list[str] | None = None,
 ) -> list[tuple[Extra, str]]:
     """The optional packages a command with configuration ``cfg`` will import, each with why:
     ``utility`` (zero-shot accuracy is evaluated), ``methods`` (the compression methods it runs),
-    ``executor`` (``ray``: a Ray sweep), ``evaluates`` (it generates with ``evaluation.backend``)."""
+    ``executor`` (``ray``: a Ray sweep), ``evaluates`` (it generates with ``evaluation.backend``),
+    ``formats`` (the checkpoint formats it reads or writes)."""
     out: list[tuple[Extra, str]] = []
     if cfg.model == "default" and converted_default_model() is None:  # converted: the packages are not read
         out.append((EXTRAS["default model"], "the embedded default model (--model default)"))
@@ -74,6 +78,8 @@ def needed(
         out.append((EXTRAS["ray"], "--executor ray"))
     if evaluates and cfg.evaluation.backend == "vllm":
         out.append((EXTRAS["vllm"], "evaluation.backend vllm"))
+    if "compressed-tensors" in (formats or []):
+        out.append((EXTRAS["compressed-tensors"], "a compressed-tensors checkpoint"))
     return out
 
 

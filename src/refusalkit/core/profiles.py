@@ -32,8 +32,8 @@ QUICK: dict[str, Any] = {
 }
 
 # The default on a machine without a GPU: the whole study on the default model in about 25 minutes on 2
-# AVX2 cores (0.7.8: 24:30 to 26:20; docs/results.md, where halving the sizes to reach 20 minutes is
-# costed: it would leave every repair's over-refusal and F2 undecidable). What it trades off: one
+# AVX2 cores (0.7.8: 24:30 to 26:20; 0.8.0: 24:28; docs/results.md, where halving the sizes to reach 20
+# minutes is costed: it would leave every repair's over-refusal and F2 undecidable). What it trades off: one
 # pruned and one quantized variant instead of four; half the training prompts and a lighter
 # selection (16 validation prompts, a 2-prompt screen, 4 candidates scored in full); 16 calibration
 # samples; variants' directions judged by their selection scores, not by generation; 32-token

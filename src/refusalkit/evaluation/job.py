@@ -209,6 +209,10 @@ def run_evaluate(
     if utility_eval and parts != "harmless":
         result["utility"] = utility(ctx)
     session.owner.release()
+    if e.backend == "vllm":  # the engine built for this variant's chunks; its GPU memory goes back
+        from refusalkit.evaluation.vllm_backend import release_engine
+
+        release_engine()
     result["seconds"] = round(time.time() - t0, 1)
     tokens = since(before)["tokens"]
     if tokens or result["seconds"] >= 1:  # something was measured (not every record found done)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from refusalkit.core.errors import UserError
@@ -56,6 +57,49 @@ def _import_vllm():
     return vllm
 
 
+_ENGINE: dict[str, Any] = {}  # at most one live engine: {"key": ..., "llm": ...}
+
+
+def _fingerprint(model_path: str) -> tuple:
+    """What the engine was built from: the folder's files with their sizes and times (a variant
+    compressed again at the same path is a new model), or the id itself for a hub id."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return (model_path,)
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+
+
+def engine(vllm: Any, model_path: str, **llm_kwargs: Any) -> Any:
+    """The vLLM engine of ``model_path`` with ``llm_kwargs``, built once and reused by every later
+    call for the same model and settings (an evaluation calls once per chunk, and with Huang's
+    decoding grid a chunk is one prompt); another model or setting releases it first."""
+    key = (str(model_path), _fingerprint(model_path), tuple(sorted((k, repr(v)) for k, v in llm_kwargs.items())))
+    if _ENGINE.get("key") != key:
+        release_engine()
+        _ENGINE["llm"] = vllm.LLM(model=model_path, **llm_kwargs)
+        _ENGINE["key"] = key
+    return _ENGINE["llm"]
+
+
+def release_engine() -> None:
+    """Drop the cached engine and its GPU memory (after an evaluation, before other GPU work)."""
+    llm = _ENGINE.pop("llm", None)
+    _ENGINE.pop("key", None)
+    if llm is None:
+        return
+    del llm
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
 def sample_vllm(
     model_path: str,
     prompts: Sequence[str | list[int]],
@@ -79,7 +123,7 @@ def sample_vllm(
         raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     if not prompts or not decodings:
         return [["" for _ in decodings] for _ in prompts]
-    llm = vllm.LLM(model=model_path, **llm_kwargs)
+    llm = engine(vllm, model_path, **llm_kwargs)
     tok = llm.get_tokenizer()
     requests, params = [], []
     for p, key in zip(prompts, keys):

@@ -188,6 +188,15 @@ def run_repair(
     return info
 
 
+def _imported_with_zeros(compression: dict[str, Any] | None) -> bool:
+    """An imported variant whose weights showed pruning: its zeros are kept like a pruned variant's."""
+    if (compression or {}).get("method") != "import":
+        return False
+    from refusalkit.compress.imported import imported_kind
+
+    return imported_kind(compression) == "pruned"
+
+
 def _repair(s: Session, r: RepairConfig, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], list]:
     """Choose α and apply the edit to the owner's model; the record, the edited state-dict entries
     and fused experts' edited slices (CPU copies; the model is restored exactly)."""
@@ -199,7 +208,7 @@ def _repair(s: Session, r: RepairConfig, name: str) -> tuple[dict[str, Any], dic
     requant = Requantize.from_compression(compression, scales) if r.requantize else None
     norm = float(direction.float().norm())
     layer = int(base_info["layer"])
-    pruned = (compression or {}).get("method") in PRUNING
+    pruned = (compression or {}).get("method") in PRUNING or _imported_with_zeros(compression)
 
     def edit_for(c: Candidate) -> AirdEdit:
         """Edit the model the owner holds now (never a model held from before a swap)."""

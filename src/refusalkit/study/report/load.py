@@ -98,6 +98,10 @@ class Variant:
         if self.repair is not None:
             return "repaired"
         method = self.method
+        if method == "import":  # what the imported weights showed (refusalkit.compress.imported)
+            from refusalkit.compress.imported import imported_kind
+
+            return imported_kind(self.compression or {})
         return "pruned" if method in PRUNING else "quantized" if method in QUANTIZATION else "compressed"
 
     @property

@@ -1,0 +1,1 @@
+"""Exporting a variant in the format it is served in (GGUF, safetensors), with a model card."""

@@ -1,0 +1,177 @@
+"""Writing a variant as a GGUF file with the ``gguf`` library.
+
+The base model's own GGUF file is the template: its metadata (architecture, hyper-parameters,
+tokenizer, chat template) is copied except the file type, and its tensors are written in its order
+under its names, each filled from the variant's state dict through the ``gguf`` library's own
+name mapping (``TensorNameMap``); a tensor the variant does not hold (a rope frequency table) is
+copied from the base unchanged. Architectures whose GGUF layout differs from Hugging Face's by more
+than llama's rotary permutation (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``, which
+transformers' GGUF loader reverses) are refused.
+
+Types (lower case): ``f32``, ``f16``, ``bf16`` and the block types the library quantizes in Python,
+``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``. One-axis tensors (norms, biases) stay float32, as
+llama.cpp keeps them; a matrix whose rows are not a multiple of the type's block is written f16.
+``q4_1`` and ``q5_1`` store a per-block minimum: a pruned weight comes back as that block's offset,
+not zero (:data:`KEEPS_ZEROS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from refusalkit.core.errors import UserError
+
+PYTHON_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+KEEPS_ZEROS = {
+    "f32": True,
+    "f16": True,
+    "bf16": True,
+    "q8_0": True,
+    "q4_0": True,
+    "q5_0": True,
+    "q4_1": False,
+    "q5_1": False,
+}
+# Architectures whose tensors transformers' GGUF loader changes beyond renaming (it reverses llama's
+# rotary permutation only; the others are not handled here).
+_CHANGED_BY_LOADER = ("qwen2moe", "qwen3moe", "gpt_oss", "bloom", "t5", "t5encoder", "gpt2", "mamba", "nemotron")
+_CHANGED_BY_LOADER += ("gemma", "gemma2", "gemma3", "lfm2", "minimax-m2")
+
+
+def ggml_type(name: str) -> Any:
+    from gguf import GGMLQuantizationType as Q
+
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}.get(
+        name, {"q5_0": Q.Q5_0, "q5_1": Q.Q5_1}.get(name)
+    )
+
+
+def file_type(name: str) -> int:
+    from gguf import LlamaFileType as F
+
+    table = {
+        "f32": F.ALL_F32,
+        "f16": F.MOSTLY_F16,
+        "bf16": F.MOSTLY_BF16,
+        "q8_0": F.MOSTLY_Q8_0,
+        "q4_0": F.MOSTLY_Q4_0,
+        "q4_1": F.MOSTLY_Q4_1,
+        "q5_0": F.MOSTLY_Q5_0,
+        "q5_1": F.MOSTLY_Q5_1,
+    }
+    return int(table[name])
+
+
+def quantize(w: np.ndarray, typ: str) -> tuple[np.ndarray, Any]:
+    """``w`` (float32, ``[rows, cols]`` or one axis) in ``typ``: (the stored array, its GGML type)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if w.ndim < 2 or typ == "f32":
+        return w.astype(np.float32), Q.F32
+    qt = ggml_type(typ)
+    block = quants.GGML_QUANT_SIZES[qt][0]
+    if w.shape[-1] % block:
+        qt = Q.F16
+    if qt == Q.F16:
+        return w.astype(np.float16), Q.F16
+    return quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qt), qt
+
+
+def dequantize(data: np.ndarray, qtype: Any) -> np.ndarray:
+    """A stored array back to float32 (the reader's view of what ``quantize`` wrote)."""
+    from gguf import quants
+
+    return np.asarray(quants.dequantize(data, qtype), dtype=np.float32)
+
+
+def round_trip(w: torch.Tensor, typ: str) -> torch.Tensor:
+    """``w`` as the exported type gives it back (float32): what a runtime reading the file sees."""
+    data, qt = quantize(w.detach().float().cpu().numpy(), typ)
+    return torch.from_numpy(dequantize(data, qt).reshape(w.shape).copy())
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's rotary permutation of a query/key matrix (``convert_hf_to_gguf.py``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_to_gguf(arch: str, n_blocks: int, keys: list[str]) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face state-dict key, through the library's name map."""
+    import gguf
+
+    by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in by_name:
+        raise UserError(f"the gguf library does not know the architecture {arch!r}; export --format safetensors")
+    tmap = gguf.get_tensor_name_map(by_name[arch], n_blocks)
+    out = {}
+    for k in keys:
+        g = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
+        if g is not None:
+            out[g] = k
+    return out
+
+
+def write_gguf(
+    state: dict[str, torch.Tensor],
+    config: Any,
+    base_gguf: Path,
+    out_file: Path,
+    typ: str,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``state`` (a Hugging Face state dict of the base model's architecture) as ``out_file``
+    in ``typ``, with ``base_gguf``'s metadata and tensor list; returns the types written, counted."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(base_gguf))
+    arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
+    arch = str(arch_field.contents()) if arch_field is not None else ""
+    if arch in _CHANGED_BY_LOADER:
+        raise UserError(
+            f"GGUF export of the {arch} architecture is not supported (its tensors are transformed on load); "
+            "export --format safetensors and convert with llama.cpp's convert_hf_to_gguf.py"
+        )
+    names = _hf_to_gguf(arch, int(config.num_hidden_layers), list(state))
+    writer = gguf.GGUFWriter(str(out_file), arch)
+    skip = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION}
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name in skip:
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+    writer.add_file_type(file_type(typ))
+    if typ not in ("f32", "f16", "bf16"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    heads, kv_heads = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", None) or 0)
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        key = names.get(t.name)
+        if key is None and t.name == "output.weight" and "lm_head.weight" not in state:
+            key = next((k for k in state if k.endswith("embed_tokens.weight")), None)
+        if key is None:  # not in the variant (a rope table): the base's bytes
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+            continue
+        w = state[key].detach().float().cpu().numpy()
+        if arch == "llama" and ".attn_q." in t.name:
+            w = _permute(w, heads)
+        elif arch == "llama" and ".attn_k." in t.name:
+            w = _permute(w, kv_heads or heads)
+        data, qt = quantize(w, typ)
+        writer.add_tensor(t.name, data, raw_dtype=qt)
+        counts[qt.name] = counts.get(qt.name, 0) + 1
+        if progress:
+            progress(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return counts
