@@ -4,6 +4,7 @@ its own Q4_1 file imported as a variant, a refusalkit variant exported and impor
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,8 @@ def test_export_then_import_gives_back_the_weights_within_the_types_step(run_dir
     info = json.loads((run_dir / f"back-{typ}" / "compression.json").read_text())
     before = json.loads((run_dir / "magnitude-0.5" / "compression.json").read_text())
     assert info["measured"]["sparsity"] >= before["sparsity"] - 1e-9
+    shutil.rmtree(out)  # half a GB each: CI's disk is small
+    shutil.rmtree(run_dir / f"back-{typ}")
 
 
 def test_source_type_requantizes_an_imported_q4_1_variant_onto_its_own_grid(run_dir, capsys, tmp_path):
@@ -115,3 +118,5 @@ def test_source_type_requantizes_an_imported_q4_1_variant_onto_its_own_grid(run_
     for k in a:  # values already on a Q4_1 grid come back on it (float16 scales: within 1e-3 of the range)
         scale = a[k].abs().amax().clamp(min=1e-8)
         assert ((a[k] - b[k]).abs().max() / scale).item() < 2e-3, k
+    shutil.rmtree(out)
+    shutil.rmtree(run_dir / "q41-again")
