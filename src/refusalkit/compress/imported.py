@@ -330,7 +330,8 @@ def measure(model: Any, base_weight: Any) -> tuple[dict[str, dict[str, float]], 
 
 
 def base_weights(base_source: str) -> Any:
-    """``name -> tensor or None``: a local base checkpoint's tensors read one at a time (safetensors)."""
+    """``name -> tensor or None``: a local checkpoint's tensors read one at a time (safetensors);
+    ``.keys`` lists them."""
     from safetensors import safe_open
 
     index: dict[str, Path] = {}
@@ -346,6 +347,7 @@ def base_weights(base_source: str) -> Any:
         with safe_open(str(index[name]), "pt") as r:
             return r.get_tensor(name)
 
+    read.keys = list(index)  # type: ignore[attr-defined]
     return read
 
 

@@ -119,16 +119,19 @@ def edit_survival(layout: RunLayout, variant: str, typ: str) -> dict[str, Any] |
     source = artifacts.read_json(layout.repair_info(variant)).get("source_variant")
     if not source or not layout.has_model(source):
         return None
-    rep, src = _state(layout.model(variant)), _state(layout.model(source))
+    from refusalkit.compress.imported import base_weights
+
+    rep, src = base_weights(str(layout.model(variant))), base_weights(str(layout.model(source)))
     out: dict[str, Any] = {}
-    for k, w in rep.items():
-        if k not in src or w.dim() < 2 or not w.is_floating_point() or torch.equal(w, src[k]):
+    for k in rep.keys:  # one pair of tensors in memory at a time (a 70B checkpoint is read, not held)
+        w, v = rep(k), src(k)
+        if v is None or w.dim() < 2 or not w.is_floating_point() or torch.equal(w, v):
             continue
-        intended = (w.double() - src[k].double()).flatten()
+        intended = (w.double() - v.double()).flatten()
         if typ in ("source", "f32"):
             realized = intended
         else:
-            realized = (round_trip(w, typ).double() - round_trip(src[k], typ).double()).flatten()
+            realized = (round_trip(w, typ).double() - round_trip(v, typ).double()).flatten()
         n2 = float(intended @ intended)
         out[k] = {
             "intended_norm": n2**0.5,
