@@ -16,7 +16,6 @@ stored bits per weight (tensor bytes over elements, scales included), never a na
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -139,16 +138,13 @@ def _download(hub_id: str) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    """A file's sha256; for a folder, the sha256 of its files' relative names and contents in order."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as r:
-            for chunk in iter(lambda: r.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    """A file's sha256; for a folder, the artifact digest of its files (:func:`refusalkit.core.external.digest`:
+    the sha256 of their sorted ``sha256sum`` lines; a download cache's ``.cache`` is left out)."""
+    from refusalkit.core.external import digest
+
+    if path.is_file():
+        return digest(path.parent, [path])
+    return digest(path, sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,6 +204,8 @@ def _load_dense(src: Source, dtype: torch.dtype) -> tuple[Any, Any]:
     """(model, tokenizer) of the source with dense weights in ``dtype`` (on the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from refusalkit.models.loading import detach_quantizer
+
     try:
         if src.format == "gguf":
             folder, name = str(src.path.parent), src.path.name
@@ -234,10 +232,7 @@ def _load_dense(src: Source, dtype: torch.dtype) -> tuple[Any, Any]:
     except Exception as e:  # noqa: BLE001 - anything the loaders reject is the user's file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"--from {src.given} cannot be loaded as a {src.format} model ({first})") from None
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model.eval(), tok
+    return detach_quantizer(model).eval(), tok
 
 
 def _load_int8(src: Source, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -329,13 +324,13 @@ def measure(model: Any, base_weight: Any) -> tuple[dict[str, dict[str, float]], 
     return per_layer, matrices
 
 
-def base_weights(base_source: str) -> Any:
-    """``name -> tensor or None``: a local checkpoint's tensors read one at a time (safetensors);
-    ``.keys`` lists them."""
+def checkpoint_tensors(source: str) -> tuple[list[str], Any]:
+    """``(names, read)``: a local safetensors checkpoint's tensor names and ``read(name) -> tensor or
+    None``, one tensor at a time (no names for a hub id)."""
     from safetensors import safe_open
 
     index: dict[str, Path] = {}
-    folder = Path(base_source)
+    folder = Path(source)
     if folder.is_dir():
         for f in sorted(folder.glob("*.safetensors")):
             with safe_open(str(f), "pt") as r:
@@ -347,8 +342,7 @@ def base_weights(base_source: str) -> Any:
         with safe_open(str(index[name]), "pt") as r:
             return r.get_tensor(name)
 
-    read.keys = list(index)  # type: ignore[attr-defined]
-    return read
+    return list(index), read
 
 
 def imported_kind(info: dict[str, Any]) -> str:
@@ -386,7 +380,7 @@ def run_import(cfg: Config, root: str | Path, given: str, name: str | None, forc
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     model, tok = (_load_int8 if src.format == "bitsandbytes-8bit" else _load_dense)(src, dtype)
     check_same_model(model, tok, base_source, base_tok, own_template=bool(cfg.chat_template))
-    per_layer, matrices = measure(model, base_weights(base_source))
+    per_layer, matrices = measure(model, checkpoint_tensors(base_source)[1])
     bits = stored_bits(src, matrices)
     manifest = prepare(cfg, layout.root, force=False, keep_existing=True)  # after the checks: a refusal writes nothing
     _save(model, tok, src, layout.model(name))

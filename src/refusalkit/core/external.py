@@ -155,7 +155,8 @@ def _package_root(artifact: Artifact) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """A file's sha256, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -167,8 +168,8 @@ def digest(root: Path, files: list[Path]) -> str:
     """The artifact digest of ``files`` under ``root``: one file's sha256, or the sha256 of the
     sorted ``sha256sum`` lines of several (see the module docstring)."""
     if len(files) == 1:
-        return _sha256(files[0])
-    lines = sorted((str(p.relative_to(root)), _sha256(p)) for p in files)
+        return sha256_file(files[0])
+    lines = sorted((str(p.relative_to(root)), sha256_file(p)) for p in files)
     return hashlib.sha256("".join(f"{h}  {rel}\n" for rel, h in lines).encode()).hexdigest()
 
 

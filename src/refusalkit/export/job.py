@@ -17,7 +17,6 @@ type) projected on the intended one, ``<realized, intended> / |intended|^2`` (1:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ from refusalkit import __version__
 from refusalkit.core import artifacts
 from refusalkit.core.config import Config
 from refusalkit.core.errors import UserError
+from refusalkit.core.external import sha256_file
 from refusalkit.core.layout import RunLayout
 from refusalkit.export import card
 from refusalkit.export.gguf_file import K_QUANTS, KEEPS_ZEROS, PYTHON_TYPES, round_trip, write_gguf
@@ -92,14 +92,6 @@ def source_type(info: dict[str, Any] | None) -> str:
     return main
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as r:
-        for chunk in iter(lambda: r.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _state(model_dir: Path) -> dict[str, torch.Tensor]:
     """A saved checkpoint's tensors (float32 where they are floating point)."""
     from safetensors.torch import load_file
@@ -119,11 +111,12 @@ def edit_survival(layout: RunLayout, variant: str, typ: str) -> dict[str, Any] |
     source = artifacts.read_json(layout.repair_info(variant)).get("source_variant")
     if not source or not layout.has_model(source):
         return None
-    from refusalkit.compress.imported import base_weights
+    from refusalkit.compress.imported import checkpoint_tensors
 
-    rep, src = base_weights(str(layout.model(variant))), base_weights(str(layout.model(source)))
+    names, rep = checkpoint_tensors(str(layout.model(variant)))
+    src = checkpoint_tensors(str(layout.model(source)))[1]
     out: dict[str, Any] = {}
-    for k in rep.keys:  # one pair of tensors in memory at a time (a 70B checkpoint is read, not held)
+    for k in names:  # one pair of tensors in memory at a time (a 70B checkpoint is read, not held)
         w, v = rep(k), src(k)
         if v is None or w.dim() < 2 or not w.is_floating_point() or torch.equal(w, v):
             continue
@@ -164,11 +157,12 @@ def run_export(
     if fmt == "gguf" and typ == "source":
         typ = source_type(compression)
     t0 = time.time()
+    model_dir = _model_dir(cfg, layout, variant)
     tmp = artifacts.make_temp_dir(out)
     try:
-        files, detail = _write_model(cfg, layout, variant, fmt, typ, tmp)
-        survival = edit_survival(layout, variant, typ) if fmt == "gguf" else edit_survival(layout, variant, "f32")
-        record = _record(cfg, layout, variant, fmt, typ, tmp, files, detail, survival, compression, t0)
+        files, detail = _write_model(cfg, model_dir, variant, fmt, typ, tmp)
+        survival = edit_survival(layout, variant, typ if fmt == "gguf" else "f32")
+        record = _record(cfg, layout, model_dir, variant, fmt, typ, tmp, files, detail, survival, compression, t0)
         artifacts.write_json(tmp / "reproduce.json", record)
         artifacts.write_text(tmp / "README.md", card.model_card(cfg, layout, variant, record))
         if out.exists():
@@ -180,7 +174,7 @@ def run_export(
     if check:
         from refusalkit.export.recheck import recheck
 
-        record["recheck"] = recheck(cfg, layout, variant, out / record["files_written"][0], typ, progress)
+        record["recheck"] = recheck(cfg, layout, variant, out / next(iter(record["files"])), typ, progress)
         artifacts.write_json(out / "reproduce.json", record)
         artifacts.write_text(out / "README.md", card.model_card(cfg, layout, variant, record))
     if push_to is not None:
@@ -190,12 +184,13 @@ def run_export(
 
 
 def _write_model(
-    cfg: Config, layout: RunLayout, variant: str, fmt: str, typ: str, tmp: Path
+    cfg: Config, model_dir: Path, variant: str, fmt: str, typ: str, tmp: Path
 ) -> tuple[list[str], dict[str, Any]]:
-    """The model file(s) in ``tmp``: their names and what was written."""
+    """The model file(s) of the checkpoint ``model_dir`` in ``tmp``: their names and what was written."""
     from transformers import AutoConfig
 
-    model_dir = _model_dir(cfg, layout, variant)
+    from refusalkit.models.int8 import is_int8_checkpoint
+
     if fmt == "safetensors":
         names = []
         for f in sorted(model_dir.iterdir()):
@@ -203,7 +198,7 @@ def _write_model(
                 shutil.copy2(f, tmp / f.name)
                 names.append(f.name)
         return names, {}
-    if (AutoConfig.from_pretrained(str(model_dir)).to_dict().get("quantization_config") or {}).get("load_in_8bit"):
+    if is_int8_checkpoint(model_dir):
         raise UserError("an LLM.int8 variant exports as --format safetensors (bitsandbytes' 8-bit layout)")
     template = base_gguf(cfg)
     if template is None:
@@ -231,6 +226,7 @@ def _model_dir(cfg: Config, layout: RunLayout, variant: str) -> Path:
 def _record(
     cfg: Config,
     layout: RunLayout,
+    model_dir: Path,
     variant: str,
     fmt: str,
     typ: str,
@@ -241,11 +237,9 @@ def _record(
     compression: dict[str, Any] | None,
     t0: float,
 ) -> dict[str, Any]:
-    dense = sum(f.stat().st_size for f in _model_dir(cfg, layout, variant).glob("*.safetensors"))
+    weights = sorted(model_dir.glob("*.safetensors"))
     written = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
-    inputs = {}
-    for f in sorted(_model_dir(cfg, layout, variant).glob("*.safetensors")):
-        inputs[f"{variant}/{f.name}"] = sha256_file(f)
+    inputs = {f"{variant}/{f.name}": sha256_file(f) for f in weights}
     src = (compression or {}).get("source") or {}
     if src.get("sha256"):
         inputs["imported from " + str(src.get("given"))] = src["sha256"]
@@ -256,10 +250,9 @@ def _record(
         "variant": variant,
         "format": fmt,
         "type": typ,
-        "files": written,
-        "files_written": files,
+        "files": written,  # in the order written
         "size_bytes": sum(v["bytes"] for v in written.values()),
-        "dense_bytes": dense,
+        "dense_bytes": sum(f.stat().st_size for f in weights),
         "inputs_sha256": inputs,
         "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
         "seed": cfg.seed,

@@ -117,6 +117,15 @@ def _gguf_cache_key(path: Path) -> str:
     return f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
+def detach_quantizer(model: Any) -> Any:
+    """A model loaded dequantized (from GGUF, decompressed compressed-tensors) made savable as a
+    dense checkpoint: transformers refuses to save one that still names its quantizer."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint to a float32 safetensors folder (atomic: tmp folder + rename).
 
@@ -135,10 +144,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(str(tmp))
+        detach_quantizer(model).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         try:
             os.replace(tmp, out_dir)
