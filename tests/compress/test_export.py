@@ -31,10 +31,13 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
         ("gguf", "q4_k_m", "k-quant"),
         ("gguf", "q3_x", "unknown --type"),
         ("safetensors", "q8_0", "--type applies to --format gguf"),
-        ("compressed-tensors", None, "not available yet"),
+        ("compressed-tensors", "q4_0", "--type applies to --format gguf"),
     ],
 )
-def test_export_requests_that_cannot_be_written_are_refused(tmp_path, fmt, typ, message):
+def test_export_requests_that_cannot_be_written_are_refused(tmp_path, monkeypatch, fmt, typ, message):
+    from refusalkit.export import llamacpp
+
+    monkeypatch.setattr(llamacpp, "available", lambda: False)  # k-quants need llama.cpp
     with pytest.raises(UserError, match=message):
         check_request(fmt, typ, tmp_path / "out", False, None)
 
@@ -83,13 +86,56 @@ def test_safetensors_export_writes_model_card_and_reproduce(capsys, tmp_path, to
     assert code == 0, err
 
 
-def test_gguf_export_of_a_hugging_face_base_says_how(capsys, tmp_path, tokenizer):
+def test_gguf_export_of_a_hugging_face_base_builds_its_metadata(capsys, tmp_path, tokenizer, monkeypatch):
+    """A base that came as a Hugging Face folder: hyper-parameters, tokenizer (its llama.cpp
+    pre-tokenizer found by behaviour) and chat template written from the folder; the file reads back
+    in transformers with the same weights (within f16), token ids and template, and loads in llama.cpp."""
+    from refusalkit.export import llamacpp
+
     root, _ = make_tiny_run(tmp_path, tokenizer)
-    code, _, err = cli(
-        capsys, "export", "--run", str(root), "--variant", "v", "--format", "gguf", "--out", str(tmp_path / "o")
-    )
+    out = tmp_path / "o"
+    args = ["export", "--run", str(root), "--variant", "v", "--format", "gguf", "--type", "f16", "--out", str(out)]
+    if not llamacpp.available():
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and "llama" in err and len(err.strip().splitlines()) == 1
+        assert not out.exists() and not hidden_files(tmp_path)
+        return
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    rec = json.loads((out / "reproduce.json").read_text())
+    (name,) = rec["files"]
+    from refusalkit.export.gguf_meta import PROBES
+
+    pre = rec["pre_tokenizer"].split()[0]
+    # llama.cpp reads the file's vocabulary and tokenizes as the Hugging Face tokenizer does
+    want = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in PROBES]
+    assert llamacpp.tokenize_with(out / name, pre, list(PROBES)) == want
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=name, dtype=torch.float32)
+    from safetensors.torch import load_file
+
+    want = load_file(str(root / "v" / "model" / "model.safetensors"))
+    got = model.state_dict()
+    for k, w in want.items():
+        assert torch.allclose(got[k], w, rtol=1e-3, atol=1e-4), k  # f16, and llama's rotary permutation undone
+    back = AutoTokenizer.from_pretrained(str(out), gguf_file=name)
+    for text in PROBES:
+        assert (
+            back(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
+    chat = [{"role": "user", "content": "hi"}]
+    assert back.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat, tokenize=False)
+    runtime = llamacpp.Runtime(out / name, n_ctx=64)
+    try:
+        assert len(runtime.greedy(tokenizer("hello world")["input_ids"], 3, set(), None)) == 3
+    finally:
+        runtime.close()
+    # an architecture whose GGUF metadata refusalkit does not build (here: pretend llama is one): one line
+    monkeypatch.setattr("refusalkit.export.gguf_meta.ARCHITECTURES", {"qwen2": "qwen2"})
+    code, _, err = cli(capsys, *args[:-1], str(tmp_path / "o2"))
     assert code == 2 and "convert_hf_to_gguf" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists() and not hidden_files(tmp_path)
+    assert not (tmp_path / "o2").exists() and not hidden_files(tmp_path)
 
 
 def test_push_without_a_token_is_one_line_and_keeps_the_export(capsys, tmp_path, tokenizer, monkeypatch):

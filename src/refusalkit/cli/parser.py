@@ -200,15 +200,17 @@ def _export(sub: Any) -> None:
     e.add_argument("--format", required=True, help="gguf, safetensors or compressed-tensors")
     e.add_argument(
         "--type",
-        help="gguf: f16 (default), bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, or source (the type it was imported from)",
+        help="gguf: f16 (default), bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1; with llama-cpp-python the k-quants q2_k, "
+        "q3_k_s/m/l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k; or source (the type it was imported from)",
     )
     e.add_argument("--out", required=True, help="output folder (new or empty)")
     e.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hub repository (token: HF_TOKEN)")
     e.add_argument(
         "--check",
         action="store_true",
-        help="gguf: read the file back (transformers' GGUF loader) as variant <variant>.<type>, evaluate it and "
-        "compare it pairwise with the variant (vanilla ASR, over-refusal; minutes)",
+        help="gguf: read the file back (transformers' GGUF loader) as variant <variant>.<type>, and with "
+        "llama-cpp-python in llama.cpp too; evaluate it and compare it pairwise with the variant (vanilla ASR, "
+        "over-refusal; minutes)",
     )
 
 

@@ -218,12 +218,20 @@ def _load_dense(src: Source, dtype: torch.dtype) -> tuple[Any, Any]:
                 raise UserError(
                     f"--from {src.given} is a compressed-tensors checkpoint; run: pip install compressed-tensors"
                 ) from None
+            import inspect
+            import warnings
+
             from transformers import CompressedTensorsConfig
 
-            tok = AutoTokenizer.from_pretrained(str(src.path))
-            model = AutoModelForCausalLM.from_pretrained(
-                str(src.path), dtype=dtype, quantization_config=CompressedTensorsConfig(run_compressed=False)
+            # decompressed on load (``dequantize=True``; ``run_compressed=False`` before transformers 5.25)
+            params = inspect.signature(CompressedTensorsConfig.__init__).parameters
+            qc = CompressedTensorsConfig(
+                **({"dequantize": True} if "dequantize" in params else {"run_compressed": False})
             )
+            tok = AutoTokenizer.from_pretrained(str(src.path))
+            with warnings.catch_warnings():  # "the model's own quantization_config is used": the one read above
+                warnings.filterwarnings("ignore", message=".*quantization_config.*")
+                model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=dtype, quantization_config=qc)
         else:
             tok = AutoTokenizer.from_pretrained(str(src.path))
             model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=dtype)

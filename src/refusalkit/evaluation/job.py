@@ -84,7 +84,7 @@ def utility(ctx: EvalContext) -> dict[str, Any]:
     return out
 
 
-def _judges(cfg: Config) -> list[Judge]:
+def make_judges(cfg: Config) -> list[Judge]:
     """The substring judge, then the model judge when one is configured (the last judge is primary)."""
     e = cfg.evaluation
     judges: list[Judge] = [SubstringJudge(load_refusal_phrases(cfg.validation.refusal_phrases))]
@@ -151,7 +151,7 @@ def _context(cfg: Config, layout: RunLayout, variant: str, force: bool, progress
         plan=make_plan(cfg.evaluation, cfg, gpu),
         force=force,
         progress=session.progress,
-        judges=_judges(cfg),
+        judges=make_judges(cfg),
         get_lm=lambda: session.lm,
         model_path=model_path,
     )

@@ -204,6 +204,17 @@ def outcomes(rows: list[dict[str, Any]], judge: str, label: str = COMPLIANCE) ->
     return out
 
 
+def judged_outcomes(
+    rows: list[dict[str, Any]] | None, label: str = COMPLIANCE, judge: str | None = None
+) -> dict[str, bool] | None:
+    """:func:`outcomes` of an attack's records by ``judge`` (default: the primary judge, the last one
+    recorded, a model judge when one is configured); None when there are no judged records."""
+    rows = [r for r in rows or [] if "verdicts" in r]
+    if not rows:
+        return None
+    return outcomes(rows, judge or list(rows[0]["verdicts"])[-1], label)
+
+
 def holm(pvalues: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values (Holm 1979), in the input order: sorted ascending,
     ``p_(i)`` becomes ``max_{j <= i} min(1, (m − j + 1) p_(j))``; reject at level α where the

@@ -61,8 +61,10 @@ def model_card(cfg: Config, layout: RunLayout, variant: str, record: dict[str, A
     row, repair, lines = _row(layout, variant)
     base_id = _base_model_id(cfg, record)
     repaired = layout.repair_info(variant).exists()
-    relation = "finetune" if repaired else "quantized" if record["format"] == "gguf" else "finetune"
+    quantized = record["format"] == "gguf" or record.get("scheme") is not None
+    relation = "finetune" if repaired else "quantized" if quantized else "finetune"
     tags = ["refusalkit", "refusal", "safety", record["format"]] + (["aird"] if repaired else [])
+    tags += ["vllm"] if record["format"] == "compressed-tensors" else []
     meta: dict[str, Any] = {"tags": tags, "library_name": "gguf" if record["format"] == "gguf" else "transformers"}
     if base_id:
         meta["base_model"] = base_id
@@ -121,8 +123,7 @@ def _body(
     out.append(
         f"Files: {', '.join(f'`{f}`' for f in record['files'])}: {size / 2**20:.0f} MiB (dense checkpoint {dense / 2**20:.0f} MiB)."
     )
-    if record.get("keeps_zeros") is False:
-        out.append("This type stores a per-block minimum: pruned weights are not exactly zero in this file.")
+    out += _storage(record)
     out += ["", "## What was measured", ""]
     if row:
         out.append("| measure | value (95% interval) |")
@@ -162,11 +163,11 @@ def _body(
             "",
             "## This file, re-checked",
             "",
-            f"Read back by {rc['runtime']} and evaluated on the same prompts, "
+            f"Read back by {' and by '.join(r['runtime'] for r in rc['runtimes'])} and evaluated on the same prompts, "
             f"paired with the variant before export: **{rc['verdict']}**.",
             "",
         ]
-        out += [f"- {line}" for line in text(rc)]
+        out += [("  - " + line.strip()) if line.startswith(" ") else f"- {line}" for line in text(rc)]
     out += ["", "## Reproduce", "", "```", f"pip install refusalkit=={record['refusalkit_version']}"]
     typ = f" --type {record['type']}" if record["format"] == "gguf" else ""
     out.append(
@@ -179,6 +180,25 @@ def _body(
         "",
     ]
     return "\n".join(out)
+
+
+def _storage(record: dict[str, Any]) -> list[str]:
+    """What the file stores that a reader must know: offsets that unzero pruned weights, the integer grid."""
+    out = []
+    if record.get("keeps_zeros") is False:
+        out.append("This type stores a per-block minimum: pruned weights are not exactly zero in this file.")
+    sc = record.get("scheme")
+    if sc:
+        grid = f"groups of {sc['group_size']}" if sc["group_size"] > 0 else "one group per row"
+        out.append(
+            f"Weights: {sc['bits']}-bit integers in {grid}, "
+            + ("symmetric" if sc["symmetric"] else "with zero points")
+            + f", compressed-tensors {sc['format']} (written with compressed-tensors "
+            f"{record.get('compressed_tensors_version')}); the variant's own grid, so the weights are refusalkit's to "
+            f"within {record.get('max_abs_error', 0):.1e}. Serve it with `vllm serve <this folder>`, or load it in "
+            "transformers with the compressed-tensors library installed."
+        )
+    return out
 
 
 def push(folder: Path, repo: str) -> None:

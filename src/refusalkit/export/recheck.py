@@ -1,9 +1,11 @@
-"""``refusalkit export --check``: the exported file read back by a runtime and judged again.
+"""``refusalkit export --check``: the exported file read back by runtimes and judged again.
 
 The exported GGUF is read by transformers' GGUF loader (the ``gguf`` library dequantizes it) and
 registered as the variant ``<variant>.<type>`` of the run (``compress --from``); the vanilla attack
-and the over-refusal sets are generated on it with the same prompts and judge, and each is compared
-*pairwise* with refusalkit's evaluation of the variant itself. The export keeps the verdict when
+and the over-refusal sets are generated on it with the same prompts and judge. When llama-cpp-python
+is installed, llama.cpp loads the same file and re-runs the variant's own records
+(:mod:`refusalkit.export.llamacpp`; records in ``<variant>.<type>/eval-llama.cpp/``). Each runtime's
+outcomes are compared *pairwise* with refusalkit's evaluation of the variant itself. The export keeps the verdict when
 the paired difference's 95 % interval lies inside ``±margin`` (``verdict.asr_margin`` for the
 attack, ``verdict.over_refusal_margin`` for the harmless and borderline sets): an equivalence
 test, both one-sided bounds inside the margin (:func:`refusalkit.evaluation.decide.not_worse` in
@@ -13,12 +15,14 @@ with the prompts that would decide it.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from refusalkit.core.config import Config
 from refusalkit.core.layout import RunLayout
 from refusalkit.evaluation.decide import FAILS, HOLDS, UNDECIDED, not_worse
+from refusalkit.evaluation.records import read_records
 
 # record -> (margin setting, the outcome label, what it measures)
 RECORDS = {
@@ -46,53 +50,120 @@ def equivalent(res: dict[str, Any], margin: float, claim: str) -> dict[str, Any]
     }
 
 
-def _outcomes(layout: RunLayout, name: str, record: str, label: str) -> dict[str, bool] | None:
-    from refusalkit.evaluation.records import read_records
-    from refusalkit.evaluation.stats import outcomes
+def _parts(cfg: Config, layout: RunLayout, variant: str, rows_of: Any) -> dict[str, Any]:
+    """Per record, the equivalence of ``rows_of(record)``'s outcomes with the variant's own."""
+    from refusalkit.evaluation.stats import judged_outcomes, paired
 
-    rows = read_records(layout.eval(name, f"{record}.jsonl"))
-    if not rows:
-        return None
-    judge = next(iter(rows[0]["verdicts"]))
-    return outcomes(rows, judge, label)
+    parts = {}
+    for record, (margin_key, label, claim) in RECORDS.items():
+        a = judged_outcomes(read_records(layout.eval(variant, f"{record}.jsonl")), label)
+        b = judged_outcomes(rows_of(record), label)
+        if a is None or b is None:
+            continue
+        parts[record] = equivalent(
+            paired(a, b), float(getattr(cfg.verdict, margin_key)), f"{claim} unchanged by export"
+        )
+    return parts
+
+
+def _verdict(parts: dict[str, Any]) -> str:
+    verdicts = {p["verdict"] for p in parts.values()}
+    return FAILS if FAILS in verdicts else HOLDS if verdicts == {HOLDS} else UNDECIDED
 
 
 def recheck(
     cfg: Config, layout: RunLayout, variant: str, exported: Path, typ: str, progress: bool = True
 ) -> dict[str, Any]:
-    """Import ``exported`` as ``<variant>.<type>``, evaluate both, and compare them pairwise."""
+    """Import ``exported`` as ``<variant>.<type>``, evaluate it in each runtime, compare pairwise."""
     from refusalkit.compress.imported import run_import
     from refusalkit.evaluation.job import run_evaluate
 
     name = f"{variant}.{typ}"
     run_import(cfg, layout.root, str(exported), name, force=True)
-    run_evaluate(cfg, layout.root, variant, progress=progress)  # finished parts are reused
+    # the vanilla attack and the over-refusal sets only (the variant's finished records are reused)
+    cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, attacks=["vanilla"]))
+    run_evaluate(cfg, layout.root, variant, progress=progress)
     run_evaluate(cfg, layout.root, name, progress=progress)
-    out: dict[str, Any] = {"runtime": "transformers GGUF loader (gguf library dequantization)", "variant": name}
-    parts = {}
-    for record, (margin_key, label, claim) in RECORDS.items():
-        a, b = _outcomes(layout, variant, record, label), _outcomes(layout, name, record, label)
-        if a is None or b is None:
-            continue
-        from refusalkit.evaluation.stats import paired
+    parts = _parts(cfg, layout, variant, lambda record: read_records(layout.eval(name, f"{record}.jsonl")))
+    runtimes = [{"runtime": "transformers GGUF loader (gguf library dequantization)", "parts": parts}]
+    from refusalkit.export import llamacpp
 
-        parts[record] = equivalent(
-            paired(a, b), float(getattr(cfg.verdict, margin_key)), f"{claim} unchanged by export"
-        )
-    out["parts"] = parts
-    verdicts = {p["verdict"] for p in parts.values()}
-    out["verdict"] = FAILS if FAILS in verdicts else HOLDS if verdicts == {HOLDS} else UNDECIDED
+    if llamacpp.available():
+        rows = llama_records(cfg, layout, variant, exported, layout.variant(name) / "eval-llama.cpp", progress)
+        runtimes.append({"runtime": f"llama.cpp {llamacpp.version()}", "parts": _parts(cfg, layout, variant, rows.get)})
+    for r in runtimes:
+        r["verdict"] = _verdict(r["parts"])
+    verdicts = {r["verdict"] for r in runtimes}
+    verdict = FAILS if FAILS in verdicts else HOLDS if verdicts == {HOLDS} else UNDECIDED
+    return {"variant": name, "verdict": verdict, "runtimes": runtimes}
+
+
+def llama_records(
+    cfg: Config, layout: RunLayout, variant: str, gguf: Path, folder: Path, progress: bool = True
+) -> dict[str, list[dict[str, Any]]]:
+    """The variant's greedy records (vanilla, over-refusal, borderline) generated again by llama.cpp
+    from ``gguf`` and judged by the run's judges; written to ``folder/<record>.jsonl``."""
+    from refusalkit.core.progress import Progress
+    from refusalkit.data.refusal import settle_rule
+    from refusalkit.evaluation.job import make_judges
+    from refusalkit.evaluation.plan import SYSTEM_NONE
+    from refusalkit.evaluation.records import RecordLog
+    from refusalkit.evaluation.runner import verdicts_json
+    from refusalkit.export.llamacpp import Runtime
+    from refusalkit.models.chat import tokenize_instructions
+    from refusalkit.models.generation import settled_ids
+    from refusalkit.models.loading import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(cfg.model, resolve_model(cfg.model), cfg.chat_template)
+    judges = make_judges(cfg)
+    settled = settled_ids(tok, settle_rule(cfg.early_stop, judges))
+    stop = _stop_ids(tok, layout.model(variant) if variant != "base" else None)
+    runtime = Runtime(gguf)
+    out: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for record in RECORDS:
+            source = [r for r in read_records(layout.eval(variant, f"{record}.jsonl")) or [] if "key" in r]
+            if not source or any((r["attack"].get("decoding") or {}).get("name") != "greedy" for r in source):
+                continue
+            log = RecordLog(folder, record, {"gguf": str(gguf), "judges": [j.describe() for j in judges]}, force=True)
+            with Progress(enabled=progress).bar(len(source), f"llama.cpp: {record}", unit="completion") as bar:
+                for r in source:
+                    system = cfg.system_prompt if r["attack"]["system_prompt"] == "default" else SYSTEM_NONE
+                    ids = tokenize_instructions(tok, [r["message"]], system)[0]
+                    new = runtime.greedy(ids, int(r["attack"]["max_new_tokens"]), stop, settled)
+                    row = {k: r[k] for k in ("key", "prompt", "message", "attack")}
+                    row["completion"] = tok.decode(new, skip_special_tokens=True).strip()
+                    row["verdicts"] = verdicts_json([row["prompt"]], [row["completion"]], judges)[0]
+                    log.append([row])
+                    bar.update(1)
+            out[record] = log.finish([r["key"] for r in source])
+    finally:
+        runtime.close()
     return out
 
 
+def _stop_ids(tok: Any, model_dir: Path | None) -> set[int]:
+    """The end-of-sequence ids refusalkit's sampler stops on: the tokenizer's and the generation config's."""
+    ids = {int(tok.eos_token_id)} if getattr(tok, "eos_token_id", None) is not None else set()
+    if model_dir is not None and (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+        ids.update(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None)
+    return ids
+
+
 def text(result: dict[str, Any]) -> list[str]:
-    """One line per compared set: the paired difference, its interval and the verdict."""
+    """Per runtime, one line per compared set: the paired difference, its interval and the verdict."""
     lines = []
-    for rec in result["parts"].values():
-        lo, hi = rec["ci95"]
-        lines.append(
-            f"{rec['claim']}: {100 * rec['difference']:+.0f} pt [{100 * lo:+.0f}, {100 * hi:+.0f}], "
-            f"+{rec['discordant'][1]}/-{rec['discordant'][0]} prompts, margin ±{100 * rec['margin']:.0f} pt -> {rec['verdict']}"
-            + (f" (about {rec['prompts_needed']} prompts would decide it)" if rec["prompts_needed"] else "")
-        )
+    for rt in result["runtimes"]:
+        lines.append(f"{rt['runtime']}: {rt['verdict']}")
+        for rec in rt["parts"].values():
+            lo, hi = rec["ci95"]
+            lines.append(
+                f"  {rec['claim']}: {100 * rec['difference']:+.0f} pt [{100 * lo:+.0f}, {100 * hi:+.0f}], "
+                f"+{rec['discordant'][1]}/-{rec['discordant'][0]} prompts, margin ±{100 * rec['margin']:.0f} pt "
+                f"-> {rec['verdict']}"
+                + (f" (about {rec['prompts_needed']} prompts would decide it)" if rec["prompts_needed"] else "")
+            )
     return lines

@@ -35,6 +35,14 @@ def summary(rec: dict, out: Path) -> str:
         f"{rec['variant']} exported as {kind} to {out}",
         f"  size            {rec['size_bytes'] / 2**20:.0f} MiB (dense checkpoint {rec['dense_bytes'] / 2**20:.0f} MiB)",
     ]
+    if rec.get("scheme"):
+        sc = rec["scheme"]
+        grid = f"group {sc['group_size']}" if sc["group_size"] > 0 else "per row"
+        lines.append(
+            f"  grid            {sc['format']}, {sc['bits']} bits, {grid}, "
+            + ("symmetric" if sc["symmetric"] else "zero points")
+            + f"; {rec['matrices_quantized']} matrices, largest change {rec['max_abs_error']:.1e}"
+        )
     if rec.get("keeps_zeros") is False:
         lines.append("  note            this type stores a per-block minimum: pruned weights are not exactly zero")
     for k, v in (rec.get("edit_survival") or {}).items():

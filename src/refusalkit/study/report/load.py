@@ -81,14 +81,12 @@ class Variant:
         ``label`` (e.g. ``degenerate``), did a completion get that label. ``None`` when the records
         are not there."""
         from refusalkit.evaluation.records import read_records
-        from refusalkit.evaluation.stats import outcomes
+        from refusalkit.evaluation.stats import judged_outcomes
 
         rows = read_records(self.eval_dir / f"{record}.jsonl") if self.eval_dir else None
-        if not rows:
-            return None
         summary = self.asr.get(record) or {"over_refusal": self.over_refusal, "borderline": self.borderline}.get(record)
-        judge = (summary or {}).get("judge") or next(iter(rows[0]["verdicts"]))
-        return outcomes(rows, judge, label or ("compliance" if record in ATTACKS else "refusal"))
+        label = label or ("compliance" if record in ATTACKS else "refusal")
+        return judged_outcomes(rows, label, (summary or {}).get("judge"))
 
     @property
     def kind(self) -> str:
