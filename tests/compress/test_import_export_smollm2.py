@@ -23,6 +23,10 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+# the run's base model, with training and validation sizes that keep its direction's extraction short
+SMOLLM2 = ("--model", "smollm2-135m", "--set", "n_train=24", "--set", "n_val=8")
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("roundtrip") / "r"
@@ -35,9 +39,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_import_the_base_gguf_itself_measures_its_stored_bits(run_dir, capsys):
     gguf = artifact_file("smollm2-135m")
-    code, out, err = cli(
-        capsys, "compress", "--run", str(run_dir), "--model", "smollm2-135m", "--from", str(gguf), "--name", "q41"
-    )
+    code, out, err = cli(capsys, "compress", "--run", str(run_dir), *SMOLLM2, "--from", str(gguf), "--name", "q41")
     assert code == 0, err
     info = json.loads((run_dir / "q41" / "compression.json").read_text())
     assert info["format"] == "gguf" and "Q4_1" in info["types"]
@@ -51,9 +53,7 @@ def test_import_the_base_gguf_itself_measures_its_stored_bits(run_dir, capsys):
 @pytest.mark.parametrize("typ,tol", [("f16", 1e-3), ("q8_0", 1 / 127)])
 def test_export_then_import_gives_back_the_weights_within_the_types_step(run_dir, capsys, tmp_path, typ, tol):
     if not (run_dir / "magnitude-0.5" / "compression.json").exists():
-        code, _, err = cli(
-            capsys, "compress", "--run", str(run_dir), "--model", "smollm2-135m", "--method", "magnitude-0.5"
-        )
+        code, _, err = cli(capsys, "compress", "--run", str(run_dir), *SMOLLM2, "--method", "magnitude-0.5")
         assert code == 0, err
     out = tmp_path / f"export-{typ}"
     code, stdout, err = cli(
@@ -99,9 +99,7 @@ def _direction_survives_the_round_trip(run_dir: Path, capsys, variant: str, back
     from refusalkit.core.layout import RunLayout, recorded_config
     from refusalkit.direction.job import run_extract
 
-    code, _, err = cli(
-        capsys, "extract", "--run", str(run_dir), "--n-train", "24", "--n-val", "8", "--no-validation"
-    )  # the base direction, its source and its noise floor
+    code, _, err = cli(capsys, "extract", "--run", str(run_dir), "--no-validation")  # the base direction, its floor
     assert code == 0, err
     layout = RunLayout(run_dir)
     cfg = recorded_config(layout)
@@ -166,9 +164,7 @@ def _tiny_eval() -> list[str]:
 @llama
 def test_k_quant_export_is_written_by_llama_cpp_and_rechecked_in_both_runtimes(run_dir, capsys, tmp_path):
     if not (run_dir / "magnitude-0.5" / "compression.json").exists():
-        code, _, err = cli(
-            capsys, "compress", "--run", str(run_dir), "--model", "smollm2-135m", "--method", "magnitude-0.5"
-        )
+        code, _, err = cli(capsys, "compress", "--run", str(run_dir), *SMOLLM2, "--method", "magnitude-0.5")
         assert code == 0, err
     out = tmp_path / "kq"
     args = ["export", "--run", str(run_dir), "--variant", "magnitude-0.5", "--format", "gguf", "--type", "q4_k_m"]
@@ -213,9 +209,7 @@ def test_a_file_quantized_by_llama_cpp_alone_imports_and_exports_in_its_own_type
         )
         == 0
     )
-    code, _, err = cli(
-        capsys, "compress", "--run", str(run_dir), "--model", "smollm2-135m", "--from", str(src), "--name", "lcpp"
-    )
+    code, _, err = cli(capsys, "compress", "--run", str(run_dir), *SMOLLM2, "--from", str(src), "--name", "lcpp")
     assert code == 0, err
     info = json.loads((run_dir / "lcpp" / "compression.json").read_text())
     assert "Q5_K" in info["types"] and 5.0 < info["measured"]["bits_per_weight"] < 7.0
