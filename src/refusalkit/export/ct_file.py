@@ -9,10 +9,12 @@ packs and writes them (``ModelCompressor.compress_model``, ``save_pretrained``, 
 
 Recovering the grid of a group (asymmetric, ``2^b - 1 = Q``): min-max quantization puts the group's
 minimum on code 0 and its maximum on code ``Q`` unless the zero point was clamped, so the scale is
-``(max - min) / Q``; a group of one sign, whose zero point was clamped to 0 (or ``Q``), has its
-maximum on ``Q·s`` (minimum on ``-Q·s``) instead. The first of these three candidate scales on
-which every weight of the group is an integer multiple (within 1e-3 of a step) is the group's
-grid. Symmetric grids: the largest ``|w|`` on code ``2^(b-1) - 1`` (refusalkit's grid) or on
+``(max - min) / Q``; float32 rounding at a .5 boundary can leave the maximum one code short (about
+one group in 10^4 of the default model's RTN: scale ``(max - min) / (Q - 1)``); a group of one sign,
+whose zero point was clamped to 0 (or ``Q``), has its maximum on ``Q·s`` (minimum on ``-Q·s``). The
+first of these candidate scales on which every weight of the group is an integer multiple (within
+1e-3 of a step) with codes and zero point in ``[0, Q]`` is the group's grid: it reproduces every
+stored weight, which is all the export needs. Symmetric grids: the largest ``|w|`` on code ``2^(b-1) - 1`` (refusalkit's grid) or on
 ``-2^(b-1)`` (compressed-tensors' own, ``s = absmax / (Q / 2)``). A matrix off its grid (a repair that did
 not requantize, weights edited after compression) is refused with the count of groups that miss.
 
@@ -26,7 +28,9 @@ with their zeros).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +111,7 @@ def recover_grid(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.T
     mx, mn = wg.amax(-1), wg.amin(-1)
     candidates = (
         ((mx - mn).clamp(min=1e-5) / qmax, None),  # both ends used (the zero point was not clamped)
+        ((mx - mn).clamp(min=1e-5) / (qmax - 1), None),  # the maximum one code short (w / s rounded down at .5)
         (mx.clamp(min=1e-12) / qmax, 0.0),  # one sign, zero point clamped to 0
         ((-mn).clamp(min=1e-12) / qmax, float(qmax)),  # one sign, zero point clamped to Q
     )
@@ -151,6 +156,21 @@ def _targets(model: Any) -> tuple[dict[str, torch.nn.Linear], list[str]]:
             targets[f"{names[layer]}.{n}"] = lin
     others = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in targets]
     return targets, others
+
+
+@contextlib.contextmanager
+def _quiet_tqdm() -> Iterator[None]:
+    """The library's ``tqdm`` bars off while it compresses (the export prints one summary)."""
+    from compressed_tensors.compressors.model_compressors import model_compressor as mc
+
+    before = getattr(mc, "tqdm", None)
+    if before is not None:
+        mc.tqdm = lambda it, *a, **k: it
+    try:
+        yield
+    finally:
+        if before is not None:
+            mc.tqdm = before
 
 
 def write_compressed_tensors(model_dir: Path, scheme: Scheme, out: Path) -> dict[str, Any]:
@@ -209,7 +229,8 @@ def write_compressed_tensors(model_dir: Path, scheme: Scheme, out: Path) -> dict
             if zero is not None:
                 lin.weight_zero_point.copy_((zero - shift).to(lin.weight_zero_point.dtype))
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
-    compressor.compress_model(model)
+    with _quiet_tqdm():  # the library's own bar; the export prints its summary
+        compressor.compress_model(model)
     model.save_pretrained(str(out))
     compressor.update_config(str(out))
     for f in model_dir.iterdir():  # tokenizer, chat template, generation config: as the variant has them
