@@ -211,3 +211,20 @@ def test_recheck_equivalence_holds_fails_or_waits_by_the_paired_interval():
     assert res["discordant"] == [3, 7] and res["verdict"] == "undecided"  # +2 pt, interval reaching past 5
     small = {str(i): i < 3 for i in range(10)}
     assert equivalent(paired(small, dict(small)), 0.05, "x")["verdict"] == "undecided"  # 10 prompts decide nothing
+
+
+def test_the_report_leaves_out_an_exports_read_back(tmp_path, tokenizer):
+    """``export --check`` registers the file read back as ``<variant>.<type>``; the report leaves it out
+    (the export's card reports it), and keeps an ordinary import."""
+    import shutil
+
+    from refusalkit.study.report.load import load_run
+
+    root, _ = make_tiny_run(tmp_path, tokenizer)
+    layout = RunLayout(root)
+    artifacts.write_json(layout.compression("v"), {"variant": "v", "method": "magnitude", "sparsity": 0.5})
+    for name, of in (("v.q8_0", "v"), ("mine", None)):
+        shutil.copytree(layout.model("v"), layout.model(name))
+        artifacts.write_json(layout.compression(name), {"variant": name, "method": "import", "recheck_of": of})
+    names = [v.name for v in load_run(layout).variants]
+    assert "mine" in names and "v" in names and "v.q8_0" not in names

@@ -367,8 +367,12 @@ def imported_kind(info: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_import(cfg: Config, root: str | Path, given: str, name: str | None, force: bool = False) -> dict[str, Any]:
-    """Register ``given`` as the variant ``name`` of the run; return its ``compression.json``."""
+def run_import(
+    cfg: Config, root: str | Path, given: str, name: str | None, force: bool = False, recheck_of: str | None = None
+) -> dict[str, Any]:
+    """Register ``given`` as the variant ``name`` of the run; return its ``compression.json``.
+    ``recheck_of``: the variant whose export this is, read back by ``export --check`` (recorded; the
+    report leaves such read-backs out, the export's card reports them)."""
     from refusalkit.compress.job import _dir_bytes, _peak_rss, check_name
     from refusalkit.core.extras import needed, require
     from refusalkit.models.loading import load_tokenizer, resolve_device, resolve_dtype, resolve_model
@@ -425,6 +429,7 @@ def run_import(cfg: Config, root: str | Path, given: str, name: str | None, forc
         "peak_gpu_bytes": None,
         "per_layer": per_layer,
         "spec": {"method": "import", "format": src.format, "source": given, "seed": None, "name": name},
+        "recheck_of": recheck_of,
         "wall_seconds": round(time.time() - t0, 2),
     }
     artifacts.write_json(layout.compression(name), info)

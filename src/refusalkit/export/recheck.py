@@ -79,7 +79,7 @@ def recheck(
     from refusalkit.evaluation.job import run_evaluate
 
     name = f"{variant}.{typ}"
-    run_import(cfg, layout.root, str(exported), name, force=True)
+    run_import(cfg, layout.root, str(exported), name, force=True, recheck_of=variant)
     # the vanilla attack and the over-refusal sets only (the variant's finished records are reused)
     cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, attacks=["vanilla"]))
     run_evaluate(cfg, layout.root, variant, progress=progress)

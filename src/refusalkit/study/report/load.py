@@ -312,6 +312,7 @@ def load_run(layout: RunLayout, cfg: Any = None) -> Run:
             f"run refusalkit extract --run {root} first"
         )
     found = [Variant.load(layout, name) for name in layout.variants()]
+    found = [v for v in found if not (v.compression or {}).get("recheck_of")]  # an export's read-back: its card
     config = cfg.to_dict() if cfg is not None else read_yaml(layout.config)
     moved_cosine = float((config.get("run") or {}).get("moved_cosine", KEPT_COSINE))
     return Run(
