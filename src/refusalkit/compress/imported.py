@@ -221,16 +221,13 @@ def _load_dense(src: Source, dtype: torch.dtype) -> tuple[Any, Any]:
             import inspect
             import warnings
 
-            from transformers import CompressedTensorsConfig
+            from transformers import CompressedTensorsConfig as Ct
 
-            # decompressed on load (``dequantize=True``; ``run_compressed=False`` before transformers 5.25)
-            params = inspect.signature(CompressedTensorsConfig.__init__).parameters
-            qc = CompressedTensorsConfig(
-                **({"dequantize": True} if "dequantize" in params else {"run_compressed": False})
-            )
+            new = "dequantize" in inspect.signature(Ct).parameters  # else run_compressed (before 5.25)
             tok = AutoTokenizer.from_pretrained(str(src.path))
             with warnings.catch_warnings():  # "the model's own quantization_config is used": the one read above
                 warnings.filterwarnings("ignore", message=".*quantization_config.*")
+                qc = Ct(dequantize=True) if new else Ct(run_compressed=False)
                 model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=dtype, quantization_config=qc)
         else:
             tok = AutoTokenizer.from_pretrained(str(src.path))
@@ -370,9 +367,7 @@ def imported_kind(info: dict[str, Any]) -> str:
 def run_import(
     cfg: Config, root: str | Path, given: str, name: str | None, force: bool = False, recheck_of: str | None = None
 ) -> dict[str, Any]:
-    """Register ``given`` as the variant ``name`` of the run; return its ``compression.json``.
-    ``recheck_of``: the variant whose export this is, read back by ``export --check`` (recorded; the
-    report leaves such read-backs out, the export's card reports them)."""
+    """Register ``given`` as variant ``name``; its ``compression.json`` (``recheck_of``: an export's read-back)."""
     from refusalkit.compress.job import _dir_bytes, _peak_rss, check_name
     from refusalkit.core.extras import needed, require
     from refusalkit.models.loading import load_tokenizer, resolve_device, resolve_dtype, resolve_model
