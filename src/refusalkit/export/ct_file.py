@@ -194,13 +194,15 @@ def write_compressed_tensors(model_dir: Path, scheme: Scheme, out: Path) -> dict
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     targets, others = _targets(model)
     grids, worst, misses = {}, 0.0, {}
-    for name, lin in targets.items():
-        codes, scale, zero, miss = recover_grid(lin.weight.data, scheme)
-        if miss:
-            misses[name] = miss
-        grids[name] = (codes, scale, zero)
-        err = (dequantize(codes, scale, zero, scheme.group_size) - lin.weight.data.float()).abs().max()
-        worst = max(worst, float(err))
+    with torch.no_grad():
+        for name, lin in targets.items():
+            codes, scale, zero, miss = recover_grid(lin.weight.data, scheme)
+            if miss:
+                misses[name] = miss
+            grids[name] = (scale, zero)
+            on_grid = dequantize(codes, scale, zero, scheme.group_size)
+            worst = max(worst, float((on_grid - lin.weight.data.float()).abs().max()))
+            lin.weight.copy_(on_grid)  # exactly (c - z)·s: the library re-derives the same codes from it
     if misses:
         first = next(iter(misses))
         raise UserError(
@@ -223,8 +225,7 @@ def write_compressed_tensors(model_dir: Path, scheme: Scheme, out: Path) -> dict
     shift = 0 if scheme.symmetric else 2 ** (scheme.bits - 1)
     with torch.no_grad():
         for name, lin in targets.items():
-            codes, scale, zero = grids[name]
-            lin.weight.copy_(dequantize(codes, scale, zero, scheme.group_size))
+            scale, zero = grids[name]
             lin.weight_scale.copy_(scale.to(lin.weight_scale.dtype))
             if zero is not None:
                 lin.weight_zero_point.copy_((zero - shift).to(lin.weight_zero_point.dtype))
@@ -233,15 +234,14 @@ def write_compressed_tensors(model_dir: Path, scheme: Scheme, out: Path) -> dict
         compressor.compress_model(model)
     model.save_pretrained(str(out))
     compressor.update_config(str(out))
-    for f in model_dir.iterdir():  # tokenizer, chat template, generation config: as the variant has them
+    for f in model_dir.iterdir():  # tokenizer, chat template: as the variant has them (weights and configs written)
         if (
             f.is_file()
             and not f.name.endswith(".safetensors")
-            and f.name not in ("config.json",)
             and "index" not in f.name
+            and not (out / f.name).exists()
         ):
-            if not (out / f.name).exists():
-                shutil.copy2(f, out / f.name)
+            shutil.copy2(f, out / f.name)
     return {
         "scheme": {**scheme.describe(), "format": "pack-quantized"},
         "matrices_quantized": len(targets),

@@ -107,8 +107,7 @@ def read_matrices(path: Path, config: Any, keys: list[str]) -> dict[str, torch.T
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
-    arch = str(arch_field.contents()) if arch_field is not None else ""
+    arch = _arch(reader)
     names = {v: k for k, v in _hf_to_gguf(arch, int(config.num_hidden_layers), keys).items()}
     by_name = {t.name: t for t in reader.tensors}
     out = {}
@@ -121,6 +120,14 @@ def read_matrices(path: Path, config: Any, keys: list[str]) -> dict[str, torch.T
             [int(d) for d in reversed(t.shape)]
         )
     return out
+
+
+def _arch(reader: Any) -> str:
+    """A GGUF file's ``general.architecture`` ("" when it names none)."""
+    import gguf
+
+    field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
+    return str(field.contents()) if field is not None else ""
 
 
 def stored_types(path: Path) -> dict[str, int]:
@@ -172,8 +179,7 @@ def template_from_gguf(path: Path) -> Template:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
-    arch = str(arch_field.contents()) if arch_field is not None else ""
+    arch = _arch(reader)
     skip = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION}
     fields = []
     for f in reader.fields.values():

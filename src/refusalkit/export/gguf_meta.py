@@ -100,7 +100,9 @@ def _byte_fallback(model_dir: Path) -> bool:
     return bool(model.get("byte_fallback"))
 
 
-def _tokenizer(writer: Any, model_dir: Path, tok: Any, n_vocab: int, pre: str | None) -> None:
+def _tokenizer(writer: Any, model_dir: Path, tok: Any, n_vocab: int) -> None:
+    """Tokens, types, merges or scores, special ids and chat template; the pre-tokenizer ``default``
+    (:func:`hf_fields` puts in the one found)."""
     import gguf
 
     if _byte_fallback(model_dir):  # SentencePiece-style BPE with byte fallback (llama 2, mistral)
@@ -119,7 +121,7 @@ def _tokenizer(writer: Any, model_dir: Path, tok: Any, n_vocab: int, pre: str | 
     else:
         tokens, types = _bpe_tokens(tok, n_vocab)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre or "default")
+        writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
         writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=not _byte_fallback(model_dir), n_vocab=n_vocab)
@@ -128,14 +130,14 @@ def _tokenizer(writer: Any, model_dir: Path, tok: Any, n_vocab: int, pre: str | 
         writer.add_chat_template(tok.chat_template)
 
 
-def _fields(model_dir: Path, config: Any, tok: Any, arch: str, pre: str | None) -> list[tuple[str, Any, Any, Any]]:
+def _fields(model_dir: Path, config: Any, tok: Any, arch: str) -> list[tuple[str, Any, Any, Any]]:
     import gguf
 
     with tempfile.TemporaryDirectory() as d:
         writer = gguf.GGUFWriter(str(Path(d) / "unused.gguf"), arch)
         writer.add_name(Path(str(getattr(config, "_name_or_path", "")) or model_dir.name).name or model_dir.name)
         _hparams(writer, config)
-        _tokenizer(writer, model_dir, tok, int(config.vocab_size), pre)
+        _tokenizer(writer, model_dir, tok, int(config.vocab_size))
         fields = [f for f in _writer_fields(writer) if f[0] != gguf.Keys.General.ARCHITECTURE]
     return fields
 
@@ -151,16 +153,20 @@ def hf_fields(model_dir: Path, config: Any) -> tuple[str, list[tuple[str, Any, A
             f"builds GGUF metadata for {', '.join(sorted(ARCHITECTURES))}); export --format safetensors and convert "
             "with llama.cpp's convert_hf_to_gguf.py"
         )
+    import gguf
+
     tok = AutoTokenizer.from_pretrained(str(model_dir))
+    fields = _fields(model_dir, config, tok, arch)
     if _byte_fallback(model_dir):
-        return arch, _fields(model_dir, config, tok, arch, None), "default"
-    pre = find_pre_tokenizer(model_dir, config, tok, arch)
-    return arch, _fields(model_dir, config, tok, arch, pre), pre
+        return arch, fields, "default"
+    pre = find_pre_tokenizer(fields, tok, arch)
+    key = gguf.Keys.Tokenizer.PRE
+    return arch, [(k, pre if k == key else v, t, sub) for k, v, t, sub in fields], pre
 
 
-def find_pre_tokenizer(model_dir: Path, config: Any, tok: Any, arch: str) -> str:
-    """The llama.cpp pre-tokenizer under which llama.cpp tokenizes every probe text (and the rendered
-    chat template) to the Hugging Face tokenizer's ids."""
+def find_pre_tokenizer(fields: list[tuple[str, Any, Any, Any]], tok: Any, arch: str) -> str:
+    """The llama.cpp pre-tokenizer under which llama.cpp, reading the vocabulary in ``fields``,
+    tokenizes every probe text (and the rendered chat template) to the Hugging Face tokenizer's ids."""
     import gguf
 
     from refusalkit.export import llamacpp
@@ -182,7 +188,7 @@ def find_pre_tokenizer(model_dir: Path, config: Any, tok: Any, arch: str) -> str
     with tempfile.TemporaryDirectory() as d:
         vocab = Path(d) / "vocab.gguf"
         writer = gguf.GGUFWriter(str(vocab), arch)
-        for key, value, vtype, sub in _fields(model_dir, config, tok, arch, "default"):
+        for key, value, vtype, sub in fields:
             writer.add_key_value(key, value, vtype, sub_type=sub)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

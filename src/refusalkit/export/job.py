@@ -264,8 +264,6 @@ def _write_model(
     layout: RunLayout, model_dir: Path, variant: str, fmt: str, typ: str, tmp: Path, template: Template | None
 ) -> tuple[list[str], dict[str, Any]]:
     """The model file(s) of the checkpoint ``model_dir`` in ``tmp``: their names and what was written."""
-    from refusalkit.models.int8 import is_int8_checkpoint
-
     if fmt == "safetensors":
         names = []
         for f in sorted(model_dir.iterdir()):
@@ -280,7 +278,7 @@ def _write_model(
         info = artifacts.read_json(layout.compression(grid_of)) if layout.compression(grid_of).exists() else None
         detail = write_compressed_tensors(model_dir, scheme_of(info, layout.view_scales(grid_of).exists()), tmp)
         return sorted(f.name for f in tmp.iterdir() if f.is_file()), detail
-    if is_int8_checkpoint(model_dir) or template is None:
+    if template is None:  # run_export builds none for an LLM.int8 checkpoint
         raise UserError("an LLM.int8 variant exports as --format safetensors (bitsandbytes' 8-bit layout)")
     name = f"{variant.replace(':', '-').replace('+', '-')}-{typ}.gguf"
     write_typed(model_dir, template, tmp / name, typ)

@@ -66,8 +66,8 @@ def _parts(cfg: Config, layout: RunLayout, variant: str, rows_of: Any) -> dict[s
     return parts
 
 
-def _verdict(parts: dict[str, Any]) -> str:
-    verdicts = {p["verdict"] for p in parts.values()}
+def _verdict(verdicts: set[str]) -> str:
+    """Fails if any fails, holds if all hold, else undecided."""
     return FAILS if FAILS in verdicts else HOLDS if verdicts == {HOLDS} else UNDECIDED
 
 
@@ -92,10 +92,8 @@ def recheck(
         rows = llama_records(cfg, layout, variant, exported, layout.variant(name) / "eval-llama.cpp", progress)
         runtimes.append({"runtime": f"llama.cpp {llamacpp.version()}", "parts": _parts(cfg, layout, variant, rows.get)})
     for r in runtimes:
-        r["verdict"] = _verdict(r["parts"])
-    verdicts = {r["verdict"] for r in runtimes}
-    verdict = FAILS if FAILS in verdicts else HOLDS if verdicts == {HOLDS} else UNDECIDED
-    return {"variant": name, "verdict": verdict, "runtimes": runtimes}
+        r["verdict"] = _verdict({p["verdict"] for p in r["parts"].values()})
+    return {"variant": name, "verdict": _verdict({r["verdict"] for r in runtimes}), "runtimes": runtimes}
 
 
 def llama_records(
@@ -143,14 +141,15 @@ def llama_records(
 
 
 def _stop_ids(tok: Any, model_dir: Path | None) -> set[int]:
-    """The end-of-sequence ids refusalkit's sampler stops on: the tokenizer's and the generation config's."""
-    ids = {int(tok.eos_token_id)} if getattr(tok, "eos_token_id", None) is not None else set()
+    """The end-of-sequence ids refusalkit's sampler stops on (its generation config read from ``model_dir``)."""
+    from refusalkit.models.generation import stop_ids_of
+
+    config = None
     if model_dir is not None and (model_dir / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
-        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
-        ids.update(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None)
-    return ids
+        config = GenerationConfig.from_pretrained(str(model_dir))
+    return set(stop_ids_of(tok, config))
 
 
 def text(result: dict[str, Any]) -> list[str]:

@@ -171,15 +171,14 @@ MIN_PREFIX = 4
 
 def default_stop_ids(lm: LoadedModel) -> list[int]:
     """``tokenizer.eos_token_id`` plus ``model.generation_config.eos_token_id`` (an int or a list)."""
-    ids: list[int] = []
-    for v in (
-        getattr(lm.tokenizer, "eos_token_id", None),
-        getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None),
-    ):
-        for i in v if isinstance(v, (list, tuple)) else [v]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
+    return stop_ids_of(lm.tokenizer, getattr(lm.model, "generation_config", None))
+
+
+def stop_ids_of(tokenizer: Any, generation_config: Any) -> list[int]:
+    """:func:`default_stop_ids` from a tokenizer and a generation config (None: the tokenizer's ids)."""
+    eos = (getattr(tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None))
+    flat = [int(i) for v in eos for i in (v if isinstance(v, (list, tuple)) else [v]) if i is not None]
+    return list(dict.fromkeys(flat))  # in order, each once
 
 
 def plan_batches(n_prompts: int, n_configs: int, batch_size: int) -> tuple[int, list[slice]]:
