@@ -868,3 +868,18 @@ def test_a_repair_decided_by_its_asr_skips_the_harmless_sets(run_dir: Path, monk
     cfg.run.skip_decided = False
     evaluate_repaired(cfg, run_dir, v, progress=False, force=False)
     assert calls == ["all"] and not layout.eval(v, "decided.json").exists()
+
+
+def test_refusal_preserving_variants_stay_out_of_f3(run_dir: Path) -> None:
+    """F3 is the paper's claim about plain pruning: an rp-wanda variant that kept its direction better than
+    the quantized variants does not make it fail; it is listed in the table as a pruned variant."""
+    _write(run_dir / "rp-wanda-0.5" / "compression.json", {"method": "rp-wanda", "sparsity": 0.5, "bits": None})
+    _direction(run_dir, "rp-wanda-0.5", 10, -1)
+    _compare(run_dir, "rp-wanda-0.5", 0.999, False, 10, -1)
+    _eval(run_dir, "rp-wanda-0.5", (0.28, 0.2, 0.38), acc=0.40, ppl=40.1)
+    md = Path(write_report(run_dir)["md"]).read_text()
+    assert findings(md)["F3"] == "holds"
+    assert md_table(md, "## Variants")["rp-wanda-0.5"]["sparsity / bits"] == "50.0% zeros"
+    (run_dir / "rp-wanda-0.5" / "compression.json").write_text('{"method": "wanda", "sparsity": 0.5, "bits": null}')
+    md = Path(write_report(run_dir)["md"]).read_text()
+    assert findings(md)["F3"] == "does not hold"  # the same figures from a plain method do break it

@@ -7,4 +7,4 @@ registers its methods in :mod:`refusalkit.compress.methods` when imported here (
 order of their ``rank``).
 """
 
-from refusalkit.compress import awq, int8, pruning, quant  # noqa: F401  (each registers its methods)
+from refusalkit.compress import awq, int8, pruning, quant, refusal_pruning, refusal_quant  # noqa: F401  (each registers its methods)

@@ -34,6 +34,7 @@ def awq_block(
     clip: bool = True,
     n_clip_tokens: int = 512,
     search_tokens: int = -1,
+    pre_round: dict[int, torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], dict]:
     """AWQ on one decoder block; returns the block's full-precision outputs (next block's inputs).
 
@@ -49,7 +50,8 @@ def awq_block(
 
     ``search_tokens > 0`` measures the scale-search loss on the first calibration batches that
     hold at least that many tokens (``mean|X|`` always uses every token); the reference uses
-    every token (``-1``), which costs ``n_grid`` forwards of each parent module.
+    every token (``-1``), which costs ``n_grid`` forwards of each parent module. ``pre_round`` (when
+    given) receives each ``nn.Linear``'s weights just before rounding, by ``id`` of the module.
 
     Weights that are not ``nn.Linear`` layers — each expert of a fused expert tensor, calibrated on
     the tokens routed to it, and GPT-2's ``Conv1D`` — get the same search on their own output
@@ -91,6 +93,8 @@ def awq_block(
             _clip_linear(lin, trace.x[n], bits, group_size, n_grid, max_shrink, n_clip_tokens)
             clipped.append(n)
     for lin in trace.linears.values():
+        if pre_round is not None:  # the scaled, clipped weights before rounding (refusalkit.compress.refusal_quant)
+            pre_round[id(lin)] = lin.weight.data.clone()
         lin.weight.data.copy_(quantize_groupwise(lin.weight.data, bits, group_size))
     # the tokens the scale search of the linears above measures its loss on (batches differ in length)
     n_view_search = max(1, sum(h.shape[0] * h.shape[1] for h in inputs.hidden[:n_search]))
@@ -274,7 +278,14 @@ def _awq_step(step: BlockStep) -> Any:
     from refusalkit.compress.blockwise import advance, expert_tokens
 
     spec = step.spec
-    outputs, info = awq_block(step.block, step.inputs, spec.bits, spec.group_size, search_tokens=spec.awq_search_tokens)
+    outputs, info = awq_block(
+        step.block,
+        step.inputs,
+        spec.bits,
+        spec.group_size,
+        search_tokens=spec.awq_search_tokens,
+        pre_round=step.shared.get("pre_round"),
+    )
     step.notes.setdefault("awq_groups", {})[str(step.index)] = info["groups"]
     if info["views"]:
         scales = step.notes.setdefault(VIEW_SCALES, {})  # tensors: the compress job saves them beside the variant

@@ -57,6 +57,16 @@ class Method:
     exact_calibration: bool = False
     aliases: tuple[str, ...] = field(default=())
     rank: int = 100  # where the method is listed (`refusalkit sources`, the report), then by name
+    # a refusal-preserving method: the plain method it corrects (refusalkit.compress.refusal); it needs
+    # the run's base refusal direction and its training prompts
+    preserves: str | None = None
+
+    @property
+    def plain(self) -> str:
+        """The plain method's name (this method's own for a plain method)."""
+        return (
+            self.preserves or self.name
+        )  # where the method is listed (`refusalkit sources`, the report), then by name
 
 
 METHODS: dict[str, Method] = {}
@@ -72,6 +82,12 @@ def register(method: Method) -> Method:
 def listed() -> list[Method]:
     """The registered methods in listing order."""
     return sorted(METHODS.values(), key=lambda m: (m.rank, m.name))
+
+
+def plain_method(name: str | None) -> str | None:
+    """The plain method behind a registered method's name (``rp-awq`` -> ``awq``); other names as given."""
+    m = METHODS.get(name or "")
+    return m.plain if m is not None else name
 
 
 def methods_of(family: str) -> tuple[str, ...]:

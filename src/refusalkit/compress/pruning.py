@@ -187,21 +187,20 @@ def sparsegpt_prune(
 COMPARISON = {"magnitude": "layer", "wanda": "row", "sparsegpt": "block (adaptive)"}
 
 
-def _configure(spec: Any) -> None:
+def configure_pruning(spec: Any) -> None:
     spec.sparsity = "0.5" if spec.sparsity is None else str(spec.sparsity)
     spec.sparse = parse_sparsity(spec.sparsity)
     if spec.bits is not None:
         raise UserError(f"--bits applies to quantization, not to {spec.method}")
 
 
-def _parameters(spec: Any) -> dict[str, Any]:
+def pruning_parameters(spec: Any) -> dict[str, Any]:
+    plain = spec.registered.plain
     p: dict[str, Any] = {
         "sparsity": spec.sparse.to_json(),
-        "comparison": COMPARISON[spec.method]
-        if not spec.sparse.structured
-        else f"{spec.sparse.n}:{spec.sparse.m} groups",
+        "comparison": COMPARISON[plain] if not spec.sparse.structured else f"{spec.sparse.n}:{spec.sparse.m} groups",
     }
-    if spec.method == "sparsegpt":
+    if plain == "sparsegpt":
         p.update(damp=spec.damp, blocksize=spec.blocksize)
     return p
 
@@ -212,7 +211,7 @@ def _magnitude_block(step: BlockStep) -> Any:
     return step.inputs
 
 
-def _calibrated_block(step: BlockStep) -> Any:
+def calibrated_block(step: BlockStep) -> Any:
     """Wanda (Eq. 1 of Sun et al.: |W| * ||X||, per output row) or SparseGPT (the OBS update on the
     Hessian X^T X), from the block's calibration inputs; returns the pruned block's outputs (the
     next block's inputs; the last block's are not computed). The statistics pass stops at the
@@ -225,7 +224,7 @@ def _calibrated_block(step: BlockStep) -> Any:
     from refusalkit.compress.blockwise import InputStats, advance, expert_tokens, gather, run_block
 
     spec, acc = step.spec, {}
-    wanda = spec.method == "wanda"
+    wanda = spec.registered.plain == "wanda"
 
     def update(n: str, x: torch.Tensor) -> None:
         if n not in acc:
@@ -294,11 +293,11 @@ for _rank, (_name, _calibrated, _description, _title) in enumerate(
             _description,
             _title,
             full_name=f"{_name}-(?P<sparsity>.+)",
-            configure=_configure,
+            configure=configure_pruning,
             variant_name=lambda spec: f"{spec.method}-{spec.sparse.label()}",
-            parameters=_parameters,
+            parameters=pruning_parameters,
             check_linear=lambda spec, lin, where: check_nm(spec.sparse, lin.in_features, where),
-            compress_block=_calibrated_block if _calibrated else _magnitude_block,
+            compress_block=calibrated_block if _calibrated else _magnitude_block,
             covers_views=True,
             exact_calibration=_calibrated,
             rank=_rank,

@@ -74,7 +74,7 @@ def configure_group_quant(spec: Any) -> None:
 
 def group_quant_parameters(spec: Any) -> dict[str, Any]:
     p = {"bits": spec.bits, "group_size": spec.group_size, "zero_point": True, "storage": "dequantized (simulated)"}
-    if spec.method == "awq":
+    if spec.registered.plain == "awq":
         p.update(n_grid=20, max_shrink=0.5, clip=True, clip_tokens=512, search_tokens=spec.awq_search_tokens)
     return p
 

@@ -107,6 +107,8 @@ class CompressConfig:
     calibration_chat: bool | None = _f(None, "Apply the chat template to calibration samples (null: yes for instruction sources, no for text corpora).", commands=COMPRESS)
     calibration_seed: int = _f(0, "Seed of the calibration sample.", commands=COMPRESS)
     calibration_batch_size: int = _f(8, "Calibration samples per block forward.", commands=COMPRESS)
+    refusal_weight: float = _f(1.0, "rp-* (refusal-preserving) methods: weight of the error along the refusal direction on refusal prompts against the change of each writer's output on calibration tokens (the penalty's 1/mu).", commands=COMPRESS)
+    n_refusal: int = _f(32, "rp-* methods: harmful and harmless training prompts of each kind whose block outputs along the refusal direction are preserved (the run's direction training prompts).", commands=COMPRESS)
     calibration_dtype: str = _f("auto", "wanda / sparsegpt: precision of the calibration forward and the mask. float64: the same mask on any CPU (AVX2, AVX-512, SSE); model: the model's dtype; auto: float64 on a CPU, the model's dtype on a GPU.", choices=("auto", "float64", "model"), commands=COMPRESS)
 
 

@@ -58,8 +58,10 @@ class Scheme:
 def scheme_of(compression: dict[str, Any] | None, has_view_scales: bool) -> Scheme:
     """The grid a variant's block matrices are on, from its ``compression.json`` (refusalkit's AWQ /
     RTN, or a compressed-tensors checkpoint imported with one integer group or channel scheme)."""
+    from refusalkit.compress.methods import plain_method
+
     info = compression or {}
-    method = info.get("method")
+    method = plain_method(info.get("method"))
     if method in ("awq", "rtn"):
         if has_view_scales:
             raise UserError(

@@ -144,9 +144,12 @@ class Requantize:
     def from_compression(
         cls, info: dict[str, Any] | None, view_scales: dict[str, torch.Tensor] | None = None
     ) -> Requantize | None:
-        if not info or info.get("method") not in ("awq", "rtn"):
+        from refusalkit.compress.methods import plain_method
+
+        method = plain_method((info or {}).get("method"))  # a refusal-preserving rp-awq / rp-rtn: the same grid
+        if method not in ("awq", "rtn"):
             return None
-        return cls(info["method"], int(info["bits"]), int(info["parameters"].get("group_size", 128)), view_scales or {})
+        return cls(method, int(info["bits"]), int(info["parameters"].get("group_size", 128)), view_scales or {})
 
     def __call__(self, w: torch.Tensor, key: str | None = None) -> torch.Tensor:
         from refusalkit.compress.quant import quantize_groupwise

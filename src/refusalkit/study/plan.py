@@ -110,7 +110,10 @@ def _compress_work(cfg: Config, spec: Any, gpu: bool) -> dict[str, dict[str, flo
     c, m = cfg.compress, spec.registered
     tokens = c.n_calibration * c.seq_len if m.needs_calibration else 0
     exact = m.exact_calibration and not gpu and c.calibration_dtype != "model"
-    return {f"compress:{spec.method}": {"prefill": tokens * (2 if exact else 1), "decode": 0.0, "fixed": 1.0}}
+    prefill = tokens * (2 if exact else 1)
+    if m.preserves:  # rp-*: one more calibration pass, and four passes over the refusal prompts (about 40 tokens each)
+        prefill += tokens + 4 * 2 * c.n_refusal * 40
+    return {f"compress:{spec.method}": {"prefill": prefill, "decode": 0.0, "fixed": 1.0}}
 
 
 def _repair_work(cfg: Config, gpu: bool, search: bool) -> dict[str, dict[str, float]]:

@@ -16,7 +16,7 @@ from refusalkit.core.errors import UserError
 # the CompressSpec fields a finished point must share with the sweep's (else: made with other settings)
 SPEC_KEYS = (
     "method", "sparsity", "bits", "group_size", "threshold", "damp", "blocksize", "calibration",
-    "n_calibration", "seq_len", "calibration_chat", "seed", "awq_search_tokens", "calibration_dtype",
+    "n_calibration", "seq_len", "calibration_chat", "seed", "awq_search_tokens", "calibration_dtype", "refusal_weight", "n_refusal",
 )  # fmt: skip
 
 

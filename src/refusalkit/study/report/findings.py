@@ -182,10 +182,11 @@ def _movement_text(group: list[Variant]) -> str:
 
 def finding_pruned_move_further(run: Run) -> Finding:
     """F3: every pruned variant (every draw) moves further (1 − cosine at the base source) than every
-    quantized one, and, with a noise floor, at least one pruned variant beyond it."""
+    quantized one, and, with a noise floor, at least one pruned variant beyond it. The paper's claim is
+    about plain pruning and quantization: refusal-preserving (rp-*) variants are left out."""
     claim = "Pruned variants move further than quantized ones (1 − cosine at the base source)"
-    pruned = [v for v in compared(run, "pruned") if v.cosine_at_base_source is not None]
-    quant = [v for v in compared(run, "quantized") if v.cosine_at_base_source is not None]
+    pruned = [v for v in compared(run, "pruned") if v.cosine_at_base_source is not None and not v.preserving]
+    quant = [v for v in compared(run, "quantized") if v.cosine_at_base_source is not None and not v.preserving]
     if not (pruned and quant):
         return Finding(
             "F3",

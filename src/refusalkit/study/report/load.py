@@ -110,6 +110,14 @@ class Variant:
         return (self.compression or {}).get("method")
 
     @property
+    def preserving(self) -> bool:
+        """Made by a refusal-preserving method (rp-*: refusalkit.compress.refusal), not a plain one."""
+        from refusalkit.compress.methods import METHODS
+
+        m = METHODS.get((self.compression or {}).get("method") or "")
+        return self.kind not in ("base", "repaired") and m is not None and m.preserves is not None
+
+    @property
     def calibrated(self) -> bool:
         """A compressed variant made by a method that draws calibration data (its seed is its draw)."""
         from refusalkit.compress.methods import METHODS
