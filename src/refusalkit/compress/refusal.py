@@ -11,7 +11,7 @@ not a routed expert's slice) within what the plain method allows, so that the bl
 
 The objective, for a writer ``Ŵ`` (``[d_model, d_in]``) after the plain method, is
 
-    min_u   (1/N_R) Σ_t∈R (c · (s ⊙ u)ᵀ x_t / ρ_t − e_t)²  +  μ · (1/N_C) · uᵀ (H ⊙ K) u          (1)
+    min_u   (1/N_R) Σ_t∈R (f_t · (s ⊙ u)ᵀ x_t − e_t)²  +  μ · (1/N_C) · uᵀ (H ⊙ K) u          (1)
 
 over updates of the form ``Δ = (r̂ uᵀ) ⊙ M`` (each kept weight of row ``i`` moves by ``r̂_i u_j``):
 
@@ -19,10 +19,11 @@ over updates of the form ``Δ = (r̂ uᵀ) ⊙ M`` (each kept weight of row ``i`
   token ``t`` (the dense model's block on the dense model's stream, minus the compressed block on
   the compressed model's stream, so errors of earlier blocks are absorbed too); ``x_t`` the
   writer's input there;
-* ``M`` the kept weights (pruning; all ones for quantization), ``r̂ = g ⊙ r / ||g ⊙ r||`` with
-  ``c = ||g ⊙ r||`` (``g`` a post-norm's gain, 1 without one) and ``ρ_t`` the post-norm's
-  input RMS (1 without one): the first-order effect of ``Δ`` on ``rᵀ h`` is ``c (s ⊙ u)ᵀ x_t / ρ_t``
-  with ``s_j = Σ_i r̂_i² M_ij``;
+* ``M`` the kept weights (pruning; all ones for quantization), ``s_j = Σ_i r̂_i² M_ij``, and
+  ``r̂ = g ⊙ r / ||g ⊙ r||`` (``g`` a post-norm's gain; ``r̂ = r`` without one): ``f_t (s ⊙ u)ᵀ x_t``
+  is the first-order effect of ``Δ`` on ``rᵀ h``, with ``f_t = 1`` when the writer's output is
+  added to the stream and, through a post-norm ``g ⊙ y / ρ(y)``, ``f_t = (c − (rᵀ(g ⊙ y_t))
+  (y_tᵀ r̂) / (d ρ_t²)) / ρ_t`` with ``c = ||g ⊙ r||`` (:func:`_norm_factor`);
 * ``H = Σ_t∈C x_t x_tᵀ`` on the calibration tokens and ``K = Mᵀ diag(r̂²) M``: ``uᵀ (H ⊙ K) u`` is
   exactly ``Σ_t∈C ||Δ x_t||²``, what the change costs the layer-wise reconstruction that Wanda
   and SparseGPT minimize (Sun et al. 2023, Eq. 1; Frantar & Alistarh 2023, Eq. 1).

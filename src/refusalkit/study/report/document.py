@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from refusalkit.compress.methods import PRUNING, QUANTIZATION
+from refusalkit.compress.methods import METHODS, PRUNING, QUANTIZATION
 from refusalkit.core.config import ATTACKS
 from refusalkit.study.report.blocks import (
     DASH,
@@ -108,8 +108,9 @@ def methods_notes(run: Run) -> list[str]:
         ),
         (
             f"A direction counts as moved when its source shifted or its cosine with the base direction is below "
-            f"{run.moved_cosine:g} (run.moved_cosine); pruning: {', '.join(PRUNING)}; quantization: "
-            f"{', '.join(QUANTIZATION)}."
+            f"{run.moved_cosine:g} (run.moved_cosine); pruning: {', '.join(_plain(PRUNING))}; quantization: "
+            f"{', '.join(_plain(QUANTIZATION))}"
+            + ("; refusal-preserving (rp-*) variants count as their plain method's kind, outside F3." if _rp(run) else ".")
         ),
         *noise_note(run),
     ]
@@ -273,3 +274,12 @@ def build_report(run: Run, generated: str) -> tuple[list[Block], list[Finding]]:
         Bullets(methods_notes(run)),
     ]
     return blocks, findings
+
+
+def _plain(names: tuple[str, ...]) -> list[str]:
+    """The plain methods among ``names`` (the refusal-preserving rp-* ones left out)."""
+    return [n for n in names if METHODS[n].preserves is None]
+
+
+def _rp(run: Run) -> bool:
+    return any(v.preserving for v in run.variants)
