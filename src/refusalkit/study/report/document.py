@@ -110,7 +110,11 @@ def methods_notes(run: Run) -> list[str]:
             f"A direction counts as moved when its source shifted or its cosine with the base direction is below "
             f"{run.moved_cosine:g} (run.moved_cosine); pruning: {', '.join(_plain(PRUNING))}; quantization: "
             f"{', '.join(_plain(QUANTIZATION))}"
-            + ("; refusal-preserving (rp-*) variants count as their plain method's kind, outside F3." if _rp(run) else ".")
+            + (
+                "; refusal-preserving (rp-*) variants count as their plain method's kind, outside F3."
+                if _rp(run)
+                else "."
+            )
         ),
         *noise_note(run),
     ]
