@@ -44,7 +44,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusalkit.compress.blockwise import AliasLinear, BlockInputs, _to, advance, capture_inputs, module_device
+from refusalkit.compress.blockwise import (
+    AliasLinear,
+    BlockInputs,
+    _to,
+    advance,
+    capture_inputs,
+    module_device,
+    run_block,
+)
 from refusalkit.core.errors import UserError
 from refusalkit.models.structure import block_writers, branches, norm_gain, post_norms
 
@@ -160,12 +168,9 @@ def calibration_grams(block: nn.Module, inputs: BlockInputs, writers: list[_Writ
     ``CALIBRATION_TOKENS`` tokens, in one pass of the compressed block before any correction (float32
     products, float64 result). A later writer's inputs move a little once an earlier one is corrected;
     ``H`` only weighs the penalty, so the pass is not repeated."""
-    take, n = [], 0
-    for h in inputs.hidden:
-        take.append(h)
-        n += h.shape[0] * h.shape[1]
-        if n >= CALIBRATION_TOKENS:
-            break
+    from refusalkit.compress.awq import _search_batches
+
+    k = _search_batches(inputs, CALIBRATION_TOKENS)
     grams: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -176,7 +181,7 @@ def calibration_grams(block: nn.Module, inputs: BlockInputs, writers: list[_Writ
         counts[name] = counts.get(name, 0) + x.shape[0]
 
     hooks = {w.hook_on: (lambda _b, x, name=w.name: add(name, x)) for w in writers}
-    _outputs(block, BlockInputs(take, inputs.kwargs[: len(take)]), hooks)
+    _outputs(block, BlockInputs(inputs.hidden[:k], inputs.kwargs[:k]), hooks)
     return {k: (g.double() / max(counts[k], 1)).cpu() for k, g in grams.items()}
 
 
@@ -276,7 +281,7 @@ def correct_block(
         delta, info = solve_update(xr, e, grams[w.name], keep, rhat, c, step.spec.refusal_weight)
         info.update(apply(w, delta, rhat, state) or {})
         record["writers"][w.name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in info.items()}
-    out = _outputs(block, target.compressed)
+    out = run_block(block, target.compressed)
     e = block_error(target, dense_out, out)
     record["error_rms_after"] = round(float(e.pow(2).mean().sqrt()), 6)
     record["target_rms"] = round(float((loss_rows(dense_out, target.prefix) @ r).pow(2).mean().sqrt()), 6)
@@ -296,7 +301,7 @@ def preserving_step(base_block: Any, apply: Any, next_inputs: str, before: Any =
         target: RefusalTarget = step.shared["refusal"]
         if target.dense is None:
             raise ValueError("the refusal streams were not started (refusalkit.compress.job starts them)")
-        dense_out = _outputs(step.block, target.dense)  # the dense block, before the plain method
+        dense_out = run_block(step.block, target.dense)  # the dense block, before the plain method
         calibration = step.inputs
         state = before(step) if before else {}  # filled by the plain method (AWQ's weights before rounding)
         state["spec"] = step.spec
@@ -307,7 +312,7 @@ def preserving_step(base_block: Any, apply: Any, next_inputs: str, before: Any =
         step.notes.setdefault("refusal_preservation", {"blocks": {}})["blocks"][str(step.index)] = rec
         if next_inputs == "plain" or step.last:
             return returned
-        return advance(calibration, _outputs(step.block, calibration))
+        return advance(calibration, run_block(step.block, calibration))
 
     return step_fn
 
