@@ -20,7 +20,7 @@ from refusalkit.direction.select import Scorer, refusal_scores, refusal_token_id
 from refusalkit.models.chat import format_prompts, post_instruction_ids, tokenize_instructions
 from refusalkit.models.loading import LoadedModel, load_model
 
-__version__ = "0.9.0"
+__version__ = "0.9.1"
 
 __all__ = [
     "Config",

@@ -67,6 +67,32 @@ def test_penalty_is_the_calibration_outputs_change_and_the_mask_is_kept():
     assert info["calibration_change_rms"] == pytest.approx(change**0.5, rel=1e-6)
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_solve_in_slabs_is_the_dense_minimizer(masked):
+    """d_in above one slab (H ⊙ K formed SLAB rows at a time, the normal matrix factored in place):
+    the update equals the dense normal equations' solution of (1), and the solve stays on the CPU
+    for a CPU block."""
+    from refusalkit.compress.refusal import SLAB, solve_device
+
+    g = torch.Generator().manual_seed(1)
+    d_out, d_in, n = 24, SLAB + 76, 80
+    keep = torch.rand(d_out, d_in, generator=g) > 0.5 if masked else None
+    rhat = torch.randn(d_out, generator=g, dtype=torch.float64)
+    rhat /= rhat.norm()
+    xr, e = torch.randn(n, d_in, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    xc = torch.randn(3 * d_in, d_in, generator=g, dtype=torch.float64)
+    h = xc.t() @ xc / len(xc)
+    delta, info = solve_update(xr, e, h, keep, rhat, 0.8, 2.0)
+    m = keep.double() if masked else torch.ones(d_out, d_in, dtype=torch.float64)
+    s = rhat.pow(2) @ m
+    a = 0.8 * xr * s
+    hk = h * (m.t() @ (rhat.pow(2).unsqueeze(1) * m))
+    u = torch.linalg.solve(a.t() @ a / n + hk / 2.0, a.t() @ e / n)
+    assert torch.allclose(delta, rhat.unsqueeze(1) * u * m, rtol=1e-6, atol=1e-9)
+    assert info["calibration_change_rms"] == pytest.approx(float(u @ hk @ u) ** 0.5, rel=1e-6)
+    assert solve_device(torch.device("cpu"), d_in) == torch.device("cpu")
+
+
 @pytest.mark.parametrize("bits, group, rows", [(4, 16, 96), (3, 32, 96), (8, -1, 96), (2, 8, 3)])
 def test_balanced_round_on_a_grid_with_column_sums_kept(bits, group, rows):
     """3 rows: most columns cannot be balanced; the moves that would not help are never made."""

@@ -29,9 +29,11 @@ over updates of the form ``Δ = (r̂ uᵀ) ⊙ M`` (each kept weight of row ``i`
   and SparseGPT minimize (Sun et al. 2023, Eq. 1; Frantar & Alistarh 2023, Eq. 1).
 
 ``μ = 1 / refusal_weight``. (1) is a ridge regression in ``u`` (``d_in`` unknowns), solved in
-closed form in float64. Writers are corrected in the block's forward order, each on the error left
-after the ones before it (re-measured), so the last writer of the block (the MLP's) fits what the
-first could not. Quantization rounds the corrected weights back onto the group grid
+closed form in float64 (:func:`solve_update`; on the block's accelerator when it has room,
+:func:`solve_device`; about 2.7 ``d_in x d_in`` float64 matrices of memory). Writers are
+corrected in the block's forward order, each on the error left after the ones before it
+(re-measured), so the last writer of the block (the MLP's) fits what the first could not.
+Quantization rounds the corrected weights back onto the group grid
 (:func:`refusalkit.compress.refusal_quant.balanced_round`).
 """
 
@@ -185,6 +187,18 @@ def calibration_grams(block: nn.Module, inputs: BlockInputs, writers: list[_Writ
     return {k: (g.double() / max(counts[k], 1)).cpu() for k, g in grams.items()}
 
 
+SLAB = 1024  # rows of H ⊙ K formed at a time
+
+
+def _hk_slabs(h: torch.Tensor, k: torch.Tensor | float, dev: torch.device) -> Any:
+    """``(i, j, (H ⊙ K)[i:j])`` in float64, ``SLAB`` rows at a time (``k`` a float32 matrix, or a scalar
+    when every weight may move), so that the whole product is never held."""
+    for i in range(0, h.shape[0], SLAB):
+        j = min(i + SLAB, h.shape[0])
+        hs = h[i:j].to(dev, torch.float64)
+        yield i, j, (hs * float(k) if isinstance(k, float) else k[i:j].double() * hs)
+
+
 def solve_update(
     xr: torch.Tensor,
     e: torch.Tensor,
@@ -193,34 +207,56 @@ def solve_update(
     rhat: torch.Tensor,
     c: float = 1.0,
     refusal_weight: float = DEFAULT_REFUSAL_WEIGHT,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The update ``Δ = (r̂ uᵀ) ⊙ M`` minimizing (1) (``xr`` the refusal rows already scaled by a
     post-norm's factor; ``h`` the calibration Gram matrix ``H / N_C``; ``keep`` the mask M, None for all
-    weights), float64, and the fit's figures."""
-    xr, e, h, rhat = xr.double(), e.double(), h.double(), rhat.double()
+    weights), float64 on ``device`` (default: ``h``'s), and the fit's figures.
+
+    Memory beside ``h``: the normal matrix (``d_in x d_in``, float64, factored in place), ``K`` in
+    float32, and the factorization's and the solve's workspace of one more float64 matrix."""
+    dev = torch.device(device) if device is not None else h.device
+    xr, e, rhat = xr.to(dev, torch.float64), e.to(dev, torch.float64), rhat.to(dev, torch.float64)
     d_in = xr.shape[1]
     r2 = rhat.pow(2)
     if keep is None:
-        s = torch.full((d_in,), float(r2.sum()), dtype=torch.float64)
-        hk = h * float(r2.sum())
+        s = torch.full((d_in,), float(r2.sum()), dtype=torch.float64, device=dev)
+        k: torch.Tensor | float = float(r2.sum())
     else:
-        m = keep.float()
+        m = keep.to(dev, torch.float32)
         s = (r2.float() @ m).double()
-        hk = h * (m.t() @ (r2.float().unsqueeze(1) * m)).double()  # H ⊙ K, K = Mᵀ diag(r̂²) M
-    a = c * xr * s.unsqueeze(0)  # design in u
-    lhs = (a.t() @ a) / len(e) + hk / refusal_weight
+        k = m.t() @ (r2.float().unsqueeze(1) * m)  # K = Mᵀ diag(r̂²) M
+        del m
+    a = (c * xr) * s.unsqueeze(0)  # design in u
+    lhs = a.t() @ a
+    lhs.div_(len(e))
+    for i, j, hk in _hk_slabs(h, k, dev):  # + (H ⊙ K) / refusal_weight
+        lhs[i:j].add_(hk / refusal_weight)
     lhs.diagonal().add_(1e-8 * float(lhs.diagonal().mean()) + 1e-30)
-    u = torch.cholesky_solve((a.t() @ e / len(e)).unsqueeze(1), torch.linalg.cholesky(lhs)).squeeze(1)
+    torch.linalg.cholesky(lhs, out=lhs)  # in place: the normal matrix is not needed again
+    u = torch.cholesky_solve((a.t() @ e / len(e)).unsqueeze(1), lhs).squeeze(1)
+    del lhs
     delta = rhat.unsqueeze(1) * u.unsqueeze(0)
     if keep is not None:
-        delta = delta * keep.double()
+        delta = delta * keep.to(dev, torch.float64)
     left = e - a @ u
+    change = sum(float(u[i:j] @ (hk @ u)) for i, j, hk in _hk_slabs(h, k, dev))  # uᵀ (H ⊙ K) u
     info = {
         "error_rms_before": float(e.pow(2).mean().sqrt()),
         "error_rms_fit": float(left.pow(2).mean().sqrt()),
-        "calibration_change_rms": float((u @ hk @ u).clamp(min=0).sqrt()),  # sqrt(mean_t ||Δ x_t||²)
+        "calibration_change_rms": max(change, 0.0) ** 0.5,  # sqrt(mean_t ||Δ x_t||²)
     }
     return delta, info
+
+
+def solve_device(block_device: torch.device, d_in: int) -> torch.device:
+    """Where a writer's solve runs: the block's accelerator when it has room for three ``d_in x d_in``
+    float64 matrices (the normal matrix, the factorization's workspace, ``K`` and the slabs), else the
+    CPU (a 70B model's MLP down projection, ``d_in`` 28,672, needs about 20 GB)."""
+    if block_device.type != "cuda":
+        return torch.device("cpu")
+    free, _total = torch.cuda.mem_get_info(block_device)
+    return block_device if free > 3 * d_in * d_in * 8 else torch.device("cpu")
 
 
 def _norm_factor(y: torch.Tensor, r: torch.Tensor, rhat: torch.Tensor, c: float, g: torch.Tensor) -> torch.Tensor:
@@ -278,7 +314,8 @@ def correct_block(
     for w in writers:
         xr, e, rhat, c = _measure(block, target, w, dense_out)
         keep = w.linear.weight.detach().cpu() != 0 if step.spec.registered.family == "pruning" else None
-        delta, info = solve_update(xr, e, grams[w.name], keep, rhat, c, step.spec.refusal_weight)
+        dev = solve_device(module_device(block), xr.shape[1])
+        delta, info = solve_update(xr, e, grams.pop(w.name), keep, rhat, c, step.spec.refusal_weight, dev)
         info.update(apply(w, delta, rhat, state) or {})
         record["writers"][w.name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in info.items()}
     out = run_block(block, target.compressed)

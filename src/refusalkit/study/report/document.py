@@ -28,6 +28,7 @@ from refusalkit.study.report.figures import (
 )
 from refusalkit.study.report.findings import FINDINGS
 from refusalkit.study.report.load import BROKEN_DEGENERATE, BROKEN_PPL_FACTOR, Run, read_json
+from refusalkit.study.report.prevention import prevention_sentences
 from refusalkit.study.report.tables import ALWAYS_SHOWN, repairs_table, variants_table
 from refusalkit.study.report.verdicts import ALPHA, verdict_sentences
 
@@ -140,6 +141,17 @@ CONTROL_NOTE = (
     "when both paired exact McNemar tests hold. The base direction's loss of control on a variant is its "
     "effect there against its effect on the base model, prompt by prompt (bootstrap interval over prompts, "
     "sign test), decided against verdict.control_margin."
+)
+
+
+PREVENTION_NOTE = (
+    "A refusal-preserving variant (rp-*) is compared with its plain method at the same setting and calibration "
+    "seeds, paired per prompt over the draws both have. It meets the goal (compression that keeps refusal "
+    "without a repair step) when its vanilla ASR is not above the base model's within verdict.asr_margin, its "
+    "perplexity is within verdict.prevention_ppl_margin of the plain variant's on every draw, and its "
+    "over-refusal and degenerate output are not above the plain variant's within their margins. Beside it: "
+    "the ASR against the plain variant and against the plain variant followed by the run's repair, and what "
+    "each route cost."
 )
 
 
@@ -263,6 +275,13 @@ def build_report(run: Run, generated: str) -> tuple[list[Block], list[Finding]]:
     repairs = repairs_table(run)
     if repairs is not None:
         blocks += [Heading("Repairs (AIRD)"), repairs]
+    prevention = prevention_sentences(run)
+    if prevention:
+        blocks += [
+            Heading("Prevention: refusal-preserving compression"),
+            Bullets(prevention),
+            Paragraph(PREVENTION_NOTE),
+        ]
     figures = [
         f
         for f in (plot_cosine_by_layer(run), *plot_selection_scores(run), plot_repair_asr(run), *plot_alpha_curves(run))

@@ -3,7 +3,8 @@ module) and ``DIR/results.csv`` (the variants' table), so that a script never pa
 
 ``results.json`` holds the refusalkit version, the run's resolved configuration, the machine the run
 recorded (its manifest), every variant's row as numbers, the verdict sentences, every repair's
-verdict with its parts, decisions and figures, and the findings.
+verdict with its parts, decisions and figures, every refusal-preserving setting's comparison with its
+plain method (``prevention``), and the findings.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def _machine(run: Run) -> dict[str, Any]:
 def build_results(run: Run, findings: list[Finding], sentences: list[str], generated: str) -> dict[str, Any]:
     """``results.json``'s content (see the schema for every key)."""
     from refusalkit import __version__
+    from refusalkit.study.report.prevention import prevention_verdicts
     from refusalkit.study.report.verdicts import repair_verdict
 
     repairs = [v for v in run.variants if v.kind == "repaired"]
@@ -106,6 +108,7 @@ def build_results(run: Run, findings: list[Finding], sentences: list[str], gener
         "variants": [variant_record(run, v) for v in run.variants],
         "verdicts": sentences,
         "repairs": [_jsonable(repair_verdict(run, v, across=not run.later_draw(v)).to_json()) for v in repairs],
+        "prevention": [_jsonable(pv.to_json()) for pv in prevention_verdicts(run)],
         "findings": [f.to_json() for f in findings],
     }
 

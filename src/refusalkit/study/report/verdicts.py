@@ -126,9 +126,9 @@ WORKS = {HOLDS: "works", FAILS: "does not work", UNDECIDED: "undecided", None: "
 
 
 @dataclass
-class RepairVerdict:
-    """The parts of the rule for one repaired variant (each holds / fails / undecided, or None when
-    not measured), their decisions and figures, and the verdict (:data:`WORKS` of ``state``)."""
+class PartsVerdict:
+    """A verdict made of parts (each holds / fails / undecided, or None when not measured): their
+    decisions and figures, a sentence per part, and the combined ``state``."""
 
     variant: str
     source: str | None
@@ -137,7 +137,21 @@ class RepairVerdict:
     decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)
-    draws: list[str] = field(default_factory=list)  # the repaired variants of every draw it pools (one: itself)
+    draws: list[str] = field(default_factory=list)  # the variants of every draw it pools (one: itself)
+
+    def record(self, key: str, d: decide.Decision | None, label: str, res: dict[str, Any] | None = None) -> None:
+        """Record one part: its verdict, its decision and a sentence (``label``: what it is about)."""
+        self.parts[key] = None if d is None else d.verdict
+        if d is None:
+            return
+        self.decisions[key] = d.to_json()
+        self.texts.append(f"{label}: " + (shift_text(res, "").lstrip() + " → " if res is not None else "") + d.text())
+
+
+@dataclass
+class RepairVerdict(PartsVerdict):
+    """The rule of this module for one repaired variant; the verdict is :data:`WORKS` of ``state``."""
+
     works_on: int | None = None  # with several draws: on how many the repair works by itself
 
     @property
@@ -150,19 +164,15 @@ class RepairVerdict:
                 "decisions": self.decisions, "figures": self.figures, "draws": self.draws,
                 "works_on": self.works_on}  # fmt: skip
 
-    def record(self, key: str, d: decide.Decision | None, label: str, res: dict[str, Any] | None = None) -> None:
-        """Record one part: its verdict, its decision and a sentence (``label``: what it is about)."""
-        self.parts[key] = None if d is None else d.verdict
-        if d is None:
-            return
-        self.decisions[key] = d.to_json()
-        self.texts.append(f"{label}: " + (shift_text(res, "").lstrip() + " → " if res is not None else "") + d.text())
 
-
-def _ppl_decision(run: Run, pairs: list[tuple[Variant, Variant]]) -> decide.Decision | None:
-    """Perplexity within the budget on every draw (the worst draw's change decides)."""
+def ppl_decision(
+    run: Run, pairs: list[tuple[Variant, Variant]], budget: float | None = None, claim: str = "perplexity within budget"
+) -> decide.Decision | None:
+    """Perplexity within ``budget`` (default: the repair's, ``repair.max_ppl_increase``) of the first
+    model's on every draw (the worst draw's change decides)."""
+    budget = run.max_ppl_increase if budget is None else budget
     ds = [
-        decide.within_ratio(src.perplexity, v.perplexity, run.max_ppl_increase, "perplexity within budget")
+        decide.within_ratio(src.perplexity, v.perplexity, budget, claim)
         for src, v in pairs
         if src.perplexity is not None and v.perplexity is not None
     ]
@@ -206,7 +216,7 @@ def repair_verdict(run: Run, v: Variant, *, across: bool = True) -> RepairVerdic
     degenerate = compare_draws(to_src, "vanilla", "degenerate")
     out.figures["degenerate"] = degenerate
     out.record("degenerate_not_above", degenerate_decision(run, degenerate), "degenerate", degenerate)
-    ppl = _ppl_decision(run, to_src)
+    ppl = ppl_decision(run, to_src)
     out.record("perplexity_within_budget", ppl, "perplexity")
     if ppl is not None and len(reps) == 1:
         src = srcs[0]
