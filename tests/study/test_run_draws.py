@@ -1,6 +1,7 @@
 """`refusalkit run --draws 2` end to end on a tiny Llama saved to disk: the calibrated variant is made at two
 calibration seeds and every stage runs on both; the edit the repair search chose on the first draw is applied
-unchanged to the second; the method without calibration is made once; the report pools the draws."""
+unchanged to the second; the method without calibration is made once; the report pools the draws, and pairs
+the refusal-preserving setting with its plain method draw by draw (prevention against cure)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ pytestmark = pytest.mark.integration
 
 SETTINGS = {
     **TINY_RUN,
-    "run.variants": "[wanda-0.5, magnitude-0.5]",
+    "run.variants": "[wanda-0.5, magnitude-0.5, rp-wanda-0.5]",
     "run.paper_edit": "false",
     "repair.direction": "raw",
     "compress.n_calibration": 4,
     "compress.seq_len": 32,
+    "compress.n_refusal": 4,
 }
 
 
@@ -73,6 +75,24 @@ def test_run_with_two_draws(tokenizer, tmp_path, capsys, one_thread):
         assert stages[f"{name}/control"]["status"] == "done"
     assert not (root / "wanda-0.5+aird" / "direction" / "control.json").exists()
     assert "## Control by behaviour" in report and "- wanda-0.5_seed1 (3 + 3 test prompts): own direction:" in report
+    # the refusal-preserving setting at the same two seeds, judged against wanda-0.5 and its repair
+    rp = artifacts.read_json(root / "rp-wanda-0.5_seed1" / "compression.json")
+    assert rp["spec"]["seed"] == 1 and rp["calibration"] == second["calibration"]
+    prevention = report.split("## Prevention: refusal-preserving compression")[1].split("\n## ")[0]
+    assert "- rp-wanda-0.5 against wanda-0.5 over 2 draws (rp-wanda-0.5, rp-wanda-0.5_seed1): " in prevention
+    assert "ASR vs plain + repair (wanda-0.5+aird…)" in prevention and "cost per draw: plain " in prevention
+    results = artifacts.read_json(root / "results.json")
+    assert [p["repaired"] for p in results["prevention"]] == [["wanda-0.5+aird", "wanda-0.5_seed1+aird"]]
+
+
+def test_a_refusal_preserving_variant_asking_for_more_prompts_than_the_run_trains_on(tmp_path, capsys):
+    """Refused before any work: one line, exit 2, no run directory."""
+    code = main(["run", "--run", str(tmp_path / "run"), "--variants", "wanda-0.5,rp-wanda-0.5", "--set", "n_train=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "rp-wanda-0.5 corrects toward compress.n_refusal = 32 training prompts of each kind, but this run" in last
+    assert not (tmp_path / "run").exists()
 
 
 def test_draws_below_one_is_refused(tmp_path, capsys):

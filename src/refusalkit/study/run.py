@@ -108,7 +108,7 @@ class Runner:
 
 def _preflight(cfg: Config) -> list[Any]:
     """What can fail before any work does: unknown methods, unknown tasks, a missing optional package
-    (:mod:`refusalkit.core.extras`). The variants' compression specs; ``evaluation.attacks`` is set
+    (:mod:`refusalkit.core.extras`), a refusal-preserving method asking for more prompts than the run trains on. The variants' compression specs; ``evaluation.attacks`` is set
     from ``run.attacks``."""
     import torch
 
@@ -117,6 +117,12 @@ def _preflight(cfg: Config) -> list[Any]:
     from refusalkit.evaluation.job import task_names
 
     specs = [CompressSpec.from_config(v, cfg.compress) for v in cfg.run.variants]
+    for spec in specs:
+        if spec.registered.preserves is not None and spec.n_refusal > cfg.n_train:
+            raise UserError(
+                f"{spec.variant} corrects toward compress.n_refusal = {spec.n_refusal} training prompts of each kind, "
+                f"but this run trains on n_train = {cfg.n_train}; raise n_train or lower compress.n_refusal"
+            )
     cfg.evaluation.attacks = attacks_for(cfg, torch.cuda.is_available() and cfg.device != "cpu")
     require(needed(cfg, utility=cfg.run.utility, methods=[s.method for s in specs]))
     if cfg.run.utility and task_names(cfg.evaluation.utility_tasks):
