@@ -23,6 +23,7 @@ SETTINGS = {
     "compress.n_calibration": 4,
     "compress.seq_len": 32,
     "compress.n_refusal": 4,
+    "run.drop_models": "true",
 }
 
 
@@ -83,6 +84,17 @@ def test_run_with_two_draws(tokenizer, tmp_path, capsys, one_thread):
     assert "ASR vs plain + repair (wanda-0.5+aird…)" in prevention and "cost per draw: plain " in prevention
     results = artifacts.read_json(root / "results.json")
     assert [p["repaired"] for p in results["prevention"]] == [["wanda-0.5+aird", "wanda-0.5_seed1+aird"]]
+    # run.drop_models: the later draws' models (and their repairs') are gone once measured, the first draw's stay;
+    # a second call finds everything done and remakes nothing
+    for name in ("wanda-0.5_seed1", "wanda-0.5_seed1+aird", "rp-wanda-0.5_seed1"):
+        assert not (root / name / "model").exists() and (root / name / "eval" / "asr.json").is_file(), name
+    assert (root / "wanda-0.5" / "model").is_dir() and (root / "rp-wanda-0.5" / "model").is_dir()
+    assert "rp-wanda-0.5_seed1" in artifacts.read_json(root / "run.json")["dropped"]
+    with one_thread():
+        assert main(args) == 0
+    again = capsys.readouterr()
+    assert "[run] wanda-0.5_seed1/compress" not in again.err + again.out
+    assert not (root / "wanda-0.5_seed1" / "model").exists()
 
 
 def test_a_refusal_preserving_variant_asking_for_more_prompts_than_the_run_trains_on(tmp_path, capsys):

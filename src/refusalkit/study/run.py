@@ -334,6 +334,10 @@ def _other_draws(
         searched = repair_name(first)
         chosen = transferred_repair(cfg, root, searched) if searched in repaired else None
         for other in others:
+            if _dropped_earlier(run, other.variant):  # measured and dropped by an earlier call: nothing to redo
+                made["variants"].append(other.variant)
+                made["repaired"] += [x for x in [repair_name(other.variant)] if x in run.state["dropped"]]
+                continue
             info = run.stage(
                 f"{other.variant}/compress",
                 lambda s=other: run_compress(cfg, root, s, force=run.force, progress=run.progress),
@@ -345,6 +349,7 @@ def _other_draws(
             control(v)
             run.stage(f"{v}/evaluate", lambda v=v: evaluate(v))
             if chosen is None:
+                _drop(run, root, [v])
                 continue
             name = repair_name(v)
 
@@ -355,14 +360,37 @@ def _other_draws(
                 return out
 
             if run.stage(f"{name}/repair", transfer, tolerate=True) is None:
-                continue
+                continue  # the model stays: a later call tries the transfer again
             made["repaired"].append(name)
             run.stage(
                 f"{name}/extract", lambda n=name: extract(n, validate=r.validate_variants, select=r.select_repaired)
             )
             run.stage(f"{name}/compare", lambda n=name: run_compare(cfg, root, n, force=run.force))
             run.stage(f"{name}/evaluate", lambda n=name: evaluate(n))
+            _drop(run, root, [v, name])
     return made
+
+
+def _dropped_earlier(run: Runner, variant: str) -> bool:
+    """Did an earlier call measure ``variant`` (a later draw) and delete its model (``run.drop_models``)?"""
+    return run.cfg.run.drop_models and not run.force and variant in run.state.get("dropped", [])
+
+
+def _drop(run: Runner, root: Path, names: list[str]) -> None:
+    """``run.drop_models``: delete the model folders of a later draw and its repair once every stage on
+    them is done (a failed one keeps them, for the next call), and list them in run.json's ``dropped``."""
+    import shutil
+
+    stages = run.state["stages"]
+    if not run.cfg.run.drop_models or any(
+        rec.get("status") != "done" for key, rec in stages.items() if key.rpartition("/")[0] in names
+    ):
+        return
+    for name in names:
+        shutil.rmtree(RunLayout(root).model(name), ignore_errors=True)
+    run.state["dropped"] = sorted(set(run.state.get("dropped", [])) | set(names))
+    run._save()
+    run.echo(f"[run] dropped the models of {', '.join(names)} (run.drop_models; their records stay)")
 
 
 def _repair_variant(
