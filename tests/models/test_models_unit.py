@@ -66,6 +66,72 @@ def test_resolve_model_missing_gguf(spec, tmp_path, monkeypatch):
         resolve_model(spec)
 
 
+def test_an_unknown_model_name_is_one_line_naming_the_named_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="unknown model name 'qwen-1.5b'; the named models are default, smollm2-135m, "):
+        resolve_model("qwen-1.5b")
+    assert resolve_model("someone/model") == "someone/model"  # owner/name: a hub id
+
+
+@pytest.fixture()
+def two_part_model(tmp_path, monkeypatch):
+    """A named model ``fake-two`` whose GGUF file is split over two files of a fake package."""
+    import hashlib
+
+    from refusalkit.core import external as X
+    from refusalkit.core import named_models as N
+
+    root = tmp_path / "site" / "rk_fake_parts"
+    (root / "data").mkdir(parents=True)
+    (root / "__init__.py").write_text("raise RuntimeError('never imported')\n")
+    blobs = [b"GGUF" + bytes(60), bytes(range(64))]
+    parts = []
+    for i, blob in enumerate(blobs, start=1):
+        (root / "data" / f"p{i}.bin").write_bytes(blob)
+        a = X.Artifact(f"fake-two-part{i}", "rk_fake_parts", "rk-fake-parts==1.0", (f"data/p{i}.bin",),
+                       hashlib.sha256(blob).hexdigest(), "a part", extra="faketwo", needed_by="fake-two")  # fmt: skip
+        monkeypatch.setitem(X.ARTIFACTS, a.name, a)
+        parts.append(a.name)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(X, "_VERIFIED", {})
+    m = N.NamedModel("fake-two", "Fake", "Q4_0", "the rk-fake-parts package", "1 kB", tuple(parts),
+                     hashlib.sha256(b"".join(blobs)).hexdigest(), "fake-two-f32", "fake-two.gguf")  # fmt: skip
+    monkeypatch.setitem(N.NAMED, m.name, m)
+    monkeypatch.setenv("REFUSALKIT_CACHE", str(tmp_path / "cache"))
+    return m, root, b"".join(blobs)
+
+
+def test_a_named_model_is_assembled_from_its_checked_parts(two_part_model, monkeypatch):
+    """The parts concatenated in order into the cache, each part and the whole checked; a changed part is a
+    one-line error with the reinstall command, a wrong whole another; a missing package names the extra."""
+    import dataclasses
+
+    from refusalkit.core import named_models as N
+    from refusalkit.models.loading import named_gguf
+
+    m, root, whole = two_part_model
+    path, assembled = named_gguf(m)
+    assert assembled and path.read_bytes() == whole and path.parent.name == "gguf"
+    path.unlink()
+    monkeypatch.setitem(N.NAMED, m.name, dataclasses.replace(m, sha256="0" * 64))
+    with pytest.raises(UserError, match="the fake-two model's parts do not match sha256 000000000000"):
+        named_gguf(N.NAMED[m.name])
+    assert not path.exists() and not list(path.parent.glob("*.tmp"))  # nothing half-written
+    (root / "data" / "p2.bin").write_bytes(bytes(64))
+    with pytest.raises(UserError, match=r"p2.bin does not match rk-fake-parts==1.0 .*pip install --force-reinstall"):
+        named_gguf(m)
+    monkeypatch.setitem(N.NAMED, m.name, m)
+    (root / "__init__.py").unlink()
+    for f in (root / "data").iterdir():
+        f.unlink()
+    (root / "data").rmdir()
+    root.rmdir()
+    with pytest.raises(
+        UserError, match=r"the rk-fake-parts package is not installed .*pip install 'refusalkit\[faketwo\]'"
+    ):
+        resolve_model("fake-two")
+
+
 def test_resolve_model_folders_and_hub_ids(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()

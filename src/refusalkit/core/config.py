@@ -170,7 +170,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    model: str = _f("default", "Hub id, local Hugging Face folder, local .gguf file, or a short name: default, smollm2-135m.", commands=MODEL_COMMANDS)
+    model: str = _f("default", "Hub id (owner/name), local Hugging Face folder, local .gguf file, or a named model: default, smollm2-135m, qwen2.5-coder-1.5b, gemma-3-270m (refusalkit sources lists them).", commands=MODEL_COMMANDS)
     dtype: str = _f("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.", choices=("auto", "float32", "bfloat16", "float16"), commands=MODEL_COMMANDS)
     device: str = _f("auto", "auto (device_map='auto' over all GPUs, else CPU), cpu, cuda or cuda:N.", commands=MODEL_COMMANDS)
     chat_template: str | None = _f(None, "A Jinja chat template (file or string) for a tokenizer that has none.", commands=("extract", "compress", "evaluate"))

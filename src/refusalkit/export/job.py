@@ -78,16 +78,13 @@ def check_request(fmt: str, typ: str | None, out: Path, force: bool, push_to: st
 
 
 def base_gguf(cfg: Config) -> Path | None:
-    """The run's base model as a GGUF file, when it came as one (the default model, smollm2-135m, a
-    ``.gguf`` path); None for a Hugging Face folder or hub id."""
-    from refusalkit.core.external import artifact_file, cache_dir
-    from refusalkit.models.loading import DEFAULT_GGUF_NAME, assemble_default_gguf
+    """The run's base model as a GGUF file, when it came as one (a named model, a ``.gguf`` path); None
+    for a Hugging Face folder or hub id."""
+    from refusalkit.core.named_models import NAMED
+    from refusalkit.models.loading import named_gguf
 
-    if cfg.model == "default":
-        path = cache_dir() / "gguf" / DEFAULT_GGUF_NAME
-        return path if path.exists() else assemble_default_gguf(path)
-    if cfg.model == "smollm2-135m":
-        return artifact_file("smollm2-135m")
+    if cfg.model in NAMED:
+        return named_gguf(NAMED[cfg.model])[0]
     path = Path(cfg.model).expanduser()
     return path if path.suffix == ".gguf" and path.is_file() else None
 

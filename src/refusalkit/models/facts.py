@@ -151,21 +151,18 @@ def hf_facts(config: Any, source: str) -> Facts:
 def model_facts(spec: str) -> Facts | str:
     """The facts of ``--model spec``, or one sentence saying why they cannot be read on this machine."""
     from refusalkit.core.errors import UserError
-    from refusalkit.core.external import converted_default_model
+    from refusalkit.core.named_models import NAMED
 
     try:
-        if spec == "default":
-            cached = converted_default_model()
+        named = NAMED.get(spec)
+        if named is not None:
+            cached = named.converted()
             if cached is not None:
-                return _folder_facts(cached, "the converted default model in the cache")
+                return _folder_facts(cached, f"the converted {spec} model in the cache")
             from refusalkit.core.external import artifact_file
 
-            parts = [artifact_file(f"default-model-part{i}", verify=False) for i in range(1, 7)]
-            return gguf_facts(parts, "the default model's GGUF header (not converted yet)")
-        if spec == "smollm2-135m":
-            from refusalkit.core.external import artifact_file
-
-            return gguf_facts([artifact_file("smollm2-135m", verify=False)], "its GGUF header")
+            parts = [artifact_file(p, verify=False) for p in named.parts]
+            return gguf_facts(parts, f"the {spec} model's GGUF header (not converted yet)")
         path = Path(spec).expanduser()
         if path.suffix == ".gguf":
             if not path.is_file():

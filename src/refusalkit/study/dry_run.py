@@ -152,18 +152,19 @@ def _stages(plan: Plan, echo: Any) -> None:
 
 def _disk(cfg: Config, plan: Plan, facts: Any, root: Path, echo: Any) -> list[str]:
     """Print the disk the run will use; a line for ``info`` when the free disk is short."""
-    from refusalkit.core.external import converted_default_model
+    from refusalkit.core.named_models import NAMED
 
     model_bytes = facts.params * _float_bytes(cfg)
     sure = len(plan.variants) + len([r for r in plan.repairs if not _conditional_repair(plan, r)])
     every = len(plan.variants) + len(plan.repairs)
     cache = 0
-    if cfg.model == "default" and converted_default_model() is None:
+    named = NAMED.get(cfg.model)
+    if named is not None and named.converted() is None:
         cache = facts.params * 4
     disk, upper, free = sure * model_bytes + cache, every * model_bytes + cache, _free_disk(root)
     echo(f"disk      about {_gib(disk)}" + (f" (up to {_gib(upper)})" if upper > disk else "")
          + f": {every} variant models at {_gib(model_bytes)} each"
-         + (f", the default model's converted copy in the cache ({_gib(cache)})" if cache else "")
+         + (f", the {cfg.model} model's converted copy in the cache ({_gib(cache)})" if cache else "")
          + f"; {_gib(free)} free")  # fmt: skip
     return (
         [f"disk: up to {_gib(upper)} needed, {_gib(free)} free where the run would be written"] if upper > free else []
