@@ -227,6 +227,16 @@ def test_load_model_without_chat_template(saved_without_template):
         load_model(str(saved_without_template), dtype="float32", device="cpu")
 
 
+def test_a_named_base_model_is_refused_as_one(saved_without_template):
+    """A named model listed as a base model (gemma-3-270m) says so, instead of asking for a chat template."""
+    from refusalkit.models.loading import load_tokenizer
+
+    with pytest.raises(UserError, match=r"^gemma-3-270m is a base model \(not instruction-tuned, no chat template\)"):
+        load_tokenizer("gemma-3-270m", str(saved_without_template))
+    with pytest.raises(UserError, match="has no chat template; refusalkit needs a chat model"):
+        load_tokenizer("smollm2-135m", str(saved_without_template))
+
+
 def test_load_model_chat_template_from_file(saved_without_template, tmp_path):
     f = tmp_path / "t.jinja"
     f.write_text(CHATML_TEMPLATE)

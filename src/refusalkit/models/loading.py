@@ -275,6 +275,12 @@ def load_tokenizer(spec: str, source: str, chat_template: str | None = None) -> 
     if chat_template:
         tok.chat_template = _template_text(chat_template)
     if not getattr(tok, "chat_template", None):
+        named = NAMED.get(spec)
+        if named is not None and not named.instruct:
+            raise UserError(
+                f"{spec} is a base model (not instruction-tuned, no chat template): refusalkit studies the refusal of "
+                "chat models; pick an instruction-tuned one (refusalkit sources lists them)"
+            )
         raise UserError(
             f"the tokenizer of {spec!r} has no chat template; refusalkit needs a chat model. "
             "Give one with --chat-template FILE.jinja if this is a chat model"
