@@ -145,6 +145,11 @@ def test_held_out_excludes_direction_prompts():
     assert info["excluded_direction_prompts"] == 15
     with pytest.raises(UserError, match="asked for"):
         held_out("advbench", 600, splits, "harmful")
+    # a source that contains the split's (harmful-all: advbench, then harmbench) leaves them out too: the
+    # same 100 first prompts, never one the direction was trained or selected on
+    wide, info = held_out("harmful-all", 600, splits, "harmful")
+    assert wide[:100] == prompts and not set(wide) & set(adv[:10] + adv[20:25])
+    assert info["excluded_direction_prompts"] == 15
 
 
 def test_make_plan_resolves_auto_by_machine():

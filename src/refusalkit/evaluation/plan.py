@@ -108,12 +108,14 @@ def make_plan(e: EvaluationConfig, cfg: Config, gpu: bool) -> Plan:
 
 def _unused(source: str, splits: dict[str, Any] | None, kind: str) -> tuple[list[str], int]:
     """The prompts of ``source`` in source order that the run did not use to train or select its
-    direction (``splits[kind]``'s train and val prompts, when it comes from ``source``), and how many were used."""
+    direction (``splits[kind]``'s train and val prompts, wherever they appear: a source that contains the
+    split's, such as harmful-all, leaves them out too), and how many of its prompts were left out."""
     prompts = load_prompts(source)
     used: set[str] = set()
-    if splits and splits.get(kind, {}).get("source") == source:
-        used = set(splits[kind]["train"]) | set(splits[kind]["val"])
-    return [p for p in prompts if p not in used], len(used)
+    if splits and kind in splits:
+        used = set(splits[kind].get("train", [])) | set(splits[kind].get("val", []))
+    kept = [p for p in prompts if p not in used]
+    return kept, len(prompts) - len(kept)
 
 
 def held_out(source: str, n: int, splits: dict[str, Any] | None, kind: str) -> tuple[list[str], dict[str, Any]]:
