@@ -29,7 +29,7 @@ from refusalkit.compress.awq import VIEW_SCALES
 from refusalkit.compress.blockwise import capture_inputs, eager_experts, linear_layers
 from refusalkit.compress.calibration import Calibration, build_calibration
 from refusalkit.compress.int8 import layer_record
-from refusalkit.compress.methods import METHODS, BlockStep, Method, parse_method
+from refusalkit.compress.methods import METHODS, PRESERVING_SPEC_KEYS, BlockStep, Method, parse_method
 from refusalkit.core import artifacts
 from refusalkit.core.config import CompressConfig, Config
 from refusalkit.core.counters import since, snapshot
@@ -344,9 +344,6 @@ def run_compress(
     return info
 
 
-_REFUSAL_KEYS = ("refusal_weight", "n_refusal")  # recorded for the rp-* methods only
-
-
 def _record(
     cfg: Config,
     spec: CompressSpec,
@@ -375,7 +372,7 @@ def _record(
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "per_layer": per_layer,
         **result["notes"],
-        "spec": {k: v for k, v in asdict(spec).items() if spec.registered.preserves or k not in _REFUSAL_KEYS},
+        "spec": {k: v for k, v in asdict(spec).items() if spec.registered.preserves or k not in PRESERVING_SPEC_KEYS},
     }
     if "group_size" in info["parameters"]:  # group-wise quantization: the size a packed checkpoint would have
         g = spec.group_size

@@ -84,6 +84,10 @@ def listed() -> list[Method]:
     return sorted(METHODS.values(), key=lambda m: (m.rank, m.name))
 
 
+# compression spec keys only a refusal-preserving (rp-*) method has; compression.json records them for those only
+PRESERVING_SPEC_KEYS = ("refusal_weight", "n_refusal")
+
+
 def plain_method(name: str | None) -> str | None:
     """The plain method behind a registered method's name (``rp-awq`` -> ``awq``); other names as given."""
     m = METHODS.get(name or "")

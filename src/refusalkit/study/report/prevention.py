@@ -24,19 +24,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from refusalkit.compress.methods import PRESERVING_SPEC_KEYS
 from refusalkit.evaluation import decide
 from refusalkit.evaluation.decide import FAILS, HOLDS, UNDECIDED
 from refusalkit.study.report.load import Run, Variant
 from refusalkit.study.report.verdicts import (
-    OVER_REFUSAL_SETS,
-    STRONGER_ATTACKS,
     PartsVerdict,
     compare_draws,
     ppl_decision,
     shift_text,
 )
 
-PRESERVING_KEYS = ("refusal_weight", "n_refusal")  # spec keys only a refusal-preserving method has
 MEETS = {HOLDS: "meets the goal", FAILS: "does not meet the goal", UNDECIDED: "undecided", None: "not fully measured"}
 
 
@@ -61,7 +59,7 @@ def _plain_key(v: Variant, method: str | None = None) -> dict[str, Any] | None:
     spec = (v.compression or {}).get("spec")
     if v.kind in ("base", "repaired") or not isinstance(spec, dict):
         return None
-    key = {k: x for k, x in spec.items() if k not in ("seed", "name", *PRESERVING_KEYS)}
+    key = {k: x for k, x in spec.items() if k not in ("seed", "name", *PRESERVING_SPEC_KEYS)}
     return key | {"method": method} if method is not None else key
 
 
@@ -123,13 +121,7 @@ def prevention_verdict(run: Run, v: Variant) -> PreventionVerdict | None:
         out.texts[-1] = (
             f"perplexity vs plain: {worst}{100 * ppl.estimate:+.1f}% (margin +{100 * ppl.margin:.0f}%): {ppl.verdict}"
         )
-    for record in OVER_REFUSAL_SETS:
-        res = compare_draws(pairs, record)
-        if res is None and record != "over_refusal":
-            continue
-        out.figures[record] = res
-        d = res and decide.not_worse(res, run.margin("over_refusal_margin"), f"{record} not above plain")
-        out.record(f"{record}_not_above_plain", d, f"{record.replace('_', '-')} vs plain", res)
+    out.over_refusal_parts(run, pairs, "plain")
     degenerate = compare_draws(pairs, "vanilla", "degenerate")
     out.figures["degenerate"] = degenerate
     d = degenerate and decide.not_worse(degenerate, run.margin("degenerate_margin"), "degenerate not above plain")
@@ -149,26 +141,22 @@ def _beside(run: Run, out: PreventionVerdict, pairs: list[tuple[Variant, Variant
         d = decide.lowered(vs_plain, "ASR lowered against the plain method")
         out.decisions["asr_lowered_vs_plain"] = d.to_json()
         out.texts.append(f"ASR vs plain: {shift_text(vs_plain, '').lstrip()} → lowered: {d.verdict}")
-    if reps and all(r is not None for r in reps):
-        out.repaired = [r.name for r in reps if r is not None]
-        res = compare_draws([(r, d) for r, d in zip(reps, rps) if r is not None], "vanilla")
+    repaired = [r for r in reps if r is not None]
+    if repaired and len(repaired) == len(reps):
+        out.repaired = [r.name for r in repaired]
+        res = compare_draws(list(zip(repaired, rps)), "vanilla")
         out.figures["asr_vs_plain_repaired"] = res
         if res is not None:
             out.texts.append(f"ASR vs plain + repair ({out.repaired[0]}…): {shift_text(res, '').lstrip()}")
     else:
         out.texts.append("the plain variant has no repair on every draw: no comparison with compress-then-repair")
-    for attack in STRONGER_ATTACKS:
-        for label, ps in (("plain", pairs), ("base", [(run.base, d) for d in rps])):
-            res = compare_draws(ps, attack)
-            if res is not None:
-                out.figures[f"{attack}_vs_{label}"] = res
-                out.texts.append(f"{attack} attack vs {label}: " + shift_text(res))
+    out.attacks_beside([("plain", pairs), ("base", [(run.base, d) for d in rps])])
     plains = [p.compression for p, _ in pairs]
     preserving = [d.compression for d in rps]
     cost = {
         "plain_seconds": _mean(plains, "compress_seconds"),
         "preserving_seconds": _mean(preserving, "compress_seconds"),
-        "repair_seconds": _mean([r.repair for r in reps if r is not None], "seconds") if out.repaired else None,
+        "repair_seconds": _mean([r.repair for r in repaired], "seconds") if out.repaired else None,
         "plain_peak_rss_bytes": _mean(plains, "peak_rss_bytes"),
         "preserving_peak_rss_bytes": _mean(preserving, "peak_rss_bytes"),
     }

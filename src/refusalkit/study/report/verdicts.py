@@ -147,6 +147,31 @@ class PartsVerdict:
         self.decisions[key] = d.to_json()
         self.texts.append(f"{label}: " + (shift_text(res, "").lstrip() + " → " if res is not None else "") + d.text())
 
+    def over_refusal_parts(self, run: Run, pairs: list[tuple[Variant, Variant]], against: str = "") -> None:
+        """One part per over-refusal set measured on the pairs (an optional set only when measured): the
+        second model's refusal not above the first's within ``verdict.over_refusal_margin``; ``against``
+        names the first model in the part's key and sentence (``over_refusal_not_above_plain``)."""
+        for record in OVER_REFUSAL_SETS:
+            res = compare_draws(pairs, record)
+            if res is None and record != "over_refusal":
+                continue  # an optional set that was not measured
+            self.figures[record] = res
+            label = record.replace("_", "-")
+            claim = f"{label} not above" + (f" {against}" if against else "")
+            d = res and decide.not_worse(res, run.margin("over_refusal_margin"), claim)
+            key = f"{record}_not_above" + (f"_{against}" if against else "")
+            self.record(key, d, f"{label} vs {against}" if against else label, res)
+
+    def attacks_beside(self, against: list[tuple[str, list[tuple[Variant, Variant]]]]) -> None:
+        """The stronger attacks, where they were run, compared pairwise beside the rule: per ``(label, pairs)``
+        a figure ``<attack>_vs_<label>`` and a sentence."""
+        for attack in STRONGER_ATTACKS:
+            for label, pairs in against:
+                res = compare_draws(pairs, attack)
+                if res is not None:
+                    self.figures[f"{attack}_vs_{label}"] = res
+                    self.texts.append(f"{attack} attack vs {label}: " + shift_text(res))
+
 
 @dataclass
 class RepairVerdict(PartsVerdict):
@@ -201,14 +226,7 @@ def repair_verdict(run: Run, v: Variant, *, across: bool = True) -> RepairVerdic
         "ASR vs base",
         vs_base,
     )
-    for record in OVER_REFUSAL_SETS:
-        res = compare_draws(to_src, record)
-        if res is None and record != "over_refusal":
-            continue  # an optional set that was not measured
-        out.figures[record] = res
-        label = record.replace("_", "-")
-        d = res and decide.not_worse(res, run.margin("over_refusal_margin"), f"{label} not above")
-        out.record(f"{record}_not_above", d, label, res)
+    out.over_refusal_parts(run, to_src)
     for r in reps:  # a study that did not measure what could not change the verdict (run.skip_decided)
         decided = run.layout.eval(r.name, "decided.json")
         if decided.is_file():
@@ -230,12 +248,7 @@ def repair_verdict(run: Run, v: Variant, *, across: bool = True) -> RepairVerdic
         )
     else:
         out.texts.append("perplexity not measured")
-    for attack in STRONGER_ATTACKS:  # reported beside the rule: does the repair hold against them?
-        for pairs, label in ((to_src, "unrepaired"), (to_base, "base")):
-            res = compare_draws(pairs, attack)
-            if res is not None:
-                out.figures[f"{attack}_vs_{label}"] = res
-                out.texts.append(f"{attack} attack vs {label}: " + shift_text(res))
+    out.attacks_beside([("unrepaired", to_src), ("base", to_base)])  # does the repair hold against them?
     out.state = decide.combine(list(out.parts.values()))
     if len(reps) > 1:
         out.works_on = sum(repair_verdict(run, r, across=False).state == HOLDS for r in reps)
