@@ -34,8 +34,6 @@ from refusalkit.models.structure import decoder_layers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GGUF_NAME = NAMED["default"].gguf_name
-
 SHORT_NAMES: dict[str, str] = {name: m.describe() for name, m in NAMED.items()}
 
 
@@ -97,11 +95,6 @@ def assemble_gguf(named: NamedModel, dest: Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
-
-
-def assemble_default_gguf(dest: Path) -> Path:
-    """The default model's six parts as one GGUF file (:func:`assemble_gguf`)."""
-    return assemble_gguf(NAMED["default"], dest)
 
 
 def named_gguf(named: NamedModel) -> tuple[Path, bool]:
